@@ -1,0 +1,1 @@
+//! PP-OCR text detection and recognition implemented natively in Candle.
