@@ -1,0 +1,217 @@
+//! PP-OCRv6 text detector: PPLCNetV4 backbone, RepLKFPN neck and the DB probability head.
+
+use std::path::Path;
+
+use candle_core::{Device, Module, Tensor};
+
+use super::graph::GraphWalker;
+use super::layers::{upsample_nearest, Conv2d};
+use super::pplcnet::{PpLcNetV4, SqueezeExcite};
+use crate::error::{Error, Result};
+use crate::onnx::OnnxModel;
+
+/// A conv followed by squeeze-excite, with the SE added back onto the conv output
+/// (`y = c + se(c)`, the "shortcut" form both RepLKFPN branches use).
+#[derive(Debug, Clone)]
+struct ConvSe {
+    convs: Vec<Conv2d>,
+    se: SqueezeExcite,
+}
+
+impl ConvSe {
+    /// Reads convs until the SE module, checking that channel counts chain.
+    fn load(g: &mut GraphWalker, in_ch: usize, device: &Device) -> Result<Self> {
+        let mut convs = Vec::new();
+        let mut ch = in_ch;
+        while !SqueezeExcite::comes_next(g)? {
+            let c = g.next_conv_checked("FPN conv", Some(ch), None, None)?;
+            ch = c.out_channels();
+            convs.push(Conv2d::new(c, device)?);
+            if convs.len() > 4 {
+                return Err(g.error("FPN branch without a squeeze-excite module"));
+            }
+        }
+        if convs.is_empty() {
+            return Err(g.error("FPN branch starts with squeeze-excite, expected a conv"));
+        }
+        let se = SqueezeExcite::load(g, ch, device)?;
+        Ok(Self { convs, se })
+    }
+
+    fn out_channels(&self) -> usize {
+        self.convs.last().map(Conv2d::out_channels).unwrap_or(0)
+    }
+}
+
+impl Module for ConvSe {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut y = x.clone();
+        for c in &self.convs {
+            y = c.forward(&y)?;
+        }
+        &y + self.se.forward(&y)?
+    }
+}
+
+/// RepLKFPN: lateral 1x1 convs, top-down nearest-upsample adds, then per level a large-kernel
+/// depthwise conv + pointwise conv + SE, all levels upsampled to 1/4 and concatenated.
+#[derive(Debug, Clone)]
+struct RepLkFpn {
+    /// Lateral branches, deepest level first (the graph's order).
+    ins: Vec<ConvSe>,
+    /// Output branches, deepest level first.
+    inp: Vec<ConvSe>,
+}
+
+impl RepLkFpn {
+    fn load(g: &mut GraphWalker, stage_channels: &[usize], device: &Device) -> Result<Self> {
+        let mut ins = Vec::new();
+        for &c in stage_channels.iter().rev() {
+            ins.push(ConvSe::load(g, c, device)?);
+        }
+        let width = ins[0].out_channels();
+        if ins.iter().any(|b| b.out_channels() != width) {
+            return Err(g.error("FPN lateral branches have different widths"));
+        }
+        let mut inp = Vec::new();
+        for _ in stage_channels {
+            inp.push(ConvSe::load(g, width, device)?);
+        }
+        Ok(Self { ins, inp })
+    }
+
+    fn out_channels(&self) -> usize {
+        self.inp.iter().map(ConvSe::out_channels).sum()
+    }
+
+    fn forward(&self, stages: &[Tensor]) -> candle_core::Result<Tensor> {
+        // Top-down pathway, deepest first: out[i] = lateral[i] + up2(out[i-1]).
+        let mut tops: Vec<Tensor> = Vec::with_capacity(stages.len());
+        for (branch, x) in self.ins.iter().zip(stages.iter().rev()) {
+            let lateral = branch.forward(x)?;
+            let merged = match tops.last() {
+                Some(prev) => {
+                    let (_, _, h, w) = lateral.dims4()?;
+                    let (_, _, ph, pw) = prev.dims4()?;
+                    (lateral + upsample_nearest(prev, h / ph.max(1), w / pw.max(1))?)?
+                }
+                None => lateral,
+            };
+            tops.push(merged);
+        }
+        let outs = self
+            .inp
+            .iter()
+            .zip(&tops)
+            .map(|(b, x)| b.forward(x))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        // The shallowest level sets the output size; the others are integer multiples below it.
+        let Some(finest) = outs.last() else {
+            candle_core::bail!("FPN without levels");
+        };
+        let (_, _, h, w) = finest.dims4()?;
+        let ups = outs
+            .iter()
+            .map(|p| {
+                let (_, _, ph, pw) = p.dims4()?;
+                upsample_nearest(p, h / ph.max(1), w / pw.max(1))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&ups, 1)
+    }
+}
+
+/// DB head (probability branch only, as exported): conv3x3 + ReLU, then two 2x transposed
+/// convs, the last followed by a sigmoid.
+#[derive(Debug, Clone)]
+struct DbHead {
+    layers: Vec<Conv2d>,
+}
+
+impl DbHead {
+    fn load(g: &mut GraphWalker, in_ch: usize, device: &Device) -> Result<Self> {
+        let mut layers = Vec::new();
+        let mut ch = in_ch;
+        while g.peek_conv()?.is_some() {
+            let c = g.next_conv_checked("DB head", Some(ch), None, None)?;
+            ch = c.out_channels();
+            layers.push(Conv2d::new(c, device)?);
+        }
+        if ch != 1 {
+            return Err(g.error(format!("DB head ends with {ch} channels, expected 1")));
+        }
+        Ok(Self { layers })
+    }
+}
+
+impl Module for DbHead {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut y = x.clone();
+        for l in &self.layers {
+            y = l.forward(&y)?;
+        }
+        Ok(y)
+    }
+}
+
+/// The DBNet text detector.
+#[derive(Debug, Clone)]
+pub struct DetModel {
+    backbone: PpLcNetV4,
+    neck: RepLkFpn,
+    head: DbHead,
+    device: Device,
+}
+
+impl DetModel {
+    /// Total downsampling of the backbone: input height and width must be multiples of this.
+    pub const SIZE_MULTIPLE: usize = 32;
+
+    /// Loads a PP-OCRv6 detection ONNX export (weights only; the graph layout is checked).
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let onnx = OnnxModel::read(path)?;
+        Self::from_onnx(&onnx, device)
+    }
+
+    pub fn from_onnx(onnx: &OnnxModel, device: &Device) -> Result<Self> {
+        let mut g = GraphWalker::new(onnx);
+        let backbone = PpLcNetV4::load(&mut g, device)?;
+        let stages = backbone.stage_channels();
+        if stages.len() != 4 {
+            return Err(g.error(format!(
+                "detector backbone has {} stages ({stages:?}), expected 4",
+                stages.len()
+            )));
+        }
+        let neck = RepLkFpn::load(&mut g, &stages, device)?;
+        let head = DbHead::load(&mut g, neck.out_channels(), device)?;
+        g.finish()?;
+        Ok(Self {
+            backbone,
+            neck,
+            head,
+            device: device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// `x`: `[n, 3, h, w]` f32, normalised like PP-OCR's detector preprocessing, with `h` and
+    /// `w` multiples of [`Self::SIZE_MULTIPLE`]. Returns the `[n, 1, h, w]` text probability map.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, c, h, w) = x.dims4()?;
+        if c != 3 || h == 0 || w == 0 || h % Self::SIZE_MULTIPLE != 0 || w % Self::SIZE_MULTIPLE != 0
+        {
+            return Err(Error::BadInput(format!(
+                "detector input must be [n, 3, h, w] with h and w positive multiples of {}, got {:?}",
+                Self::SIZE_MULTIPLE,
+                x.dims()
+            )));
+        }
+        let stages = self.backbone.forward_stages(x)?;
+        let fused = self.neck.forward(&stages)?;
+        Ok(self.head.forward(&fused)?)
+    }
+}

@@ -1,0 +1,289 @@
+//! PPLCNetV4, the backbone of the PP-OCRv6 detector and recogniser, with its re-parameterised
+//! branches already merged (as exported for inference).
+//!
+//! The stage layout (how many blocks, which have squeeze-excite, where the stride-2 blocks are)
+//! is read from the graph, so the same code serves the tiny, small and medium sizes of both
+//! the detection and the recognition variant.
+
+use candle_core::{Device, Module, Tensor};
+
+use super::graph::GraphWalker;
+use super::layers::{global_avg_pool, Conv2d};
+use crate::error::Result;
+
+/// Squeeze-and-excite: `x * gate(conv2(relu(conv1(mean(x)))))`. The gate (hard sigmoid, with
+/// slope 1/6 in the backbone and 0.2 in the FPN) is the activation fused into `expand`.
+#[derive(Debug, Clone)]
+pub struct SqueezeExcite {
+    reduce: Conv2d,
+    expand: Conv2d,
+}
+
+impl SqueezeExcite {
+    pub fn load(g: &mut GraphWalker, channels: usize, device: &Device) -> Result<Self> {
+        let reduce = g.next_conv_checked("SE reduce", Some(channels), None, Some((1, 1)))?;
+        let hidden = reduce.out_channels();
+        let expand =
+            g.next_conv_checked("SE expand", Some(hidden), Some(channels), Some((1, 1)))?;
+        Ok(Self {
+            reduce: Conv2d::new(reduce, device)?,
+            expand: Conv2d::new(expand, device)?,
+        })
+    }
+
+    /// True if the next conv in the graph reads a spatial mean, i.e. starts an SE module.
+    pub fn comes_next(g: &GraphWalker) -> Result<bool> {
+        Ok(g.peek_conv()?.is_some_and(|c| {
+            matches!(
+                c.input_op.as_deref(),
+                Some("ReduceMean") | Some("GlobalAveragePool")
+            )
+        }))
+    }
+}
+
+impl Module for SqueezeExcite {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let s = self.expand.forward(&self.reduce.forward(&global_avg_pool(x)?)?)?;
+        x.broadcast_mul(&s)
+    }
+}
+
+/// LCNetV4 block: depthwise token mixer (+ optional SE), then an expand/compress channel MLP,
+/// with a residual around the MLP when the block keeps the shape.
+#[derive(Debug, Clone)]
+pub struct LcNetV4Block {
+    dw: Conv2d,
+    se: Option<SqueezeExcite>,
+    expand: Conv2d,
+    compress: Conv2d,
+    residual: bool,
+}
+
+impl LcNetV4Block {
+    pub fn load(g: &mut GraphWalker, device: &Device) -> Result<Self> {
+        let dw = g.next_conv()?;
+        if !dw.is_depthwise() {
+            return Err(g.error(format!(
+                "block token mixer {} is not a depthwise conv (weight {:?}, groups {})",
+                dw.node,
+                dw.weight.dims(),
+                dw.groups
+            )));
+        }
+        let c = dw.in_channels();
+        let stride = dw.stride;
+        let se = if SqueezeExcite::comes_next(g)? {
+            Some(SqueezeExcite::load(g, c, device)?)
+        } else {
+            None
+        };
+        let expand = g.next_conv_checked("block expand", Some(c), None, Some((1, 1)))?;
+        let hidden = expand.out_channels();
+        let compress = g.next_conv_checked("block compress", Some(hidden), None, Some((1, 1)))?;
+        let residual = stride == (1, 1) && compress.out_channels() == c;
+        Ok(Self {
+            dw: Conv2d::new(dw, device)?,
+            se,
+            expand: Conv2d::new(expand, device)?,
+            compress: Conv2d::new(compress, device)?,
+            residual,
+        })
+    }
+
+    pub fn stride(&self) -> (usize, usize) {
+        self.dw.stride()
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.compress.out_channels()
+    }
+}
+
+impl Module for LcNetV4Block {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let t = self.dw.forward(x)?;
+        let t = match &self.se {
+            Some(se) => se.forward(&t)?,
+            None => t,
+        };
+        let y = self.compress.forward(&self.expand.forward(&t)?)?;
+        if self.residual {
+            t + y
+        } else {
+            Ok(y)
+        }
+    }
+}
+
+/// The stem, total stride 4.
+#[derive(Debug, Clone)]
+pub enum Stem {
+    /// conv3x3/2 -> {maxpool2x2, conv2x2 -> conv2x2} -> concat -> conv3x3/2 -> conv1x1.
+    Branch {
+        stem1: Conv2d,
+        stem2a: Conv2d,
+        stem2b: Conv2d,
+        stem3: Conv2d,
+        stem4: Conv2d,
+    },
+    /// A plain sequence of convs (the "simple" stem of the tiny recogniser).
+    Plain(Vec<Conv2d>),
+}
+
+impl Stem {
+    fn load(g: &mut GraphWalker, device: &Device) -> Result<Self> {
+        let stem1 = g.next_conv_checked("stem conv1", Some(3), None, Some((3, 3)))?;
+        let mid = stem1.out_channels();
+        let next = g
+            .peek_conv()?
+            .ok_or_else(|| g.error("graph ends after the first stem conv"))?;
+        if next.kernel() == (2, 2) {
+            let stem2a = g.next_conv_checked("stem2a", Some(mid), None, Some((2, 2)))?;
+            let stem2b =
+                g.next_conv_checked("stem2b", Some(stem2a.out_channels()), Some(mid), Some((2, 2)))?;
+            let stem3 = g.next_conv_checked("stem3", Some(2 * mid), None, Some((3, 3)))?;
+            let stem4 =
+                g.next_conv_checked("stem4", Some(stem3.out_channels()), None, Some((1, 1)))?;
+            Ok(Stem::Branch {
+                stem1: Conv2d::new(stem1, device)?,
+                stem2a: Conv2d::new(stem2a, device)?,
+                stem2b: Conv2d::new(stem2b, device)?,
+                stem3: Conv2d::new(stem3, device)?,
+                stem4: Conv2d::new(stem4, device)?,
+            })
+        } else {
+            let mut convs = vec![Conv2d::new(stem1, device)?];
+            // Plain stems end where the first depthwise block starts.
+            while g.peek_conv()?.is_some_and(|c| !c.is_depthwise()) {
+                let prev = convs.last().map(Conv2d::out_channels);
+                convs.push(Conv2d::new(
+                    g.next_conv_checked("stem conv", prev, None, None)?,
+                    device,
+                )?);
+            }
+            Ok(Stem::Plain(convs))
+        }
+    }
+
+    pub fn out_channels(&self) -> usize {
+        match self {
+            Stem::Branch { stem4, .. } => stem4.out_channels(),
+            Stem::Plain(v) => v.last().map(Conv2d::out_channels).unwrap_or(3),
+        }
+    }
+}
+
+impl Module for Stem {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Stem::Branch {
+                stem1,
+                stem2a,
+                stem2b,
+                stem3,
+                stem4,
+            } => {
+                let x = stem1.forward(x)?;
+                let x2 = stem2b.forward(&stem2a.forward(&x)?)?;
+                // MaxPool 2x2/1 with SAME_UPPER padding: repeating the last row/column leaves
+                // every window's max unchanged, exactly like padding with -inf.
+                let x1 = x
+                    .pad_with_same(2, 0, 1)?
+                    .pad_with_same(3, 0, 1)?
+                    .max_pool2d_with_stride(2, 1)?;
+                stem4.forward(&stem3.forward(&Tensor::cat(&[&x1, &x2], 1)?)?)
+            }
+            Stem::Plain(convs) => {
+                let mut x = x.clone();
+                for c in convs {
+                    x = c.forward(&x)?;
+                }
+                Ok(x)
+            }
+        }
+    }
+}
+
+/// PPLCNetV4: stem plus LCNetV4 blocks. Stages end before each block that downsamples.
+#[derive(Debug, Clone)]
+pub struct PpLcNetV4 {
+    stem: Stem,
+    blocks: Vec<LcNetV4Block>,
+    /// Index (into `blocks`) of the last block of each stage.
+    stage_ends: Vec<usize>,
+}
+
+impl PpLcNetV4 {
+    /// Consumes the stem and every following depthwise block from the graph.
+    pub fn load(g: &mut GraphWalker, device: &Device) -> Result<Self> {
+        let stem = Stem::load(g, device)?;
+        let mut blocks: Vec<LcNetV4Block> = Vec::new();
+        while g.peek_conv()?.is_some_and(|c| c.is_depthwise()) {
+            let b = LcNetV4Block::load(g, device)?;
+            let expected = blocks
+                .last()
+                .map(LcNetV4Block::out_channels)
+                .unwrap_or(stem.out_channels());
+            if b.dw.in_channels() != expected {
+                return Err(g.error(format!(
+                    "block {} takes {} channels, the previous layer gives {expected}",
+                    blocks.len(),
+                    b.dw.in_channels()
+                )));
+            }
+            blocks.push(b);
+        }
+        if blocks.is_empty() {
+            return Err(g.error("no LCNetV4 blocks after the stem"));
+        }
+        let mut stage_ends: Vec<usize> = (1..blocks.len())
+            .filter(|&i| blocks[i].stride() != (1, 1))
+            .map(|i| i - 1)
+            .collect();
+        stage_ends.push(blocks.len() - 1);
+        Ok(Self {
+            stem,
+            blocks,
+            stage_ends,
+        })
+    }
+
+    /// Output channels of each stage.
+    pub fn stage_channels(&self) -> Vec<usize> {
+        self.stage_ends
+            .iter()
+            .map(|&i| self.blocks[i].out_channels())
+            .collect()
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.blocks
+            .last()
+            .map(LcNetV4Block::out_channels)
+            .unwrap_or(0)
+    }
+
+    /// The output of every stage, shallowest first.
+    pub fn forward_stages(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        let mut x = self.stem.forward(x)?;
+        let mut outs = Vec::with_capacity(self.stage_ends.len());
+        for (i, b) in self.blocks.iter().enumerate() {
+            x = b.forward(&x)?;
+            if self.stage_ends.contains(&i) {
+                outs.push(x.clone());
+            }
+        }
+        Ok(outs)
+    }
+}
+
+impl Module for PpLcNetV4 {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut x = self.stem.forward(x)?;
+        for b in &self.blocks {
+            x = b.forward(&x)?;
+        }
+        Ok(x)
+    }
+}

@@ -1,0 +1,331 @@
+//! PP-OCRv6 text recogniser: PPLCNetV4 backbone, light SVTR neck and a CTC head.
+
+use std::path::Path;
+
+use candle_core::{Device, Module, Tensor};
+
+use super::graph::{attr_pair, GraphWalker};
+use super::layers::{Conv2d, LayerNorm, Linear};
+use super::pplcnet::PpLcNetV4;
+use crate::error::{Error, Result};
+use crate::onnx::OnnxModel;
+
+/// Metadata key under which PaddleOCR exports embed the recogniser's character list.
+pub const CHARACTER_METADATA_KEY: &str = "character";
+
+/// Multi-head self-attention with a fused qkv projection.
+#[derive(Debug, Clone)]
+struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    heads: usize,
+    head_dim: usize,
+    scale: f64,
+}
+
+impl Module for Attention {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (n, t, c) = x.dims3()?;
+        // [n, t, 3, heads, hd] -> [3, n, heads, t, hd]
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((n, t, 3, self.heads, self.head_dim))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = (qkv.get(0)?.contiguous()? * self.scale)?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let attn = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+        let y = attn.matmul(&v)?.transpose(1, 2)?.reshape((n, t, c))?;
+        self.proj.forward(&y)
+    }
+}
+
+/// Pre-norm transformer block: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
+#[derive(Debug, Clone)]
+struct SvtrBlock {
+    norm1: LayerNorm,
+    attn: Attention,
+    norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Module for SvtrBlock {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
+        let h = self.fc2.forward(&self.fc1.forward(&self.norm2.forward(&x)?)?)?;
+        x + h
+    }
+}
+
+/// The light SVTR neck of PP-OCRv6: a pointwise shortcut, a pointwise + 1-D depthwise local
+/// mixer, transformer blocks over the width axis, and the shortcut added back.
+#[derive(Debug, Clone)]
+struct SvtrNeck {
+    shortcut: Conv2d,
+    reduce: Conv2d,
+    local: Conv2d,
+    blocks: Vec<SvtrBlock>,
+    norm: LayerNorm,
+}
+
+impl SvtrNeck {
+    fn load(g: &mut GraphWalker, in_ch: usize, device: &Device) -> Result<Self> {
+        let shortcut = g.next_conv_checked("neck shortcut", Some(in_ch), None, Some((1, 1)))?;
+        let dim = shortcut.out_channels();
+        let reduce = g.next_conv_checked("neck reduce", Some(in_ch), Some(dim), Some((1, 1)))?;
+        let local = g.next_conv_checked("neck local mixer", Some(dim), Some(dim), None)?;
+        if !local.is_depthwise() {
+            return Err(g.error(format!(
+                "neck local mixer {} is not depthwise (weight {:?})",
+                local.node,
+                local.weight.dims()
+            )));
+        }
+        let mut blocks = Vec::new();
+        while g.peek_linear()?.is_some_and(|l| l.weight.dims() == [dim, 3 * dim]) {
+            let norm1 = g.next_layer_norm("block norm1", dim)?;
+            let qkv = g.next_linear("attention qkv", Some(dim), Some(3 * dim))?;
+            let (heads, head_dim) = match g.reshape_target_of(&qkv.output).as_deref() {
+                Some([_, _, 3, h, d]) if *h > 0 && *d > 0 && (h * d) as usize == dim => {
+                    (*h as usize, *d as usize)
+                }
+                other => {
+                    return Err(g.error(format!(
+                        "attention {}: cannot read the head split from reshape {other:?}",
+                        qkv.node
+                    )))
+                }
+            };
+            let proj = g.next_linear("attention proj", Some(dim), Some(dim))?;
+            let norm2 = g.next_layer_norm("block norm2", dim)?;
+            let fc1 = g.next_linear("mlp fc1", Some(dim), None)?;
+            let hidden = fc1.weight.dims()[1];
+            let fc2 = g.next_linear("mlp fc2", Some(hidden), Some(dim))?;
+            blocks.push(SvtrBlock {
+                norm1: LayerNorm::new(norm1, device)?,
+                attn: Attention {
+                    qkv: Linear::new(qkv, device)?,
+                    proj: Linear::new(proj, device)?,
+                    heads,
+                    head_dim,
+                    scale: (head_dim as f64).powf(-0.5),
+                },
+                norm2: LayerNorm::new(norm2, device)?,
+                fc1: Linear::new(fc1, device)?,
+                fc2: Linear::new(fc2, device)?,
+            });
+        }
+        if blocks.is_empty() {
+            return Err(g.error("SVTR neck without transformer blocks"));
+        }
+        let norm = g.next_layer_norm("neck final norm", dim)?;
+        Ok(Self {
+            shortcut: Conv2d::new(shortcut, device)?,
+            reduce: Conv2d::new(reduce, device)?,
+            local: Conv2d::new(local, device)?,
+            blocks,
+            norm: LayerNorm::new(norm, device)?,
+        })
+    }
+
+    /// `[n, c, 1, w]` -> `[n, w, dim]`.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let shortcut = self.shortcut.forward(x)?;
+        let h = self.reduce.forward(x)?;
+        let h = (&h + self.local.forward(&h)?)?;
+        let (n, c, hh, w) = h.dims4()?;
+        let mut t = h.reshape((n, c, hh * w))?.transpose(1, 2)?.contiguous()?;
+        for b in &self.blocks {
+            t = b.forward(&t)?;
+        }
+        let t = self.norm.forward(&t)?;
+        // The export reshapes back to [n, c, 1, w] before adding the shortcut; adding in
+        // token layout is the same sum without the round trip.
+        let s = shortcut.reshape((n, c, hh * w))?.transpose(1, 2)?;
+        t + s
+    }
+}
+
+/// The CTC text recogniser.
+#[derive(Debug, Clone)]
+pub struct RecModel {
+    backbone: PpLcNetV4,
+    /// Kernel and stride of the average pool that collapses the height to 1.
+    pool: Option<((usize, usize), (usize, usize))>,
+    neck: SvtrNeck,
+    head: Linear,
+    dictionary: Vec<String>,
+    device: Device,
+}
+
+impl RecModel {
+    /// Input height the recogniser is trained for.
+    pub const INPUT_HEIGHT: usize = 48;
+
+    /// Loads a recogniser whose character list is embedded in the ONNX metadata
+    /// (`character`, as in rapidocr's PP-OCRv6 export).
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let onnx = OnnxModel::read(path)?;
+        let chars = onnx
+            .metadata
+            .get(CHARACTER_METADATA_KEY)
+            .ok_or_else(|| Error::ModelStructure {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "no `{CHARACTER_METADATA_KEY}` metadata; pass a dictionary file with \
+                     RecModel::load_with_dictionary"
+                ),
+            })?;
+        let chars = split_lines_like_python(chars);
+        Self::from_onnx(&onnx, chars, device)
+    }
+
+    /// Loads a recogniser with the character list from a PaddleOCR dictionary file
+    /// (one character per line).
+    pub fn load_with_dictionary(path: &Path, dictionary: &Path, device: &Device) -> Result<Self> {
+        let onnx = OnnxModel::read(path)?;
+        let text = std::fs::read_to_string(dictionary).map_err(|source| Error::Io {
+            path: dictionary.to_path_buf(),
+            source,
+        })?;
+        Self::from_onnx(&onnx, read_dictionary_lines(&text), device)
+    }
+
+    /// `chars` is the model's character list without the CTC blank and the trailing space.
+    pub fn from_onnx(onnx: &OnnxModel, chars: Vec<String>, device: &Device) -> Result<Self> {
+        let mut g = GraphWalker::new(onnx);
+        let backbone = PpLcNetV4::load(&mut g, device)?;
+        let pool = g.first_node("AveragePool").and_then(|n| {
+            Some((attr_pair(n, "kernel_shape")?, attr_pair(n, "strides")?))
+        });
+        let neck = SvtrNeck::load(&mut g, backbone.out_channels(), device)?;
+        let dim = neck.norm_width();
+        let head = g.next_linear("CTC head", Some(dim), None)?;
+        g.finish()?;
+        let head = Linear::new(head, device)?;
+
+        // PaddleOCR's CTC label convention: class 0 is the blank, then the dictionary, then a
+        // space (use_space_char).
+        let classes = head.out_features();
+        if chars.len() + 2 != classes {
+            return Err(g.error(format!(
+                "the head predicts {classes} classes but the dictionary has {} characters \
+                 (expected {} = classes - blank - space)",
+                chars.len(),
+                classes.saturating_sub(2)
+            )));
+        }
+        let mut dictionary = Vec::with_capacity(classes);
+        dictionary.push(String::new());
+        dictionary.extend(chars);
+        dictionary.push(" ".to_string());
+
+        Ok(Self {
+            backbone,
+            pool,
+            neck,
+            head,
+            dictionary,
+            device: device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The label of every output class: index 0 is the CTC blank (an empty string), the last
+    /// index is the space PaddleOCR appends. `dictionary().len()` equals the class count.
+    pub fn dictionary(&self) -> &[String] {
+        &self.dictionary
+    }
+
+    pub fn num_classes(&self) -> usize {
+        self.dictionary.len()
+    }
+
+    /// `x`: `[n, 3, 48, w]` f32, normalised to [-1, 1]. Returns `[n, t, classes]` softmax
+    /// probabilities, `t` = the number of horizontal steps (about `w / 8`).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, c, h, w) = x.dims4()?;
+        if c != 3 || h != Self::INPUT_HEIGHT || w < 8 {
+            return Err(Error::BadInput(format!(
+                "recogniser input must be [n, 3, {}, w >= 8], got {:?}",
+                Self::INPUT_HEIGHT,
+                x.dims()
+            )));
+        }
+        let f = self.backbone.forward(x)?;
+        let f = match self.pool {
+            Some((k, s)) => f.avg_pool2d_with_stride(k, s)?,
+            None => f,
+        };
+        let t = self.neck.forward(&f)?;
+        let logits = self.head.forward(&t)?;
+        Ok(candle_nn::ops::softmax_last_dim(&logits)?)
+    }
+}
+
+impl SvtrNeck {
+    fn norm_width(&self) -> usize {
+        self.shortcut.out_channels()
+    }
+}
+
+/// `str.splitlines()` as rapidocr applies it to the embedded character list.
+pub fn split_lines_like_python(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(ch) = chars.next() {
+        match ch {
+            '\r' => {
+                if chars.peek() == Some(&'\n') {
+                    chars.next();
+                }
+                out.push(std::mem::take(&mut cur));
+            }
+            '\n' | '\u{0b}' | '\u{0c}' | '\u{1c}' | '\u{1d}' | '\u{1e}' | '\u{85}'
+            | '\u{2028}' | '\u{2029}' => out.push(std::mem::take(&mut cur)),
+            _ => cur.push(ch),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Lines of a PaddleOCR dictionary file, read the way PaddleOCR/rapidocr do: split on `\n`,
+/// strip `\r`/`\n` from the ends, keep everything else (a line holding a single space is a
+/// character).
+pub fn read_dictionary_lines(text: &str) -> Vec<String> {
+    let mut lines: Vec<String> = text
+        .split('\n')
+        .map(|l| l.trim_matches(|c| c == '\r' || c == '\n').to_string())
+        .collect();
+    if text.ends_with('\n') {
+        lines.pop();
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splitlines_matches_python() {
+        assert_eq!(split_lines_like_python("a\nb\r\nc\rd"), vec!["a", "b", "c", "d"]);
+        assert_eq!(split_lines_like_python("a\n"), vec!["a"]);
+        assert_eq!(split_lines_like_python("a\n\nb"), vec!["a", "", "b"]);
+    }
+
+    #[test]
+    fn dictionary_file_lines() {
+        assert_eq!(read_dictionary_lines("a\r\nb\n \n"), vec!["a", "b", " "]);
+        assert_eq!(read_dictionary_lines("a\nb"), vec!["a", "b"]);
+    }
+}

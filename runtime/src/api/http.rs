@@ -1,0 +1,410 @@
+//! The HTTP API: submit a job, read its status and result, probes, metrics
+//! and the OpenAPI document.
+
+use crate::app::submit::{Submission, SubmitError, Submitted, Submitter};
+use crate::domain::{Job, JobId, JobStatus};
+use crate::metrics::Metrics;
+use axum::body::{to_bytes, Body};
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use std::time::Instant;
+use utoipa::{OpenApi, ToSchema};
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub submitter: Submitter,
+    pub metrics: Metrics,
+}
+
+/// Status of a job as clients see it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobView {
+    pub id: String,
+    pub status: JobStatus,
+    pub attempts: u32,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Where the result is, once `Succeeded`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result_url: Option<String>,
+}
+
+impl From<&Job> for JobView {
+    fn from(job: &Job) -> Self {
+        JobView {
+            id: job.id.to_string(),
+            status: job.status,
+            attempts: job.attempts,
+            created_at_ms: job.created_at_ms,
+            updated_at_ms: job.updated_at_ms,
+            error: job.error.clone().filter(|_| job.status.is_terminal()),
+            result_url: (job.status == JobStatus::Succeeded)
+                .then(|| format!("/v1/jobs/{}/result", job.id)),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable.
+    pub code: String,
+    /// For people.
+    pub message: String,
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(ErrorBody {
+            error: ErrorDetail {
+                code: code.to_owned(),
+                message: message.into(),
+            },
+        }),
+    )
+        .into_response()
+}
+
+impl IntoResponse for SubmitError {
+    fn into_response(self) -> Response {
+        match &self {
+            SubmitError::Input(input) => error(
+                StatusCode::from_u16(input.http_status()).unwrap_or(StatusCode::BAD_REQUEST),
+                input.code(),
+                input.to_string(),
+            ),
+            SubmitError::KeyReusedWithOtherPayload => error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                self.to_string(),
+            ),
+            SubmitError::KeyInFlight => error(
+                StatusCode::CONFLICT,
+                "idempotency_key_in_flight",
+                self.to_string(),
+            ),
+            SubmitError::BadKey => error(
+                StatusCode::BAD_REQUEST,
+                "bad_idempotency_key",
+                self.to_string(),
+            ),
+            SubmitError::Store(_) | SubmitError::Blob(_) | SubmitError::Internal(_) => {
+                tracing::error!(error = %self, "submission failed");
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the job could not be stored; retry later",
+                )
+            }
+        }
+    }
+}
+
+pub fn router(state: HttpState) -> Router {
+    // Multipart framing adds a little to the image itself.
+    let body_limit = state.submitter.limits.max_body_bytes + 64 * 1024;
+    Router::new()
+        .route("/v1/jobs", post(create_job))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/result", get(get_result))
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "OCR serving API", description = "Asynchronous OCR jobs"),
+    paths(create_job, get_job, get_result),
+    components(schemas(JobView, JobStatus, ErrorBody, ErrorDetail))
+)]
+pub struct ApiDoc;
+
+fn client_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-client-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .unwrap_or("anonymous")
+        .to_owned()
+}
+
+/// Submit an image for OCR.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs",
+    request_body(content = Vec<u8>, description = "The image: a raw body (image/png, image/jpeg, image/tiff, image/webp, image/bmp) or multipart/form-data with one file part", content_type = "image/png"),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Same key and body: the same job; same key, other body: 422"),
+        ("X-Client-Id" = Option<String>, Header, description = "Tenant or client the job belongs to"),
+    ),
+    responses(
+        (status = 202, description = "Accepted; poll the Location", body = JobView),
+        (status = 409, description = "The same Idempotency-Key is still in flight", body = ErrorBody),
+        (status = 413, description = "Body or image too large", body = ErrorBody),
+        (status = 415, description = "Unsupported content type", body = ErrorBody),
+        (status = 422, description = "Not a readable image, or key reused with another body", body = ErrorBody),
+        (status = 503, description = "Storage unavailable", body = ErrorBody),
+    )
+)]
+async fn create_job(State(state): State<HttpState>, request: Request) -> Response {
+    let started = Instant::now();
+    let headers = request.headers().clone();
+    let idempotency_key = headers
+        .get("idempotency-key")
+        .map(|v| v.to_str().map(str::to_owned));
+    let idempotency_key = match idempotency_key.transpose() {
+        Ok(key) => key,
+        Err(_) => return SubmitError::BadKey.into_response(),
+    };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let limit = state.submitter.limits.max_body_bytes;
+    let (body, content_type) = if content_type.starts_with("multipart/form-data") {
+        match read_multipart(request, &state, limit).await {
+            Ok(part) => part,
+            Err(response) => return response,
+        }
+    } else {
+        match to_bytes(request.into_body(), limit).await {
+            Ok(body) => (body, content_type),
+            Err(_) => {
+                return too_large(limit);
+            }
+        }
+    };
+    let outcome = state
+        .submitter
+        .submit(Submission {
+            client_id: client_id(&headers),
+            idempotency_key,
+            content_type,
+            body,
+        })
+        .await;
+    let label = match &outcome {
+        Ok(Submitted::Created(_)) => "created",
+        Ok(Submitted::Replayed(_)) => "replayed",
+        Err(_) => "rejected",
+    };
+    state.metrics.submitted(label, started.elapsed());
+    match outcome {
+        Ok(submitted) => {
+            let job = submitted.job();
+            let mut response = (StatusCode::ACCEPTED, Json(JobView::from(job))).into_response();
+            let headers = response.headers_mut();
+            if let Ok(location) = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id)) {
+                headers.insert(header::LOCATION, location);
+            }
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            if matches!(submitted, Submitted::Replayed(_)) {
+                headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+            }
+            response
+        }
+        Err(err) => err.into_response(),
+    }
+}
+
+fn too_large(limit: usize) -> Response {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        format!("the body exceeds the limit of {limit} bytes"),
+    )
+}
+
+/// The first file part of a multipart upload, with its own content type.
+async fn read_multipart(
+    request: Request<Body>,
+    state: &HttpState,
+    limit: usize,
+) -> Result<(bytes::Bytes, String), Response> {
+    let bad = |message: String| error(StatusCode::BAD_REQUEST, "bad_multipart", message);
+    let mut multipart = Multipart::from_request(request, state)
+        .await
+        .map_err(|e| bad(e.body_text()))?;
+    loop {
+        let field = multipart.next_field().await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                too_large(limit)
+            } else {
+                bad(e.body_text())
+            }
+        })?;
+        let Some(field) = field else {
+            return Err(error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "empty_body",
+                "the multipart body has no file part",
+            ));
+        };
+        if field.file_name().is_none() && field.name() != Some("file") {
+            continue;
+        }
+        let content_type = field.content_type().unwrap_or("").to_owned();
+        let bytes = field.bytes().await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                too_large(limit)
+            } else {
+                bad(e.body_text())
+            }
+        })?;
+        return Ok((bytes, content_type));
+    }
+}
+
+/// A path id that is not a job id.
+struct BadJobId(String);
+
+impl IntoResponse for BadJobId {
+    fn into_response(self) -> Response {
+        error(
+            StatusCode::BAD_REQUEST,
+            "bad_job_id",
+            format!("{:?} is not a job id", self.0),
+        )
+    }
+}
+
+fn parse_id(id: &str) -> Result<JobId, BadJobId> {
+    id.parse().map_err(|_| BadJobId(id.to_owned()))
+}
+
+fn not_found(id: JobId) -> Response {
+    error(StatusCode::NOT_FOUND, "not_found", format!("no job {id}"))
+}
+
+fn unavailable(err: impl std::fmt::Display) -> Response {
+    tracing::error!(error = %err, "reading a job failed");
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "the job store is unavailable; retry later",
+    )
+}
+
+/// A job's status.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, body = JobView),
+        (status = 404, body = ErrorBody),
+    )
+)]
+async fn get_job(State(state): State<HttpState>, Path(id): Path<String>) -> Response {
+    let id = match parse_id(&id) {
+        Ok(id) => id,
+        Err(bad) => return bad.into_response(),
+    };
+    match state.submitter.store.get(id).await {
+        Ok(Some(job)) => Json(JobView::from(&job)).into_response(),
+        Ok(None) => not_found(id),
+        Err(err) => unavailable(err),
+    }
+}
+
+/// A finished job's result: the page with its lines, confidences and polygons.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/result",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "The recognised page", content_type = "application/json"),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "Not finished, or failed", body = ErrorBody),
+    )
+)]
+async fn get_result(State(state): State<HttpState>, Path(id): Path<String>) -> Response {
+    let id = match parse_id(&id) {
+        Ok(id) => id,
+        Err(bad) => return bad.into_response(),
+    };
+    let job = match state.submitter.store.get(id).await {
+        Ok(Some(job)) => job,
+        Ok(None) => return not_found(id),
+        Err(err) => return unavailable(err),
+    };
+    match (job.status, job.result) {
+        (JobStatus::Succeeded, Some(result)) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            result,
+        )
+            .into_response(),
+        (status, _) if status.is_terminal() => error(
+            StatusCode::CONFLICT,
+            "job_failed",
+            format!(
+                "job is {status}: {}",
+                job.error.unwrap_or_else(|| "no reason recorded".into())
+            ),
+        ),
+        (status, _) => {
+            let mut response = error(
+                StatusCode::CONFLICT,
+                "not_finished",
+                format!("job is {status}; retry later"),
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        }
+    }
+}
+
+async fn ready(State(state): State<HttpState>) -> Response {
+    let db = state.submitter.store.ping().await;
+    let queue = state.submitter.publisher.check().await;
+    match (db, queue) {
+        (Ok(()), Ok(())) => "ready".into_response(),
+        (db, queue) => {
+            let mut problems = Vec::new();
+            if let Err(err) = db {
+                problems.push(format!("database: {err}"));
+            }
+            if let Err(err) = queue {
+                problems.push(format!("queue: {err}"));
+            }
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                problems.join("; "),
+            )
+        }
+    }
+}
+
+async fn metrics(State(state): State<HttpState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,4 @@
+//! Front ends: the HTTP API (axum) and, later, gRPC (tonic). Both call the
+//! same use cases in `app`.
+
+pub mod http;

@@ -1,0 +1,223 @@
+//! Accepting a job: check the input, store it, publish it, answer at once.
+
+use super::input::{check_image, InputError};
+use crate::config::LimitsConfig;
+use crate::domain::idempotency::{decide, KeyDecision};
+use crate::domain::message::JobMessage;
+use crate::domain::{Job, JobId, JobStatus, NewJob};
+use crate::queue::JobPublisher;
+use crate::storage::blob::{input_key, BlobError};
+use crate::storage::jobs::Changes;
+use crate::storage::{now_ms, BlobStore, JobStore, StoreError};
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+
+/// A key whose first request has not finished after this long belongs to a
+/// request that died; a retry may take it over.
+const ABANDONED_KEY_MS: i64 = 60_000;
+
+pub struct Submission {
+    pub client_id: String,
+    pub idempotency_key: Option<String>,
+    pub content_type: String,
+    pub body: Bytes,
+}
+
+#[derive(Debug)]
+pub enum Submitted {
+    Created(Job),
+    /// Same idempotency key and payload as an earlier request.
+    Replayed(Job),
+}
+
+impl Submitted {
+    pub fn job(&self) -> &Job {
+        match self {
+            Submitted::Created(job) | Submitted::Replayed(job) => job,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error(transparent)]
+    Input(#[from] InputError),
+    #[error("this Idempotency-Key was used with a different request body")]
+    KeyReusedWithOtherPayload,
+    #[error("a request with this Idempotency-Key is still being processed")]
+    KeyInFlight,
+    #[error("the Idempotency-Key must be 1 to 255 printable ASCII characters")]
+    BadKey,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error("input check was interrupted: {0}")]
+    Internal(String),
+}
+
+/// Test-only fault injection, read from `OCR_FAULT` at start-up. It lets the
+/// crash-recovery tests kill the API at the exact step they need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fault {
+    #[default]
+    None,
+    /// Exit the process right after the job row is written, before the publish.
+    ExitAfterDbWrite,
+}
+
+impl Fault {
+    pub fn from_env() -> Fault {
+        match std::env::var("OCR_FAULT").as_deref() {
+            Ok("exit-after-db-write") => Fault::ExitAfterDbWrite,
+            _ => Fault::None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Submitter {
+    pub store: JobStore,
+    pub blobs: BlobStore,
+    pub publisher: Arc<dyn JobPublisher>,
+    pub limits: LimitsConfig,
+    pub fault: Fault,
+}
+
+impl Submitter {
+    pub async fn submit(&self, submission: Submission) -> Result<Submitted, SubmitError> {
+        let limits = self.limits.clone();
+        let body = submission.body.clone();
+        let content_type = submission.content_type.clone();
+        let stored_type =
+            tokio::task::spawn_blocking(move || check_image(&body, &content_type, &limits))
+                .await
+                .map_err(|e| SubmitError::Internal(e.to_string()))??;
+
+        let sha256 = hex::encode(Sha256::digest(&submission.body));
+        if let Some(key) = &submission.idempotency_key {
+            if key.is_empty()
+                || key.len() > 255
+                || !key.chars().all(|c| c.is_ascii_graphic() || c == ' ')
+            {
+                return Err(SubmitError::BadKey);
+            }
+            if let Some(replayed) = self
+                .reserve_key(&submission.client_id, key, &sha256)
+                .await?
+            {
+                return Ok(Submitted::Replayed(replayed));
+            }
+        }
+
+        let created = self.create(&submission, stored_type, &sha256).await;
+        if created.is_err() {
+            if let Some(key) = &submission.idempotency_key {
+                // Free the key so the client's retry is not stuck behind a failure.
+                let _ = self.store.release_key(&submission.client_id, key).await;
+            }
+        }
+        created.map(Submitted::Created)
+    }
+
+    /// `Ok(None)`: the key is reserved for this request. `Ok(Some(job))`: replay.
+    async fn reserve_key(
+        &self,
+        client_id: &str,
+        key: &str,
+        sha256: &str,
+    ) -> Result<Option<Job>, SubmitError> {
+        let Some(existing) = self
+            .store
+            .reserve_key(client_id, key, sha256, now_ms())
+            .await?
+        else {
+            return Ok(None);
+        };
+        match decide(&existing, sha256, now_ms(), ABANDONED_KEY_MS) {
+            KeyDecision::PayloadMismatch => Err(SubmitError::KeyReusedWithOtherPayload),
+            KeyDecision::InFlight => Err(SubmitError::KeyInFlight),
+            KeyDecision::TakeOver => {
+                if self
+                    .store
+                    .take_over_key(client_id, key, &existing, now_ms())
+                    .await?
+                {
+                    Ok(None)
+                } else {
+                    Err(SubmitError::KeyInFlight)
+                }
+            }
+            KeyDecision::Replay(job_id) => match self.store.get(job_id).await? {
+                Some(job) => Ok(Some(job)),
+                None => Err(SubmitError::Store(StoreError::Corrupt(format!(
+                    "idempotency key points at missing job {job_id}"
+                )))),
+            },
+        }
+    }
+
+    async fn create(
+        &self,
+        submission: &Submission,
+        content_type: &str,
+        sha256: &str,
+    ) -> Result<Job, SubmitError> {
+        let id = JobId::new();
+        let key = input_key(id);
+        let new_job = NewJob {
+            id,
+            client_id: submission.client_id.clone(),
+            input_key: key.clone(),
+            content_type: content_type.to_owned(),
+            input_sha256: sha256.to_owned(),
+            input_bytes: submission.body.len() as u64,
+            idempotency_key: submission.idempotency_key.clone(),
+        };
+        // Blob first: a job row must never point at a missing input.
+        self.blobs.put(&key, submission.body.clone()).await?;
+        if let Err(err) = self.store.insert(&new_job, now_ms()).await {
+            let _ = self.blobs.delete(&key).await;
+            return Err(err.into());
+        }
+        if let Some(idem) = &submission.idempotency_key {
+            self.store.bind_key(&submission.client_id, idem, id).await?;
+        }
+        if self.fault == Fault::ExitAfterDbWrite {
+            tracing::warn!(job = %id, "fault injection: exiting between the database write and the publish");
+            std::process::exit(86);
+        }
+        self.publish(id).await;
+        self.store
+            .get(id)
+            .await?
+            .ok_or_else(|| SubmitError::Store(StoreError::Corrupt(format!("job {id} vanished"))))
+    }
+
+    /// Publishes and records `Queued`. A failed publish is not the client's
+    /// problem: the job is durable and the sweeper republishes it.
+    pub async fn publish(&self, id: JobId) {
+        match self.publisher.publish(&JobMessage { job_id: id }).await {
+            Ok(()) => {
+                if let Err(err) = self
+                    .store
+                    .transition(
+                        id,
+                        JobStatus::Accepted,
+                        JobStatus::Queued,
+                        None,
+                        Changes::default(),
+                        now_ms(),
+                    )
+                    .await
+                {
+                    tracing::warn!(job = %id, error = %err, "recording Queued failed; the worker does not depend on it");
+                }
+            }
+            Err(err) => {
+                tracing::warn!(job = %id, error = %err, "publish failed; the sweeper will republish");
+            }
+        }
+    }
+}

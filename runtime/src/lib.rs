@@ -1,0 +1,15 @@
+//! The OCR serving runtime: one binary, every role (API, worker, writer,
+//! standalone). `domain` holds the rules, `app` the use cases, `storage`,
+//! `queue` and `engine` the adapters, `api` the front ends.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod domain;
+pub mod engine;
+pub mod metrics;
+pub mod queue;
+pub mod standalone;
+pub mod storage;
+pub mod telemetry;
+pub mod worker;

@@ -1,0 +1,125 @@
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use ocr_runtime::config::Config;
+use ocr_runtime::engine::CandleRecognizer;
+use ocr_runtime::standalone::Standalone;
+use ocr_runtime::storage::JobStore;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(
+    name = "ocr-runtime",
+    version,
+    about = "Asynchronous OCR serving runtime"
+)]
+struct Cli {
+    /// TOML configuration file; `OCR_*` environment variables override it.
+    #[arg(long, global = true, env = "OCR_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// API, worker and CPU engine in one process, on SQLite and a local directory.
+    Standalone,
+    /// Recognise image files and print the text (or JSON).
+    Recognize {
+        files: Vec<PathBuf>,
+        /// Print the pages as JSON.
+        #[arg(long)]
+        json: bool,
+        /// v6-small, v6-tiny or v5-mobile.
+        #[arg(long)]
+        model: Option<String>,
+    },
+    /// Apply database migrations and exit.
+    Migrate,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    ocr_runtime::telemetry::init();
+    let cli = Cli::parse();
+    let mut config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Standalone => {
+            config.database.migrate_on_start = true;
+            let engine = load_engine(&config)?;
+            let server = Standalone::start(&config, engine).await?;
+            println!("OCR server listening on http://{}", server.local_addr);
+            let token = server.shutdown_token();
+            shutdown_signal().await;
+            token.cancel();
+            server.stop().await;
+            Ok(())
+        }
+        Command::Recognize { files, json, model } => {
+            if let Some(model) = model {
+                config.model.variant = model;
+            }
+            recognize_files(&config, &files, json)
+        }
+        Command::Migrate => {
+            let store = JobStore::connect(&config.database.url, 1).await?;
+            store.migrate().await?;
+            println!("migrations applied to {}", config.database.url);
+            Ok(())
+        }
+    }
+}
+
+fn load_engine(config: &Config) -> anyhow::Result<Arc<CandleRecognizer>> {
+    Ok(Arc::new(CandleRecognizer::load(&config.model)?))
+}
+
+fn recognize_files(config: &Config, files: &[PathBuf], json: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(!files.is_empty(), "name at least one image file");
+    let engine = CandleRecognizer::load(&config.model)?;
+    let inputs = files
+        .iter()
+        .map(|f| std::fs::read(f).with_context(|| format!("reading {}", f.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let views: Vec<&[u8]> = inputs.iter().map(Vec::as_slice).collect();
+    let mut failed = 0;
+    for (file, page) in files.iter().zip(engine.engine().recognize_batch(&views)) {
+        match page {
+            Ok(page) if json => println!("{}", serde_json::to_string(&page)?),
+            Ok(page) => {
+                println!("== {}", file.display());
+                println!("{}", page.text);
+            }
+            Err(err) => {
+                failed += 1;
+                eprintln!("{}: {err}", file.display());
+            }
+        }
+    }
+    anyhow::ensure!(failed == 0, "{failed} of {} files failed", files.len());
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

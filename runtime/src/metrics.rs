@@ -1,0 +1,153 @@
+//! Prometheus metrics shared by every role.
+
+use crate::domain::JobStatus;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: String,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    submitted: Family<OutcomeLabel, Counter>,
+    finished: Family<StatusLabel, Counter>,
+    submit_seconds: Histogram,
+    batch_size: Histogram,
+    inference_seconds: Histogram,
+    inference_seconds_per_item: Histogram,
+    batch_wait_seconds: Histogram,
+    in_flight: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("ocr");
+        let submitted = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "jobs_submitted",
+            "Job submissions by outcome (created, replayed, rejected)",
+            submitted.clone(),
+        );
+        let finished = Family::<StatusLabel, Counter>::default();
+        registry.register(
+            "jobs_finished",
+            "Jobs that reached a final state, by state",
+            finished.clone(),
+        );
+        let submit_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "submit_seconds",
+            "Time to accept a job (check, store, publish)",
+            submit_seconds.clone(),
+        );
+        let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 8));
+        registry.register("batch_size", "Images per engine call", batch_size.clone());
+        let inference_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        registry.register(
+            "inference_seconds",
+            "Engine time per batch",
+            inference_seconds.clone(),
+        );
+        let inference_seconds_per_item = Histogram::new(exponential_buckets(0.002, 2.0, 14));
+        registry.register(
+            "inference_seconds_per_item",
+            "Engine time per batch divided by its size",
+            inference_seconds_per_item.clone(),
+        );
+        let batch_wait_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 12));
+        registry.register(
+            "batch_wait_seconds",
+            "Time a micro-batch waited to fill",
+            batch_wait_seconds.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "jobs_in_flight",
+            "Jobs a worker holds right now",
+            in_flight.clone(),
+        );
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                submitted,
+                finished,
+                submit_seconds,
+                batch_size,
+                inference_seconds,
+                inference_seconds_per_item,
+                batch_wait_seconds,
+                in_flight,
+            }),
+        }
+    }
+
+    pub fn submitted(&self, outcome: &str, took: Duration) {
+        self.inner
+            .submitted
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+        self.inner.submit_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn job_finished(&self, status: JobStatus) {
+        self.inner
+            .finished
+            .get_or_create(&StatusLabel {
+                status: status.as_str().to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn observe_inference(&self, items: usize, took: Duration) {
+        self.inner.batch_size.observe(items as f64);
+        self.inner.inference_seconds.observe(took.as_secs_f64());
+        if items > 0 {
+            self.inner
+                .inference_seconds_per_item
+                .observe(took.as_secs_f64() / items as f64);
+        }
+    }
+
+    pub fn observe_batch_wait(&self, took: Duration) {
+        self.inner.batch_wait_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn set_in_flight(&self, n: usize) {
+        self.inner.in_flight.set(n as i64);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.inner.registry);
+        out
+    }
+}

@@ -1,0 +1,387 @@
+//! The job table. One implementation over sqlx's `Any` driver serves MySQL
+//! (clusters) and SQLite (standalone): both use `?` placeholders and we only
+//! store strings and integers, so the SQL is shared and only the migrations
+//! differ per dialect.
+
+use crate::domain::idempotency::KeyRecord;
+use crate::domain::{Job, JobId, JobStatus, NewJob, Transition};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+use std::time::Duration;
+
+static MYSQL_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database URL {0:?} is neither mysql:// nor sqlite:")]
+    UnsupportedUrl(String),
+    #[error("connecting to the database: {0}")]
+    Connect(#[source] sqlx::Error),
+    #[error("running migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database query failed ({what}): {source}")]
+    Query {
+        what: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("illegal job transition {from} -> {to}")]
+    IllegalTransition { from: JobStatus, to: JobStatus },
+    #[error("corrupt row in jobs table: {0}")]
+    Corrupt(String),
+}
+
+fn query_error(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |source| StoreError::Query { what, source }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    MySql,
+    Sqlite,
+}
+
+impl Dialect {
+    pub fn of_url(url: &str) -> Result<Self, StoreError> {
+        if url.starts_with("mysql:") || url.starts_with("mariadb:") {
+            Ok(Dialect::MySql)
+        } else if url.starts_with("sqlite:") {
+            Ok(Dialect::Sqlite)
+        } else {
+            Err(StoreError::UnsupportedUrl(url.to_owned()))
+        }
+    }
+}
+
+/// Fields a transition may set besides the status.
+#[derive(Debug, Default, Clone)]
+pub struct Changes {
+    pub result: Option<String>,
+    pub error: Option<String>,
+    /// Count a new attempt (a worker claimed the job).
+    pub count_attempt: bool,
+}
+
+#[derive(Clone)]
+pub struct JobStore {
+    pool: AnyPool,
+    dialect: Dialect,
+}
+
+const JOB_COLUMNS: &str = "id, client_id, status, attempts, input_key, content_type, \
+    input_sha256, input_bytes, idempotency_key, result, error, created_at, updated_at";
+
+impl JobStore {
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let dialect = Dialect::of_url(url)?;
+        let url = match dialect {
+            Dialect::MySql => url.replacen("mariadb:", "mysql:", 1),
+            Dialect::Sqlite => url.to_owned(),
+        };
+        // SQLite serialises writers anyway; one connection avoids SQLITE_BUSY
+        // and keeps `sqlite::memory:` a single database.
+        let max_connections = match dialect {
+            Dialect::MySql => max_connections.max(1),
+            Dialect::Sqlite => 1,
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(&url)
+            .await
+            .map_err(StoreError::Connect)?;
+        Ok(JobStore { pool, dialect })
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let migrator = match self.dialect {
+            Dialect::MySql => &MYSQL_MIGRATIONS,
+            Dialect::Sqlite => &SQLITE_MIGRATIONS,
+        };
+        migrator.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Cheap liveness check for readiness probes.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("ping"))?;
+        Ok(())
+    }
+
+    pub async fn insert(&self, job: &NewJob, now_ms: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO jobs (id, client_id, status, attempts, input_key, content_type, \
+             input_sha256, input_bytes, idempotency_key, created_at, updated_at) \
+             VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(job.id.to_string())
+        .bind(&job.client_id)
+        .bind(JobStatus::Accepted.as_str())
+        .bind(&job.input_key)
+        .bind(&job.content_type)
+        .bind(&job.input_sha256)
+        .bind(job.input_bytes as i64)
+        .bind(job.idempotency_key.clone())
+        .bind(now_ms)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("insert job"))?;
+        Ok(())
+    }
+
+    pub async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("get job"))?;
+        row.map(|row| job_from_row(&row)).transpose()
+    }
+
+    /// Compare-and-set of the job's status. `expected_attempts` pins the
+    /// attempt that the caller owns, so a worker whose job was reclaimed by
+    /// another cannot overwrite the newer attempt's outcome.
+    pub async fn transition(
+        &self,
+        id: JobId,
+        from: JobStatus,
+        to: JobStatus,
+        expected_attempts: Option<u32>,
+        changes: Changes,
+        now_ms: i64,
+    ) -> Result<Transition, StoreError> {
+        if !from.can_transition_to(to) {
+            return Err(StoreError::IllegalTransition { from, to });
+        }
+        let mut sql = String::from(
+            "UPDATE jobs SET status = ?, updated_at = ?, attempts = attempts + ?, \
+             result = COALESCE(?, result), error = COALESCE(?, error) \
+             WHERE id = ? AND status = ?",
+        );
+        if expected_attempts.is_some() {
+            sql.push_str(" AND attempts = ?");
+        }
+        let mut query = sqlx::query(&sql)
+            .bind(to.as_str())
+            .bind(now_ms)
+            .bind(i32::from(changes.count_attempt))
+            .bind(changes.result)
+            .bind(changes.error)
+            .bind(id.to_string())
+            .bind(from.as_str());
+        if let Some(attempts) = expected_attempts {
+            query = query.bind(attempts as i32);
+        }
+        let done = query
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("transition job"))?;
+        Ok(if done.rows_affected() == 1 {
+            Transition::Applied
+        } else {
+            Transition::Lost
+        })
+    }
+
+    /// Jobs in `status` whose last change is older than `older_than_ms`,
+    /// oldest first: the sweeper republishes `Accepted` ones whose publish
+    /// never happened, and standalone mode resumes unfinished ones.
+    pub async fn ids_in_status(
+        &self,
+        status: JobStatus,
+        older_than_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<JobId>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id FROM jobs WHERE status = ? AND updated_at <= ? ORDER BY updated_at LIMIT ?",
+        )
+        .bind(status.as_str())
+        .bind(older_than_ms)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_error("list jobs by status"))?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("id").map_err(query_error("read id"))?;
+                id.parse()
+                    .map_err(|_| StoreError::Corrupt(format!("job id {id:?}")))
+            })
+            .collect()
+    }
+
+    pub async fn count_in_status(&self, status: JobStatus) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM jobs WHERE status = ?")
+            .bind(status.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(query_error("count jobs"))?;
+        let n: i64 = row.try_get("n").map_err(query_error("read count"))?;
+        Ok(n as u64)
+    }
+
+    /// Removes a job row. Only used to undo a job whose input could not be stored.
+    pub async fn delete(&self, id: JobId) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM jobs WHERE id = ?")
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("delete job"))?;
+        Ok(())
+    }
+
+    /// Reserves an idempotency key for a request. `None`: the key is ours.
+    /// `Some(record)`: the key already existed, see [`crate::domain::idempotency::decide`].
+    pub async fn reserve_key(
+        &self,
+        client_id: &str,
+        key: &str,
+        request_sha256: &str,
+        now_ms: i64,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO idempotency_keys (client_id, idem_key, request_sha256, created_at) \
+             VALUES (?, ?, ?, ?)",
+        )
+        .bind(client_id)
+        .bind(key)
+        .bind(request_sha256)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await;
+        match inserted {
+            Ok(_) => Ok(None),
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                self.get_key(client_id, key).await
+            }
+            Err(source) => Err(StoreError::Query {
+                what: "reserve idempotency key",
+                source,
+            }),
+        }
+    }
+
+    async fn get_key(&self, client_id: &str, key: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT request_sha256, job_id, created_at FROM idempotency_keys \
+             WHERE client_id = ? AND idem_key = ?",
+        )
+        .bind(client_id)
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(query_error("read idempotency key"))?;
+        let Some(row) = row else { return Ok(None) };
+        let job_id: Option<String> = row.try_get("job_id").map_err(query_error("read key"))?;
+        Ok(Some(KeyRecord {
+            request_sha256: row
+                .try_get("request_sha256")
+                .map_err(query_error("read key"))?,
+            job_id: job_id
+                .map(|id| id.parse())
+                .transpose()
+                .map_err(|_| StoreError::Corrupt("idempotency job id".into()))?,
+            created_at_ms: row.try_get("created_at").map_err(query_error("read key"))?,
+        }))
+    }
+
+    /// Takes over a key abandoned by a request that died; compare-and-set on
+    /// its creation time so only one of several retries wins.
+    pub async fn take_over_key(
+        &self,
+        client_id: &str,
+        key: &str,
+        abandoned: &KeyRecord,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE idempotency_keys SET created_at = ? \
+             WHERE client_id = ? AND idem_key = ? AND job_id IS NULL AND created_at = ?",
+        )
+        .bind(now_ms)
+        .bind(client_id)
+        .bind(key)
+        .bind(abandoned.created_at_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("take over idempotency key"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn bind_key(&self, client_id: &str, key: &str, job: JobId) -> Result<(), StoreError> {
+        sqlx::query("UPDATE idempotency_keys SET job_id = ? WHERE client_id = ? AND idem_key = ?")
+            .bind(job.to_string())
+            .bind(client_id)
+            .bind(key)
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("bind idempotency key"))?;
+        Ok(())
+    }
+
+    /// Frees a key whose request failed before creating a job, so the client can retry.
+    pub async fn release_key(&self, client_id: &str, key: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "DELETE FROM idempotency_keys WHERE client_id = ? AND idem_key = ? AND job_id IS NULL",
+        )
+        .bind(client_id)
+        .bind(key)
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("release idempotency key"))?;
+        Ok(())
+    }
+}
+
+fn job_from_row(row: &AnyRow) -> Result<Job, StoreError> {
+    let get = |what| query_error(what);
+    let id: String = row.try_get("id").map_err(get("id"))?;
+    let status: String = row.try_get("status").map_err(get("status"))?;
+    let attempts: i32 = row.try_get("attempts").map_err(get("attempts"))?;
+    let input_bytes: i64 = row.try_get("input_bytes").map_err(get("input_bytes"))?;
+    Ok(Job {
+        id: id
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("job id {id:?}")))?,
+        client_id: row.try_get("client_id").map_err(get("client_id"))?,
+        status: status
+            .parse()
+            .map_err(|e: crate::domain::job::UnknownStatus| StoreError::Corrupt(e.to_string()))?,
+        attempts: attempts.max(0) as u32,
+        input_key: row.try_get("input_key").map_err(get("input_key"))?,
+        content_type: row.try_get("content_type").map_err(get("content_type"))?,
+        input_sha256: row.try_get("input_sha256").map_err(get("input_sha256"))?,
+        input_bytes: input_bytes.max(0) as u64,
+        idempotency_key: row
+            .try_get("idempotency_key")
+            .map_err(get("idempotency_key"))?,
+        result: long_text(row, "result")?,
+        error: long_text(row, "error")?,
+        created_at_ms: row.try_get("created_at").map_err(get("created_at"))?,
+        updated_at_ms: row.try_get("updated_at").map_err(get("updated_at"))?,
+    })
+}
+
+/// MySQL reports TEXT columns as BLOBs, which the `Any` driver will not decode
+/// into strings, while SQLite reports them as text: accept both.
+fn long_text(row: &AnyRow, column: &'static str) -> Result<Option<String>, StoreError> {
+    if let Ok(text) = row.try_get::<Option<String>, _>(column) {
+        return Ok(text);
+    }
+    let bytes: Option<Vec<u8>> = row.try_get(column).map_err(query_error(column))?;
+    bytes
+        .map(|b| {
+            String::from_utf8(b).map_err(|_| StoreError::Corrupt(format!("{column} is not UTF-8")))
+        })
+        .transpose()
+}

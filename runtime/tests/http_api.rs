@@ -1,0 +1,354 @@
+//! The HTTP submission path against real MariaDB: accepted jobs, idempotency
+//! keys, and hundreds of malformed uploads that must leave nothing behind.
+
+mod common;
+
+use common::{jpeg, png, MysqlDatabase};
+use ocr_runtime::api::http::{router, HttpState};
+use ocr_runtime::app::submit::{Fault, Submitter};
+use ocr_runtime::config::LimitsConfig;
+use ocr_runtime::domain::JobStatus;
+use ocr_runtime::metrics::Metrics;
+use ocr_runtime::queue::{memory, JobConsumer};
+use ocr_runtime::storage::{BlobStore, JobStore};
+use std::sync::Arc;
+
+struct Api {
+    base: String,
+    store: JobStore,
+    blobs: BlobStore,
+    queue: memory::MemoryConsumer,
+    client: reqwest::Client,
+    _db: MysqlDatabase,
+}
+
+const MAX_BODY: usize = 2 * 1024 * 1024;
+
+async fn start_api() -> Api {
+    let db = MysqlDatabase::create().await;
+    let store = db.store().await;
+    let blobs = BlobStore::from_url("memory://").unwrap();
+    let (publisher, queue) = memory::channel();
+    let submitter = Submitter {
+        store: store.clone(),
+        blobs: blobs.clone(),
+        publisher: Arc::new(publisher),
+        limits: LimitsConfig {
+            max_body_bytes: MAX_BODY,
+            max_pixels: 25_000_000,
+            max_side: 10_000,
+        },
+        fault: Fault::None,
+    };
+    let app = router(HttpState {
+        submitter,
+        metrics: Metrics::new(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Api {
+        base: format!("http://{addr}"),
+        store,
+        blobs,
+        queue,
+        client: reqwest::Client::new(),
+        _db: db,
+    }
+}
+
+impl Api {
+    async fn post(
+        &self,
+        body: Vec<u8>,
+        content_type: &str,
+        key: Option<&str>,
+    ) -> reqwest::Response {
+        let mut request = self
+            .client
+            .post(format!("{}/v1/jobs", self.base))
+            .header("content-type", content_type)
+            .body(body);
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        request.send().await.unwrap()
+    }
+
+    async fn total_jobs(&self) -> u64 {
+        let mut total = 0;
+        for status in JobStatus::ALL {
+            total += self.store.count_in_status(status).await.unwrap();
+        }
+        total
+    }
+}
+
+#[tokio::test]
+async fn accepted_job_is_stored_queued_and_readable() {
+    let mut api = start_api().await;
+    let response = api.post(png(64, 32), "image/png", None).await;
+    assert_eq!(response.status(), 202);
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    assert!(response.headers().contains_key("retry-after"));
+    let body: serde_json::Value = response.json().await.unwrap();
+    let id = body["id"].as_str().unwrap().to_owned();
+    assert_eq!(location, format!("/v1/jobs/{id}"));
+    assert_eq!(body["status"], "Queued");
+
+    let message = api.queue.next().await.unwrap().unwrap();
+    assert_eq!(message.message.unwrap().job_id.to_string(), id);
+
+    let status: serde_json::Value = api
+        .client
+        .get(format!("{}{location}", api.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["status"], "Queued");
+
+    let result = api
+        .client
+        .get(format!("{}{location}/result", api.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(result.status(), 409, "no result before the worker ran");
+    let error: serde_json::Value = result.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "not_finished");
+
+    assert_eq!(api.blobs.count("inputs").await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn multipart_upload_is_accepted() {
+    let api = start_api().await;
+    let form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(jpeg(80, 40))
+            .file_name("scan.jpg")
+            .mime_str("image/jpeg")
+            .unwrap(),
+    );
+    let response = api
+        .client
+        .post(format!("{}/v1/jobs", api.base))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let job: serde_json::Value = response.json().await.unwrap();
+    let stored = api
+        .store
+        .get(job["id"].as_str().unwrap().parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.content_type, "image/jpeg");
+}
+
+#[tokio::test]
+async fn idempotency_key_replays_rejects_other_payload_and_in_flight() {
+    let api = start_api().await;
+    let image = png(50, 20);
+    let first = api.post(image.clone(), "image/png", Some("order-42")).await;
+    assert_eq!(first.status(), 202);
+    let first: serde_json::Value = first.json().await.unwrap();
+
+    let replay = api.post(image.clone(), "image/png", Some("order-42")).await;
+    assert_eq!(replay.status(), 202);
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    let replay: serde_json::Value = replay.json().await.unwrap();
+    assert_eq!(replay["id"], first["id"]);
+
+    let other = api.post(png(51, 20), "image/png", Some("order-42")).await;
+    assert_eq!(other.status(), 422);
+    let other: serde_json::Value = other.json().await.unwrap();
+    assert_eq!(other["error"]["code"], "idempotency_key_reused");
+
+    // A first request still in flight: its key is reserved but has no job yet.
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&image))
+    };
+    let now = ocr_runtime::storage::now_ms();
+    assert!(api
+        .store
+        .reserve_key("anonymous", "order-43", &sha, now)
+        .await
+        .unwrap()
+        .is_none());
+    let in_flight = api.post(image, "image/png", Some("order-43")).await;
+    assert_eq!(in_flight.status(), 409);
+
+    assert_eq!(
+        api.total_jobs().await,
+        1,
+        "only the first request made a job"
+    );
+}
+
+/// Builds well over 200 uploads that must all be refused.
+fn malformed_uploads() -> Vec<(String, Vec<u8>, String)> {
+    let mut cases = Vec::new();
+    cases.push(("empty body".into(), Vec::new(), "image/png".into()));
+    let good_png = png(300, 200);
+    let good_jpeg = jpeg(300, 200);
+    for i in 1..=60 {
+        let cut = good_png.len() * i / 64;
+        cases.push((
+            format!("PNG cut at {cut}"),
+            good_png[..cut].to_vec(),
+            "image/png".into(),
+        ));
+    }
+    for i in 1..=60 {
+        let cut = good_jpeg.len() * i / 64;
+        cases.push((
+            format!("JPEG cut at {cut}"),
+            good_jpeg[..cut].to_vec(),
+            "image/jpeg".into(),
+        ));
+    }
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in 0..70 {
+        let len = 1 + (i * 37) % 3000;
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect();
+        cases.push((
+            format!("random bytes #{i}"),
+            bytes,
+            "application/octet-stream".into(),
+        ));
+    }
+    for text in [
+        "hello",
+        "{\"image\": null}",
+        "<svg></svg>",
+        "GIF89a",
+        "%PDF-1.7",
+    ] {
+        cases.push((
+            format!("text {text:?}"),
+            text.as_bytes().to_vec(),
+            "image/png".into(),
+        ));
+    }
+    // A valid PNG header that declares 30000x30000 pixels.
+    let mut huge = good_png.clone();
+    huge[16..20].copy_from_slice(&30_000u32.to_be_bytes());
+    huge[20..24].copy_from_slice(&30_000u32.to_be_bytes());
+    cases.push((
+        "30000x30000 header".into(),
+        huge.clone(),
+        "image/png".into(),
+    ));
+    cases.push((
+        "30000x30000 header, no type".into(),
+        huge,
+        "application/octet-stream".into(),
+    ));
+    for content_type in [
+        "text/plain",
+        "application/json",
+        "image/gif",
+        "image/svg+xml",
+        "video/mp4",
+    ] {
+        cases.push((
+            format!("valid PNG sent as {content_type}"),
+            good_png.clone(),
+            content_type.into(),
+        ));
+    }
+    cases.push((
+        "PNG declared as JPEG".into(),
+        good_png.clone(),
+        "image/jpeg".into(),
+    ));
+    cases.push((
+        "JPEG declared as PNG".into(),
+        good_jpeg.clone(),
+        "image/png".into(),
+    ));
+    cases.push((
+        "body over the limit".into(),
+        vec![0x89; MAX_BODY + 1],
+        "image/png".into(),
+    ));
+    cases
+}
+
+#[tokio::test]
+async fn malformed_uploads_get_a_clear_4xx_and_store_nothing() {
+    let api = start_api().await;
+    let cases = malformed_uploads();
+    assert!(cases.len() >= 200, "{} cases", cases.len());
+    for (name, body, content_type) in cases {
+        let response = api.post(body, &content_type, None).await;
+        let status = response.status();
+        assert!(
+            status.is_client_error(),
+            "{name}: expected a 4xx, got {status}"
+        );
+        let body: serde_json::Value = response
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("{name}: error body is not JSON: {e}"));
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            !message.is_empty() && body["error"]["code"].is_string(),
+            "{name}: error body lacks code/message: {body}"
+        );
+    }
+    assert_eq!(api.total_jobs().await, 0, "a rejected request stored a job");
+    assert_eq!(
+        api.blobs.count("inputs").await.unwrap(),
+        0,
+        "a rejected request stored a blob"
+    );
+}
+
+#[tokio::test]
+async fn openapi_document_lists_the_job_routes() {
+    let api = start_api().await;
+    let doc: serde_json::Value = api
+        .client
+        .get(format!("{}/openapi.json", api.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for path in ["/v1/jobs", "/v1/jobs/{id}", "/v1/jobs/{id}/result"] {
+        assert!(doc["paths"][path].is_object(), "missing {path}");
+    }
+    let ready = api
+        .client
+        .get(format!("{}/readyz", api.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let metrics = api
+        .client
+        .get(format!("{}/metrics", api.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("ocr_submit_seconds"), "{metrics}");
+}

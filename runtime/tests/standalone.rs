@@ -1,0 +1,171 @@
+//! Standalone mode end to end with the real Candle engine and PP-OCR weights:
+//! submit over HTTP, read the text back, and survive crashes.
+
+mod common;
+
+use ocr_runtime::config::{Config, QueueKind};
+use ocr_runtime::domain::{JobId, JobStatus, NewJob};
+use ocr_runtime::engine::CandleRecognizer;
+use ocr_runtime::standalone::Standalone;
+use ocr_runtime::storage::jobs::Changes;
+use ocr_runtime::storage::{BlobStore, JobStore};
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+const INVOICE: &[u8] = include_bytes!("data/invoice.png");
+
+fn config_in(dir: &Path) -> Config {
+    let mut config = Config::default();
+    config.database.url = format!("sqlite://{}?mode=rwc", dir.join("ocr.db").display());
+    config.blob.url = dir.join("blobs").display().to_string();
+    config.server.http_addr = "127.0.0.1:0".into();
+    config.queue.kind = QueueKind::Memory;
+    config
+}
+
+/// Loading the weights takes a moment; share one engine between tests.
+fn engine() -> Arc<CandleRecognizer> {
+    static ENGINE: OnceLock<Arc<CandleRecognizer>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            Arc::new(
+                CandleRecognizer::load(&Config::default().model)
+                    .expect("PP-OCR weights (run scripts/fetch-models.sh)"),
+            )
+        })
+        .clone()
+}
+
+async fn wait_final(client: &reqwest::Client, base: &str, id: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let job: serde_json::Value = client
+            .get(format!("{base}/v1/jobs/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let status = job["status"].as_str().unwrap_or_default().to_owned();
+        if ["Succeeded", "Failed", "DeadLettered"].contains(&status.as_str()) {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "job {id} stuck in {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn normalised(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submitted_image_is_recognised() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Standalone::start(&config_in(dir.path()), engine())
+        .await
+        .unwrap();
+    let base = format!("http://{}", server.local_addr);
+    let client = reqwest::Client::new();
+    let accepted: serde_json::Value = client
+        .post(format!("{base}/v1/jobs"))
+        .header("content-type", "image/png")
+        .body(INVOICE)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = accepted["id"].as_str().unwrap().to_owned();
+    let job = wait_final(&client, &base, &id).await;
+    assert_eq!(job["status"], "Succeeded", "{job}");
+    assert_eq!(job["attempts"], 1);
+
+    let page: serde_json::Value = client
+        .get(format!("{base}/v1/jobs/{id}/result"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let text = normalised(page["text"].as_str().unwrap());
+    for expected in [
+        "Invoice 2026-11-27",
+        "Total: 1,234.50 EUR",
+        "Thank you for your order",
+    ] {
+        assert!(text.contains(expected), "{expected:?} not in {text:?}");
+    }
+    let lines = page["lines"].as_array().unwrap();
+    assert_eq!(lines.len(), 3, "{page}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_left_unfinished_by_a_crash_complete_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_in(dir.path());
+    // What a crash leaves behind: one job mid-processing, one never published.
+    let mut ids = Vec::new();
+    {
+        std::fs::create_dir_all(dir.path()).unwrap();
+        let store = JobStore::connect(&config.database.url, 1).await.unwrap();
+        store.migrate().await.unwrap();
+        let blobs = BlobStore::from_url(&config.blob.url).unwrap();
+        for crashed_in in [JobStatus::Processing, JobStatus::Accepted] {
+            let id = JobId::new();
+            let key = format!("inputs/{id}");
+            blobs.put(&key, INVOICE.to_vec().into()).await.unwrap();
+            store
+                .insert(
+                    &NewJob {
+                        id,
+                        client_id: "c".into(),
+                        input_key: key,
+                        content_type: "image/png".into(),
+                        input_sha256: "00".repeat(32),
+                        input_bytes: INVOICE.len() as u64,
+                        idempotency_key: None,
+                    },
+                    0,
+                )
+                .await
+                .unwrap();
+            if crashed_in == JobStatus::Processing {
+                let claim = Changes {
+                    count_attempt: true,
+                    ..Changes::default()
+                };
+                store
+                    .transition(
+                        id,
+                        JobStatus::Accepted,
+                        JobStatus::Processing,
+                        Some(0),
+                        claim,
+                        1,
+                    )
+                    .await
+                    .unwrap();
+            }
+            ids.push(id);
+        }
+    }
+
+    let server = Standalone::start(&config, engine()).await.unwrap();
+    let client = reqwest::Client::new();
+    let base = format!("http://{}", server.local_addr);
+    let mut attempts = Vec::new();
+    for id in &ids {
+        let job = wait_final(&client, &base, &id.to_string()).await;
+        assert_eq!(job["status"], "Succeeded", "{job}");
+        attempts.push(job["attempts"].as_u64().unwrap());
+    }
+    // The interrupted attempt counts; each job ran to completion exactly once more.
+    assert_eq!(attempts, vec![2, 1]);
+    server.stop().await;
+}

@@ -1,0 +1,267 @@
+//! The job store against real MariaDB and SQLite: the same behaviour on both.
+
+mod common;
+
+use common::{sqlite_store, MysqlDatabase};
+use ocr_runtime::domain::{JobId, JobStatus, NewJob, Transition};
+use ocr_runtime::storage::jobs::Changes;
+use ocr_runtime::storage::{JobStore, StoreError};
+
+fn new_job(key: Option<&str>) -> NewJob {
+    let id = JobId::new();
+    NewJob {
+        id,
+        client_id: "tenant-a".into(),
+        input_key: format!("inputs/{id}"),
+        content_type: "image/png".into(),
+        input_sha256: "ab".repeat(32),
+        input_bytes: 1234,
+        idempotency_key: key.map(str::to_owned),
+    }
+}
+
+async fn transitions_are_compare_and_set(store: JobStore) {
+    let job = new_job(None);
+    store.insert(&job, 1_000).await.unwrap();
+    let stored = store.get(job.id).await.unwrap().expect("inserted job");
+    assert_eq!(stored.status, JobStatus::Accepted);
+    assert_eq!(stored.attempts, 0);
+    assert_eq!(stored.input_bytes, 1234);
+
+    let queued = store
+        .transition(
+            job.id,
+            JobStatus::Accepted,
+            JobStatus::Queued,
+            None,
+            Changes::default(),
+            2_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(queued, Transition::Applied);
+    // The same transition again finds the row already moved: nothing changes.
+    let again = store
+        .transition(
+            job.id,
+            JobStatus::Accepted,
+            JobStatus::Queued,
+            None,
+            Changes::default(),
+            3_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(again, Transition::Lost);
+    assert_eq!(
+        store.get(job.id).await.unwrap().unwrap().updated_at_ms,
+        2_000
+    );
+
+    // Two workers claim the same attempt; exactly one wins.
+    let claim = || Changes {
+        count_attempt: true,
+        ..Changes::default()
+    };
+    let first = store
+        .transition(
+            job.id,
+            JobStatus::Queued,
+            JobStatus::Processing,
+            Some(0),
+            claim(),
+            4_000,
+        )
+        .await
+        .unwrap();
+    let second = store
+        .transition(
+            job.id,
+            JobStatus::Queued,
+            JobStatus::Processing,
+            Some(0),
+            claim(),
+            4_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!((first, second), (Transition::Applied, Transition::Lost));
+
+    // A reclaim bumps the attempt; the first worker's late success then loses.
+    let reclaim = store
+        .transition(
+            job.id,
+            JobStatus::Processing,
+            JobStatus::Processing,
+            Some(1),
+            claim(),
+            5_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(reclaim, Transition::Applied);
+    let late = store
+        .transition(
+            job.id,
+            JobStatus::Processing,
+            JobStatus::Succeeded,
+            Some(1),
+            Changes {
+                result: Some("{\"text\":\"stale\"}".into()),
+                ..Changes::default()
+            },
+            6_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(late, Transition::Lost);
+    let done = store
+        .transition(
+            job.id,
+            JobStatus::Processing,
+            JobStatus::Succeeded,
+            Some(2),
+            Changes {
+                result: Some("{\"text\":\"fresh\"}".into()),
+                ..Changes::default()
+            },
+            7_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(done, Transition::Applied);
+    let finished = store.get(job.id).await.unwrap().unwrap();
+    assert_eq!(finished.status, JobStatus::Succeeded);
+    assert_eq!(finished.attempts, 2);
+    assert_eq!(finished.result.as_deref(), Some("{\"text\":\"fresh\"}"));
+
+    let illegal = store
+        .transition(
+            job.id,
+            JobStatus::Succeeded,
+            JobStatus::Processing,
+            None,
+            Changes::default(),
+            8_000,
+        )
+        .await;
+    assert!(matches!(illegal, Err(StoreError::IllegalTransition { .. })));
+}
+
+async fn stale_jobs_are_listed_oldest_first(store: JobStore) {
+    let old = new_job(None);
+    let newer = new_job(None);
+    let fresh = new_job(None);
+    store.insert(&newer, 2_000).await.unwrap();
+    store.insert(&old, 1_000).await.unwrap();
+    store.insert(&fresh, 9_000).await.unwrap();
+    let stale = store
+        .ids_in_status(JobStatus::Accepted, 5_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(stale, vec![old.id, newer.id]);
+    assert_eq!(store.count_in_status(JobStatus::Accepted).await.unwrap(), 3);
+}
+
+async fn idempotency_keys_reserve_bind_and_release(store: JobStore) {
+    let sha = "cd".repeat(32);
+    assert!(store
+        .reserve_key("c", "k1", &sha, 1_000)
+        .await
+        .unwrap()
+        .is_none());
+    let existing = store
+        .reserve_key("c", "k1", &sha, 1_001)
+        .await
+        .unwrap()
+        .expect("second reservation sees the first");
+    assert_eq!(existing.job_id, None);
+    assert_eq!(existing.created_at_ms, 1_000);
+    // Keys are per client.
+    assert!(store
+        .reserve_key("other", "k1", &sha, 1_000)
+        .await
+        .unwrap()
+        .is_none());
+
+    assert!(store
+        .take_over_key("c", "k1", &existing, 70_000)
+        .await
+        .unwrap());
+    assert!(!store
+        .take_over_key("c", "k1", &existing, 70_001)
+        .await
+        .unwrap());
+
+    let job = new_job(Some("k1"));
+    store.insert(&job, 2_000).await.unwrap();
+    store.bind_key("c", "k1", job.id).await.unwrap();
+    let bound = store
+        .reserve_key("c", "k1", &sha, 3_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(bound.job_id, Some(job.id));
+    // A bound key is never released.
+    store.release_key("c", "k1").await.unwrap();
+    assert!(store
+        .reserve_key("c", "k1", &sha, 4_000)
+        .await
+        .unwrap()
+        .is_some());
+
+    assert!(store
+        .reserve_key("c", "k2", &sha, 1_000)
+        .await
+        .unwrap()
+        .is_none());
+    store.release_key("c", "k2").await.unwrap();
+    assert!(store
+        .reserve_key("c", "k2", &sha, 1_000)
+        .await
+        .unwrap()
+        .is_none());
+}
+
+#[tokio::test]
+async fn mysql_transitions_are_compare_and_set() {
+    let db = MysqlDatabase::create().await;
+    transitions_are_compare_and_set(db.store().await).await;
+}
+
+#[tokio::test]
+async fn sqlite_transitions_are_compare_and_set() {
+    let dir = tempfile::tempdir().unwrap();
+    transitions_are_compare_and_set(sqlite_store(dir.path()).await).await;
+}
+
+#[tokio::test]
+async fn mysql_stale_jobs_are_listed_oldest_first() {
+    let db = MysqlDatabase::create().await;
+    stale_jobs_are_listed_oldest_first(db.store().await).await;
+}
+
+#[tokio::test]
+async fn sqlite_stale_jobs_are_listed_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    stale_jobs_are_listed_oldest_first(sqlite_store(dir.path()).await).await;
+}
+
+#[tokio::test]
+async fn mysql_idempotency_keys() {
+    let db = MysqlDatabase::create().await;
+    idempotency_keys_reserve_bind_and_release(db.store().await).await;
+}
+
+#[tokio::test]
+async fn sqlite_idempotency_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    idempotency_keys_reserve_bind_and_release(sqlite_store(dir.path()).await).await;
+}
+
+#[tokio::test]
+async fn migrations_are_idempotent() {
+    let db = MysqlDatabase::create().await;
+    let store = db.store().await;
+    store.migrate().await.expect("second migrate is a no-op");
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on this machine against real services:
+# MariaDB (127.0.0.1:3306, root, no password) and the PP-OCR weights.
+# Starts MariaDB if it is installed but stopped, fetches the weights if missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mysql_up() { mysqladmin --host=127.0.0.1 --user=root ping >/dev/null 2>&1; }
+if ! mysql_up; then
+  if [ -x /usr/sbin/mariadbd ]; then
+    echo "test: starting MariaDB"
+    start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd
+    for _ in $(seq 1 30); do mysql_up && break; sleep 1; done
+  fi
+  mysql_up || { echo "test: MariaDB is not reachable at 127.0.0.1:3306 (set OCR_TEST_MYSQL_URL)"; exit 1; }
+fi
+
+scripts/fetch-models.sh
+
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast "$@"
+else
+  cargo test --workspace --no-fail-fast "$@"
+fi
