@@ -198,11 +198,15 @@ impl Default for ModelConfig {
 #[error("configuration: {0}")]
 pub struct ConfigError(#[from] Box<figment::Error>);
 
+/// `OCR_*` variables that are not configuration keys (they would otherwise be
+/// rejected as unknown fields).
+const NOT_CONFIG_KEYS: [&str; 4] = ["config", "log_format", "fault", "test_mysql_url"];
+
 impl Config {
     /// Defaults, then `file` if given, then the environment.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
         Self::figment(file)
-            .merge(Env::prefixed("OCR_").split("__"))
+            .merge(Env::prefixed("OCR_").split("__").ignore(&NOT_CONFIG_KEYS))
             .extract()
             .map_err(|e| ConfigError(Box::new(e)))
     }
@@ -231,6 +235,8 @@ mod tests {
             )?;
             jail.set_env("OCR_DATABASE__URL", "mysql://env");
             jail.set_env("OCR_QUEUE__KIND", "memory");
+            jail.set_env("OCR_LOG_FORMAT", "json");
+            jail.set_env("OCR_CONFIG", "ocr.toml");
             let config = Config::load(Some(Path::new("ocr.toml"))).expect("valid config");
             assert_eq!(config.database.url, "mysql://env");
             assert_eq!(config.worker.max_batch_size, 32);

@@ -9,6 +9,7 @@ pub mod domain;
 pub mod engine;
 pub mod metrics;
 pub mod queue;
+pub mod roles;
 pub mod standalone;
 pub mod storage;
 pub mod telemetry;

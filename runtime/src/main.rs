@@ -2,7 +2,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ocr_runtime::config::Config;
 use ocr_runtime::engine::CandleRecognizer;
-use ocr_runtime::standalone::Standalone;
+use ocr_runtime::roles::{self, Running};
 use ocr_runtime::storage::JobStore;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,6 +25,10 @@ struct Cli {
 enum Command {
     /// API, worker and CPU engine in one process, on SQLite and a local directory.
     Standalone,
+    /// HTTP API: stores jobs in MySQL and publishes them to Kafka.
+    Api,
+    /// GPU worker: consumes jobs from Kafka, runs OCR, records results.
+    Worker,
     /// Recognise image files and print the text (or JSON).
     Recognize {
         files: Vec<PathBuf>,
@@ -46,15 +50,15 @@ async fn main() -> anyhow::Result<()> {
     let mut config = Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::Standalone => {
-            config.database.migrate_on_start = true;
             let engine = load_engine(&config)?;
-            let server = Standalone::start(&config, engine).await?;
+            let server = ocr_runtime::standalone::start(&config, engine).await?;
             println!("OCR server listening on http://{}", server.local_addr);
-            let token = server.shutdown_token();
-            shutdown_signal().await;
-            token.cancel();
-            server.stop().await;
-            Ok(())
+            run_until_signal(server).await
+        }
+        Command::Api => run_until_signal(roles::start_api(&config).await?).await,
+        Command::Worker => {
+            let engine = load_engine(&config)?;
+            run_until_signal(roles::start_worker(&config, engine).await?).await
         }
         Command::Recognize { files, json, model } => {
             if let Some(model) = model {
@@ -69,6 +73,16 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn run_until_signal(running: Running) -> anyhow::Result<()> {
+    let token = running.shutdown_token();
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!("shutting down"),
+        _ = token.cancelled() => {}
+    }
+    running.stop().await;
+    Ok(())
 }
 
 fn load_engine(config: &Config) -> anyhow::Result<Arc<CandleRecognizer>> {

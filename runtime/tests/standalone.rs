@@ -3,17 +3,15 @@
 
 mod common;
 
+use common::{engine, INVOICE};
+
 use ocr_runtime::config::{Config, QueueKind};
 use ocr_runtime::domain::{JobId, JobStatus, NewJob};
-use ocr_runtime::engine::CandleRecognizer;
-use ocr_runtime::standalone::Standalone;
+use ocr_runtime::standalone;
 use ocr_runtime::storage::jobs::Changes;
 use ocr_runtime::storage::{BlobStore, JobStore};
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-
-const INVOICE: &[u8] = include_bytes!("data/invoice.png");
 
 fn config_in(dir: &Path) -> Config {
     let mut config = Config::default();
@@ -22,19 +20,6 @@ fn config_in(dir: &Path) -> Config {
     config.server.http_addr = "127.0.0.1:0".into();
     config.queue.kind = QueueKind::Memory;
     config
-}
-
-/// Loading the weights takes a moment; share one engine between tests.
-fn engine() -> Arc<CandleRecognizer> {
-    static ENGINE: OnceLock<Arc<CandleRecognizer>> = OnceLock::new();
-    ENGINE
-        .get_or_init(|| {
-            Arc::new(
-                CandleRecognizer::load(&Config::default().model)
-                    .expect("PP-OCR weights (run scripts/fetch-models.sh)"),
-            )
-        })
-        .clone()
 }
 
 async fn wait_final(client: &reqwest::Client, base: &str, id: &str) -> serde_json::Value {
@@ -64,7 +49,7 @@ fn normalised(text: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submitted_image_is_recognised() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Standalone::start(&config_in(dir.path()), engine())
+    let server = standalone::start(&config_in(dir.path()), engine())
         .await
         .unwrap();
     let base = format!("http://{}", server.local_addr);
@@ -156,7 +141,7 @@ async fn jobs_left_unfinished_by_a_crash_complete_after_restart() {
         }
     }
 
-    let server = Standalone::start(&config, engine()).await.unwrap();
+    let server = standalone::start(&config, engine()).await.unwrap();
     let client = reqwest::Client::new();
     let base = format!("http://{}", server.local_addr);
     let mut attempts = Vec::new();

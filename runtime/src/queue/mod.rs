@@ -1,6 +1,7 @@
 //! The job queue: Kafka in clusters, an in-process channel in standalone mode.
 //! Both are at-least-once; the job state machine makes redelivery harmless.
 
+pub mod kafka;
 pub mod memory;
 
 use crate::domain::message::JobMessage;

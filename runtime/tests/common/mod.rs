@@ -92,3 +92,77 @@ fn encode(width: u32, height: u32, format: image::ImageFormat) -> Vec<u8> {
         .expect("encoding a generated image");
     out.into_inner()
 }
+
+pub const INVOICE: &[u8] = include_bytes!("../data/invoice.png");
+
+/// The invoice page repeated `times` times vertically: more lines, longer OCR.
+pub fn invoice_page(times: u32) -> Vec<u8> {
+    let tile = image::load_from_memory(INVOICE)
+        .expect("invoice fixture")
+        .to_rgb8();
+    let mut page = image::RgbImage::from_pixel(
+        tile.width(),
+        tile.height() * times,
+        image::Rgb([255, 255, 255]),
+    );
+    for i in 0..times {
+        image::imageops::replace(&mut page, &tile, 0, i64::from(i * tile.height()));
+    }
+    let mut out = std::io::Cursor::new(Vec::new());
+    page.write_to(&mut out, image::ImageFormat::Png)
+        .expect("encode page");
+    out.into_inner()
+}
+
+/// Loading the weights takes a moment; tests in one binary share one engine.
+pub fn engine() -> std::sync::Arc<ocr_runtime::engine::CandleRecognizer> {
+    use std::sync::{Arc, OnceLock};
+    static ENGINE: OnceLock<Arc<ocr_runtime::engine::CandleRecognizer>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            Arc::new(
+                ocr_runtime::engine::CandleRecognizer::load(
+                    &ocr_runtime::config::Config::default().model,
+                )
+                .expect("PP-OCR weights (run scripts/fetch-models.sh)"),
+            )
+        })
+        .clone()
+}
+
+/// A port that was free a moment ago, for child processes that need a fixed one.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Polls the store until the job reaches `status` (panics on timeout or on a
+/// different final state).
+pub async fn wait_for_status(
+    store: &JobStore,
+    id: ocr_runtime::domain::JobId,
+    status: ocr_runtime::domain::JobStatus,
+    timeout: std::time::Duration,
+) -> ocr_runtime::domain::Job {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(job) = store.get(id).await.expect("reading the job") {
+            if job.status == status {
+                return job;
+            }
+            assert!(
+                !job.status.is_terminal(),
+                "job {id} ended {} ({:?}), expected {status}",
+                job.status,
+                job.error
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job {id} never reached {status}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
