@@ -53,6 +53,9 @@ async fn main() -> anyhow::Result<()> {
             let engine = load_engine(&config)?;
             let server = ocr_runtime::standalone::start(&config, engine).await?;
             println!("OCR server listening on http://{}", server.local_addr);
+            if let Some(grpc) = server.grpc_addr {
+                println!("gRPC (with reflection) on {grpc}");
+            }
             run_until_signal(server).await
         }
         Command::Api => run_until_signal(roles::start_api(&config).await?).await,

@@ -25,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 /// A started role: its HTTP address and the tasks to stop.
 pub struct Running {
     pub local_addr: SocketAddr,
+    /// Where gRPC listens, for roles that serve it.
+    pub grpc_addr: Option<SocketAddr>,
     pub store: JobStore,
     pub blobs: BlobStore,
     shutdown: CancellationToken,
@@ -41,11 +43,17 @@ impl Running {
     ) -> Self {
         Running {
             local_addr,
+            grpc_addr: None,
             store,
             blobs,
             shutdown,
             tasks,
         }
+    }
+
+    pub fn with_grpc(mut self, addr: SocketAddr) -> Self {
+        self.grpc_addr = Some(addr);
+        self
     }
 
     /// Stops taking work, lets the job in hand finish, then returns.
@@ -98,6 +106,57 @@ pub async fn serve_http(
     Ok(local_addr)
 }
 
+/// Binds and serves the gRPC API (with reflection) until `shutdown`.
+pub async fn serve_grpc(
+    submitter: Submitter,
+    metrics: Metrics,
+    addr: &str,
+    shutdown: CancellationToken,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let local_addr = listener.local_addr()?;
+    let reflection = crate::api::grpc::reflection_service().context("gRPC reflection")?;
+    let jobs = crate::api::grpc::GrpcJobs::new(submitter, metrics).into_server();
+    tasks.spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .add_service(jobs)
+            .add_service(reflection)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async move { shutdown.cancelled().await },
+            )
+            .await;
+        if let Err(err) = served {
+            tracing::error!(error = %err, "gRPC server failed");
+        }
+    });
+    Ok(local_addr)
+}
+
+/// The HTTP and gRPC front ends over one submitter; returns their addresses.
+pub async fn serve_front_ends(
+    submitter: Submitter,
+    metrics: Metrics,
+    config: &Config,
+    shutdown: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<(SocketAddr, SocketAddr)> {
+    let grpc_addr = serve_grpc(
+        submitter.clone(),
+        metrics.clone(),
+        &config.server.grpc_addr,
+        shutdown.clone(),
+        tasks,
+    )
+    .await?;
+    let app = router(HttpState { submitter, metrics });
+    let http_addr = serve_http(app, &config.server.http_addr, shutdown.clone(), tasks).await?;
+    Ok((http_addr, grpc_addr))
+}
+
 fn require_kafka(config: &Config, role: &str) -> anyhow::Result<()> {
     anyhow::ensure!(
         config.queue.kind == QueueKind::Kafka,
@@ -127,11 +186,10 @@ pub async fn start_api(config: &Config) -> anyhow::Result<Running> {
         Duration::from_millis(config.queue.republish_after_ms),
         shutdown.clone(),
     ));
-    let app = router(HttpState { submitter, metrics });
-    let local_addr =
-        serve_http(app, &config.server.http_addr, shutdown.clone(), &mut tasks).await?;
-    tracing::info!(%local_addr, "API listening");
-    Ok(Running::new(local_addr, store, blobs, shutdown, tasks))
+    let (local_addr, grpc_addr) =
+        serve_front_ends(submitter, metrics, config, &shutdown, &mut tasks).await?;
+    tracing::info!(%local_addr, %grpc_addr, "API listening");
+    Ok(Running::new(local_addr, store, blobs, shutdown, tasks).with_grpc(grpc_addr))
 }
 
 #[derive(Clone)]

@@ -2,7 +2,6 @@
 //! directory, an in-process queue and the CPU engine. Unfinished jobs in the
 //! database are re-enqueued at start-up, so a crash loses nothing.
 
-use crate::api::http::{router, HttpState};
 use crate::app::process::{Processor, Recognize};
 use crate::app::submit::{Fault, Submitter};
 use crate::config::Config;
@@ -10,7 +9,7 @@ use crate::domain::message::JobMessage;
 use crate::domain::JobStatus;
 use crate::metrics::Metrics;
 use crate::queue::{memory, JobPublisher};
-use crate::roles::{open_storage, serve_http, Running};
+use crate::roles::{open_storage, serve_front_ends, Running};
 use anyhow::Context;
 use std::sync::Arc;
 use tokio::task::JoinSet;
@@ -66,9 +65,8 @@ pub async fn start(config: &Config, engine: Arc<dyn Recognize>) -> anyhow::Resul
         limits: config.limits.clone(),
         fault: Fault::from_env(),
     };
-    let app = router(HttpState { submitter, metrics });
-    let local_addr =
-        serve_http(app, &config.server.http_addr, shutdown.clone(), &mut tasks).await?;
-    tracing::info!(%local_addr, "standalone OCR server listening");
-    Ok(Running::new(local_addr, store, blobs, shutdown, tasks))
+    let (local_addr, grpc_addr) =
+        serve_front_ends(submitter, metrics, &config, &shutdown, &mut tasks).await?;
+    tracing::info!(%local_addr, %grpc_addr, "standalone OCR server listening");
+    Ok(Running::new(local_addr, store, blobs, shutdown, tasks).with_grpc(grpc_addr))
 }

@@ -31,6 +31,7 @@ fn config(db: &MysqlDatabase, brokers: &str, blobs: &Path) -> Config {
     config.queue.brokers = brokers.to_owned();
     config.queue.republish_after_ms = 500;
     config.server.http_addr = "127.0.0.1:0".into();
+    config.server.grpc_addr = "127.0.0.1:0".into();
     config
 }
 
@@ -49,6 +50,7 @@ fn spawn_role(role: &str, config: &Config, http_port: u16, fault: Option<&str>) 
             config.queue.republish_after_ms.to_string(),
         )
         .env("OCR_SERVER__HTTP_ADDR", format!("127.0.0.1:{http_port}"))
+        .env("OCR_SERVER__GRPC_ADDR", "127.0.0.1:0")
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
@@ -197,5 +199,52 @@ async fn worker_killed_mid_job_completes_it_exactly_once_after_restart() {
     assert!(job.result.unwrap().contains("Invoice 2026-11-27"));
     restarted.kill().unwrap();
     restarted.wait().unwrap();
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_whose_input_keeps_failing_is_dead_lettered_after_max_attempts() {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::Message;
+
+    let kafka = mock_kafka();
+    let db = MysqlDatabase::create().await;
+    let blobs = tempfile::tempdir().unwrap();
+    let mut config = config(&db, &kafka.bootstrap_servers(), blobs.path());
+    config.worker.max_attempts = 3;
+    let api = start_api(&config).await.unwrap();
+    let accepted = submit(&format!("http://{}", api.local_addr), INVOICE.to_vec())
+        .await
+        .unwrap();
+    let id: JobId = accepted["id"].as_str().unwrap().parse().unwrap();
+    // The input vanishes from the blob store: every attempt fails transiently.
+    let stored = api.store.get(id).await.unwrap().unwrap();
+    api.blobs.delete(&stored.input_key).await.unwrap();
+
+    let worker = start_worker(&config, engine()).await.unwrap();
+    let job = wait_for_status(
+        &api.store,
+        id,
+        JobStatus::DeadLettered,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(job.attempts, 3);
+    let error = job.error.unwrap();
+    assert!(error.contains("gave up after 3 attempts"), "{error}");
+
+    let dlq: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap_servers())
+        .set("group.id", "dlq-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    dlq.subscribe(&[DEAD]).unwrap();
+    let message = tokio::time::timeout(Duration::from_secs(30), dlq.recv())
+        .await
+        .expect("a dead-letter message")
+        .unwrap();
+    assert_eq!(message.key(), Some(id.to_string().as_bytes()));
+    worker.stop().await;
     api.stop().await;
 }

@@ -18,6 +18,7 @@ fn config_in(dir: &Path) -> Config {
     config.database.url = format!("sqlite://{}?mode=rwc", dir.join("ocr.db").display());
     config.blob.url = dir.join("blobs").display().to_string();
     config.server.http_addr = "127.0.0.1:0".into();
+    config.server.grpc_addr = "127.0.0.1:0".into();
     config.queue.kind = QueueKind::Memory;
     config
 }
@@ -152,5 +153,80 @@ async fn jobs_left_unfinished_by_a_crash_complete_after_restart() {
     }
     // The interrupted attempt counts; each job ran to completion exactly once more.
     assert_eq!(attempts, vec![2, 1]);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_submit_and_watch_follow_the_job_to_its_result() {
+    use ocr_runtime::api::grpc::proto::{
+        ocr_jobs_client::OcrJobsClient, GetJobRequest, JobStatus as Status, SubmitRequest,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = standalone::start(&config_in(dir.path()), engine())
+        .await
+        .unwrap();
+    let grpc = server.grpc_addr.expect("standalone serves gRPC");
+    let mut client = OcrJobsClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let request = SubmitRequest {
+        image: INVOICE.to_vec(),
+        content_type: "image/png".into(),
+        idempotency_key: "grpc-1".into(),
+        client_id: "tenant-g".into(),
+    };
+    let job = client.submit(request.clone()).await.unwrap().into_inner();
+    assert!(!job.replayed);
+    let again = client.submit(request).await.unwrap().into_inner();
+    assert_eq!((again.id.as_str(), again.replayed), (job.id.as_str(), true));
+
+    let mut watch = client
+        .watch(GetJobRequest { id: job.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    let mut last = None;
+    while let Some(update) = watch.message().await.unwrap() {
+        seen.push(update.status());
+        last = Some(update);
+    }
+    let last = last.expect("at least one update");
+    assert_eq!(last.status(), Status::Succeeded, "{seen:?}");
+    let ranks: Vec<i32> = seen.iter().map(|s| *s as i32).collect();
+    assert!(
+        ranks.windows(2).all(|w| w[0] < w[1]),
+        "states went backwards: {seen:?}"
+    );
+    let page = last.result.expect("a succeeded job carries its page");
+    assert_eq!(page.lines.len(), 3);
+    assert!(page.text.contains("Total: 1,234.50 EUR"), "{}", page.text);
+    assert!(page
+        .lines
+        .iter()
+        .all(|l| l.polygon.len() == 4 && l.confidence > 0.5));
+
+    let fetched = client
+        .get(GetJobRequest { id: job.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fetched.status(), Status::Succeeded);
+
+    let bad = client
+        .submit(SubmitRequest {
+            image: b"not an image".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    let unknown = client
+        .get(GetJobRequest {
+            id: "0190c0de-0000-7000-8000-000000000000".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
     server.stop().await;
 }

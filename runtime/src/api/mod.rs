@@ -1,4 +1,5 @@
 //! Front ends: the HTTP API (axum) and, later, gRPC (tonic). Both call the
 //! same use cases in `app`.
 
+pub mod grpc;
 pub mod http;
