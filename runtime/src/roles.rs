@@ -8,6 +8,7 @@ use crate::config::{Config, QueueKind, WorkerMode};
 use crate::metrics::Metrics;
 use crate::queue::kafka::{KafkaConsumer, KafkaPublisher};
 use crate::queue::JobPublisher;
+use crate::storage::redis_guard::RedisGuard;
 use crate::storage::{BlobStore, JobStore};
 use anyhow::Context;
 use axum::extract::State;
@@ -157,6 +158,21 @@ pub async fn serve_front_ends(
     Ok((http_addr, grpc_addr))
 }
 
+/// Redis is optional: when it is configured but unreachable the API runs
+/// without it rather than refusing to start.
+pub async fn connect_redis(config: &Config) -> Option<RedisGuard> {
+    if config.redis.url.is_empty() {
+        return None;
+    }
+    match RedisGuard::connect(&config.redis.url, config.redis.requests_per_minute).await {
+        Ok(guard) => Some(guard),
+        Err(err) => {
+            tracing::warn!(error = %err, "running without Redis");
+            None
+        }
+    }
+}
+
 fn require_kafka(config: &Config, role: &str) -> anyhow::Result<()> {
     anyhow::ensure!(
         config.queue.kind == QueueKind::Kafka,
@@ -178,6 +194,7 @@ pub async fn start_api(config: &Config) -> anyhow::Result<Running> {
         publisher,
         limits: config.limits.clone(),
         fault: Fault::from_env(),
+        guard: connect_redis(config).await,
     };
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();

@@ -9,7 +9,7 @@ use crate::domain::message::JobMessage;
 use crate::domain::JobStatus;
 use crate::metrics::Metrics;
 use crate::queue::{memory, JobPublisher};
-use crate::roles::{open_storage, serve_front_ends, Running};
+use crate::roles::{connect_redis, open_storage, serve_front_ends, Running};
 use anyhow::Context;
 use std::sync::Arc;
 use tokio::task::JoinSet;
@@ -64,6 +64,7 @@ pub async fn start(config: &Config, engine: Arc<dyn Recognize>) -> anyhow::Resul
         publisher,
         limits: config.limits.clone(),
         fault: Fault::from_env(),
+        guard: connect_redis(&config).await,
     };
     let (local_addr, grpc_addr) =
         serve_front_ends(submitter, metrics, &config, &shutdown, &mut tasks).await?;

@@ -10,6 +10,7 @@ use ocr_runtime::config::LimitsConfig;
 use ocr_runtime::domain::JobStatus;
 use ocr_runtime::metrics::Metrics;
 use ocr_runtime::queue::{memory, JobConsumer};
+use ocr_runtime::storage::redis_guard::RedisGuard;
 use ocr_runtime::storage::{BlobStore, JobStore};
 use std::sync::Arc;
 
@@ -25,6 +26,10 @@ struct Api {
 const MAX_BODY: usize = 2 * 1024 * 1024;
 
 async fn start_api() -> Api {
+    start_api_with(None).await
+}
+
+async fn start_api_with(guard: Option<RedisGuard>) -> Api {
     let db = MysqlDatabase::create().await;
     let store = db.store().await;
     let blobs = BlobStore::from_url("memory://").unwrap();
@@ -39,6 +44,7 @@ async fn start_api() -> Api {
             max_side: 10_000,
         },
         fault: Fault::None,
+        guard,
     };
     let app = router(HttpState {
         submitter,
@@ -351,4 +357,79 @@ async fn openapi_document_lists_the_job_routes() {
         .await
         .unwrap();
     assert!(metrics.contains("ocr_submit_seconds"), "{metrics}");
+}
+
+fn redis_url() -> String {
+    std::env::var("OCR_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+#[tokio::test]
+async fn redis_rate_limit_answers_429_with_retry_after() {
+    let guard = RedisGuard::connect(&redis_url(), 3)
+        .await
+        .expect("Redis for tests");
+    let api = start_api_with(Some(guard)).await;
+    let client_id = format!("tenant-{}", uuid::Uuid::now_v7().simple());
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for i in 0..5 {
+        let response = api
+            .client
+            .post(format!("{}/v1/jobs", api.base))
+            .header("content-type", "image/png")
+            .header("x-client-id", &client_id)
+            .body(png(40 + i, 20))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+        if response.status() == 429 {
+            retry_after = response.headers().get("retry-after").cloned();
+        }
+    }
+    // A minute boundary can fall inside the loop and reset the window once.
+    let accepted = statuses.iter().filter(|s| **s == 202).count();
+    assert!((3..=4).contains(&accepted), "{statuses:?}");
+    assert!(statuses.contains(&429), "{statuses:?}");
+    let seconds: u64 = retry_after.unwrap().to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&seconds));
+    assert_eq!(api.total_jobs().await, accepted as u64);
+}
+
+#[tokio::test]
+async fn redis_remembers_idempotency_keys_and_still_rejects_other_payloads() {
+    let guard = RedisGuard::connect(&redis_url(), 0)
+        .await
+        .expect("Redis for tests");
+    let api = start_api_with(Some(guard.clone())).await;
+    let key = format!("k-{}", uuid::Uuid::now_v7().simple());
+    let first: serde_json::Value = api
+        .post(png(60, 20), "image/png", Some(&key))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let cached = guard
+        .cached_key("anonymous", &key)
+        .await
+        .expect("key cached in Redis");
+    assert_eq!(cached.job_id.to_string(), first["id"].as_str().unwrap());
+    let replay = api.post(png(60, 20), "image/png", Some(&key)).await;
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    let other = api.post(png(61, 20), "image/png", Some(&key)).await;
+    assert_eq!(other.status(), 422);
+}
+
+#[tokio::test]
+async fn submissions_work_when_redis_is_down() {
+    // A port nothing listens on: connecting fails and the API runs without Redis.
+    let down = RedisGuard::connect(&format!("redis://127.0.0.1:{}", common::free_port()), 1).await;
+    assert!(down.is_err());
+    let api = start_api_with(down.ok()).await;
+    for i in 0..3 {
+        assert_eq!(
+            api.post(png(30 + i, 20), "image/png", None).await.status(),
+            202
+        );
+    }
 }

@@ -107,6 +107,7 @@ fn submit_status(err: SubmitError) -> Status {
             Status::invalid_argument(err.to_string())
         }
         SubmitError::KeyInFlight => Status::aborted(err.to_string()),
+        SubmitError::RateLimited { .. } => Status::resource_exhausted(err.to_string()),
         SubmitError::Store(_) | SubmitError::Blob(_) | SubmitError::Internal(_) => {
             tracing::error!(error = %err, "gRPC submission failed");
             Status::unavailable("the job could not be stored; retry later")

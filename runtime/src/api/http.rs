@@ -99,6 +99,19 @@ impl IntoResponse for SubmitError {
                 "bad_idempotency_key",
                 self.to_string(),
             ),
+            SubmitError::RateLimited { retry_after } => {
+                let mut response = error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    self.to_string(),
+                );
+                if let Ok(seconds) =
+                    HeaderValue::from_str(&retry_after.as_secs().max(1).to_string())
+                {
+                    response.headers_mut().insert(header::RETRY_AFTER, seconds);
+                }
+                response
+            }
             SubmitError::Store(_) | SubmitError::Blob(_) | SubmitError::Internal(_) => {
                 tracing::error!(error = %self, "submission failed");
                 error(

@@ -8,6 +8,7 @@ use crate::domain::{Job, JobId, JobStatus, NewJob};
 use crate::queue::JobPublisher;
 use crate::storage::blob::{input_key, BlobError};
 use crate::storage::jobs::Changes;
+use crate::storage::redis_guard::{CachedKey, RedisGuard};
 use crate::storage::{now_ms, BlobStore, JobStore, StoreError};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -55,6 +56,8 @@ pub enum SubmitError {
     Blob(#[from] BlobError),
     #[error("input check was interrupted: {0}")]
     Internal(String),
+    #[error("too many requests for this client; retry in {} s", retry_after.as_secs().max(1))]
+    RateLimited { retry_after: std::time::Duration },
 }
 
 /// Test-only fault injection, read from `OCR_FAULT` at start-up. It lets the
@@ -83,10 +86,17 @@ pub struct Submitter {
     pub publisher: Arc<dyn JobPublisher>,
     pub limits: LimitsConfig,
     pub fault: Fault,
+    /// Optional Redis: rate limiting and the idempotency fast path.
+    pub guard: Option<RedisGuard>,
 }
 
 impl Submitter {
     pub async fn submit(&self, submission: Submission) -> Result<Submitted, SubmitError> {
+        if let Some(guard) = &self.guard {
+            if let Some(retry_after) = guard.over_limit(&submission.client_id, now_ms()).await {
+                return Err(SubmitError::RateLimited { retry_after });
+            }
+        }
         let limits = self.limits.clone();
         let body = submission.body.clone();
         let content_type = submission.content_type.clone();
@@ -104,6 +114,12 @@ impl Submitter {
                 return Err(SubmitError::BadKey);
             }
             if let Some(replayed) = self
+                .cached_replay(&submission.client_id, key, &sha256)
+                .await?
+            {
+                return Ok(Submitted::Replayed(replayed));
+            }
+            if let Some(replayed) = self
                 .reserve_key(&submission.client_id, key, &sha256)
                 .await?
             {
@@ -118,7 +134,36 @@ impl Submitter {
                 let _ = self.store.release_key(&submission.client_id, key).await;
             }
         }
-        created.map(Submitted::Created)
+        let job = created?;
+        if let (Some(guard), Some(key)) = (&self.guard, &submission.idempotency_key) {
+            let cached = CachedKey {
+                request_sha256: sha256,
+                job_id: job.id,
+            };
+            guard
+                .remember_key(&submission.client_id, key, &cached)
+                .await;
+        }
+        Ok(Submitted::Created(job))
+    }
+
+    /// The Redis fast path for a repeated key: no database write at all.
+    async fn cached_replay(
+        &self,
+        client_id: &str,
+        key: &str,
+        sha256: &str,
+    ) -> Result<Option<Job>, SubmitError> {
+        let Some(guard) = &self.guard else {
+            return Ok(None);
+        };
+        let Some(cached) = guard.cached_key(client_id, key).await else {
+            return Ok(None);
+        };
+        if cached.request_sha256 != sha256 {
+            return Err(SubmitError::KeyReusedWithOtherPayload);
+        }
+        Ok(self.store.get(cached.job_id).await?)
     }
 
     /// `Ok(None)`: the key is reserved for this request. `Ok(Some(job))`: replay.

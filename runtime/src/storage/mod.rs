@@ -3,6 +3,7 @@
 
 pub mod blob;
 pub mod jobs;
+pub mod redis_guard;
 
 pub use blob::BlobStore;
 pub use jobs::{JobStore, StoreError};
