@@ -16,12 +16,16 @@ as float16 and upcast to float32 before both onnxruntime and candle see them, so
 bit-identical float32 input.
 
 Files (uncompressed .npz, since candle's npz reader has no deflate support):
-  det_v6_small.npz  input [1,3,128,160] f16, prob [1,1,128,160] f32
-  rec_v6_small.npz  input [2,3,48,160] f16, plus the softmax output in sparse form:
+  inputs.npz   det [1,3,128,160] f16, rec [2,3,48,160] f16
+and for TAG in v6_small, v6_tiny:
+  det_TAG.npz  prob [1,1,128,160] f32
+  rec_TAG.npz  the softmax output in sparse form:
                     every entry >= SPARSE_MIN as coords [K,3] (n, t, class) int32 and values [K]
                     f32, and the output shape. Entries below SPARSE_MIN are near zero; the test
                     bounds them by checking candle's value there is small too (see parity.rs).
                     The dense output ([2,20,18710] f32, 3 MB) would be too big to commit.
+The v6 tiny recogniser has no embedded dictionary; ppocrv6_tiny_dict.txt from the model dir
+is used only to print the decoded text.
 """
 
 import argparse
@@ -87,28 +91,36 @@ def main():
     # Detector: a small page with a few lines of text.
     page = render(160, 128, [(8, 10, "PP-OCRv6 det"), (8, 46, "Hello, world 42"), (20, 86, "candle")], seed=1, size=18)
     det_in = normalize(page)[None].astype(np.float16)
-    det_prob = run(session(models / "ppocrv6_small_det.onnx"), det_in.astype(np.float32))
-    assert det_prob.shape == (1, 1, 128, 160), det_prob.shape
-    np.savez(out / "det_v6_small.npz", input=det_in, prob=np.ascontiguousarray(det_prob, dtype=np.float32))
-    print("det: prob range", float(det_prob.min()), float(det_prob.max()))
-
     # Recogniser: two text lines, batched.
     lines = [render(160, 48, [(4, 10, "Parity 2025")], seed=2, size=26),
              render(160, 48, [(6, 8, "hello candle")], seed=3, size=24)]
     rec_in = np.stack([normalize(l) for l in lines]).astype(np.float16)
-    sess = session(models / "ppocrv6_small_rec.onnx")
-    rec_out = run(sess, rec_in.astype(np.float32))
-    coords = np.ascontiguousarray(np.argwhere(rec_out >= SPARSE_MIN), dtype=np.int32)
-    values = rec_out[rec_out >= SPARSE_MIN].astype(np.float32)
-    np.savez(out / "rec_v6_small.npz", input=rec_in, coords=coords, values=values,
-             shape=np.array(rec_out.shape, dtype=np.int32))
+    np.savez(out / "inputs.npz", det=det_in, rec=rec_in)
 
-    chars = sess.get_modelmeta().custom_metadata_map["character"].splitlines()
-    table = ["<blank>"] + chars + [" "]
-    for n in range(rec_out.shape[0]):
-        ids = rec_out[n].argmax(-1)
-        text = "".join(table[i] for j, i in enumerate(ids) if i != 0 and (j == 0 or ids[j - 1] != i))
-        print(f"rec[{n}]: {text!r}, output {rec_out.shape}, {len(values)} sparse entries")
+    for tag in ["v6_small", "v6_tiny"]:
+        det_prob = run(session(models / f"ppocr{tag[:2]}_{tag[3:]}_det.onnx"), det_in.astype(np.float32))
+        assert det_prob.shape == (1, 1, 128, 160), det_prob.shape
+        np.savez(out / f"det_{tag}.npz", prob=np.ascontiguousarray(det_prob, dtype=np.float32))
+        print(f"det {tag}: prob range", float(det_prob.min()), float(det_prob.max()))
+
+        sess = session(models / f"ppocr{tag[:2]}_{tag[3:]}_rec.onnx")
+        rec_out = run(sess, rec_in.astype(np.float32))
+        coords = np.ascontiguousarray(np.argwhere(rec_out >= SPARSE_MIN), dtype=np.int32)
+        values = rec_out[rec_out >= SPARSE_MIN].astype(np.float32)
+        np.savez(out / f"rec_{tag}.npz", coords=coords, values=values,
+                 shape=np.array(rec_out.shape, dtype=np.int32))
+        meta = sess.get_modelmeta().custom_metadata_map
+        if "character" in meta:
+            chars = meta["character"].splitlines()
+        else:
+            with open(models / f"ppocr{tag[:2]}_{tag[3:]}_dict.txt", "rb") as f:
+                chars = [l.decode("utf-8").strip("\n").strip("\r\n") for l in f.readlines()]
+        table = ["<blank>"] + chars + [" "]
+        assert len(table) == rec_out.shape[2], (len(table), rec_out.shape)
+        for n in range(rec_out.shape[0]):
+            ids = rec_out[n].argmax(-1)
+            text = "".join(table[i] for j, i in enumerate(ids) if i != 0 and (j == 0 or ids[j - 1] != i))
+            print(f"rec {tag}[{n}]: {text!r}, output {rec_out.shape}, {len(values)} sparse entries")
 
 
 if __name__ == "__main__":

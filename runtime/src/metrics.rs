@@ -8,6 +8,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +20,43 @@ struct StatusLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabel {
+    stage: String,
+}
+
+/// The steps of accepting a job, timed separately so a slow database or
+/// broker shows up as such.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubmitStage {
+    /// Decoding and checking the image.
+    Check,
+    /// Writing the input to the blob store.
+    Blob,
+    /// Database writes and reads (job row, idempotency key, status).
+    Database,
+    /// Publishing to the queue.
+    Publish,
+}
+
+impl SubmitStage {
+    pub const ALL: [SubmitStage; 4] = [
+        SubmitStage::Check,
+        SubmitStage::Blob,
+        SubmitStage::Database,
+        SubmitStage::Publish,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubmitStage::Check => "check",
+            SubmitStage::Blob => "blob",
+            SubmitStage::Database => "database",
+            SubmitStage::Publish => "publish",
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -36,6 +74,9 @@ struct Inner {
     inference_seconds_per_item: Histogram,
     batch_wait_seconds: Histogram,
     in_flight: Gauge,
+    stage_seconds: Family<StageLabel, Histogram>,
+    /// Running totals per stage, readable in-process (benchmarks).
+    stage_nanos: [AtomicU64; 4],
 }
 
 impl Default for Metrics {
@@ -85,6 +126,14 @@ impl Metrics {
             "Time a micro-batch waited to fill",
             batch_wait_seconds.clone(),
         );
+        let stage_seconds = Family::<StageLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+        });
+        registry.register(
+            "submit_stage_seconds",
+            "Time spent in each step of accepting a job",
+            stage_seconds.clone(),
+        );
         let in_flight = Gauge::default();
         registry.register(
             "jobs_in_flight",
@@ -102,6 +151,8 @@ impl Metrics {
                 inference_seconds_per_item,
                 batch_wait_seconds,
                 in_flight,
+                stage_seconds,
+                stage_nanos: Default::default(),
             }),
         }
     }
@@ -114,6 +165,21 @@ impl Metrics {
             })
             .inc();
         self.inner.submit_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn observe_stage(&self, stage: SubmitStage, took: Duration) {
+        self.inner
+            .stage_seconds
+            .get_or_create(&StageLabel {
+                stage: stage.as_str().to_owned(),
+            })
+            .observe(took.as_secs_f64());
+        self.inner.stage_nanos[stage as usize].fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Total time spent in `stage` since start.
+    pub fn stage_total(&self, stage: SubmitStage) -> Duration {
+        Duration::from_nanos(self.inner.stage_nanos[stage as usize].load(Ordering::Relaxed))
     }
 
     pub fn job_finished(&self, status: JobStatus) {

@@ -195,6 +195,7 @@ pub async fn start_api(config: &Config) -> anyhow::Result<Running> {
         limits: config.limits.clone(),
         fault: Fault::from_env(),
         guard: connect_redis(config).await,
+        metrics: metrics.clone(),
     };
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();

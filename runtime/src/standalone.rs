@@ -65,6 +65,7 @@ pub async fn start(config: &Config, engine: Arc<dyn Recognize>) -> anyhow::Resul
         limits: config.limits.clone(),
         fault: Fault::from_env(),
         guard: connect_redis(&config).await,
+        metrics: metrics.clone(),
     };
     let (local_addr, grpc_addr) =
         serve_front_ends(submitter, metrics, &config, &shutdown, &mut tasks).await?;

@@ -45,10 +45,11 @@ async fn start_api_with(guard: Option<RedisGuard>) -> Api {
         },
         fault: Fault::None,
         guard,
+        metrics: Metrics::new(),
     };
     let app = router(HttpState {
+        metrics: submitter.metrics.clone(),
         submitter,
-        metrics: Metrics::new(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -28,7 +28,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         Device::Cpu
     };
-    println!("device: {device:?}, threads: {}", candle_core::utils::get_num_threads());
+    println!(
+        "device: {device:?}, threads: {}",
+        candle_core::utils::get_num_threads()
+    );
 
     let det = DetModel::load(&dir.join("ppocrv6_small_det.onnx"), &device)?;
     let rec = RecModel::load(&dir.join("ppocrv6_small_rec.onnx"), &device)?;
@@ -37,7 +40,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rec_in = Tensor::rand(-1f32, 1f32, (8, 3, 48, 320), &device)?;
 
     for (name, run) in [
-        ("det 1x3x960x960", &(|| det.forward(&det_in).map(|_| ())) as &dyn Fn() -> ocr_engine::Result<()>),
+        (
+            "det 1x3x960x960",
+            &(|| det.forward(&det_in).map(|_| ())) as &dyn Fn() -> ocr_engine::Result<()>,
+        ),
         ("rec 8x3x48x320", &|| rec.forward(&rec_in).map(|_| ())),
     ] {
         run()?; // warm-up (allocations, CUDA module loading)

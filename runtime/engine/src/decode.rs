@@ -13,6 +13,7 @@ pub use image::ImageFormat;
 
 /// Bounds on what [`probe`] and [`decode`] accept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct DecodeLimits {
     /// Largest accepted encoded size in bytes.
     pub max_bytes: usize,
@@ -286,7 +287,7 @@ fn flatten_to_rgb(image: DynamicImage) -> RgbImage {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use image::{GrayAlphaImage, ImageEncoder, LumaA, Rgb, Rgba, RgbaImage};
 
@@ -297,7 +298,7 @@ mod tests {
         out
     }
 
-    fn jpeg_bytes(img: &RgbImage) -> Vec<u8> {
+    pub(crate) fn jpeg_bytes(img: &RgbImage) -> Vec<u8> {
         let mut out = Vec::new();
         image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 95)
             .write_image(
@@ -321,7 +322,7 @@ mod tests {
     }
 
     /// A baseline JPEG with an APP1/EXIF segment whose only tag is Orientation.
-    fn jpeg_with_orientation(img: &RgbImage, orientation: u16) -> Vec<u8> {
+    pub(crate) fn jpeg_with_orientation(img: &RgbImage, orientation: u16) -> Vec<u8> {
         let plain = jpeg_bytes(img);
         let mut tiff = Vec::new();
         tiff.extend_from_slice(b"MM\0\x2a\0\0\0\x08"); // big-endian TIFF, IFD at 8
@@ -397,6 +398,24 @@ mod tests {
         let jpg = decode(&jpeg_bytes(&img), &limits).unwrap();
         assert_eq!(jpg.dimensions(), (40, 20));
         assert!(near(jpg.get_pixel(5, 5).0, [255, 0, 0]));
+    }
+
+    #[test]
+    fn decodes_tiff_webp_and_bmp() {
+        let img = quadrants(16, 8);
+        for format in [ImageFormat::Tiff, ImageFormat::WebP, ImageFormat::Bmp] {
+            let mut bytes = Vec::new();
+            DynamicImage::ImageRgb8(img.clone())
+                .write_to(&mut Cursor::new(&mut bytes), format)
+                .expect("encoding a test image cannot fail");
+            let info = probe(&bytes, &DecodeLimits::default()).unwrap();
+            assert_eq!((info.format, info.width, info.height), (format, 16, 8));
+            assert_eq!(
+                decode(&bytes, &DecodeLimits::default()).unwrap(),
+                img,
+                "{format:?}"
+            );
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
+use rayon::prelude::*;
 
 use crate::ctc::CtcDecoder;
 use crate::decode::{self, DecodeLimits};
@@ -295,10 +296,11 @@ impl<D: TextDetector, R: TextRecognizer> OcrEngine<D, R> {
     }
 
     /// OCR of several encoded images; `result[i]` belongs to `images[i]`.
-    pub fn recognize_batch<B: AsRef<[u8]>>(&self, images: &[B]) -> Vec<Result<Page>> {
+    pub fn recognize_batch<B: AsRef<[u8]> + Sync>(&self, images: &[B]) -> Vec<Result<Page>> {
+        let limits = &self.config.decode;
         let decoded: Vec<Result<RgbImage>> = images
-            .iter()
-            .map(|b| decode::decode(b.as_ref(), &self.config.decode).map_err(Error::from))
+            .par_iter()
+            .map(|b| decode::decode(b.as_ref(), limits).map_err(Error::from))
             .collect();
         let ok: Vec<&RgbImage> = decoded.iter().filter_map(|d| d.as_ref().ok()).collect();
         let mut pages = self.recognize_images(&ok).into_iter();
@@ -314,37 +316,37 @@ impl<D: TextDetector, R: TextRecognizer> OcrEngine<D, R> {
     }
 
     /// OCR of several decoded images; `result[i]` belongs to `images[i]`.
+    ///
+    /// The per-image CPU work (resizing, DB post-processing, crops) runs on the rayon pool;
+    /// the networks run in as few forwards as the batch sizes allow.
     pub fn recognize_images(&self, images: &[&RgbImage]) -> Vec<Result<Page>> {
         let started = Instant::now();
-        let mut failed: Vec<Option<Error>> = (0..images.len()).map(|_| None).collect();
-
-        let prepared: Vec<Option<PreparedPage>> = images
-            .iter()
-            .zip(failed.iter_mut())
-            .map(
-                |(img, fail)| match preprocess::prepare_page(img, &self.config.page) {
-                    Ok(p) => Some(p),
-                    Err(e) => {
-                        *fail = Some(e);
-                        None
-                    }
-                },
-            )
-            .collect();
+        let page_params = &self.config.page;
+        let (prepared, mut failed): (Vec<Option<PreparedPage>>, Vec<Option<Error>>) = images
+            .par_iter()
+            .map(|img| match preprocess::prepare_page(img, page_params) {
+                Ok(p) => (Some(p), None),
+                Err(e) => (None, Some(e)),
+            })
+            .unzip();
 
         let boxes = self.detect_all(&prepared, &mut failed);
         let t_det = started.elapsed();
 
-        let mut lines: Vec<PendingLine> = Vec::new();
-        for (page, (prep, page_boxes)) in prepared.iter().zip(boxes).enumerate() {
-            let Some(prep) = prep else { continue };
-            for det in page_boxes {
+        let detected: Vec<(usize, DetBox)> = boxes
+            .into_iter()
+            .enumerate()
+            .flat_map(|(page, page_boxes)| page_boxes.into_iter().map(move |b| (page, b)))
+            .collect();
+        let lines: Vec<PendingLine> = detected
+            .into_par_iter()
+            .filter_map(|(page, det)| {
+                let prep = prepared[page].as_ref()?;
                 // A box too thin to cut is simply not text.
-                if let Some(crop) = geometry::crop_quad(&prep.image, &det.points_f64()) {
-                    lines.push(PendingLine { page, det, crop });
-                }
-            }
-        }
+                let crop = geometry::crop_quad(&prep.image, &det.points_f64())?;
+                Some(PendingLine { page, det, crop })
+            })
+            .collect();
         let texts = self.recognize_lines(&lines, &mut failed);
         let t_rec = started.elapsed() - t_det;
 
@@ -405,11 +407,13 @@ impl<D: TextDetector, R: TextRecognizer> OcrEngine<D, R> {
         failed: &mut [Option<Error>],
     ) -> Vec<Vec<DetBox>> {
         let mut boxes: Vec<Vec<DetBox>> = vec![Vec::new(); prepared.len()];
+        let det_params = &self.config.det;
+        let db = &self.config.db;
         let inputs: Vec<Option<DetInput>> = prepared
-            .iter()
+            .par_iter()
             .map(|p| {
                 p.as_ref()
-                    .and_then(|p| preprocess::det_input(&p.image, &self.config.det))
+                    .and_then(|p| preprocess::det_input(&p.image, det_params))
             })
             .collect();
 
@@ -429,9 +433,15 @@ impl<D: TextDetector, R: TextRecognizer> OcrEngine<D, R> {
                     chunk.iter().filter_map(|&i| inputs[i].as_ref()).collect();
                 match self.run_detector(&batch) {
                     Ok(maps) => {
-                        for (&i, map) in chunk.iter().zip(maps) {
-                            boxes[i] =
-                                self.boxes_for(&map, inputs[i].as_ref(), prepared[i].as_ref());
+                        let found: Vec<Vec<DetBox>> = chunk
+                            .par_iter()
+                            .zip(maps.par_iter())
+                            .map(|(&i, map)| {
+                                boxes_for(map, inputs[i].as_ref(), prepared[i].as_ref(), db)
+                            })
+                            .collect();
+                        for (&i, page_boxes) in chunk.iter().zip(found) {
+                            boxes[i] = page_boxes;
                         }
                     }
                     // Retry alone, so that whatever broke the batch only fails its own page.
@@ -443,7 +453,7 @@ impl<D: TextDetector, R: TextRecognizer> OcrEngine<D, R> {
                             match self.run_detector(&[input]).map(|mut m| m.pop()) {
                                 Ok(Some(map)) => {
                                     boxes[i] =
-                                        self.boxes_for(&map, Some(input), prepared[i].as_ref())
+                                        boxes_for(&map, Some(input), prepared[i].as_ref(), db)
                                 }
                                 Ok(None) => {
                                     failed[i] =
@@ -479,25 +489,6 @@ impl<D: TextDetector, R: TextRecognizer> OcrEngine<D, R> {
             .flatten_all()?
             .to_vec1()?;
         Ok(flat.chunks_exact(h * w).map(<[f32]>::to_vec).collect())
-    }
-
-    fn boxes_for(
-        &self,
-        map: &[f32],
-        input: Option<&DetInput>,
-        prep: Option<&PreparedPage>,
-    ) -> Vec<DetBox> {
-        let (Some(input), Some(prep)) = (input, prep) else {
-            return Vec::new();
-        };
-        postprocess::boxes_from_map(
-            map,
-            input.width as usize,
-            input.height as usize,
-            prep.image.width(),
-            prep.image.height(),
-            &self.config.db,
-        )
     }
 
     /// Text and confidence per line (`None` where its page already failed).
@@ -574,6 +565,25 @@ impl<D: TextDetector, R: TextRecognizer> OcrEngine<D, R> {
             })
             .collect())
     }
+}
+
+fn boxes_for(
+    map: &[f32],
+    input: Option<&DetInput>,
+    prep: Option<&PreparedPage>,
+    db: &DbParams,
+) -> Vec<DetBox> {
+    let (Some(input), Some(prep)) = (input, prep) else {
+        return Vec::new();
+    };
+    postprocess::boxes_from_map(
+        map,
+        input.width as usize,
+        input.height as usize,
+        prep.image.width(),
+        prep.image.height(),
+        db,
+    )
 }
 
 #[cfg(test)]
@@ -789,6 +799,55 @@ mod tests {
         let dot = RgbImage::from_pixel(1, 1, image::Rgb([0, 0, 0]));
         let page = engine.recognize(&png(&dot)).unwrap();
         assert_eq!((page.width, page.height), (1, 1));
+    }
+
+    #[test]
+    fn exif_rotation_is_applied_before_detection() {
+        // Stored 300×200 with a horizontal bar; EXIF 6 shows it turned clockwise, 200×300 with
+        // a vertical bar at x ∈ [148, 170), y ∈ [20, 200). The tall crop is turned upright
+        // for the recogniser, and the polygon is reported in the displayed frame.
+        let stored = page_with(300, 200, &[(20, 30, 180, 22, RED)]);
+        let bytes = crate::decode::tests::jpeg_with_orientation(&stored, 6);
+        let page = fake_engine().recognize(&bytes).unwrap();
+        assert_eq!((page.width, page.height), (200, 300));
+        assert_eq!(page.text, "r");
+        let poly = page.lines[0].polygon;
+        let (xs, ys): (Vec<f32>, Vec<f32>) = poly.iter().map(|p| (p[0], p[1])).unzip();
+        let (x0, x1) = (
+            xs.iter().copied().fold(f32::MAX, f32::min),
+            xs.iter().copied().fold(0.0, f32::max),
+        );
+        let (y0, y1) = (
+            ys.iter().copied().fold(f32::MAX, f32::min),
+            ys.iter().copied().fold(0.0, f32::max),
+        );
+        assert!(
+            x0 > 120.0 && x0 < 148.0 && x1 > 170.0 && x1 < 200.0,
+            "{poly:?}"
+        );
+        assert!(y0 < 20.0 && y1 > 200.0 && y1 < 240.0, "{poly:?}");
+    }
+
+    #[test]
+    fn engine_is_shareable_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<OcrEngine>();
+    }
+
+    #[test]
+    fn config_accepts_partial_json() {
+        let json =
+            r#"{"text_score": 0.7, "db": {"box_thresh": 0.6}, "decode": {"max_pixels": 1000}}"#;
+        let config: PipelineConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(config.text_score, 0.7);
+        assert_eq!(config.db.box_thresh, 0.6);
+        assert_eq!(config.db.unclip_ratio, DbParams::default().unclip_ratio);
+        assert_eq!(config.decode.max_pixels, 1000);
+        assert_eq!(config.decode.max_bytes, DecodeLimits::default().max_bytes);
+        assert_eq!(
+            config.rec_batch_size,
+            PipelineConfig::default().rec_batch_size
+        );
     }
 
     #[test]

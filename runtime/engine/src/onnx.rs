@@ -206,12 +206,11 @@ impl OnnxModel {
 
     /// Decodes ONNX bytes; `path` is only used in error messages.
     pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
-        let model = <ModelProto as prost::Message>::decode(bytes).map_err(|source| {
-            Error::OnnxDecode {
+        let model =
+            <ModelProto as prost::Message>::decode(bytes).map_err(|source| Error::OnnxDecode {
                 path: path.to_path_buf(),
                 source,
-            }
-        })?;
+            })?;
         let invalid = |msg: String| Error::OnnxInvalid {
             path: path.to_path_buf(),
             msg,
@@ -222,7 +221,7 @@ impl OnnxModel {
 
         let mut initializers = HashMap::with_capacity(graph.initializer.len());
         for t in &graph.initializer {
-            let tensor = tensor_from_proto(t).map_err(|msg| invalid(msg))?;
+            let tensor = tensor_from_proto(t).map_err(&invalid)?;
             initializers.insert(t.name.clone(), tensor);
         }
 
@@ -313,10 +312,14 @@ fn tensor_from_proto(t: &TensorProto) -> std::result::Result<Tensor, String> {
             let data: Vec<f32> = if raw.is_empty() {
                 t.float_data.clone()
             } else {
-                if raw.len() % 4 != 0 {
-                    return Err(format!("tensor {}: raw_data length not a multiple of 4", t.name));
+                let chunks = raw.chunks_exact(4);
+                if !chunks.remainder().is_empty() {
+                    return Err(format!(
+                        "tensor {}: raw_data length not a multiple of 4",
+                        t.name
+                    ));
                 }
-                raw.chunks_exact(4)
+                chunks
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                     .collect()
             };
@@ -327,10 +330,14 @@ fn tensor_from_proto(t: &TensorProto) -> std::result::Result<Tensor, String> {
             let data: Vec<f32> = if raw.is_empty() {
                 t.double_data.iter().map(|&v| v as f32).collect()
             } else {
-                if raw.len() % 8 != 0 {
-                    return Err(format!("tensor {}: raw_data length not a multiple of 8", t.name));
+                let chunks = raw.chunks_exact(8);
+                if !chunks.remainder().is_empty() {
+                    return Err(format!(
+                        "tensor {}: raw_data length not a multiple of 8",
+                        t.name
+                    ));
                 }
-                raw.chunks_exact(8)
+                chunks
                     .map(|b| {
                         f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
                     })
@@ -343,10 +350,14 @@ fn tensor_from_proto(t: &TensorProto) -> std::result::Result<Tensor, String> {
             let data: Vec<i64> = if raw.is_empty() {
                 t.int64_data.clone()
             } else {
-                if raw.len() % 8 != 0 {
-                    return Err(format!("tensor {}: raw_data length not a multiple of 8", t.name));
+                let chunks = raw.chunks_exact(8);
+                if !chunks.remainder().is_empty() {
+                    return Err(format!(
+                        "tensor {}: raw_data length not a multiple of 8",
+                        t.name
+                    ));
                 }
-                raw.chunks_exact(8)
+                chunks
                     .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
                     .collect()
             };
@@ -357,10 +368,14 @@ fn tensor_from_proto(t: &TensorProto) -> std::result::Result<Tensor, String> {
             let data: Vec<i64> = if raw.is_empty() {
                 t.int32_data.iter().map(|&v| i64::from(v)).collect()
             } else {
-                if raw.len() % 4 != 0 {
-                    return Err(format!("tensor {}: raw_data length not a multiple of 4", t.name));
+                let chunks = raw.chunks_exact(4);
+                if !chunks.remainder().is_empty() {
+                    return Err(format!(
+                        "tensor {}: raw_data length not a multiple of 4",
+                        t.name
+                    ));
                 }
-                raw.chunks_exact(4)
+                chunks
                     .map(|b| i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])))
                     .collect()
             };
@@ -376,7 +391,10 @@ fn tensor_from_proto(t: &TensorProto) -> std::result::Result<Tensor, String> {
 
 /// Reads a scalar or one-element float tensor, e.g. an epsilon constant.
 pub fn scalar_f32(t: &Tensor) -> candle_core::Result<f32> {
-    t.to_dtype(DType::F32)?.flatten_all()?.get(0)?.to_scalar::<f32>()
+    t.to_dtype(DType::F32)?
+        .flatten_all()?
+        .get(0)?
+        .to_scalar::<f32>()
 }
 
 #[cfg(test)]
@@ -426,12 +444,23 @@ mod tests {
         };
         let bytes = model.encode_to_vec();
         let m = OnnxModel::from_bytes(&bytes, Path::new("mem.onnx")).expect("decode");
-        let w = m.initializer("w").expect("w").to_vec1::<f32>().expect("vec");
+        let w = m
+            .initializer("w")
+            .expect("w")
+            .to_vec1::<f32>()
+            .expect("vec");
         assert_eq!(w, vec![1.5, -2.0]);
-        let b = m.initializer("b").expect("b").to_vec2::<f32>().expect("vec");
+        let b = m
+            .initializer("b")
+            .expect("b")
+            .to_vec2::<f32>()
+            .expect("vec");
         assert_eq!(b, vec![vec![3.0, 4.0]]);
         assert_eq!(m.nodes[0].attr_ints("strides"), Some(&[2i64, 1][..]));
-        assert_eq!(m.metadata.get("character").map(String::as_str), Some("a\nb"));
+        assert_eq!(
+            m.metadata.get("character").map(String::as_str),
+            Some("a\nb")
+        );
     }
 
     #[test]

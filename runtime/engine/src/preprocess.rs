@@ -11,6 +11,7 @@
 
 use candle_core::{Device, Tensor};
 use image::RgbImage;
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
@@ -57,32 +58,32 @@ pub fn resize_bilinear(img: &RgbImage, new_w: u32, new_h: u32) -> RgbImage {
     let mut row_b = vec![0f32; new_w as usize * 3];
     let hpass = |y: usize, dst: &mut [f32]| {
         let row = &src[y * stride..(y + 1) * stride];
-        for (o, &(x0, x1, t)) in xs.iter().enumerate() {
-            for c in 0..3 {
-                let a = f32::from(row[x0 * 3 + c]);
-                let b = f32::from(row[x1 * 3 + c]);
-                dst[o * 3 + c] = a + (b - a) * t;
+        for (d, &(x0, x1, t)) in dst.chunks_exact_mut(3).zip(&xs) {
+            let (a, b) = (&row[x0 * 3..x0 * 3 + 3], &row[x1 * 3..x1 * 3 + 3]);
+            for ((d, &a), &b) in d.iter_mut().zip(a).zip(b) {
+                let a = f32::from(a);
+                *d = a + (f32::from(b) - a) * t;
             }
         }
     };
     let mut cached: (usize, usize) = (usize::MAX, usize::MAX);
-    for (oy, &(y0, y1, t)) in ys.iter().enumerate() {
+    for (dst, &(y0, y1, t)) in out.chunks_exact_mut(new_w as usize * 3).zip(&ys) {
         if cached.0 != y0 {
             if cached.1 == y0 {
                 std::mem::swap(&mut row_a, &mut row_b);
+                cached = (y0, cached.0);
             } else {
                 hpass(y0, &mut row_a);
+                cached.0 = y0;
             }
-            cached.0 = y0;
         }
         if cached.1 != y1 {
             hpass(y1, &mut row_b);
             cached.1 = y1;
         }
-        let dst = &mut out[oy * new_w as usize * 3..(oy + 1) * new_w as usize * 3];
-        for (i, d) in dst.iter_mut().enumerate() {
-            let v = row_a[i] + (row_b[i] - row_a[i]) * t;
-            *d = v.round().clamp(0.0, 255.0) as u8;
+        for ((d, &a), &b) in dst.iter_mut().zip(&row_a).zip(&row_b) {
+            // Adding 0.5 then truncating rounds the non-negative value to nearest.
+            *d = (a + (b - a) * t + 0.5) as u8;
         }
     }
     RgbImage::from_raw(new_w, new_h, out).unwrap_or_default()
@@ -95,6 +96,7 @@ fn snap32(v: u32) -> u32 {
 
 /// Page-level normalisation done before detection (rapidocr's `Global` settings).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct PageParams {
     pub max_side_len: u32,
     pub min_side_len: u32,
@@ -156,7 +158,7 @@ pub fn prepare_page(img: &RgbImage, params: &PageParams) -> Result<PreparedPage>
     let mut work: Option<RgbImage> = None;
     let (mut ratio_w, mut ratio_h) = (1.0f64, 1.0f64);
 
-    let resize_to = |src: &RgbImage, limit: u32, shrink: bool| -> Result<(RgbImage, f64, f64)> {
+    let resize_to = |src: &RgbImage, limit: u32, shrink: bool| -> (RgbImage, f64, f64) {
         let (w, h) = src.dimensions();
         let ratio = if shrink {
             f64::from(limit) / f64::from(w.max(h))
@@ -164,30 +166,28 @@ pub fn prepare_page(img: &RgbImage, params: &PageParams) -> Result<PreparedPage>
             f64::from(limit) / f64::from(w.min(h))
         };
         let (nw, nh) = scaled_snapped(w, h, ratio);
-        if nw == 0 || nh == 0 {
-            return Err(Error::BadInput(format!(
-                "a {w}x{h} image cannot be brought within the detector's size limits"
-            )));
-        }
-        Ok((
+        // The reference fails on sides that round to 0 (e.g. 16000×5); one block of 32 keeps
+        // such strips readable, and the vertical padding below then makes room for the detector.
+        let (nw, nh) = (nw.max(32), nh.max(32));
+        (
             resize_bilinear(src, nw, nh),
             f64::from(w) / f64::from(nw),
             f64::from(h) / f64::from(nh),
-        ))
+        )
     };
 
     if orig_w.max(orig_h) > params.max_side_len {
-        let (im, rw, rh) = resize_to(img, params.max_side_len, true)?;
+        let (im, rw, rh) = resize_to(img, params.max_side_len, true);
         work = Some(im);
         (ratio_w, ratio_h) = (rw, rh);
     }
     let current = work.as_ref().unwrap_or(img);
     if current.width().min(current.height()) < params.min_side_len {
-        // The reference measures these ratios against the once-resized image, not the original;
-        // it only matters when both limits apply, which needs an extreme aspect ratio.
-        let (im, rw, rh) = resize_to(current, params.min_side_len, false)?;
+        let (im, rw, rh) = resize_to(current, params.min_side_len, false);
         work = Some(im);
-        (ratio_w, ratio_h) = (rw, rh);
+        // Composed with the first resize; the reference keeps only this step's ratios, which
+        // misplaces boxes in the rare images (extreme aspect ratios) that need both steps.
+        (ratio_w, ratio_h) = (ratio_w * rw, ratio_h * rh);
     }
     let mut image = work.unwrap_or_else(|| img.clone());
 
@@ -227,6 +227,7 @@ pub enum LimitType {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct DetParams {
     pub limit_side_len: u32,
     pub limit_type: LimitType,
@@ -370,22 +371,22 @@ pub fn rec_batch_tensor(crops: &[&RgbImage], device: &Device) -> Result<Tensor> 
     let width = rec_batch_width(max_ratio);
     let (h, w) = (REC_HEIGHT as usize, width as usize);
     let mut data = vec![0f32; crops.len() * 3 * h * w];
-    let mut planes = Vec::new();
-    for (n, crop) in crops.iter().enumerate() {
-        let target = (f64::from(REC_HEIGHT) * aspect_ratio(crop)).ceil() as u32;
-        let resized_w = target.clamp(1, width);
-        let resized = resize_bilinear(crop, resized_w, REC_HEIGHT);
-        planes.clear();
-        push_planes(&resized, [0.5; 3], [0.5; 3], &mut planes);
-        let rw = resized_w as usize;
-        for c in 0..3 {
-            for y in 0..h {
-                let src = &planes[(c * h + y) * rw..(c * h + y + 1) * rw];
-                let dst = ((n * 3 + c) * h + y) * w;
-                data[dst..dst + rw].copy_from_slice(src);
+    data.par_chunks_mut(3 * h * w)
+        .zip(crops.par_iter())
+        .for_each(|(dst, crop)| {
+            let target = (f64::from(REC_HEIGHT) * aspect_ratio(crop)).ceil() as u32;
+            let resized_w = target.clamp(1, width);
+            let resized = resize_bilinear(crop, resized_w, REC_HEIGHT);
+            let mut planes = Vec::with_capacity(3 * h * resized_w as usize);
+            push_planes(&resized, [0.5; 3], [0.5; 3], &mut planes);
+            // Row by row into the zero-filled slot: the right-hand padding stays 0.
+            for (src, dst) in planes
+                .chunks_exact(resized_w as usize)
+                .zip(dst.chunks_exact_mut(w))
+            {
+                dst[..src.len()].copy_from_slice(src);
             }
-        }
-    }
+        });
     Ok(Tensor::from_vec(data, (crops.len(), 3, h, w), device)?)
 }
 
@@ -448,6 +449,18 @@ mod tests {
         assert_eq!(page.image.get_pixel(10, 10).0, [0, 0, 0]);
         assert_eq!(page.image.get_pixel(10, 50).0, [255, 255, 255]);
         assert_eq!(page.to_original([10.0, 30.0]), [10.0, 0.0]);
+
+        // A 16000×5 strip shrinks to 2000×32 rather than to nothing, then gets padded.
+        let strip = RgbImage::new(16_000, 5);
+        let page = prepare_page(&strip, &PageParams::default()).unwrap();
+        assert_eq!(page.image.width(), 1984);
+        assert!(page.image.height() > 300, "{:?}", page.image.dimensions());
+        assert!(det_input_size(
+            page.image.width(),
+            page.image.height(),
+            &DetParams::default()
+        )
+        .is_some());
     }
 
     #[test]

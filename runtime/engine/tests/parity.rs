@@ -18,7 +18,9 @@ fn model_dir() -> PathBuf {
     match std::env::var_os("OCR_MODEL_DIR") {
         Some(d) => PathBuf::from(d),
         None => {
-            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default();
             home.join(".cache/ocr-models")
         }
     }
@@ -36,9 +38,16 @@ fn model_path(name: &str) -> PathBuf {
 }
 
 fn reference(name: &str) -> HashMap<String, Tensor> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name);
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name);
     Tensor::read_npz(&p)
-        .unwrap_or_else(|e| panic!("reading {}: {e} (regenerate with scripts/make-engine-reference.py)", p.display()))
+        .unwrap_or_else(|e| {
+            panic!(
+                "reading {}: {e} (regenerate with scripts/make-engine-reference.py)",
+                p.display()
+            )
+        })
         .into_iter()
         .collect()
 }
@@ -58,23 +67,26 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .expect("diff")
 }
 
-#[test]
-fn det_v6_small_matches_onnxruntime() {
-    let data = reference("det_v6_small.npz");
-    let x = get(&data, "input").to_dtype(DType::F32).expect("input");
-    let want = get(&data, "prob");
-    let model =
-        DetModel::load(&model_path("ppocrv6_small_det.onnx"), &Device::Cpu).expect("load det");
-    let got = model.forward(&x).expect("det forward");
-    let diff = max_abs_diff(&got, want);
-    println!("det v6 small: max abs diff {diff:e} over {:?}", got.dims());
-    assert!(diff <= TOLERANCE, "det v6 small differs from onnxruntime by {diff}");
+fn input(key: &str) -> Tensor {
+    let data = reference("inputs.npz");
+    get(&data, key).to_dtype(DType::F32).expect("input")
 }
 
-#[test]
-fn rec_v6_small_matches_onnxruntime() {
-    let data = reference("rec_v6_small.npz");
-    let x = get(&data, "input").to_dtype(DType::F32).expect("input");
+fn check_det(model_file: &str, reference_file: &str) {
+    let data = reference(reference_file);
+    let want = get(&data, "prob");
+    let model = DetModel::load(&model_path(model_file), &Device::Cpu).expect("load det");
+    let got = model.forward(&input("det")).expect("det forward");
+    let diff = max_abs_diff(&got, want);
+    println!("{model_file}: max abs diff {diff:e} over {:?}", got.dims());
+    assert!(
+        diff <= TOLERANCE,
+        "{model_file} differs from onnxruntime by {diff}"
+    );
+}
+
+fn check_rec(model: &RecModel, model_file: &str, reference_file: &str) {
+    let data = reference(reference_file);
     let shape: Vec<usize> = get(&data, "shape")
         .to_vec1::<i32>()
         .expect("shape")
@@ -84,9 +96,7 @@ fn rec_v6_small_matches_onnxruntime() {
     let coords = get(&data, "coords").to_vec2::<i32>().expect("coords");
     let values = get(&data, "values").to_vec1::<f32>().expect("values");
 
-    let model =
-        RecModel::load(&model_path("ppocrv6_small_rec.onnx"), &Device::Cpu).expect("load rec");
-    let got = model.forward(&x).expect("rec forward");
+    let got = model.forward(&input("rec")).expect("rec forward");
     assert_eq!(got.dims(), shape.as_slice());
 
     // Rebuild the reference densely, with the entries below the sparse threshold (1e-4) as 0.
@@ -100,15 +110,22 @@ fn rec_v6_small_matches_onnxruntime() {
     }
     let want = Tensor::from_vec(dense, (n, t, c), &Device::Cpu).expect("dense");
     let diff = max_abs_diff(&got, &want);
-    println!("rec v6 small: max abs diff {diff:e} over {:?}", got.dims());
-    assert!(diff <= TOLERANCE, "rec v6 small differs from onnxruntime by {diff}");
+    println!("{model_file}: max abs diff {diff:e} over {:?}", got.dims());
+    assert!(
+        diff <= TOLERANCE,
+        "{model_file} differs from onnxruntime by {diff}"
+    );
 
     // The dictionary follows PaddleOCR's CTC convention and decodes the rendered lines.
     let dict = model.dictionary();
     assert_eq!(dict.len(), c);
     assert_eq!(dict[0], "");
     assert_eq!(dict[c - 1], " ");
-    let ids = got.argmax(2).expect("argmax").to_vec2::<u32>().expect("ids");
+    let ids = got
+        .argmax(2)
+        .expect("argmax")
+        .to_vec2::<u32>()
+        .expect("ids");
     let texts: Vec<String> = ids
         .iter()
         .map(|row| {
@@ -124,4 +141,33 @@ fn rec_v6_small_matches_onnxruntime() {
         })
         .collect();
     assert_eq!(texts, vec!["Parity 2025", "hello candle"]);
+}
+
+#[test]
+fn det_v6_small_matches_onnxruntime() {
+    check_det("ppocrv6_small_det.onnx", "det_v6_small.npz");
+}
+
+#[test]
+fn det_v6_tiny_matches_onnxruntime() {
+    check_det("ppocrv6_tiny_det.onnx", "det_v6_tiny.npz");
+}
+
+#[test]
+fn rec_v6_small_matches_onnxruntime() {
+    let file = "ppocrv6_small_rec.onnx";
+    let model = RecModel::load(&model_path(file), &Device::Cpu).expect("load rec");
+    check_rec(&model, file, "rec_v6_small.npz");
+}
+
+#[test]
+fn rec_v6_tiny_matches_onnxruntime() {
+    let file = "ppocrv6_tiny_rec.onnx";
+    let model = RecModel::load_with_dictionary(
+        &model_path(file),
+        &model_path("ppocrv6_tiny_dict.txt"),
+        &Device::Cpu,
+    )
+    .expect("load rec");
+    check_rec(&model, file, "rec_v6_tiny.npz");
 }

@@ -5,6 +5,7 @@ use crate::config::LimitsConfig;
 use crate::domain::idempotency::{decide, KeyDecision};
 use crate::domain::message::JobMessage;
 use crate::domain::{Job, JobId, JobStatus, NewJob};
+use crate::metrics::{Metrics, SubmitStage};
 use crate::queue::JobPublisher;
 use crate::storage::blob::{input_key, BlobError};
 use crate::storage::jobs::Changes;
@@ -13,6 +14,7 @@ use crate::storage::{now_ms, BlobStore, JobStore, StoreError};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// A key whose first request has not finished after this long belongs to a
 /// request that died; a retry may take it over.
@@ -88,6 +90,7 @@ pub struct Submitter {
     pub fault: Fault,
     /// Optional Redis: rate limiting and the idempotency fast path.
     pub guard: Option<RedisGuard>,
+    pub metrics: Metrics,
 }
 
 impl Submitter {
@@ -100,10 +103,12 @@ impl Submitter {
         let limits = self.limits.clone();
         let body = submission.body.clone();
         let content_type = submission.content_type.clone();
-        let stored_type =
-            tokio::task::spawn_blocking(move || check_image(&body, &content_type, &limits))
-                .await
-                .map_err(|e| SubmitError::Internal(e.to_string()))??;
+        let checking =
+            tokio::task::spawn_blocking(move || check_image(&body, &content_type, &limits));
+        let stored_type = self
+            .timed(SubmitStage::Check, checking)
+            .await
+            .map_err(|e| SubmitError::Internal(e.to_string()))??;
 
         let sha256 = hex::encode(Sha256::digest(&submission.body));
         if let Some(key) = &submission.idempotency_key {
@@ -173,11 +178,8 @@ impl Submitter {
         key: &str,
         sha256: &str,
     ) -> Result<Option<Job>, SubmitError> {
-        let Some(existing) = self
-            .store
-            .reserve_key(client_id, key, sha256, now_ms())
-            .await?
-        else {
+        let reserving = self.store.reserve_key(client_id, key, sha256, now_ms());
+        let Some(existing) = self.timed(SubmitStage::Database, reserving).await? else {
             return Ok(None);
         };
         match decide(&existing, sha256, now_ms(), ABANDONED_KEY_MS) {
@@ -221,42 +223,58 @@ impl Submitter {
             idempotency_key: submission.idempotency_key.clone(),
         };
         // Blob first: a job row must never point at a missing input.
-        self.blobs.put(&key, submission.body.clone()).await?;
-        if let Err(err) = self.store.insert(&new_job, now_ms()).await {
+        self.timed(
+            SubmitStage::Blob,
+            self.blobs.put(&key, submission.body.clone()),
+        )
+        .await?;
+        let inserted = self.timed(SubmitStage::Database, async {
+            self.store.insert(&new_job, now_ms()).await?;
+            if let Some(idem) = &submission.idempotency_key {
+                self.store.bind_key(&submission.client_id, idem, id).await?;
+            }
+            Ok::<(), StoreError>(())
+        });
+        if let Err(err) = inserted.await {
             let _ = self.blobs.delete(&key).await;
             return Err(err.into());
-        }
-        if let Some(idem) = &submission.idempotency_key {
-            self.store.bind_key(&submission.client_id, idem, id).await?;
         }
         if self.fault == Fault::ExitAfterDbWrite {
             tracing::warn!(job = %id, "fault injection: exiting between the database write and the publish");
             std::process::exit(86);
         }
         self.publish(id).await;
-        self.store
-            .get(id)
+        self.timed(SubmitStage::Database, self.store.get(id))
             .await?
             .ok_or_else(|| SubmitError::Store(StoreError::Corrupt(format!("job {id} vanished"))))
+    }
+
+    async fn timed<T>(&self, stage: SubmitStage, work: impl std::future::Future<Output = T>) -> T {
+        let started = Instant::now();
+        let output = work.await;
+        self.metrics.observe_stage(stage, started.elapsed());
+        output
     }
 
     /// Publishes and records `Queued`. A failed publish is not the client's
     /// problem: the job is durable and the sweeper republishes it.
     pub async fn publish(&self, id: JobId) {
-        match self.publisher.publish(&JobMessage { job_id: id }).await {
+        let message = JobMessage { job_id: id };
+        let published = self.timed(SubmitStage::Publish, self.publisher.publish(&message));
+        match published.await {
             Ok(()) => {
-                if let Err(err) = self
-                    .store
-                    .transition(
+                let queued = self.timed(
+                    SubmitStage::Database,
+                    self.store.transition(
                         id,
                         JobStatus::Accepted,
                         JobStatus::Queued,
                         None,
                         Changes::default(),
                         now_ms(),
-                    )
-                    .await
-                {
+                    ),
+                );
+                if let Err(err) = queued.await {
                     tracing::warn!(job = %id, error = %err, "recording Queued failed; the worker does not depend on it");
                 }
             }

@@ -202,7 +202,11 @@ impl DetModel {
     /// `w` multiples of [`Self::SIZE_MULTIPLE`]. Returns the `[n, 1, h, w]` text probability map.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (_, c, h, w) = x.dims4()?;
-        if c != 3 || h == 0 || w == 0 || h % Self::SIZE_MULTIPLE != 0 || w % Self::SIZE_MULTIPLE != 0
+        if c != 3
+            || h == 0
+            || w == 0
+            || h % Self::SIZE_MULTIPLE != 0
+            || w % Self::SIZE_MULTIPLE != 0
         {
             return Err(Error::BadInput(format!(
                 "detector input must be [n, 3, h, w] with h and w positive multiples of {}, got {:?}",

@@ -28,9 +28,15 @@ pub enum Activation {
     Swish,
     Sigmoid,
     /// `clamp(alpha * x + beta, 0, 1)`.
-    HardSigmoid { alpha: f32, beta: f32 },
+    HardSigmoid {
+        alpha: f32,
+        beta: f32,
+    },
     /// `x * hardsigmoid(x)`.
-    HardSwish { alpha: f32, beta: f32 },
+    HardSwish {
+        alpha: f32,
+        beta: f32,
+    },
 }
 
 /// A convolution as the graph holds it, with bias and batch norm folded in.
@@ -108,9 +114,9 @@ pub struct LayerNormSpec {
 
 pub struct GraphWalker<'a> {
     model: &'a OnnxModel,
-    /// Identity output -> Identity input.
+    /// Output -> input of pass-through nodes (see [`is_passthrough`]).
     alias: HashMap<&'a str, &'a str>,
-    /// Resolved tensor name -> indices of the non-Identity nodes reading it.
+    /// Resolved tensor name -> indices of the non-pass-through nodes reading it.
     consumers: HashMap<&'a str, Vec<usize>>,
     /// Resolved tensor name -> index of the node writing it.
     producer: HashMap<&'a str, usize>,
@@ -128,7 +134,7 @@ impl<'a> GraphWalker<'a> {
     pub fn new(model: &'a OnnxModel) -> Self {
         let mut alias = HashMap::new();
         for n in &model.nodes {
-            if n.op_type == "Identity" {
+            if is_passthrough(n) {
                 if let (Some(i), Some(o)) = (n.inputs.first(), n.outputs.first()) {
                     alias.insert(o.as_str(), i.as_str());
                 }
@@ -149,7 +155,7 @@ impl<'a> GraphWalker<'a> {
             batch_norms_folded: 0,
         };
         for (idx, n) in model.nodes.iter().enumerate() {
-            if n.op_type == "Identity" {
+            if is_passthrough(n) {
                 continue;
             }
             for i in &n.inputs {
@@ -188,8 +194,14 @@ impl<'a> GraphWalker<'a> {
         }
     }
 
-    fn resolve(&self, mut name: &'a str) -> &'a str {
-        // Identity chains are short; the bound only guards against a malformed cyclic graph.
+    /// Follows pass-through nodes back to the tensor they forward. Works for names of any
+    /// lifetime: the aliases point into the model, which outlives them.
+    fn resolve<'s>(&self, name: &'s str) -> &'s str
+    where
+        'a: 's,
+    {
+        let mut name = name;
+        // Pass-through chains are short; the bound only guards against a malformed cyclic graph.
         for _ in 0..64 {
             match self.alias.get(name) {
                 Some(next) => name = next,
@@ -200,21 +212,7 @@ impl<'a> GraphWalker<'a> {
     }
 
     fn init(&self, name: &str) -> Option<&'a Tensor> {
-        self.model.initializer(self.resolve_str(name))
-    }
-
-    fn resolve_str<'s>(&self, name: &'s str) -> &'s str
-    where
-        'a: 's,
-    {
-        let mut name = name;
-        for _ in 0..64 {
-            match self.alias.get(name) {
-                Some(next) => name = next,
-                None => break,
-            }
-        }
-        name
+        self.model.initializer(self.resolve(name))
     }
 
     fn node(&self, idx: usize) -> &'a Node {
@@ -223,15 +221,13 @@ impl<'a> GraphWalker<'a> {
 
     fn consumers_of(&self, name: &str) -> &[usize] {
         self.consumers
-            .get(self.resolve_str(name))
+            .get(self.resolve(name))
             .map(Vec::as_slice)
             .unwrap_or(&[])
     }
 
     fn producer_of(&self, name: &str) -> Option<&'a Node> {
-        self.producer
-            .get(self.resolve_str(name))
-            .map(|&i| self.node(i))
+        self.producer.get(self.resolve(name)).map(|&i| self.node(i))
     }
 
     fn single_consumer(&self, name: &str) -> Option<&'a Node> {
@@ -294,8 +290,8 @@ impl<'a> GraphWalker<'a> {
                 if !op(m, "Mul") {
                     return Activation::None;
                 }
-                let g_out = g.outputs.first().map(|s| self.resolve_str(s));
-                let mul_reads_gate = m.inputs.iter().any(|i| Some(self.resolve_str(i)) == g_out);
+                let g_out = g.outputs.first().map(|s| self.resolve(s));
+                let mul_reads_gate = m.inputs.iter().any(|i| Some(self.resolve(i)) == g_out);
                 match g.op_type.as_str() {
                     "Sigmoid" if mul_reads_gate => Activation::Swish,
                     "HardSigmoid" if mul_reads_gate => Activation::HardSwish {
@@ -322,7 +318,9 @@ impl<'a> GraphWalker<'a> {
             return false;
         };
         (c - std::f32::consts::SQRT_2).abs() < 1e-5
-            && self.single_consumer(out).is_some_and(|n| n.op_type == "Erf")
+            && self
+                .single_consumer(out)
+                .is_some_and(|n| n.op_type == "Erf")
     }
 
     /// The next Conv/ConvTranspose without consuming it.
@@ -390,13 +388,19 @@ impl<'a> GraphWalker<'a> {
         let n = self.node(idx);
         let transpose = n.op_type == "ConvTranspose";
         let err = |m: String| self.error(format!("{} node {}: {m}", n.op_type, n.name));
-        let w_name = n.inputs.get(1).ok_or_else(|| err("no weight input".into()))?;
+        let w_name = n
+            .inputs
+            .get(1)
+            .ok_or_else(|| err("no weight input".into()))?;
         let weight = self
             .init(w_name)
             .ok_or_else(|| err(format!("weight {w_name} is not an initializer")))?
             .to_dtype(DType::F32)?;
         if weight.rank() != 4 {
-            return Err(err(format!("weight has shape {:?}, expected 4-D", weight.dims())));
+            return Err(err(format!(
+                "weight has shape {:?}, expected 4-D",
+                weight.dims()
+            )));
         }
         let groups = n.attr_int("group").unwrap_or(1).max(1) as usize;
         let (kh, kw) = (weight.dims()[2], weight.dims()[3]);
@@ -444,7 +448,9 @@ impl<'a> GraphWalker<'a> {
             }
         };
         if transpose
-            && (n.attr_ints("output_padding").is_some_and(|p| p.iter().any(|&v| v != 0))
+            && (n
+                .attr_ints("output_padding")
+                .is_some_and(|p| p.iter().any(|&v| v != 0))
                 || n.attr("output_shape").is_some())
         {
             return Err(err("output_padding/output_shape are not supported".into()));
@@ -520,11 +526,15 @@ impl<'a> GraphWalker<'a> {
         channels: usize,
     ) -> Result<(Tensor, Tensor)> {
         let get = |i: usize| -> Result<Tensor> {
-            let name = bn.inputs.get(i).ok_or_else(|| {
-                self.error(format!("batch norm {} lacks input {i}", bn.name))
-            })?;
+            let name = bn
+                .inputs
+                .get(i)
+                .ok_or_else(|| self.error(format!("batch norm {} lacks input {i}", bn.name)))?;
             let t = self.init(name).ok_or_else(|| {
-                self.error(format!("batch norm {} input {name} is not constant", bn.name))
+                self.error(format!(
+                    "batch norm {} input {name} is not constant",
+                    bn.name
+                ))
             })?;
             if t.elem_count() != channels {
                 return Err(self.error(format!(
@@ -558,7 +568,9 @@ impl<'a> GraphWalker<'a> {
         out_f: Option<usize>,
     ) -> Result<LinearSpec> {
         let spec = self.peek_linear()?.ok_or_else(|| {
-            self.error(format!("{what}: expected another linear layer, the graph has no more"))
+            self.error(format!(
+                "{what}: expected another linear layer, the graph has no more"
+            ))
         })?;
         let (i, o) = spec.weight.dims2()?;
         if in_f.is_some_and(|v| v != i) || out_f.is_some_and(|v| v != o) {
@@ -609,7 +621,12 @@ impl<'a> GraphWalker<'a> {
                 return None;
             }
             let t = self.init(n.inputs.get(1)?)?;
-            t.to_dtype(DType::I64).ok()?.flatten_all().ok()?.to_vec1::<i64>().ok()
+            t.to_dtype(DType::I64)
+                .ok()?
+                .flatten_all()
+                .ok()?
+                .to_vec1::<i64>()
+                .ok()
         })
     }
 
@@ -626,7 +643,11 @@ impl<'a> GraphWalker<'a> {
             .and_then(|i| self.producer_of(i))
             .filter(|n| n.op_type == "Add")
             .ok_or_else(|| err("Sqrt input is not an Add of epsilon"))?;
-        let eps = scalar_f32(self.const_operand(eps_add).ok_or_else(|| err("no epsilon"))?.0)?;
+        let eps = scalar_f32(
+            self.const_operand(eps_add)
+                .ok_or_else(|| err("no epsilon"))?
+                .0,
+        )?;
         let sqrt_out = sqrt.outputs.first().ok_or_else(|| err("no output"))?;
         let div = self
             .consumers_of(sqrt_out)
@@ -639,13 +660,17 @@ impl<'a> GraphWalker<'a> {
             .single_consumer(div_out)
             .filter(|n| n.op_type == "Mul")
             .ok_or_else(|| err("no scale Mul after Div"))?;
-        let (weight, _) = self.const_operand(mul).ok_or_else(|| err("scale is not constant"))?;
+        let (weight, _) = self
+            .const_operand(mul)
+            .ok_or_else(|| err("scale is not constant"))?;
         let mul_out = mul.outputs.first().ok_or_else(|| err("no Mul output"))?;
         let add = self
             .single_consumer(mul_out)
             .filter(|n| n.op_type == "Add")
             .ok_or_else(|| err("no shift Add after scale"))?;
-        let (bias, _) = self.const_operand(add).ok_or_else(|| err("shift is not constant"))?;
+        let (bias, _) = self
+            .const_operand(add)
+            .ok_or_else(|| err("shift is not constant"))?;
         if weight.elem_count() != channels || bias.elem_count() != channels {
             return Err(err(&format!(
                 "scale/shift have {}/{} values, expected {channels}",
@@ -660,6 +685,11 @@ impl<'a> GraphWalker<'a> {
             bias: bias.to_dtype(DType::F32)?.flatten_all()?,
             eps,
         })
+    }
+
+    /// True if a layer norm is left to consume.
+    pub fn has_layer_norm(&self) -> bool {
+        self.next_norm < self.norms.len()
     }
 
     /// The first node of `op_type`, for reading attributes of parameter-free layers.
@@ -701,6 +731,17 @@ impl<'a> GraphWalker<'a> {
             )));
         }
         Ok(())
+    }
+}
+
+/// Nodes that do not change the data as the networks here see it: Identity, and the
+/// Squeeze/Unsqueeze of the height axis (always 1) around the 1-D convs and batch norms of the
+/// recognisers' necks, which the network code keeps in 4-D.
+fn is_passthrough(n: &Node) -> bool {
+    match n.op_type.as_str() {
+        "Identity" => true,
+        "Squeeze" | "Unsqueeze" => n.inputs.len() == 1 && n.attr_ints("axes") == Some(&[2][..]),
+        _ => false,
     }
 }
 

@@ -44,7 +44,9 @@ impl SqueezeExcite {
 
 impl Module for SqueezeExcite {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let s = self.expand.forward(&self.reduce.forward(&global_avg_pool(x)?)?)?;
+        let s = self
+            .expand
+            .forward(&self.reduce.forward(&global_avg_pool(x)?)?)?;
         x.broadcast_mul(&s)
     }
 }
@@ -116,17 +118,20 @@ impl Module for LcNetV4Block {
     }
 }
 
+#[derive(Debug, Clone)]
+pub struct BranchStem {
+    stem1: Conv2d,
+    stem2a: Conv2d,
+    stem2b: Conv2d,
+    stem3: Conv2d,
+    stem4: Conv2d,
+}
+
 /// The stem, total stride 4.
 #[derive(Debug, Clone)]
 pub enum Stem {
     /// conv3x3/2 -> {maxpool2x2, conv2x2 -> conv2x2} -> concat -> conv3x3/2 -> conv1x1.
-    Branch {
-        stem1: Conv2d,
-        stem2a: Conv2d,
-        stem2b: Conv2d,
-        stem3: Conv2d,
-        stem4: Conv2d,
-    },
+    Branch(Box<BranchStem>),
     /// A plain sequence of convs (the "simple" stem of the tiny recogniser).
     Plain(Vec<Conv2d>),
 }
@@ -140,18 +145,22 @@ impl Stem {
             .ok_or_else(|| g.error("graph ends after the first stem conv"))?;
         if next.kernel() == (2, 2) {
             let stem2a = g.next_conv_checked("stem2a", Some(mid), None, Some((2, 2)))?;
-            let stem2b =
-                g.next_conv_checked("stem2b", Some(stem2a.out_channels()), Some(mid), Some((2, 2)))?;
+            let stem2b = g.next_conv_checked(
+                "stem2b",
+                Some(stem2a.out_channels()),
+                Some(mid),
+                Some((2, 2)),
+            )?;
             let stem3 = g.next_conv_checked("stem3", Some(2 * mid), None, Some((3, 3)))?;
             let stem4 =
                 g.next_conv_checked("stem4", Some(stem3.out_channels()), None, Some((1, 1)))?;
-            Ok(Stem::Branch {
+            Ok(Stem::Branch(Box::new(BranchStem {
                 stem1: Conv2d::new(stem1, device)?,
                 stem2a: Conv2d::new(stem2a, device)?,
                 stem2b: Conv2d::new(stem2b, device)?,
                 stem3: Conv2d::new(stem3, device)?,
                 stem4: Conv2d::new(stem4, device)?,
-            })
+            })))
         } else {
             let mut convs = vec![Conv2d::new(stem1, device)?];
             // Plain stems end where the first depthwise block starts.
@@ -168,7 +177,7 @@ impl Stem {
 
     pub fn out_channels(&self) -> usize {
         match self {
-            Stem::Branch { stem4, .. } => stem4.out_channels(),
+            Stem::Branch(b) => b.stem4.out_channels(),
             Stem::Plain(v) => v.last().map(Conv2d::out_channels).unwrap_or(3),
         }
     }
@@ -177,13 +186,14 @@ impl Stem {
 impl Module for Stem {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Stem::Branch {
-                stem1,
-                stem2a,
-                stem2b,
-                stem3,
-                stem4,
-            } => {
+            Stem::Branch(b) => {
+                let BranchStem {
+                    stem1,
+                    stem2a,
+                    stem2b,
+                    stem3,
+                    stem4,
+                } = b.as_ref();
                 let x = stem1.forward(x)?;
                 let x2 = stem2b.forward(&stem2a.forward(&x)?)?;
                 // MaxPool 2x2/1 with SAME_UPPER padding: repeating the last row/column leaves
@@ -219,7 +229,12 @@ impl PpLcNetV4 {
     pub fn load(g: &mut GraphWalker, device: &Device) -> Result<Self> {
         let stem = Stem::load(g, device)?;
         let mut blocks: Vec<LcNetV4Block> = Vec::new();
-        while g.peek_conv()?.is_some_and(|c| c.is_depthwise()) {
+        // Blocks start with a square depthwise conv; the recognisers' necks continue with a
+        // 1-D (1 x k) depthwise conv, which must not be taken for another block.
+        while g
+            .peek_conv()?
+            .is_some_and(|c| c.is_depthwise() && c.kernel().0 == c.kernel().1)
+        {
             let b = LcNetV4Block::load(g, device)?;
             let expected = blocks
                 .last()

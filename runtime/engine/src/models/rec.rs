@@ -54,7 +54,9 @@ struct SvtrBlock {
 impl Module for SvtrBlock {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
-        let h = self.fc2.forward(&self.fc1.forward(&self.norm2.forward(&x)?)?)?;
+        let h = self
+            .fc2
+            .forward(&self.fc1.forward(&self.norm2.forward(&x)?)?)?;
         x + h
     }
 }
@@ -84,7 +86,10 @@ impl SvtrNeck {
             )));
         }
         let mut blocks = Vec::new();
-        while g.peek_linear()?.is_some_and(|l| l.weight.dims() == [dim, 3 * dim]) {
+        while g
+            .peek_linear()?
+            .is_some_and(|l| l.weight.dims() == [dim, 3 * dim])
+        {
             let norm1 = g.next_layer_norm("block norm1", dim)?;
             let qkv = g.next_linear("attention qkv", Some(dim), Some(3 * dim))?;
             let (heads, head_dim) = match g.reshape_target_of(&qkv.output).as_deref() {
@@ -148,14 +153,63 @@ impl SvtrNeck {
     }
 }
 
+/// Everything between the pooled backbone features and the classifier.
+#[derive(Debug, Clone)]
+enum Neck {
+    Svtr(Box<SvtrNeck>),
+    /// A plain sequence of convs (the tiny recogniser's 1-D depthwise + pointwise mixer).
+    Convs(Vec<Conv2d>),
+}
+
+impl Neck {
+    fn load(g: &mut GraphWalker, in_ch: usize, device: &Device) -> Result<Self> {
+        // The SVTR neck is the only part with layer norms.
+        if g.has_layer_norm() {
+            return Ok(Neck::Svtr(Box::new(SvtrNeck::load(g, in_ch, device)?)));
+        }
+        let mut convs: Vec<Conv2d> = Vec::new();
+        while g.peek_conv()?.is_some() {
+            let prev = convs.last().map(Conv2d::out_channels).unwrap_or(in_ch);
+            convs.push(Conv2d::new(
+                g.next_conv_checked("neck conv", Some(prev), None, None)?,
+                device,
+            )?);
+        }
+        Ok(Neck::Convs(convs))
+    }
+
+    fn out_channels(&self, in_ch: usize) -> usize {
+        match self {
+            Neck::Svtr(n) => n.norm_width(),
+            Neck::Convs(v) => v.last().map(Conv2d::out_channels).unwrap_or(in_ch),
+        }
+    }
+
+    /// `[n, c, 1, w]` -> `[n, w, dim]`.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Neck::Svtr(n) => n.forward(x),
+            Neck::Convs(convs) => {
+                let mut h = x.clone();
+                for c in convs {
+                    h = c.forward(&h)?;
+                }
+                let (n, c, hh, w) = h.dims4()?;
+                h.reshape((n, c, hh * w))?.transpose(1, 2)?.contiguous()
+            }
+        }
+    }
+}
+
 /// The CTC text recogniser.
 #[derive(Debug, Clone)]
 pub struct RecModel {
     backbone: PpLcNetV4,
     /// Kernel and stride of the average pool that collapses the height to 1.
     pool: Option<((usize, usize), (usize, usize))>,
-    neck: SvtrNeck,
-    head: Linear,
+    neck: Neck,
+    /// Linear layers after the neck; the last one produces the class logits.
+    head: Vec<Linear>,
     dictionary: Vec<String>,
     device: Device,
 }
@@ -168,16 +222,16 @@ impl RecModel {
     /// (`character`, as in rapidocr's PP-OCRv6 export).
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let onnx = OnnxModel::read(path)?;
-        let chars = onnx
-            .metadata
-            .get(CHARACTER_METADATA_KEY)
-            .ok_or_else(|| Error::ModelStructure {
-                path: path.to_path_buf(),
-                msg: format!(
-                    "no `{CHARACTER_METADATA_KEY}` metadata; pass a dictionary file with \
+        let chars =
+            onnx.metadata
+                .get(CHARACTER_METADATA_KEY)
+                .ok_or_else(|| Error::ModelStructure {
+                    path: path.to_path_buf(),
+                    msg: format!(
+                        "no `{CHARACTER_METADATA_KEY}` metadata; pass a dictionary file with \
                      RecModel::load_with_dictionary"
-                ),
-            })?;
+                    ),
+                })?;
         let chars = split_lines_like_python(chars);
         Self::from_onnx(&onnx, chars, device)
     }
@@ -197,18 +251,24 @@ impl RecModel {
     pub fn from_onnx(onnx: &OnnxModel, chars: Vec<String>, device: &Device) -> Result<Self> {
         let mut g = GraphWalker::new(onnx);
         let backbone = PpLcNetV4::load(&mut g, device)?;
-        let pool = g.first_node("AveragePool").and_then(|n| {
-            Some((attr_pair(n, "kernel_shape")?, attr_pair(n, "strides")?))
-        });
-        let neck = SvtrNeck::load(&mut g, backbone.out_channels(), device)?;
-        let dim = neck.norm_width();
-        let head = g.next_linear("CTC head", Some(dim), None)?;
+        let pool = g
+            .first_node("AveragePool")
+            .and_then(|n| Some((attr_pair(n, "kernel_shape")?, attr_pair(n, "strides")?)));
+        let neck = Neck::load(&mut g, backbone.out_channels(), device)?;
+        let mut dim = neck.out_channels(backbone.out_channels());
+        let mut head = Vec::new();
+        while g.peek_linear()?.is_some() {
+            let l = g.next_linear("CTC head", Some(dim), None)?;
+            dim = l.weight.dims()[1];
+            head.push(Linear::new(l, device)?);
+        }
         g.finish()?;
-        let head = Linear::new(head, device)?;
+        let Some(classes) = head.last().map(Linear::out_features) else {
+            return Err(g.error("no classifier after the neck"));
+        };
 
         // PaddleOCR's CTC label convention: class 0 is the blank, then the dictionary, then a
         // space (use_space_char).
-        let classes = head.out_features();
         if chars.len() + 2 != classes {
             return Err(g.error(format!(
                 "the head predicts {classes} classes but the dictionary has {} characters \
@@ -262,8 +322,10 @@ impl RecModel {
             Some((k, s)) => f.avg_pool2d_with_stride(k, s)?,
             None => f,
         };
-        let t = self.neck.forward(&f)?;
-        let logits = self.head.forward(&t)?;
+        let mut logits = self.neck.forward(&f)?;
+        for l in &self.head {
+            logits = l.forward(&logits)?;
+        }
         Ok(candle_nn::ops::softmax_last_dim(&logits)?)
     }
 }
@@ -287,8 +349,8 @@ pub fn split_lines_like_python(s: &str) -> Vec<String> {
                 }
                 out.push(std::mem::take(&mut cur));
             }
-            '\n' | '\u{0b}' | '\u{0c}' | '\u{1c}' | '\u{1d}' | '\u{1e}' | '\u{85}'
-            | '\u{2028}' | '\u{2029}' => out.push(std::mem::take(&mut cur)),
+            '\n' | '\u{0b}' | '\u{0c}' | '\u{1c}' | '\u{1d}' | '\u{1e}' | '\u{85}' | '\u{2028}'
+            | '\u{2029}' => out.push(std::mem::take(&mut cur)),
             _ => cur.push(ch),
         }
     }
@@ -318,7 +380,10 @@ mod tests {
 
     #[test]
     fn splitlines_matches_python() {
-        assert_eq!(split_lines_like_python("a\nb\r\nc\rd"), vec!["a", "b", "c", "d"]);
+        assert_eq!(
+            split_lines_like_python("a\nb\r\nc\rd"),
+            vec!["a", "b", "c", "d"]
+        );
         assert_eq!(split_lines_like_python("a\n"), vec!["a"]);
         assert_eq!(split_lines_like_python("a\n\nb"), vec!["a", "", "b"]);
     }

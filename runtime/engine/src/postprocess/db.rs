@@ -11,6 +11,7 @@ use super::geometry::{self, min_area_rect, Pt};
 
 /// Tuning of the DB post-processing; the defaults are rapidocr's.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct DbParams {
     /// Probability above which a pixel counts as text.
     pub thresh: f32,

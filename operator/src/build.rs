@@ -1,0 +1,841 @@
+//! Pure builders: (pipeline, plan, cluster capabilities) → desired objects.
+//! Nothing here talks to the API server; `tests/snapshots.rs` renders every
+//! topology and compares it with the checked-in YAML.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::autoscaling::v2::{
+    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec,
+    MetricTarget, ResourceMetricSource,
+};
+use k8s_openapi::api::core::v1::{
+    Affinity, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvVar, EnvVarSource, HTTPGetAction, LocalObjectReference, PersistentVolumeClaimVolumeSource,
+    PodAffinityTerm, PodAntiAffinity, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    WeightedPodAffinityTerm,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::core::ApiResource;
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::crd::{AntiAffinity, Architecture, Device, OcrPipeline, SecretKey};
+use crate::migration::Plan;
+
+pub const MANAGER: &str = "ocr-operator";
+pub const PIPELINE_LABEL: &str = "ocr.serving.dev/pipeline";
+pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const CONFIG_HASH_ANNOTATION: &str = "ocr.serving.dev/config-hash";
+pub const WORKER_MODE_ENV: &str = "OCR_WORKER__MODE";
+pub const CONFIG_PATH: &str = "/etc/ocr/ocr.toml";
+pub const MODEL_DIR: &str = "/models";
+pub const GRPC_PORT: i32 = 50051;
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("the pipeline has no {0}")]
+    MissingMetadata(&'static str),
+    #[error("rendering ocr.toml: {0}")]
+    Toml(#[from] toml::ser::Error),
+    #[error("serializing {kind} {name}: {source}")]
+    Serialize {
+        kind: &'static str,
+        name: String,
+        source: serde_json::Error,
+    },
+}
+
+/// What the cluster offers beyond core Kubernetes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// KEDA's `ScaledObject` CRD is installed.
+    pub keda: bool,
+}
+
+/// Every kind the operator creates; orphan cleanup lists exactly these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ManagedKind {
+    ConfigMap,
+    Service,
+    Deployment,
+    PodDisruptionBudget,
+    HorizontalPodAutoscaler,
+    ScaledObject,
+}
+
+impl ManagedKind {
+    pub const ALL: [ManagedKind; 6] = [
+        ManagedKind::ConfigMap,
+        ManagedKind::Service,
+        ManagedKind::Deployment,
+        ManagedKind::PodDisruptionBudget,
+        ManagedKind::HorizontalPodAutoscaler,
+        ManagedKind::ScaledObject,
+    ];
+
+    pub fn api_resource(self) -> ApiResource {
+        match self {
+            ManagedKind::ConfigMap => ApiResource::erase::<ConfigMap>(&()),
+            ManagedKind::Service => ApiResource::erase::<Service>(&()),
+            ManagedKind::Deployment => ApiResource::erase::<Deployment>(&()),
+            ManagedKind::PodDisruptionBudget => ApiResource::erase::<PodDisruptionBudget>(&()),
+            ManagedKind::HorizontalPodAutoscaler => {
+                ApiResource::erase::<HorizontalPodAutoscaler>(&())
+            }
+            ManagedKind::ScaledObject => ApiResource {
+                group: "keda.sh".into(),
+                version: "v1alpha1".into(),
+                api_version: "keda.sh/v1alpha1".into(),
+                kind: "ScaledObject".into(),
+                plural: "scaledobjects".into(),
+            },
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ManagedKind::ConfigMap => "ConfigMap",
+            ManagedKind::Service => "Service",
+            ManagedKind::Deployment => "Deployment",
+            ManagedKind::PodDisruptionBudget => "PodDisruptionBudget",
+            ManagedKind::HorizontalPodAutoscaler => "HorizontalPodAutoscaler",
+            ManagedKind::ScaledObject => "ScaledObject",
+        }
+    }
+}
+
+/// One object to server-side apply.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DesiredObject {
+    pub kind: ManagedKind,
+    pub name: String,
+    pub body: Value,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Rendered {
+    pub objects: Vec<DesiredObject>,
+    /// Parts of the spec the cluster cannot honour (e.g. lag autoscaling without KEDA).
+    pub warnings: Vec<String>,
+}
+
+impl Rendered {
+    /// All objects as one multi-document YAML, in render order.
+    pub fn to_yaml(&self) -> Result<String, serde_yaml::Error> {
+        let mut out = String::new();
+        for object in &self.objects {
+            out.push_str("---\n");
+            out.push_str(&serde_yaml::to_string(&object.body)?);
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Api,
+    Worker,
+    Writer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Api => "api",
+            Role::Worker => "worker",
+            Role::Writer => "writer",
+        }
+    }
+
+    pub fn from_label(value: &str) -> Option<Role> {
+        match value {
+            "api" => Some(Role::Api),
+            "worker" => Some(Role::Worker),
+            "writer" => Some(Role::Writer),
+            _ => None,
+        }
+    }
+}
+
+pub fn object_name(pipeline: &str, suffix: &str) -> String {
+    format!("{pipeline}-{suffix}")
+}
+
+/// Labels on every object of a pipeline; cleanup selects on the last two.
+pub fn labels(pipeline: &str, component: &str) -> BTreeMap<String, String> {
+    let mut labels = selector_labels(pipeline, component);
+    labels.insert(MANAGED_BY_LABEL.into(), MANAGER.into());
+    labels.insert(PIPELINE_LABEL.into(), pipeline.into());
+    labels
+}
+
+fn selector_labels(pipeline: &str, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "ocr".to_string()),
+        (
+            "app.kubernetes.io/instance".to_string(),
+            pipeline.to_string(),
+        ),
+        (COMPONENT_LABEL.to_string(), component.to_string()),
+    ])
+}
+
+/// The label selector that finds everything this operator made for `pipeline`.
+pub fn owned_selector(pipeline: &str) -> String {
+    format!("{MANAGED_BY_LABEL}={MANAGER},{PIPELINE_LABEL}={pipeline}")
+}
+
+/// Topics the pipeline needs while `plan` is in force.
+pub fn desired_topics(pipeline: &OcrPipeline, results: bool) -> Vec<String> {
+    let topics = &pipeline.spec.kafka.topics;
+    let mut out = vec![topics.jobs()];
+    if results {
+        out.push(topics.results());
+    }
+    out.push(topics.dead_letter());
+    out
+}
+
+struct Ctx<'a> {
+    p: &'a OcrPipeline,
+    name: String,
+    namespace: String,
+    config_hash: String,
+}
+
+impl Ctx<'_> {
+    fn meta(&self, suffix: &str, component: &str) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(object_name(&self.name, suffix)),
+            namespace: Some(self.namespace.clone()),
+            labels: Some(labels(&self.name, component)),
+            owner_references: self.p.controller_owner_ref(&()).map(|o| vec![o]),
+            ..ObjectMeta::default()
+        }
+    }
+}
+
+pub fn render(p: &OcrPipeline, plan: &Plan, caps: Capabilities) -> Result<Rendered, BuildError> {
+    let name = p
+        .metadata
+        .name
+        .clone()
+        .ok_or(BuildError::MissingMetadata("name"))?;
+    let namespace = p
+        .namespace()
+        .ok_or(BuildError::MissingMetadata("namespace"))?;
+    let toml = runtime_config(p)?;
+    let ctx = Ctx {
+        p,
+        name,
+        namespace,
+        config_hash: format!("{:016x}", fnv1a64(toml.as_bytes())),
+    };
+    let mut out = Rendered::default();
+    push(&mut out, ManagedKind::ConfigMap, &config_map(&ctx, toml))?;
+
+    let api_hpa = p.spec.autoscaling.api.as_ref();
+    push(
+        &mut out,
+        ManagedKind::Deployment,
+        &deployment(&ctx, Role::Api, api_hpa.is_none(), plan)?,
+    )?;
+    push(&mut out, ManagedKind::Service, &api_service(&ctx))?;
+    push(
+        &mut out,
+        ManagedKind::PodDisruptionBudget,
+        &pdb(&ctx, Role::Api),
+    )?;
+    if let Some(scaling) = api_hpa {
+        push(
+            &mut out,
+            ManagedKind::HorizontalPodAutoscaler,
+            &api_hpa_object(&ctx, scaling),
+        )?;
+    }
+
+    let worker_keda = match (&p.spec.autoscaling.worker, caps.keda) {
+        (Some(scaling), true) => Some(scaling),
+        (Some(_), false) => {
+            out.warnings.push(
+                "autoscaling.worker is set but KEDA is not installed: workers keep spec.worker.replicas"
+                    .into(),
+            );
+            None
+        }
+        (None, _) => None,
+    };
+    push(
+        &mut out,
+        ManagedKind::Deployment,
+        &deployment(&ctx, Role::Worker, worker_keda.is_none(), plan)?,
+    )?;
+    push(
+        &mut out,
+        ManagedKind::PodDisruptionBudget,
+        &pdb(&ctx, Role::Worker),
+    )?;
+    if let Some(scaling) = worker_keda {
+        let name = object_name(&ctx.name, Role::Worker.as_str());
+        out.objects.push(DesiredObject {
+            kind: ManagedKind::ScaledObject,
+            name,
+            body: worker_scaled_object(&ctx, scaling),
+        });
+    }
+
+    if plan.writer {
+        push(
+            &mut out,
+            ManagedKind::Deployment,
+            &deployment(&ctx, Role::Writer, true, plan)?,
+        )?;
+        push(
+            &mut out,
+            ManagedKind::PodDisruptionBudget,
+            &pdb(&ctx, Role::Writer),
+        )?;
+    }
+    Ok(out)
+}
+
+fn push<T: Serialize + Resource>(
+    out: &mut Rendered,
+    kind: ManagedKind,
+    object: &T,
+) -> Result<(), BuildError>
+where
+    T::DynamicType: Default,
+{
+    let name = object.meta().name.clone().unwrap_or_default();
+    let mut body = serde_json::to_value(object).map_err(|source| BuildError::Serialize {
+        kind: kind.name(),
+        name: name.clone(),
+        source,
+    })?;
+    // k8s-openapi types serialise without apiVersion/kind; server-side apply needs both.
+    if let Value::Object(map) = &mut body {
+        let dt = T::DynamicType::default();
+        map.insert(
+            "apiVersion".into(),
+            Value::String(T::api_version(&dt).into()),
+        );
+        map.insert("kind".into(), Value::String(T::kind(&dt).into()));
+    }
+    out.objects.push(DesiredObject { kind, name, body });
+    Ok(())
+}
+
+/// FNV-1a: stable across Rust releases (std's hasher is not), so snapshots and
+/// pod-template annotations do not change with the compiler.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+#[derive(Serialize)]
+struct RuntimeToml {
+    server: ServerToml,
+    queue: QueueToml,
+    worker: WorkerToml,
+    model: ModelToml,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis: Option<RedisToml>,
+}
+
+#[derive(Serialize)]
+struct ServerToml {
+    http_addr: String,
+    grpc_addr: String,
+}
+
+#[derive(Serialize)]
+struct QueueToml {
+    kind: &'static str,
+    brokers: String,
+    jobs_topic: String,
+    results_topic: String,
+    dead_letter_topic: String,
+    consumer_group: String,
+}
+
+/// `worker.mode` is not here: it is set per Deployment through `OCR_WORKER__MODE`,
+/// so a migration rolls only the workers and not every pod sharing this file.
+#[derive(Serialize)]
+struct WorkerToml {
+    max_attempts: i32,
+    max_batch_size: i32,
+    max_wait_ms: i32,
+}
+
+#[derive(Serialize)]
+struct ModelToml {
+    dir: &'static str,
+    variant: &'static str,
+    device: &'static str,
+}
+
+/// The URL comes from a secret (`OCR_REDIS__URL`), never from the ConfigMap.
+#[derive(Serialize)]
+struct RedisToml {
+    requests_per_minute: i32,
+}
+
+/// The runtime's `ocr.toml`; keys follow `docs/configuration.md`.
+pub fn runtime_config(p: &OcrPipeline) -> Result<String, toml::ser::Error> {
+    let s = &p.spec;
+    let config = RuntimeToml {
+        server: ServerToml {
+            http_addr: format!("0.0.0.0:{}", s.observability.metrics_port),
+            grpc_addr: format!("0.0.0.0:{GRPC_PORT}"),
+        },
+        queue: QueueToml {
+            kind: "kafka",
+            brokers: s.kafka.bootstrap_servers.clone(),
+            jobs_topic: s.kafka.topics.jobs(),
+            results_topic: s.kafka.topics.results(),
+            dead_letter_topic: s.kafka.topics.dead_letter(),
+            consumer_group: s.kafka.consumer_group.clone(),
+        },
+        worker: WorkerToml {
+            max_attempts: s.worker.max_attempts,
+            max_batch_size: s.worker.batching.max_batch_size,
+            max_wait_ms: s.worker.batching.max_wait_ms,
+        },
+        model: ModelToml {
+            dir: MODEL_DIR,
+            variant: s.model.variant.as_str(),
+            device: match s.model.device {
+                Device::Cpu => "cpu",
+                Device::Cuda => "cuda",
+            },
+        },
+        redis: s.redis.as_ref().map(|r| RedisToml {
+            requests_per_minute: r.requests_per_minute,
+        }),
+    };
+    toml::to_string(&config)
+}
+
+fn config_map(ctx: &Ctx, toml: String) -> ConfigMap {
+    ConfigMap {
+        metadata: ctx.meta("config", "config"),
+        data: Some(BTreeMap::from([("ocr.toml".to_string(), toml)])),
+        ..ConfigMap::default()
+    }
+}
+
+fn secret_env(name: &str, secret: &SecretKey) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.name.clone(),
+                key: secret.key.clone(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..EnvVar::default()
+    }
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+fn worker_resources(ctx: &Ctx) -> Option<ResourceRequirements> {
+    let spec = &ctx.p.spec;
+    let mut resources = spec.worker.resources.clone();
+    if spec.model.device == Device::Cuda {
+        let r = resources.get_or_insert_with(ResourceRequirements::default);
+        r.limits.get_or_insert_with(BTreeMap::new).insert(
+            GPU_RESOURCE.into(),
+            Quantity(spec.worker.gpus_per_pod.to_string()),
+        );
+    }
+    resources
+}
+
+fn anti_affinity(ctx: &Ctx, role: Role) -> Option<Affinity> {
+    let term = PodAffinityTerm {
+        label_selector: Some(LabelSelector {
+            match_labels: Some(selector_labels(&ctx.name, role.as_str())),
+            ..LabelSelector::default()
+        }),
+        topology_key: "kubernetes.io/hostname".into(),
+        ..PodAffinityTerm::default()
+    };
+    let pod_anti_affinity = match ctx.p.spec.availability.anti_affinity {
+        AntiAffinity::None => return None,
+        AntiAffinity::Preferred => PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![
+                WeightedPodAffinityTerm {
+                    weight: 100,
+                    pod_affinity_term: term,
+                },
+            ]),
+            ..PodAntiAffinity::default()
+        },
+        AntiAffinity::Required => PodAntiAffinity {
+            required_during_scheduling_ignored_during_execution: Some(vec![term]),
+            ..PodAntiAffinity::default()
+        },
+    };
+    Some(Affinity {
+        pod_anti_affinity: Some(pod_anti_affinity),
+        ..Affinity::default()
+    })
+}
+
+fn deployment(
+    ctx: &Ctx,
+    role: Role,
+    set_replicas: bool,
+    plan: &Plan,
+) -> Result<Deployment, BuildError> {
+    let spec = &ctx.p.spec;
+    let component = role.as_str();
+    let port = spec.observability.metrics_port;
+
+    let mut env_vars = vec![
+        env("OCR_CONFIG", CONFIG_PATH),
+        env("OCR_LOG_FORMAT", "json"),
+        secret_env("OCR_DATABASE__URL", &spec.database.secret),
+    ];
+    if let Some(redis) = &spec.redis {
+        env_vars.push(secret_env("OCR_REDIS__URL", &redis.secret));
+    }
+    if role == Role::Worker {
+        env_vars.push(env(WORKER_MODE_ENV, plan.worker_mode.as_str()));
+    }
+    if let Some(endpoint) = &spec.observability.otlp_endpoint {
+        env_vars.push(env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()));
+        env_vars.push(env("OTEL_SERVICE_NAME", format!("ocr-{component}")));
+    }
+
+    let mut ports = vec![ContainerPort {
+        name: Some("http".into()),
+        container_port: port,
+        ..ContainerPort::default()
+    }];
+    if role == Role::Api {
+        ports.push(ContainerPort {
+            name: Some("grpc".into()),
+            container_port: GRPC_PORT,
+            ..ContainerPort::default()
+        });
+    }
+
+    let mut mounts = vec![VolumeMount {
+        name: "config".into(),
+        mount_path: "/etc/ocr".into(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }];
+    let mut volumes = vec![Volume {
+        name: "config".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: object_name(&ctx.name, "config"),
+            ..ConfigMapVolumeSource::default()
+        }),
+        ..Volume::default()
+    }];
+    let mut init_containers = Vec::new();
+    if role == Role::Worker {
+        let source = &spec.model.source;
+        mounts.push(VolumeMount {
+            name: "models".into(),
+            mount_path: MODEL_DIR.into(),
+            read_only: Some(true),
+            sub_path: source.volume.as_ref().and_then(|v| v.sub_path.clone()),
+            ..VolumeMount::default()
+        });
+        match (&source.volume, &source.url) {
+            (Some(volume), _) => volumes.push(Volume {
+                name: "models".into(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: volume.claim_name.clone(),
+                    read_only: Some(true),
+                }),
+                ..Volume::default()
+            }),
+            (None, url) => {
+                volumes.push(Volume {
+                    name: "models".into(),
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Volume::default()
+                });
+                if let Some(url) = url {
+                    init_containers.push(Container {
+                        name: "fetch-model".into(),
+                        image: Some(spec.images.model_fetcher.clone()),
+                        image_pull_policy: Some(spec.images.pull_policy.as_str().into()),
+                        command: Some(vec![
+                            "sh".into(),
+                            "-c".into(),
+                            "set -eu; curl -fsSL --retry 5 \"$MODEL_URL\" | tar -xzf - -C /models"
+                                .into(),
+                        ]),
+                        env: Some(vec![env("MODEL_URL", url.clone())]),
+                        volume_mounts: Some(vec![VolumeMount {
+                            name: "models".into(),
+                            mount_path: MODEL_DIR.into(),
+                            ..VolumeMount::default()
+                        }]),
+                        ..Container::default()
+                    });
+                }
+            }
+        }
+    }
+
+    let (resources, replicas, grace) = match role {
+        Role::Api => (spec.api.resources.clone(), spec.api.replicas, 30),
+        Role::Worker => (worker_resources(ctx), spec.worker.replicas, 60),
+        Role::Writer => (spec.writer.resources.clone(), spec.writer.replicas, 60),
+    };
+
+    let container = Container {
+        name: component.into(),
+        image: Some(spec.images.runtime.clone()),
+        image_pull_policy: Some(spec.images.pull_policy.as_str().into()),
+        args: Some(vec![component.into()]),
+        env: Some(env_vars),
+        ports: Some(ports),
+        liveness_probe: Some(http_probe("/livez", 10, 6)),
+        readiness_probe: Some(http_probe("/readyz", 5, 3)),
+        resources,
+        volume_mounts: Some(mounts),
+        // No runAsNonRoot: whether the runtime image has a non-root USER is not
+        // settled yet, and the flag makes pods of a root image fail to start.
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+
+    let (node_selector, tolerations) = if role == Role::Worker {
+        (
+            Some(spec.worker.node_selector.clone()).filter(|m| !m.is_empty()),
+            Some(spec.worker.tolerations.clone()).filter(|t| !t.is_empty()),
+        )
+    } else {
+        (None, None)
+    };
+
+    let annotations = BTreeMap::from([
+        (CONFIG_HASH_ANNOTATION.to_string(), ctx.config_hash.clone()),
+        ("prometheus.io/scrape".to_string(), "true".to_string()),
+        ("prometheus.io/port".to_string(), port.to_string()),
+        ("prometheus.io/path".to_string(), "/metrics".to_string()),
+    ]);
+
+    // Workers hold GPUs, which are rarely free for a surge pod: replace in place.
+    // API and writer pods are cheap: surge so capacity never drops.
+    let (max_surge, max_unavailable) = match role {
+        Role::Worker => (IntOrString::Int(0), IntOrString::Int(1)),
+        Role::Api | Role::Writer => (IntOrString::Int(1), IntOrString::Int(0)),
+    };
+
+    let pull_secrets = Some(
+        spec.images
+            .pull_secrets
+            .iter()
+            .map(|name| LocalObjectReference { name: name.clone() })
+            .collect::<Vec<_>>(),
+    )
+    .filter(|v| !v.is_empty());
+
+    Ok(Deployment {
+        metadata: ctx.meta(component, component),
+        spec: Some(DeploymentSpec {
+            // Left out when an autoscaler owns the count, so applies do not fight it.
+            replicas: set_replicas.then_some(replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(&ctx.name, component)),
+                ..LabelSelector::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(max_surge),
+                    max_unavailable: Some(max_unavailable),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(&ctx.name, component)),
+                    annotations: Some(annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    init_containers: Some(init_containers).filter(|c| !c.is_empty()),
+                    volumes: Some(volumes),
+                    affinity: anti_affinity(ctx, role),
+                    node_selector,
+                    tolerations,
+                    image_pull_secrets: pull_secrets,
+                    termination_grace_period_seconds: Some(grace),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    })
+}
+
+fn api_service(ctx: &Ctx) -> Service {
+    let spec = &ctx.p.spec.api.service;
+    Service {
+        metadata: ctx.meta("api", "api"),
+        spec: Some(ServiceSpec {
+            type_: Some(spec.type_.as_str().into()),
+            selector: Some(selector_labels(&ctx.name, "api")),
+            ports: Some(vec![
+                ServicePort {
+                    name: Some("http".into()),
+                    port: spec.port,
+                    target_port: Some(IntOrString::String("http".into())),
+                    ..ServicePort::default()
+                },
+                ServicePort {
+                    name: Some("grpc".into()),
+                    port: GRPC_PORT,
+                    target_port: Some(IntOrString::String("grpc".into())),
+                    ..ServicePort::default()
+                },
+            ]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn pdb(ctx: &Ctx, role: Role) -> PodDisruptionBudget {
+    let budget = &ctx.p.spec.availability.disruption_budget;
+    let (min_available, max_unavailable) = match (&budget.min_available, &budget.max_unavailable) {
+        (None, None) => (None, Some(IntOrString::Int(1))),
+        (min, max) => (min.clone(), max.clone()),
+    };
+    PodDisruptionBudget {
+        metadata: ctx.meta(role.as_str(), role.as_str()),
+        spec: Some(PodDisruptionBudgetSpec {
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(&ctx.name, role.as_str())),
+                ..LabelSelector::default()
+            }),
+            min_available,
+            max_unavailable,
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}
+
+fn api_hpa_object(ctx: &Ctx, scaling: &crate::crd::CpuScaling) -> HorizontalPodAutoscaler {
+    HorizontalPodAutoscaler {
+        metadata: ctx.meta("api", "api"),
+        spec: Some(HorizontalPodAutoscalerSpec {
+            scale_target_ref: CrossVersionObjectReference {
+                api_version: Some("apps/v1".into()),
+                kind: "Deployment".into(),
+                name: object_name(&ctx.name, "api"),
+            },
+            min_replicas: Some(scaling.min_replicas),
+            max_replicas: scaling.max_replicas,
+            metrics: Some(vec![MetricSpec {
+                type_: "Resource".into(),
+                resource: Some(ResourceMetricSource {
+                    name: "cpu".into(),
+                    target: MetricTarget {
+                        type_: "Utilization".into(),
+                        average_utilization: Some(scaling.target_cpu_utilization),
+                        ..MetricTarget::default()
+                    },
+                }),
+                ..MetricSpec::default()
+            }]),
+            ..HorizontalPodAutoscalerSpec::default()
+        }),
+        ..HorizontalPodAutoscaler::default()
+    }
+}
+
+fn worker_scaled_object(ctx: &Ctx, scaling: &crate::crd::LagScaling) -> Value {
+    let spec = &ctx.p.spec;
+    let meta = ctx.meta("worker", "worker");
+    // A consumer beyond the partition count gets no partition and sits idle.
+    let max = scaling.max_replicas.min(spec.kafka.partitions);
+    json!({
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": meta,
+        "spec": {
+            "scaleTargetRef": {"name": object_name(&ctx.name, "worker")},
+            "minReplicaCount": scaling.min_replicas.min(max),
+            "maxReplicaCount": max,
+            "triggers": [{
+                "type": "kafka",
+                "metadata": {
+                    "bootstrapServers": spec.kafka.bootstrap_servers,
+                    "consumerGroup": spec.kafka.consumer_group,
+                    "topic": spec.kafka.topics.jobs(),
+                    "lagThreshold": scaling.lag_threshold.to_string(),
+                },
+            }],
+        },
+    })
+}
+
+/// Whether the results topic is still in use: by the writer, or by either end of a migration.
+pub fn needs_results_topic(plan: &Plan) -> bool {
+    plan.writer
+        || plan.architecture == Architecture::Writer
+        || plan
+            .migration
+            .as_ref()
+            .is_some_and(|m| m.to == Architecture::Writer || m.from == Architecture::Writer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv_matches_the_reference_vectors() {
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+}

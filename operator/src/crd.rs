@@ -1,0 +1,698 @@
+//! The `OcrPipeline` custom resource (`ocr.serving.dev/v1alpha1`).
+//!
+//! Every optional section has a default, so the smallest useful object names
+//! only the Kafka brokers, the database secret and the model source. Defaults
+//! are written into the schema too, so `kubectl get -o yaml` shows what runs.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub const GROUP: &str = "ocr.serving.dev";
+pub const VERSION: &str = "v1alpha1";
+pub const KIND: &str = "OcrPipeline";
+
+// Each printcolumn repeats `type_ = "string"`, which clippy mistakes for a repeated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "ocr.serving.dev",
+    version = "v1alpha1",
+    kind = "OcrPipeline",
+    namespaced,
+    status = "OcrPipelineStatus",
+    derive = "PartialEq",
+    shortname = "ocrp",
+    category = "ocr",
+    doc = "An OCR serving pipeline: API, GPU workers and (in writer architecture) result writers",
+    printcolumn(
+        name = "Architecture",
+        type_ = "string",
+        json_path = ".spec.architecture"
+    ),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct OcrPipelineSpec {
+    /// Topology. Changing it migrates the running pipeline without losing jobs.
+    #[serde(default)]
+    pub architecture: Architecture,
+    #[serde(default)]
+    pub images: Images,
+    pub model: ModelSpec,
+    #[serde(default)]
+    pub api: ApiSpec,
+    #[serde(default)]
+    pub worker: WorkerSpec,
+    #[serde(default)]
+    pub writer: WriterSpec,
+    pub kafka: KafkaSpec,
+    pub database: DatabaseSpec,
+    /// Optional Redis for deduplication and rate limiting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisSpec>,
+    #[serde(default)]
+    pub autoscaling: AutoscalingSpec,
+    #[serde(default)]
+    pub availability: AvailabilitySpec,
+    #[serde(default)]
+    pub observability: ObservabilitySpec,
+}
+
+#[derive(
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    Default,
+    JsonSchema,
+    PartialOrd,
+    Ord,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// Workers infer one job at a time and write results to the database.
+    #[default]
+    Standard,
+    /// Workers infer micro-batches and write results to the database.
+    Batched,
+    /// Workers publish results to a topic; writer pods persist them.
+    Writer,
+}
+
+impl Architecture {
+    pub const ALL: [Architecture; 3] = [
+        Architecture::Standard,
+        Architecture::Batched,
+        Architecture::Writer,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Architecture::Standard => "standard",
+            Architecture::Batched => "batched",
+            Architecture::Writer => "writer",
+        }
+    }
+}
+
+impl std::fmt::Display for Architecture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Images {
+    /// The `ocr-runtime` image used by every role.
+    #[serde(default = "default_runtime_image")]
+    #[schemars(length(min = 1))]
+    pub runtime: String,
+    /// Image of the init container that downloads `model.source.url`; it needs `sh`, `curl` and `tar`.
+    #[serde(default = "default_fetcher_image")]
+    #[schemars(length(min = 1))]
+    pub model_fetcher: String,
+    #[serde(default)]
+    pub pull_policy: PullPolicy,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pull_secrets: Vec<String>,
+}
+
+impl Default for Images {
+    fn default() -> Self {
+        Images {
+            runtime: default_runtime_image(),
+            model_fetcher: default_fetcher_image(),
+            pull_policy: PullPolicy::default(),
+            pull_secrets: Vec::new(),
+        }
+    }
+}
+
+fn default_runtime_image() -> String {
+    "ghcr.io/ocr-serving/ocr-runtime:0.1.0".into()
+}
+
+fn default_fetcher_image() -> String {
+    "curlimages/curl:8.11.1".into()
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum PullPolicy {
+    Always,
+    #[default]
+    IfNotPresent,
+    Never,
+}
+
+impl PullPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Always => "Always",
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Never => "Never",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSpec {
+    #[serde(default)]
+    pub variant: ModelVariant,
+    #[serde(default)]
+    pub device: Device,
+    pub source: ModelSource,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum ModelVariant {
+    #[default]
+    #[serde(rename = "v6-small")]
+    V6Small,
+    #[serde(rename = "v6-tiny")]
+    V6Tiny,
+    #[serde(rename = "v5-mobile")]
+    V5Mobile,
+}
+
+impl ModelVariant {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelVariant::V6Small => "v6-small",
+            ModelVariant::V6Tiny => "v6-tiny",
+            ModelVariant::V5Mobile => "v5-mobile",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    #[default]
+    Cpu,
+    Cuda,
+}
+
+/// Where the PP-OCR ONNX files come from: exactly one of `volume` or `url`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.volume) != has(self.url)").message("set exactly one of volume or url"))]
+pub struct ModelSource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<ModelVolume>,
+    /// A `.tar.gz` with the model files at its root, downloaded by an init container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("url must be http(s)"))]
+    pub url: Option<String>,
+}
+
+/// An existing PersistentVolumeClaim that holds the model files.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelVolume {
+    #[schemars(length(min = 1))]
+    pub claim_name: String,
+    /// Directory inside the volume; the volume root when empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub_path: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiSpec {
+    #[serde(default = "two")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default)]
+    pub service: ServiceSpec,
+}
+
+impl Default for ApiSpec {
+    fn default() -> Self {
+        ApiSpec {
+            replicas: two(),
+            resources: None,
+            service: ServiceSpec::default(),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    #[serde(default, rename = "type")]
+    pub type_: ServiceType,
+    #[serde(default = "default_service_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+}
+
+impl Default for ServiceSpec {
+    fn default() -> Self {
+        ServiceSpec {
+            type_: ServiceType::default(),
+            port: default_service_port(),
+        }
+    }
+}
+
+fn default_service_port() -> i32 {
+    80
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ServiceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerSpec {
+    #[serde(default = "one")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+    /// `nvidia.com/gpu` limit per pod when `model.device` is `cuda`.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 16))]
+    pub gpus_per_pod: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default)]
+    pub batching: BatchingSpec,
+    /// Claims of one job before it is dead-lettered.
+    #[serde(default = "default_max_attempts")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_attempts: i32,
+}
+
+impl Default for WorkerSpec {
+    fn default() -> Self {
+        WorkerSpec {
+            replicas: one(),
+            gpus_per_pod: one(),
+            resources: None,
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            batching: BatchingSpec::default(),
+            max_attempts: default_max_attempts(),
+        }
+    }
+}
+
+fn default_max_attempts() -> i32 {
+    5
+}
+
+/// Used by the `batched` architecture only.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchingSpec {
+    #[serde(default = "default_max_batch_size")]
+    #[schemars(range(min = 1, max = 256))]
+    pub max_batch_size: i32,
+    #[serde(default = "default_max_wait_ms")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub max_wait_ms: i32,
+}
+
+impl Default for BatchingSpec {
+    fn default() -> Self {
+        BatchingSpec {
+            max_batch_size: default_max_batch_size(),
+            max_wait_ms: default_max_wait_ms(),
+        }
+    }
+}
+
+fn default_max_batch_size() -> i32 {
+    8
+}
+
+fn default_max_wait_ms() -> i32 {
+    20
+}
+
+/// Result writers; deployed only in the `writer` architecture.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WriterSpec {
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub replicas: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Not rendered yet: the runtime has no `writer.*` configuration keys.
+    #[serde(default = "default_writer_retries")]
+    #[schemars(range(min = 0, max = 100))]
+    pub retries: i32,
+    /// Not rendered yet: the runtime has no `writer.*` configuration keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookSpec>,
+}
+
+impl Default for WriterSpec {
+    fn default() -> Self {
+        WriterSpec {
+            replicas: one(),
+            resources: None,
+            retries: default_writer_retries(),
+            webhook: None,
+        }
+    }
+}
+
+fn default_writer_retries() -> i32 {
+    3
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookSpec {
+    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("url must be http(s)"))]
+    pub url: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaSpec {
+    /// Comma-separated `host:port` list.
+    #[schemars(length(min = 1))]
+    pub bootstrap_servers: String,
+    /// Not rendered yet: the runtime has no Kafka credential keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+    #[serde(default)]
+    pub topics: TopicsSpec,
+    #[serde(default = "default_partitions")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub partitions: i32,
+    #[serde(default = "default_replication_factor")]
+    #[schemars(range(min = 1, max = 10))]
+    pub replication_factor: i32,
+    #[serde(default = "default_consumer_group")]
+    #[schemars(length(min = 1))]
+    pub consumer_group: String,
+}
+
+fn default_partitions() -> i32 {
+    12
+}
+
+fn default_replication_factor() -> i32 {
+    3
+}
+
+fn default_consumer_group() -> String {
+    "ocr-worker".into()
+}
+
+/// Topic names; any name left out is `<prefix>.jobs`, `<prefix>.results` or `<prefix>.dead-letter`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TopicsSpec {
+    #[serde(default = "default_topic_prefix")]
+    #[schemars(length(min = 1), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
+    pub prefix: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
+    pub jobs: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
+    pub results: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
+    pub dead_letter: Option<String>,
+}
+
+impl Default for TopicsSpec {
+    fn default() -> Self {
+        TopicsSpec {
+            prefix: default_topic_prefix(),
+            jobs: None,
+            results: None,
+            dead_letter: None,
+        }
+    }
+}
+
+fn default_topic_prefix() -> String {
+    "ocr".into()
+}
+
+impl TopicsSpec {
+    pub fn jobs(&self) -> String {
+        self.jobs
+            .clone()
+            .unwrap_or_else(|| format!("{}.jobs", self.prefix))
+    }
+
+    pub fn results(&self) -> String {
+        self.results
+            .clone()
+            .unwrap_or_else(|| format!("{}.results", self.prefix))
+    }
+
+    pub fn dead_letter(&self) -> String {
+        self.dead_letter
+            .clone()
+            .unwrap_or_else(|| format!("{}.dead-letter", self.prefix))
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseSpec {
+    /// Secret with the MySQL URL (`mysql://user:pass@host:3306/db`).
+    pub secret: SecretKey,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisSpec {
+    /// Secret with the Redis URL.
+    pub secret: SecretKey,
+    /// Per client; 0 turns rate limiting off.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub requests_per_minute: i32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKey {
+    #[schemars(length(min = 1))]
+    pub name: String,
+    #[serde(default = "default_secret_key")]
+    #[schemars(length(min = 1))]
+    pub key: String,
+}
+
+fn default_secret_key() -> String {
+    "url".into()
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingSpec {
+    /// API pods, on CPU utilisation (HorizontalPodAutoscaler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<CpuScaling>,
+    /// Workers, on jobs-topic lag (KEDA ScaledObject, only where KEDA is installed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<LagScaling>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.maxReplicas >= self.minReplicas").message("maxReplicas must be at least minReplicas"))]
+pub struct CpuScaling {
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_replicas: i32,
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    #[serde(default = "default_cpu_target")]
+    #[schemars(range(min = 1, max = 100))]
+    pub target_cpu_utilization: i32,
+}
+
+fn default_cpu_target() -> i32 {
+    70
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.maxReplicas >= self.minReplicas").message("maxReplicas must be at least minReplicas"))]
+pub struct LagScaling {
+    #[schemars(range(min = 0, max = 1000))]
+    pub min_replicas: i32,
+    /// Capped at `kafka.partitions`: more consumers than partitions sit idle.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// Messages of lag per replica.
+    #[serde(default = "default_lag_threshold")]
+    #[schemars(range(min = 1))]
+    pub lag_threshold: i32,
+}
+
+fn default_lag_threshold() -> i32 {
+    10
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AvailabilitySpec {
+    #[serde(default)]
+    pub disruption_budget: DisruptionBudget,
+    #[serde(default)]
+    pub anti_affinity: AntiAffinity,
+}
+
+/// One PodDisruptionBudget per role; at most one of the two fields. Neither: `maxUnavailable: 1`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.minAvailable) && has(self.maxUnavailable))").message("set at most one of minAvailable or maxUnavailable"))]
+pub struct DisruptionBudget {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_available: Option<IntOrString>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unavailable: Option<IntOrString>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum AntiAffinity {
+    /// Spread pods of one role across nodes where the scheduler can.
+    #[default]
+    Preferred,
+    /// Never two pods of one role on a node.
+    Required,
+    None,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservabilitySpec {
+    /// The runtime's HTTP port, which serves the API, `/livez`, `/readyz` and `/metrics`.
+    #[serde(default = "default_metrics_port")]
+    #[schemars(range(min = 1024, max = 65535))]
+    pub metrics_port: i32,
+    /// OTLP collector, e.g. `http://otel-collector:4317`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+}
+
+impl Default for ObservabilitySpec {
+    fn default() -> Self {
+        ObservabilitySpec {
+            metrics_port: default_metrics_port(),
+            otlp_endpoint: None,
+        }
+    }
+}
+
+fn default_metrics_port() -> i32 {
+    8080
+}
+
+fn one() -> i32 {
+    1
+}
+
+fn two() -> i32 {
+    2
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OcrPipelineStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// The architecture that is fully rolled out; differs from the spec during a migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<Architecture>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<Migration>,
+    /// Topics the pipeline needs (jobs, results in writer architecture, dead letters).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topics: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    Pending,
+    Running,
+    Migrating,
+    Degraded,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Migration {
+    pub from: Architecture,
+    pub to: Architecture,
+    pub phase: MigrationPhase,
+    pub started_at: Time,
+}
+
+/// Steps of a migration, in the order each path takes them (see `migration.rs`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum MigrationPhase {
+    /// → writer: the results topic must exist before anything publishes to it.
+    EnsuringResultsTopic,
+    /// → writer: writer pods must be Available before workers hand results to them.
+    StartingWriter,
+    /// Workers roll to the target mode.
+    RollingWorkers,
+    /// writer →: workers write directly; the writer drains the results topic.
+    DrainingResults,
+    /// writer →: results lag was 0; the writer is being deleted.
+    RemovingWriter,
+}
+
+/// The CRD as YAML, exactly as `ocr-operator crdgen` writes it.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    serde_yaml::to_string(&OcrPipeline::crd())
+}

@@ -1,0 +1,210 @@
+//! Properties of rendered objects that matter beyond "same as last time".
+
+mod support;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use ocr_operator::build::{render, runtime_config, Capabilities, ManagedKind, Rendered};
+use ocr_operator::crd::OcrPipeline;
+use ocr_operator::migration::{step, Observed};
+use serde_json::Value;
+
+fn rendered(p: &OcrPipeline, keda: bool) -> Rendered {
+    let now = Time(Timestamp::from_second(1_800_000_000).expect("valid timestamp"));
+    let plan = step(None, None, p.spec.architecture, &Observed::default(), &now);
+    render(p, &plan, Capabilities { keda }).expect("renders")
+}
+
+fn object<'a>(r: &'a Rendered, kind: ManagedKind, name: &str) -> Option<&'a Value> {
+    r.objects
+        .iter()
+        .find(|o| o.kind == kind && o.name == name)
+        .map(|o| &o.body)
+}
+
+fn env<'a>(deployment: &'a Value, name: &str) -> Option<&'a Value> {
+    deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)
+}
+
+#[test]
+fn workers_get_gpu_limits_and_their_mode() {
+    for arch in ["standard", "batched", "writer"] {
+        let r = rendered(&support::pipeline(arch), true);
+        let worker = object(&r, ManagedKind::Deployment, "demo-worker").expect("worker");
+        let container = &worker["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(container["resources"]["limits"]["nvidia.com/gpu"], "1");
+        assert_eq!(container["args"][0], "worker");
+        assert_eq!(
+            env(worker, "OCR_WORKER__MODE").expect("mode env")["value"],
+            arch
+        );
+        let api = object(&r, ManagedKind::Deployment, "demo-api").expect("api");
+        assert!(
+            api["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+                ["nvidia.com/gpu"]
+                .is_null(),
+            "the API never holds a GPU"
+        );
+    }
+}
+
+#[test]
+fn writer_deployment_exists_only_in_writer_architecture() {
+    for (arch, expected) in [("standard", false), ("batched", false), ("writer", true)] {
+        let r = rendered(&support::pipeline(arch), true);
+        let writer = object(&r, ManagedKind::Deployment, "demo-writer");
+        assert_eq!(writer.is_some(), expected, "{arch}");
+        assert_eq!(
+            object(&r, ManagedKind::PodDisruptionBudget, "demo-writer").is_some(),
+            expected,
+            "{arch}"
+        );
+        if let Some(writer) = writer {
+            assert_eq!(
+                writer["spec"]["template"]["spec"]["containers"][0]["args"][0],
+                "writer"
+            );
+            assert_eq!(writer["spec"]["replicas"], 2);
+        }
+    }
+}
+
+#[test]
+fn autoscaled_roles_leave_replicas_to_the_autoscaler() {
+    let r = rendered(&support::pipeline("standard"), true);
+    let api = object(&r, ManagedKind::Deployment, "demo-api").expect("api");
+    assert!(api["spec"]["replicas"].is_null());
+    let hpa = object(&r, ManagedKind::HorizontalPodAutoscaler, "demo-api").expect("hpa");
+    assert_eq!(hpa["spec"]["maxReplicas"], 6);
+    let worker = object(&r, ManagedKind::Deployment, "demo-worker").expect("worker");
+    assert!(worker["spec"]["replicas"].is_null());
+    let scaled = object(&r, ManagedKind::ScaledObject, "demo-worker").expect("scaled object");
+    assert_eq!(
+        scaled["spec"]["maxReplicaCount"], 6,
+        "capped at kafka.partitions, not autoscaling.worker.maxReplicas (20)"
+    );
+    assert_eq!(
+        scaled["spec"]["triggers"][0]["metadata"]["topic"],
+        "ocr.jobs"
+    );
+}
+
+#[test]
+fn without_keda_workers_keep_static_replicas_and_a_warning() {
+    let r = rendered(&support::pipeline("standard"), false);
+    assert!(object(&r, ManagedKind::ScaledObject, "demo-worker").is_none());
+    let worker = object(&r, ManagedKind::Deployment, "demo-worker").expect("worker");
+    assert_eq!(worker["spec"]["replicas"], 3);
+    assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+}
+
+#[test]
+fn every_object_is_labelled_and_owned() {
+    let r = rendered(&support::pipeline("writer"), true);
+    assert!(r.objects.len() >= 10);
+    for o in &r.objects {
+        let meta = &o.body["metadata"];
+        assert_eq!(
+            meta["labels"]["app.kubernetes.io/managed-by"],
+            "ocr-operator"
+        );
+        assert_eq!(meta["labels"]["ocr.serving.dev/pipeline"], "demo");
+        assert_eq!(meta["namespace"], "ocr");
+        let owner = &meta["ownerReferences"][0];
+        assert_eq!(owner["kind"], "OcrPipeline");
+        assert_eq!(owner["controller"], true);
+        assert!(o.body["apiVersion"].is_string() && o.body["kind"].is_string());
+    }
+}
+
+#[test]
+fn runtime_config_uses_only_documented_keys() {
+    let toml = runtime_config(&support::pipeline("batched")).expect("renders");
+    let parsed: toml::Table = toml.parse().expect("valid TOML");
+    // docs/configuration.md: the runtime rejects unknown keys, so every one must be listed there.
+    let allowed = [
+        ("server", &["http_addr", "grpc_addr"][..]),
+        (
+            "queue",
+            &[
+                "kind",
+                "brokers",
+                "jobs_topic",
+                "results_topic",
+                "dead_letter_topic",
+                "consumer_group",
+            ][..],
+        ),
+        (
+            "worker",
+            &["max_attempts", "max_batch_size", "max_wait_ms"][..],
+        ),
+        ("model", &["dir", "variant", "device"][..]),
+        ("redis", &["requests_per_minute"][..]),
+    ];
+    for (section, values) in &parsed {
+        let keys = allowed
+            .iter()
+            .find(|(s, _)| s == section)
+            .unwrap_or_else(|| panic!("undocumented section {section}"))
+            .1;
+        for key in values.as_table().expect("sections are tables").keys() {
+            assert!(
+                keys.contains(&key.as_str()),
+                "undocumented key {section}.{key}"
+            );
+        }
+    }
+    assert_eq!(parsed["worker"]["max_batch_size"].as_integer(), Some(16));
+    assert_eq!(parsed["model"]["device"].as_str(), Some("cuda"));
+    assert!(
+        !toml.contains("mysql"),
+        "secrets never land in the ConfigMap"
+    );
+}
+
+#[test]
+fn config_changes_roll_pods_through_the_template_hash() {
+    let a = rendered(&support::pipeline("standard"), true);
+    let mut changed = support::pipeline("standard");
+    changed.spec.worker.batching.max_wait_ms = 99;
+    let b = rendered(&changed, true);
+    let hash = |r: &Rendered| {
+        object(r, ManagedKind::Deployment, "demo-worker").expect("worker")["spec"]["template"]
+            ["metadata"]["annotations"]["ocr.serving.dev/config-hash"]
+            .clone()
+    };
+    assert_ne!(hash(&a), hash(&b));
+}
+
+#[test]
+fn the_example_parses_validates_and_renders() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/ocrpipeline.yaml");
+    let text = std::fs::read_to_string(path).expect("example exists");
+    let mut p: OcrPipeline = serde_yaml::from_str(&text).expect("example parses");
+    ocr_operator::controller::validate(&p.spec).expect("example is valid");
+    p.metadata.uid = Some("00000000-0000-4000-8000-000000000003".into());
+    let r = rendered(&p, true);
+    let worker = object(&r, ManagedKind::Deployment, "ocr-worker").expect("worker");
+    assert_eq!(
+        env(worker, "OCR_WORKER__MODE").expect("mode")["value"],
+        "batched"
+    );
+}
+
+#[test]
+fn the_rbac_manifest_covers_every_managed_kind() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/rbac.yaml");
+    let text = std::fs::read_to_string(path).expect("rbac exists");
+    for kind in ManagedKind::ALL {
+        let plural = kind.api_resource().plural;
+        assert!(
+            text.contains(&format!("\"{plural}\"")),
+            "deploy/rbac.yaml lacks {plural}"
+        );
+    }
+}

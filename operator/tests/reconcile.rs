@@ -1,0 +1,422 @@
+//! Reconcile against an in-memory API server (tower-test mock service):
+//! create, update, migrate both ways and delete through the finalizer.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+
+use kube::runtime::controller::Action;
+use kube::runtime::events::Recorder;
+use kube::Api;
+use ocr_operator::build::Capabilities;
+use ocr_operator::controller::{reconcile, Context, Error, FINALIZER};
+use ocr_operator::crd::OcrPipeline;
+use ocr_operator::kafka::{BoxFuture, KafkaAdmin, KafkaError, TopicSpec};
+use ocr_operator::metrics::Metrics;
+use serde_json::{json, Value};
+use support::{deployments, pipelines, FakeApi, NAME, NAMESPACE};
+
+#[derive(Default)]
+struct FakeKafka {
+    lag: Mutex<Option<u64>>,
+    ensured: Mutex<Vec<Vec<String>>>,
+}
+
+impl KafkaAdmin for FakeKafka {
+    fn ensure_topics<'a>(
+        &'a self,
+        topics: &'a [TopicSpec],
+    ) -> BoxFuture<'a, Result<(), KafkaError>> {
+        Box::pin(async move {
+            self.ensured
+                .lock()
+                .expect("lock")
+                .push(topics.iter().map(|t| t.name.clone()).collect());
+            Ok(())
+        })
+    }
+
+    fn results_lag<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<u64, KafkaError>> {
+        Box::pin(async move {
+            (*self.lag.lock().expect("lock")).ok_or_else(|| KafkaError::LagUnavailable {
+                topic: topic.into(),
+                reason: "test".into(),
+            })
+        })
+    }
+}
+
+struct Harness {
+    fake: FakeApi,
+    kafka: Arc<FakeKafka>,
+    ctx: Arc<Context>,
+}
+
+impl Harness {
+    fn new(architecture: &str) -> Harness {
+        let fake = FakeApi::default();
+        fake.insert(&pipelines(NAMESPACE), support::pipeline_json(architecture));
+        let kafka = Arc::new(FakeKafka::default());
+        let client = fake.client();
+        let ctx = Arc::new(Context {
+            client: client.clone(),
+            recorder: Recorder::new(client, "ocr-operator".into()),
+            kafka: kafka.clone(),
+            capabilities: Capabilities { keda: true },
+            metrics: Arc::new(Metrics::default()),
+        });
+        Harness { fake, kafka, ctx }
+    }
+
+    /// Reads the pipeline back, as the controller's watch would deliver it.
+    async fn reconcile(&self) -> Result<Action, Error> {
+        let api: Api<OcrPipeline> = Api::namespaced(self.ctx.client.clone(), NAMESPACE);
+        let current = api.get(NAME).await.expect("pipeline exists");
+        self.fake.clear_log();
+        reconcile(Arc::new(current), self.ctx.clone()).await
+    }
+
+    fn status(&self) -> Value {
+        self.fake
+            .get(&pipelines(NAMESPACE), NAME)
+            .expect("pipeline")["status"]
+            .clone()
+    }
+
+    fn phase(&self) -> Value {
+        self.status()["migration"]["phase"].clone()
+    }
+
+    fn deployment(&self, role: &str) -> Option<Value> {
+        self.fake
+            .get(&deployments(NAMESPACE), &format!("{NAME}-{role}"))
+    }
+
+    fn worker_mode(&self) -> Value {
+        let worker = self.deployment("worker").expect("worker deployment");
+        worker["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .find(|e| e["name"] == "OCR_WORKER__MODE")
+            .expect("mode")["value"]
+            .clone()
+    }
+
+    fn set_architecture(&self, architecture: &str) {
+        self.fake.update(&pipelines(NAMESPACE), NAME, |p| {
+            p["spec"]["architecture"] = json!(architecture);
+            let generation = p["metadata"]["generation"].as_i64().unwrap_or(1);
+            p["metadata"]["generation"] = json!(generation + 1);
+        });
+    }
+
+    fn roll_out(&self, role: &str) {
+        self.fake.roll_out(NAMESPACE, &format!("{NAME}-{role}"));
+    }
+
+    async fn create_and_settle(&self) {
+        self.reconcile().await.expect("adds the finalizer");
+        self.reconcile().await.expect("applies");
+        for role in ["api", "worker", "writer"] {
+            if self.deployment(role).is_some() {
+                self.roll_out(role);
+            }
+        }
+        self.reconcile().await.expect("settles");
+        assert_eq!(self.status()["phase"], "Running", "{}", self.status());
+    }
+}
+
+fn summaries(fake: &FakeApi) -> Vec<String> {
+    fake.log().iter().map(|r| r.summary()).collect()
+}
+
+#[tokio::test]
+async fn create_adds_finalizer_then_applies_every_object() {
+    let h = Harness::new("standard");
+
+    let action = h.reconcile().await.expect("first reconcile");
+    assert_eq!(action, Action::await_change());
+    let log = h.fake.log();
+    assert_eq!(
+        log.len(),
+        1,
+        "only the finalizer patch: {:?}",
+        summaries(&h.fake)
+    );
+    assert_eq!(log[0].method, "PATCH");
+    assert!(log[0].content_type.contains("json-patch"));
+    let stored = h.fake.get(&pipelines(NAMESPACE), NAME).expect("pipeline");
+    assert_eq!(stored["metadata"]["finalizers"], json!([FINALIZER]));
+
+    h.reconcile().await.expect("second reconcile");
+    let log = h.fake.log();
+    let applies: Vec<String> = log
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.content_type.contains("apply-patch"))
+        .map(|r| r.summary())
+        .collect();
+    assert_eq!(
+        applies,
+        [
+            "PATCH configmaps/demo-config",
+            "PATCH deployments/demo-api",
+            "PATCH services/demo-api",
+            "PATCH poddisruptionbudgets/demo-api",
+            "PATCH horizontalpodautoscalers/demo-api",
+            "PATCH deployments/demo-worker",
+            "PATCH poddisruptionbudgets/demo-worker",
+            "PATCH scaledobjects/demo-worker",
+            "PATCH ocrpipelines/demo/status",
+        ]
+    );
+    for r in log
+        .iter()
+        .filter(|r| r.content_type.contains("apply-patch"))
+    {
+        assert!(r.query.contains("fieldManager=ocr-operator"), "{}", r.query);
+        assert!(r.query.contains("force=true"), "{}", r.query);
+    }
+    let first_apply = log
+        .iter()
+        .position(|r| r.method == "PATCH")
+        .expect("applies");
+    assert!(
+        log[..first_apply].iter().all(|r| r.method == "GET"),
+        "observes before it applies: {:?}",
+        summaries(&h.fake)
+    );
+    assert_eq!(
+        log.last().map(|r| r.summary()).as_deref(),
+        Some("PATCH ocrpipelines/demo/status")
+    );
+    assert!(log.iter().all(|r| r.method != "DELETE"));
+
+    let worker = h.deployment("worker").expect("worker");
+    assert_eq!(worker["metadata"]["ownerReferences"][0]["name"], NAME);
+    assert_eq!(h.worker_mode(), "standard");
+    assert!(h.deployment("writer").is_none());
+    let status = h.status();
+    assert_eq!(status["architecture"], "standard");
+    assert_eq!(status["phase"], "Pending");
+    assert_eq!(status["topics"], json!(["ocr.jobs", "ocr.dead-letter"]));
+
+    h.roll_out("api");
+    h.roll_out("worker");
+    h.reconcile().await.expect("third reconcile");
+    let status = h.status();
+    assert_eq!(status["phase"], "Running");
+    let ready = status["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .expect("Ready condition")
+        .clone();
+    assert_eq!(ready["status"], "True");
+}
+
+#[tokio::test]
+async fn update_to_batched_rolls_workers_and_keeps_transition_times() {
+    let h = Harness::new("standard");
+    h.create_and_settle().await;
+    let ready_since = |s: &Value| {
+        s["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "Degraded").cloned())
+            .expect("Degraded condition")["lastTransitionTime"]
+            .clone()
+    };
+    let degraded_before = ready_since(&h.status());
+
+    h.set_architecture("batched");
+    h.reconcile().await.expect("starts the migration");
+    assert_eq!(h.phase(), "RollingWorkers");
+    assert_eq!(h.worker_mode(), "batched");
+    assert_eq!(h.status()["architecture"], "standard", "not rolled out yet");
+    assert_eq!(h.status()["phase"], "Migrating");
+
+    h.reconcile().await.expect("waits for the rollout");
+    assert_eq!(h.phase(), "RollingWorkers");
+
+    h.roll_out("worker");
+    h.reconcile().await.expect("completes");
+    let status = h.status();
+    assert_eq!(status["architecture"], "batched");
+    assert!(status["migration"].is_null());
+    assert_eq!(
+        ready_since(&status),
+        degraded_before,
+        "Degraded stayed False, so its lastTransitionTime is kept"
+    );
+}
+
+#[tokio::test]
+async fn migrates_to_writer_and_back_without_dropping_results() {
+    let h = Harness::new("standard");
+    h.create_and_settle().await;
+
+    // standard → writer
+    h.set_architecture("writer");
+    h.reconcile().await.expect("topic, then writer");
+    assert_eq!(h.phase(), "StartingWriter");
+    assert!(h.deployment("writer").is_some(), "writer is created first");
+    assert_eq!(h.worker_mode(), "standard", "workers wait for the writer");
+    let ensured = h.kafka.ensured.lock().expect("lock").clone();
+    assert!(ensured
+        .last()
+        .is_some_and(|t| t.contains(&"ocr.results".to_string())));
+
+    h.reconcile().await.expect("writer not available yet");
+    assert_eq!(h.worker_mode(), "standard");
+
+    h.roll_out("writer");
+    h.reconcile().await.expect("rolls workers");
+    assert_eq!(h.phase(), "RollingWorkers");
+    assert_eq!(h.worker_mode(), "writer");
+
+    h.roll_out("worker");
+    h.reconcile().await.expect("completes");
+    assert_eq!(h.status()["architecture"], "writer");
+    assert!(h.status()["migration"].is_null());
+
+    let events = h.fake.get_all(&format!(
+        "/apis/events.k8s.io/v1/namespaces/{NAMESPACE}/events"
+    ));
+    let reasons: Vec<&str> = events.iter().filter_map(|e| e["reason"].as_str()).collect();
+    assert!(reasons.contains(&"MigrationStarted"), "{reasons:?}");
+    assert!(reasons.contains(&"MigrationProgressed"), "{reasons:?}");
+    assert!(reasons.contains(&"MigrationCompleted"), "{reasons:?}");
+
+    // writer → standard
+    *h.kafka.lag.lock().expect("lock") = Some(12);
+    h.set_architecture("standard");
+    h.reconcile().await.expect("rolls workers back");
+    assert_eq!(h.phase(), "RollingWorkers");
+    assert_eq!(h.worker_mode(), "standard");
+
+    h.roll_out("worker");
+    h.reconcile().await.expect("drains");
+    assert_eq!(h.phase(), "DrainingResults");
+    assert!(h.deployment("writer").is_some());
+    assert!(!summaries(&h.fake).iter().any(|s| s.starts_with("DELETE")));
+
+    *h.kafka.lag.lock().expect("lock") = None;
+    h.reconcile().await.expect("lag unknown");
+    assert_eq!(
+        h.phase(),
+        "DrainingResults",
+        "an unknown lag never removes the writer"
+    );
+
+    *h.kafka.lag.lock().expect("lock") = Some(0);
+    h.reconcile().await.expect("removes the writer");
+    assert_eq!(h.phase(), "RemovingWriter");
+    let deletes: Vec<String> = summaries(&h.fake)
+        .into_iter()
+        .filter(|s| s.starts_with("DELETE"))
+        .collect();
+    assert_eq!(
+        deletes,
+        [
+            "DELETE deployments/demo-writer",
+            "DELETE poddisruptionbudgets/demo-writer"
+        ]
+    );
+
+    h.reconcile().await.expect("completes");
+    let status = h.status();
+    assert_eq!(status["architecture"], "standard");
+    assert!(status["migration"].is_null());
+    assert_eq!(status["topics"], json!(["ocr.jobs", "ocr.dead-letter"]));
+}
+
+#[tokio::test]
+async fn delete_removes_children_then_the_finalizer() {
+    let h = Harness::new("standard");
+    h.create_and_settle().await;
+    h.fake.update(&pipelines(NAMESPACE), NAME, |p| {
+        p["metadata"]["deletionTimestamp"] = json!("2026-11-27T21:00:00Z");
+    });
+
+    h.reconcile().await.expect("cleanup");
+    let log = summaries(&h.fake);
+    let deletes = log.iter().filter(|s| s.starts_with("DELETE")).count();
+    assert_eq!(deletes, 8, "{log:?}");
+    assert_eq!(
+        log.last().map(String::as_str),
+        Some("PATCH ocrpipelines/demo")
+    );
+    let stored = h.fake.get(&pipelines(NAMESPACE), NAME).expect("pipeline");
+    assert_eq!(stored["metadata"]["finalizers"], json!([]));
+    assert!(h.deployment("worker").is_none());
+}
+
+#[tokio::test]
+async fn delete_keeps_the_writer_while_results_are_pending() {
+    let h = Harness::new("writer");
+    h.create_and_settle().await;
+    *h.kafka.lag.lock().expect("lock") = Some(3);
+    h.fake.update(&pipelines(NAMESPACE), NAME, |p| {
+        p["metadata"]["deletionTimestamp"] = json!("2026-11-27T21:00:00Z");
+    });
+
+    let result = h.reconcile().await;
+    assert!(result.is_err(), "cleanup must fail so the finalizer stays");
+    assert!(h.deployment("writer").is_some());
+    assert!(h.deployment("worker").is_none());
+    let stored = h.fake.get(&pipelines(NAMESPACE), NAME).expect("pipeline");
+    assert_eq!(stored["metadata"]["finalizers"], json!([FINALIZER]));
+
+    *h.kafka.lag.lock().expect("lock") = Some(0);
+    h.reconcile().await.expect("cleanup completes");
+    assert!(h.deployment("writer").is_none());
+    let stored = h.fake.get(&pipelines(NAMESPACE), NAME).expect("pipeline");
+    assert_eq!(stored["metadata"]["finalizers"], json!([]));
+}
+
+#[tokio::test]
+async fn invalid_spec_is_reported_and_nothing_is_applied() {
+    let h = Harness::new("standard");
+    h.fake.update(&pipelines(NAMESPACE), NAME, |p| {
+        p["spec"]["model"]["source"]["volume"] = json!({"claimName": "models"});
+    });
+    h.reconcile().await.expect("finalizer");
+    let action = h.reconcile().await.expect("invalid spec is not an error");
+    assert_eq!(action, Action::await_change());
+    let log = summaries(&h.fake);
+    assert_eq!(log, ["PATCH ocrpipelines/demo/status", "POST events"]);
+    let events = h.fake.get_all(&format!(
+        "/apis/events.k8s.io/v1/namespaces/{NAMESPACE}/events"
+    ));
+    assert_eq!(events[0]["reason"], "InvalidSpec");
+    assert_eq!(events[0]["type"], "Warning");
+    let status = h.status();
+    assert_eq!(status["phase"], "Degraded");
+    let degraded = status["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Degraded").cloned())
+        .expect("Degraded");
+    assert_eq!(degraded["reason"], "InvalidSpec");
+}
+
+#[tokio::test]
+async fn a_lost_status_is_recovered_from_the_running_workers() {
+    let h = Harness::new("writer");
+    h.create_and_settle().await;
+    *h.kafka.lag.lock().expect("lock") = Some(4);
+    h.fake.update(&pipelines(NAMESPACE), NAME, |p| {
+        p["status"] = Value::Null;
+    });
+    h.set_architecture("batched");
+
+    h.reconcile().await.expect("reconciles");
+    assert_eq!(h.phase(), "RollingWorkers", "{}", h.status());
+    assert_eq!(h.status()["migration"]["from"], "writer");
+    assert!(
+        h.deployment("writer").is_some(),
+        "the writer still has results to persist"
+    );
+    assert!(!summaries(&h.fake).iter().any(|s| s.starts_with("DELETE")));
+}
