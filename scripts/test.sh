@@ -17,6 +17,15 @@ fi
 
 scripts/fetch-models.sh
 
+# moto's S3 server stands in for S3/MinIO in the blob-store test.
+TOOLS=${OCR_TOOLS_DIR:-$HOME/.cache/ocr-serving}
+if [ ! -x "$TOOLS/venv-moto/bin/moto_server" ]; then
+  echo "test: installing moto (S3 test server) into $TOOLS/venv-moto"
+  python3 -m venv "$TOOLS/venv-moto"
+  "$TOOLS/venv-moto/bin/pip" install -q 'moto[server]==5.2.5'
+fi
+export OCR_TEST_MOTO_SERVER="$TOOLS/venv-moto/bin/moto_server"
+
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"
 else

@@ -199,14 +199,21 @@ impl Default for ModelConfig {
 pub struct ConfigError(#[from] Box<figment::Error>);
 
 /// `OCR_*` variables that are not configuration keys (they would otherwise be
-/// rejected as unknown fields).
-const NOT_CONFIG_KEYS: [&str; 4] = ["config", "log_format", "fault", "test_mysql_url"];
+/// rejected as unknown fields); `OCR_TEST_*` variables are skipped too.
+const NOT_CONFIG_KEYS: [&str; 3] = ["config", "log_format", "fault"];
 
 impl Config {
     /// Defaults, then `file` if given, then the environment.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
         Self::figment(file)
-            .merge(Env::prefixed("OCR_").split("__").ignore(&NOT_CONFIG_KEYS))
+            .merge(
+                Env::prefixed("OCR_")
+                    .filter(|key| {
+                        let key = key.as_str().to_ascii_lowercase();
+                        !key.starts_with("test_") && !NOT_CONFIG_KEYS.contains(&key.as_str())
+                    })
+                    .split("__"),
+            )
             .extract()
             .map_err(|e| ConfigError(Box::new(e)))
     }
@@ -237,6 +244,7 @@ mod tests {
             jail.set_env("OCR_QUEUE__KIND", "memory");
             jail.set_env("OCR_LOG_FORMAT", "json");
             jail.set_env("OCR_CONFIG", "ocr.toml");
+            jail.set_env("OCR_TEST_MOTO_SERVER", "/bin/true");
             let config = Config::load(Some(Path::new("ocr.toml"))).expect("valid config");
             assert_eq!(config.database.url, "mysql://env");
             assert_eq!(config.worker.max_batch_size, 32);

@@ -248,3 +248,42 @@ async fn job_whose_input_keeps_failing_is_dead_lettered_after_max_attempts() {
     worker.stop().await;
     api.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_worker_finish_its_job_before_exiting() {
+    let kafka = mock_kafka();
+    let db = MysqlDatabase::create().await;
+    let blobs = tempfile::tempdir().unwrap();
+    let config = config(&db, &kafka.bootstrap_servers(), blobs.path());
+    let api = start_api(&config).await.unwrap();
+    let mut worker = spawn_role("worker", &config, free_port(), None);
+    let accepted = submit(&format!("http://{}", api.local_addr), invoice_page(8))
+        .await
+        .unwrap();
+    let id: JobId = accepted["id"].as_str().unwrap().parse().unwrap();
+    wait_for_status(
+        &api.store,
+        id,
+        JobStatus::Processing,
+        Duration::from_secs(120),
+    )
+    .await;
+
+    let signalled = Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let exit = tokio::task::spawn_blocking(move || worker.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(exit.success(), "worker exited with {exit}");
+    let job = api.store.get(id).await.unwrap().unwrap();
+    assert_eq!(
+        job.status,
+        JobStatus::Succeeded,
+        "the job in hand was finished"
+    );
+    assert_eq!(job.attempts, 1);
+    api.stop().await;
+}

@@ -2,9 +2,11 @@
 //! store: a local directory by default, any `object_store` URL otherwise.
 
 use bytes::Bytes;
+use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path as ObjectPath;
+use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, PutPayload};
 use std::sync::Arc;
 
@@ -28,7 +30,10 @@ pub struct BlobStore {
 
 impl BlobStore {
     /// `file:///abs/dir` or a plain path: a local directory (created if missing);
-    /// `memory://`: process memory (tests).
+    /// `s3://bucket/prefix`: S3 or any S3-compatible store, configured by the
+    /// standard `AWS_*` variables (`AWS_ENDPOINT` for MinIO and friends,
+    /// `AWS_ALLOW_HTTP=true` for a plain-HTTP endpoint); `memory://`: process
+    /// memory (tests).
     pub fn from_url(url: &str) -> Result<Self, BlobError> {
         let config = |reason: String| BlobError::Config {
             url: url.to_owned(),
@@ -36,10 +41,25 @@ impl BlobStore {
         };
         let inner: Arc<dyn ObjectStore> = if url.starts_with("memory:") {
             Arc::new(InMemory::new())
+        } else if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(config("no bucket name".into()));
+            }
+            let s3 = AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .build()
+                .map_err(|e| config(e.to_string()))?;
+            let prefix = prefix.trim_matches('/');
+            if prefix.is_empty() {
+                Arc::new(s3)
+            } else {
+                Arc::new(PrefixStore::new(s3, prefix))
+            }
         } else {
             let dir = url.strip_prefix("file://").unwrap_or(url);
             if dir.contains("://") {
-                return Err(config("only file:// and memory:// are built in".into()));
+                return Err(config("use file://, s3:// or memory://".into()));
             }
             std::fs::create_dir_all(dir).map_err(|e| config(format!("creating {dir}: {e}")))?;
             Arc::new(LocalFileSystem::new_with_prefix(dir).map_err(|e| config(e.to_string()))?)
