@@ -23,6 +23,25 @@ fn mock_kafka() -> MockCluster<'static, rdkafka::producer::DefaultProducerContex
     cluster
 }
 
+/// Everything a topology test runs against; dropping it tears it all down.
+struct Env {
+    kafka: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    db: MysqlDatabase,
+    _blobs: tempfile::TempDir,
+    config: Config,
+}
+
+async fn environment() -> Env {
+    let env = environment().await;
+    let config = &env.config;
+    Env {
+        kafka,
+        db,
+        _blobs: blobs,
+        config,
+    }
+}
+
 fn config(db: &MysqlDatabase, brokers: &str, blobs: &Path) -> Config {
     let mut config = Config::default();
     config.database.url = db.url.clone();
@@ -83,12 +102,10 @@ async fn wait_http(base: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_flows_from_api_through_kafka_to_worker() {
-    let kafka = mock_kafka();
-    let db = MysqlDatabase::create().await;
-    let blobs = tempfile::tempdir().unwrap();
-    let config = config(&db, &kafka.bootstrap_servers(), blobs.path());
-    let api = start_api(&config).await.unwrap();
-    let worker = start_worker(&config, engine()).await.unwrap();
+    let env = environment().await;
+    let config = &env.config;
+    let api = start_api(config).await.unwrap();
+    let worker = start_worker(config, engine()).await.unwrap();
 
     let accepted = submit(&format!("http://{}", api.local_addr), INVOICE.to_vec())
         .await
@@ -115,14 +132,12 @@ async fn job_flows_from_api_through_kafka_to_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_killed_between_db_write_and_publish_still_completes_the_job() {
-    let kafka = mock_kafka();
-    let db = MysqlDatabase::create().await;
-    let blobs = tempfile::tempdir().unwrap();
-    let config = config(&db, &kafka.bootstrap_servers(), blobs.path());
-    let store = db.store().await;
+    let env = environment().await;
+    let config = &env.config;
+    let store = env.db.store().await;
 
     let port = free_port();
-    let mut dying_api = spawn_role("api", &config, port, Some("exit-after-db-write"));
+    let mut dying_api = spawn_role("api", config, port, Some("exit-after-db-write"));
     let base = format!("http://127.0.0.1:{port}");
     wait_http(&base).await;
     assert!(
@@ -142,8 +157,8 @@ async fn api_killed_between_db_write_and_publish_still_completes_the_job() {
     );
 
     // A healthy API's sweeper republishes it; a worker completes it.
-    let api = start_api(&config).await.unwrap();
-    let worker = start_worker(&config, engine()).await.unwrap();
+    let api = start_api(config).await.unwrap();
+    let worker = start_worker(config, engine()).await.unwrap();
     let job = wait_for_status(
         &store,
         stranded[0],
@@ -158,13 +173,11 @@ async fn api_killed_between_db_write_and_publish_still_completes_the_job() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_mid_job_completes_it_exactly_once_after_restart() {
-    let kafka = mock_kafka();
-    let db = MysqlDatabase::create().await;
-    let blobs = tempfile::tempdir().unwrap();
-    let config = config(&db, &kafka.bootstrap_servers(), blobs.path());
-    let api = start_api(&config).await.unwrap();
+    let env = environment().await;
+    let config = &env.config;
+    let api = start_api(config).await.unwrap();
 
-    let mut worker = spawn_role("worker", &config, free_port(), None);
+    let mut worker = spawn_role("worker", config, free_port(), None);
     // A long page keeps the worker busy long enough to be caught mid-job.
     let accepted = submit(&format!("http://{}", api.local_addr), invoice_page(8))
         .await
@@ -187,7 +200,7 @@ async fn worker_killed_mid_job_completes_it_exactly_once_after_restart() {
     );
     assert_eq!(interrupted.attempts, 1);
 
-    let mut restarted = spawn_role("worker", &config, free_port(), None);
+    let mut restarted = spawn_role("worker", config, free_port(), None);
     let job = wait_for_status(
         &api.store,
         id,
@@ -207,10 +220,8 @@ async fn job_whose_input_keeps_failing_is_dead_lettered_after_max_attempts() {
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::Message;
 
-    let kafka = mock_kafka();
-    let db = MysqlDatabase::create().await;
-    let blobs = tempfile::tempdir().unwrap();
-    let mut config = config(&db, &kafka.bootstrap_servers(), blobs.path());
+    let env = environment().await;
+    let mut config = env.config.clone();
     config.worker.max_attempts = 3;
     let api = start_api(&config).await.unwrap();
     let accepted = submit(&format!("http://{}", api.local_addr), INVOICE.to_vec())
@@ -234,7 +245,7 @@ async fn job_whose_input_keeps_failing_is_dead_lettered_after_max_attempts() {
     assert!(error.contains("gave up after 3 attempts"), "{error}");
 
     let dlq: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", kafka.bootstrap_servers())
+        .set("bootstrap.servers", env.kafka.bootstrap_servers())
         .set("group.id", "dlq-reader")
         .set("auto.offset.reset", "earliest")
         .create()
@@ -251,12 +262,10 @@ async fn job_whose_input_keeps_failing_is_dead_lettered_after_max_attempts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_worker_finish_its_job_before_exiting() {
-    let kafka = mock_kafka();
-    let db = MysqlDatabase::create().await;
-    let blobs = tempfile::tempdir().unwrap();
-    let config = config(&db, &kafka.bootstrap_servers(), blobs.path());
-    let api = start_api(&config).await.unwrap();
-    let mut worker = spawn_role("worker", &config, free_port(), None);
+    let env = environment().await;
+    let config = &env.config;
+    let api = start_api(config).await.unwrap();
+    let mut worker = spawn_role("worker", config, free_port(), None);
     let accepted = submit(&format!("http://{}", api.local_addr), invoice_page(8))
         .await
         .unwrap();
