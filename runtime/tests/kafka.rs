@@ -32,8 +32,10 @@ struct Env {
 }
 
 async fn environment() -> Env {
-    let env = environment().await;
-    let config = &env.config;
+    let kafka = mock_kafka();
+    let db = MysqlDatabase::create().await;
+    let blobs = tempfile::tempdir().unwrap();
+    let config = config(&db, &kafka.bootstrap_servers(), blobs.path());
     Env {
         kafka,
         db,
