@@ -309,19 +309,10 @@ fn tensor_from_proto(t: &TensorProto) -> std::result::Result<Tensor, String> {
     let raw = &t.raw_data;
     match t.data_type {
         data_type::FLOAT => {
-            let data: Vec<f32> = if raw.is_empty() {
+            let data = if raw.is_empty() {
                 t.float_data.clone()
             } else {
-                let chunks = raw.chunks_exact(4);
-                if !chunks.remainder().is_empty() {
-                    return Err(format!(
-                        "tensor {}: raw_data length not a multiple of 4",
-                        t.name
-                    ));
-                }
-                chunks
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect()
+                little_endian(raw, &t.name, f32::from_le_bytes)?
             };
             check_len(data.len())?;
             build(Tensor::from_vec(data, dims.as_slice(), &Device::Cpu))
@@ -330,36 +321,16 @@ fn tensor_from_proto(t: &TensorProto) -> std::result::Result<Tensor, String> {
             let data: Vec<f32> = if raw.is_empty() {
                 t.double_data.iter().map(|&v| v as f32).collect()
             } else {
-                let chunks = raw.chunks_exact(8);
-                if !chunks.remainder().is_empty() {
-                    return Err(format!(
-                        "tensor {}: raw_data length not a multiple of 8",
-                        t.name
-                    ));
-                }
-                chunks
-                    .map(|b| {
-                        f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
-                    })
-                    .collect()
+                little_endian(raw, &t.name, |b| f64::from_le_bytes(b) as f32)?
             };
             check_len(data.len())?;
             build(Tensor::from_vec(data, dims.as_slice(), &Device::Cpu))
         }
         data_type::INT64 => {
-            let data: Vec<i64> = if raw.is_empty() {
+            let data = if raw.is_empty() {
                 t.int64_data.clone()
             } else {
-                let chunks = raw.chunks_exact(8);
-                if !chunks.remainder().is_empty() {
-                    return Err(format!(
-                        "tensor {}: raw_data length not a multiple of 8",
-                        t.name
-                    ));
-                }
-                chunks
-                    .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
-                    .collect()
+                little_endian(raw, &t.name, i64::from_le_bytes)?
             };
             check_len(data.len())?;
             build(Tensor::from_vec(data, dims.as_slice(), &Device::Cpu))
@@ -368,16 +339,7 @@ fn tensor_from_proto(t: &TensorProto) -> std::result::Result<Tensor, String> {
             let data: Vec<i64> = if raw.is_empty() {
                 t.int32_data.iter().map(|&v| i64::from(v)).collect()
             } else {
-                let chunks = raw.chunks_exact(4);
-                if !chunks.remainder().is_empty() {
-                    return Err(format!(
-                        "tensor {}: raw_data length not a multiple of 4",
-                        t.name
-                    ));
-                }
-                chunks
-                    .map(|b| i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])))
-                    .collect()
+                little_endian(raw, &t.name, |b| i64::from(i32::from_le_bytes(b)))?
             };
             check_len(data.len())?;
             build(Tensor::from_vec(data, dims.as_slice(), &Device::Cpu))
@@ -387,6 +349,27 @@ fn tensor_from_proto(t: &TensorProto) -> std::result::Result<Tensor, String> {
             t.name
         )),
     }
+}
+
+/// Decodes `raw_data`: fixed-size little-endian values, as ONNX stores them.
+fn little_endian<const N: usize, T>(
+    raw: &[u8],
+    name: &str,
+    convert: impl Fn([u8; N]) -> T,
+) -> Result<Vec<T>, String> {
+    let chunks = raw.chunks_exact(N);
+    if !chunks.remainder().is_empty() {
+        return Err(format!(
+            "tensor {name}: raw_data length not a multiple of {N}"
+        ));
+    }
+    Ok(chunks
+        .map(|b| {
+            let mut bytes = [0u8; N];
+            bytes.copy_from_slice(b);
+            convert(bytes)
+        })
+        .collect())
 }
 
 /// Reads a scalar or one-element float tensor, e.g. an epsilon constant.
