@@ -84,6 +84,14 @@ pub async fn open_storage(config: &Config) -> anyhow::Result<(JobStore, BlobStor
     Ok((store, blobs))
 }
 
+async fn bind(addr: &str) -> anyhow::Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let local_addr = listener.local_addr()?;
+    Ok((listener, local_addr))
+}
+
 /// Binds and serves `app` until `shutdown`; returns the bound address.
 pub async fn serve_http(
     app: Router,
@@ -91,10 +99,7 @@ pub async fn serve_http(
     shutdown: CancellationToken,
     tasks: &mut JoinSet<()>,
 ) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
-    let local_addr = listener.local_addr()?;
+    let (listener, local_addr) = bind(addr).await?;
     let app = app.layer(tower_http::trace::TraceLayer::new_for_http());
     tasks.spawn(async move {
         let served = axum::serve(listener, app)
@@ -115,10 +120,7 @@ pub async fn serve_grpc(
     shutdown: CancellationToken,
     tasks: &mut JoinSet<()>,
 ) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
-    let local_addr = listener.local_addr()?;
+    let (listener, local_addr) = bind(addr).await?;
     let reflection = crate::api::grpc::reflection_service().context("gRPC reflection")?;
     let jobs = crate::api::grpc::GrpcJobs::new(submitter, metrics).into_server();
     tasks.spawn(async move {

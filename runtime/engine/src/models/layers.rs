@@ -37,6 +37,17 @@ pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// The f32 data a CPU custom op works on; the ops here only take contiguous f32.
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else {
+        candle_core::bail!("{op}: only f32 is supported on the CPU");
+    };
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: input must be contiguous");
+    };
+    Ok(&data[start..end])
+}
+
 struct GeluErfFtz;
 
 impl candle_core::CustomOp1 for GeluErfFtz {
@@ -45,13 +56,7 @@ impl candle_core::CustomOp1 for GeluErfFtz {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(x) = s else {
-            candle_core::bail!("gelu: only f32 is supported on the CPU");
-        };
-        let Some((start, end)) = l.contiguous_offsets() else {
-            candle_core::bail!("gelu: input must be contiguous");
-        };
-        let x = &x[start..end];
+        let x = contiguous_f32(s, l, "gelu")?;
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(16 * 1024)
             .zip(x.par_chunks(16 * 1024))
@@ -459,13 +464,7 @@ impl candle_core::CustomOp1 for ShiftedSum {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(y) = s else {
-            candle_core::bail!("shifted sum: only f32 is supported on the CPU");
-        };
-        let Some((start, end)) = l.contiguous_offsets() else {
-            candle_core::bail!("shifted sum: input must be contiguous");
-        };
-        let y = &y[start..end];
+        let y = contiguous_f32(s, l, "shifted sum")?;
         let (n, rows, cols) = l.shape().dims3()?;
         let (o, len) = (self.o, self.len);
         if rows != o * self.offsets.len() || self.offsets.iter().any(|&off| off + len > cols) {
