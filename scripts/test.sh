@@ -16,6 +16,7 @@ if ! mysql_up; then
 fi
 
 scripts/fetch-models.sh
+scripts/make-bench-data.sh  # synthetic OCR benchmark for runtime/engine/tests/accuracy.rs
 
 # moto's S3 server stands in for S3/MinIO in the blob-store test.
 TOOLS=${OCR_TOOLS_DIR:-$HOME/.cache/ocr-serving}

@@ -27,7 +27,7 @@ use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::crd::{AntiAffinity, Architecture, Device, OcrPipeline, SecretKey};
+use crate::crd::{AntiAffinity, Architecture, Device, OcrPipeline};
 use crate::migration::Plan;
 
 pub const MANAGER: &str = "ocr-operator";
@@ -36,6 +36,10 @@ pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const CONFIG_HASH_ANNOTATION: &str = "ocr.serving.dev/config-hash";
 pub const WORKER_MODE_ENV: &str = "OCR_WORKER__MODE";
+pub const WRITER_RETRIES_ENV: &str = "OCR_WRITER__RETRIES";
+pub const WEBHOOK_URL_ENV: &str = "OCR_WRITER__WEBHOOK_URL";
+pub const WEBHOOK_TIMEOUT_ENV: &str = "OCR_WRITER__WEBHOOK_TIMEOUT_MS";
+pub const WEBHOOK_SECRET_ENV: &str = "OCR_WRITER__WEBHOOK_SECRET";
 pub const CONFIG_PATH: &str = "/etc/ocr/ocr.toml";
 pub const MODEL_DIR: &str = "/models";
 pub const GRPC_PORT: i32 = 50051;
@@ -368,6 +372,7 @@ struct QueueToml {
     results_topic: String,
     dead_letter_topic: String,
     consumer_group: String,
+    writer_group: String,
 }
 
 /// `worker.mode` is not here: it is set per Deployment through `OCR_WORKER__MODE`,
@@ -407,6 +412,7 @@ pub fn runtime_config(p: &OcrPipeline) -> Result<String, toml::ser::Error> {
             results_topic: s.kafka.topics.results(),
             dead_letter_topic: s.kafka.topics.dead_letter(),
             consumer_group: s.kafka.consumer_group.clone(),
+            writer_group: s.kafka.writer_group.clone(),
         },
         worker: WorkerToml {
             max_attempts: s.worker.max_attempts,
@@ -436,19 +442,35 @@ fn config_map(ctx: &Ctx, toml: String) -> ConfigMap {
     }
 }
 
-fn secret_env(name: &str, secret: &SecretKey) -> EnvVar {
+fn secret_env(name: &str, secret_name: &str, key: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
         value_from: Some(EnvVarSource {
             secret_key_ref: Some(SecretKeySelector {
-                name: secret.name.clone(),
-                key: secret.key.clone(),
+                name: secret_name.into(),
+                key: key.into(),
                 optional: Some(false),
             }),
             ..EnvVarSource::default()
         }),
         ..EnvVar::default()
     }
+}
+
+/// `writer.*` keys, on the writer Deployment only: only writers read them, so
+/// changing one rolls the writers and not the API or the GPU workers (which a
+/// change of the shared ConfigMap would, through the config hash).
+fn writer_env(ctx: &Ctx) -> Vec<EnvVar> {
+    let writer = &ctx.p.spec.writer;
+    let mut out = vec![env(WRITER_RETRIES_ENV, writer.retries.to_string())];
+    if let Some(webhook) = &writer.webhook {
+        out.push(env(WEBHOOK_URL_ENV, webhook.url.clone()));
+        out.push(env(WEBHOOK_TIMEOUT_ENV, webhook.timeout_ms.to_string()));
+        if let Some(secret) = &webhook.secret {
+            out.push(secret_env(WEBHOOK_SECRET_ENV, &secret.name, &secret.key));
+        }
+    }
+    out
 }
 
 fn env(name: &str, value: impl Into<String>) -> EnvVar {
@@ -529,13 +551,24 @@ fn deployment(
     let mut env_vars = vec![
         env("OCR_CONFIG", CONFIG_PATH),
         env("OCR_LOG_FORMAT", "json"),
-        secret_env("OCR_DATABASE__URL", &spec.database.secret),
+        secret_env(
+            "OCR_DATABASE__URL",
+            &spec.database.secret.name,
+            &spec.database.secret.key,
+        ),
     ];
     if let Some(redis) = &spec.redis {
-        env_vars.push(secret_env("OCR_REDIS__URL", &redis.secret));
+        env_vars.push(secret_env(
+            "OCR_REDIS__URL",
+            &redis.secret.name,
+            &redis.secret.key,
+        ));
     }
     if role == Role::Worker {
         env_vars.push(env(WORKER_MODE_ENV, plan.worker_mode.as_str()));
+    }
+    if role == Role::Writer {
+        env_vars.extend(writer_env(ctx));
     }
     if let Some(endpoint) = &spec.observability.otlp_endpoint {
         env_vars.push(env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()));

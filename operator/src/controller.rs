@@ -23,7 +23,7 @@ use crate::build::{
 use crate::crd::{
     Architecture, Migration, OcrPipeline, OcrPipelineSpec, OcrPipelineStatus, GROUP, KIND, VERSION,
 };
-use crate::kafka::{KafkaAdmin, TopicSpec};
+use crate::kafka::{Cluster, KafkaAdmin, TopicSpec};
 use crate::metrics::Metrics;
 use crate::migration::{self, Observed};
 use crate::status::{self, role_state, Observation};
@@ -148,6 +148,16 @@ pub fn validate(spec: &OcrPipelineSpec) -> Result<(), String> {
     }
     if spec.writer.replicas < 1 {
         return Err("spec.writer.replicas must be at least 1".into());
+    }
+    let kafka = &spec.kafka;
+    if kafka.consumer_group.trim().is_empty() || kafka.writer_group.trim().is_empty() {
+        return Err("spec.kafka: consumerGroup and writerGroup must not be empty".into());
+    }
+    if kafka.consumer_group == kafka.writer_group {
+        return Err(
+            "spec.kafka: writerGroup must differ from consumerGroup (workers and writers consume different topics)"
+                .into(),
+        );
     }
     if spec.kafka.partitions < 1 || spec.kafka.replication_factor < 1 {
         return Err("spec.kafka: partitions and replicationFactor must be at least 1".into());
@@ -365,11 +375,13 @@ async fn apply(pipeline: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<Ac
     apply_objects(ctx, ns, &rendered).await?;
     delete_orphans(ctx, ns, &name, &existing, &rendered).await?;
 
+    let mut warnings = rendered.warnings.clone();
+    warnings.extend(kafka.warnings);
     let seen = Observation {
         api: &api_state,
         worker: &worker_state,
         writer: &writer_state,
-        warnings: &rendered.warnings,
+        warnings: &warnings,
         // Listed from the plan, so a finished writer → direct migration drops the results topic.
         topics: build::desired_topics(&pipeline, build::needs_results_topic(&plan)),
         kafka_error: (!kafka.errors.is_empty()).then(|| kafka.errors.join("; ")),
@@ -390,7 +402,10 @@ async fn apply(pipeline: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<Ac
 struct KafkaView {
     topics_ready: bool,
     results_lag: Option<u64>,
+    /// Kafka could not be asked; shown in the status.
     errors: Vec<String>,
+    /// Kafka answered, but not as the spec asks (too few partitions); shown in `Ready`.
+    warnings: Vec<String>,
 }
 
 async fn observe_kafka(
@@ -408,9 +423,17 @@ async fn observe_kafka(
             replication_factor: kafka.replication_factor,
         })
         .collect();
+    let cluster = Cluster::of(kafka);
     let mut errors = Vec::new();
-    let topics_ready = match ctx.kafka.ensure_topics(&topics).await {
-        Ok(()) => true,
+    let mut warnings = Vec::new();
+    let topics_ready = match ctx.kafka.ensure_topics(&cluster, &topics).await {
+        Ok(report) => {
+            if !report.created.is_empty() {
+                info!(pipeline = %pipeline.name_any(), topics = ?report.created, "created topics");
+            }
+            warnings.extend(report.shortfalls.iter().map(|s| s.to_string()));
+            true
+        }
         Err(e) => {
             errors.push(e.to_string());
             false
@@ -419,7 +442,11 @@ async fn observe_kafka(
     // Measured after the Deployments were listed: if every worker already wrote
     // directly then, nothing can add to the lag after this reading.
     let results_lag = if lag_needed {
-        match ctx.kafka.results_lag(&kafka.topics.results()).await {
+        match ctx
+            .kafka
+            .results_lag(&cluster, &kafka.topics.results())
+            .await
+        {
             Ok(lag) => Some(lag),
             Err(e) => {
                 errors.push(e.to_string());
@@ -433,6 +460,7 @@ async fn observe_kafka(
         topics_ready,
         results_lag,
         errors,
+        warnings,
     }
 }
 
@@ -504,7 +532,8 @@ async fn cleanup(pipeline: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<
     }
     if writer_left {
         let topic = pipeline.spec.kafka.topics.results();
-        match ctx.kafka.results_lag(&topic).await {
+        let cluster = Cluster::of(&pipeline.spec.kafka);
+        match ctx.kafka.results_lag(&cluster, &topic).await {
             // An error keeps the finalizer; Ok would let the deletion finish.
             Ok(lag) if lag > 0 => return Err(Error::WriterDraining { lag }),
             Ok(_) => {}

@@ -381,11 +381,13 @@ pub struct WriterSpec {
     pub replicas: i32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
-    /// Not rendered yet: the runtime has no `writer.*` configuration keys.
+    /// Tries of the result-document upload and of the webhook before the result is
+    /// dead-lettered and the job fails (the runtime's `writer.retries`; 0 counts as 1).
+    /// The database is waited for without limit instead.
     #[serde(default = "default_writer_retries")]
     #[schemars(range(min = 0, max = 100))]
     pub retries: i32,
-    /// Not rendered yet: the runtime has no `writer.*` configuration keys.
+    /// Completion webhook, POSTed by the writer once per finished job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<WebhookSpec>,
 }
@@ -410,6 +412,32 @@ fn default_writer_retries() -> i32 {
 pub struct WebhookSpec {
     #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("url must be http(s)"))]
     pub url: String,
+    /// Secret with the HMAC-SHA256 key of the `ocr-signature` header. Without it the
+    /// signature is keyed with an empty key and proves nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<WebhookSecret>,
+    /// Limit of one webhook call.
+    #[serde(default = "default_webhook_timeout_ms")]
+    #[schemars(range(min = 1, max = 600000))]
+    pub timeout_ms: i32,
+}
+
+fn default_webhook_timeout_ms() -> i32 {
+    10_000
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookSecret {
+    #[schemars(length(min = 1))]
+    pub name: String,
+    #[serde(default = "default_webhook_secret_key")]
+    #[schemars(length(min = 1))]
+    pub key: String,
+}
+
+fn default_webhook_secret_key() -> String {
+    "secret".into()
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -429,9 +457,15 @@ pub struct KafkaSpec {
     #[serde(default = "default_replication_factor")]
     #[schemars(range(min = 1, max = 10))]
     pub replication_factor: i32,
+    /// The workers' consumer group on the jobs topic (`queue.consumer_group`).
     #[serde(default = "default_consumer_group")]
     #[schemars(length(min = 1))]
     pub consumer_group: String,
+    /// The writers' consumer group on the results topic (`queue.writer_group`); its lag
+    /// gates removing the writer.
+    #[serde(default = "default_writer_group")]
+    #[schemars(length(min = 1))]
+    pub writer_group: String,
 }
 
 fn default_partitions() -> i32 {
@@ -444,6 +478,10 @@ fn default_replication_factor() -> i32 {
 
 fn default_consumer_group() -> String {
     "ocr-worker".into()
+}
+
+fn default_writer_group() -> String {
+    "ocr-writer".into()
 }
 
 /// Topic names; any name left out is `<prefix>.jobs`, `<prefix>.results` or `<prefix>.dead-letter`.

@@ -1,15 +1,72 @@
 //! The operator's view of Kafka: topic provisioning and the results lag that
-//! gates deleting a writer. Behind a trait so reconcile tests can script it and
-//! the real AdminClient adapter can be added without touching the controller.
+//! gates deleting a writer. Behind a trait so reconcile tests can script it.
+//!
+//! Two adapters: [`RdKafkaAdmin`] (librdkafka; creates missing topics and
+//! measures the writer group's lag) and [`ExternallyProvisioned`] (trusts that
+//! the topics exist and cannot measure lag). `ocr-operator run --kafka-admin`
+//! picks one.
 
 use std::future::Future;
 use std::pin::Pin;
+
+use crate::crd::KafkaSpec;
+
+mod rdkafka_admin;
+
+pub use rdkafka_admin::RdKafkaAdmin;
+
+/// The Kafka cluster of one pipeline, from its `spec.kafka`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Cluster {
+    /// Comma-separated `host:port` list.
+    pub bootstrap_servers: String,
+    /// The writers' consumer group on the results topic (`queue.writer_group`).
+    pub writer_group: String,
+}
+
+impl Cluster {
+    pub fn of(spec: &KafkaSpec) -> Cluster {
+        Cluster {
+            bootstrap_servers: spec.bootstrap_servers.clone(),
+            writer_group: spec.writer_group.clone(),
+        }
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TopicSpec {
     pub name: String,
     pub partitions: i32,
     pub replication_factor: i32,
+}
+
+/// An existing topic with fewer partitions than the spec asks for. Producers
+/// can still publish to it, so it does not block anything; the operator never
+/// adds partitions itself (that would move keys to other partitions).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionShortfall {
+    pub topic: String,
+    pub partitions: i32,
+    pub required: i32,
+}
+
+impl std::fmt::Display for PartitionShortfall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "topic {} has {} partitions, fewer than spec.kafka.partitions ({})",
+            self.topic, self.partitions, self.required
+        )
+    }
+}
+
+/// What [`KafkaAdmin::ensure_topics`] did and found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TopicsReport {
+    /// Topics this call created.
+    pub created: Vec<String>,
+    /// Topics that exist with fewer partitions than asked for.
+    pub shortfalls: Vec<PartitionShortfall>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -23,40 +80,52 @@ pub enum KafkaError {
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 pub trait KafkaAdmin: Send + Sync {
-    /// Makes sure every topic exists; Ok means producers may publish to all of them.
+    /// Makes sure every topic exists; Ok means producers may publish to all of
+    /// them. Topics with too few partitions are reported, not an error.
     fn ensure_topics<'a>(
         &'a self,
+        cluster: &'a Cluster,
         topics: &'a [TopicSpec],
-    ) -> BoxFuture<'a, Result<(), KafkaError>>;
+    ) -> BoxFuture<'a, Result<TopicsReport, KafkaError>>;
 
-    /// Messages on `topic` not yet committed by the writer's consumer group.
-    fn results_lag<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<u64, KafkaError>>;
+    /// Messages on `topic` not yet committed by `cluster.writer_group`. Any
+    /// doubt is an error, never 0.
+    fn results_lag<'a>(
+        &'a self,
+        cluster: &'a Cluster,
+        topic: &'a str,
+    ) -> BoxFuture<'a, Result<u64, KafkaError>>;
 }
 
 /// For clusters whose topics are provisioned outside the operator (Strimzi
-/// `KafkaTopic`s, Terraform, broker auto-creation): the desired topics are
-/// listed in `status.topics` for whoever provisions them, and the operator
-/// trusts that they exist.
+/// `KafkaTopic`s, Terraform, broker auto-creation) and that the operator cannot
+/// or should not reach: the desired topics are listed in `status.topics` for
+/// whoever provisions them, and the operator trusts that they exist.
 ///
 /// It cannot measure lag, so a writer → standard/batched migration stops in
-/// `DrainingResults` (the writer is never deleted on a guess) until an adapter
-/// that reads consumer-group offsets is configured.
+/// `DrainingResults` (the writer is never deleted on a guess); use
+/// [`RdKafkaAdmin`] for those.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ExternallyProvisioned;
 
 impl KafkaAdmin for ExternallyProvisioned {
     fn ensure_topics<'a>(
         &'a self,
+        _cluster: &'a Cluster,
         _topics: &'a [TopicSpec],
-    ) -> BoxFuture<'a, Result<(), KafkaError>> {
-        Box::pin(async { Ok(()) })
+    ) -> BoxFuture<'a, Result<TopicsReport, KafkaError>> {
+        Box::pin(async { Ok(TopicsReport::default()) })
     }
 
-    fn results_lag<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<u64, KafkaError>> {
+    fn results_lag<'a>(
+        &'a self,
+        _cluster: &'a Cluster,
+        topic: &'a str,
+    ) -> BoxFuture<'a, Result<u64, KafkaError>> {
         Box::pin(async move {
             Err(KafkaError::LagUnavailable {
                 topic: topic.to_string(),
-                reason: "topics are provisioned externally and no Kafka admin client is configured"
+                reason: "topics are provisioned externally (--kafka-admin=external) and no Kafka admin client is configured"
                     .into(),
             })
         })

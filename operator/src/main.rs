@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use ocr_operator::run::{self, RunOptions};
+use ocr_operator::run::{self, KafkaAdminKind, RunOptions};
 
 #[derive(Parser)]
 #[command(
@@ -37,6 +37,12 @@ enum Command {
         /// This replica's identity in the Lease; defaults to the host name and process id.
         #[arg(long, env = "POD_NAME")]
         identity: Option<String>,
+        /// `rdkafka`: connect to each pipeline's Kafka to create missing topics and
+        /// measure the writer group's lag. `external`: never connect; topics are
+        /// provisioned elsewhere and writer → standard/batched migrations wait in
+        /// DrainingResults.
+        #[arg(long, env = "OCR_OPERATOR_KAFKA_ADMIN", value_enum, default_value_t = KafkaAdminKind::Rdkafka)]
+        kafka_admin: KafkaAdminKind,
     },
 }
 
@@ -49,12 +55,14 @@ fn main() -> ExitCode {
             lease_namespace,
             lease_name,
             identity,
+            kafka_admin,
         } => run::init_tracing().and_then(|()| {
             run::runtime()?.block_on(run::run(RunOptions {
                 http_addr,
                 lease_namespace,
                 lease_name,
                 identity,
+                kafka_admin,
             }))
         }),
     };

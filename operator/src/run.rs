@@ -24,7 +24,7 @@ use tracing::{info, warn};
 use crate::build::{Capabilities, MANAGED_BY_LABEL, MANAGER};
 use crate::controller::{error_policy, reconcile, Context};
 use crate::crd::{crd_yaml, OcrPipeline};
-use crate::kafka::ExternallyProvisioned;
+use crate::kafka::{ExternallyProvisioned, KafkaAdmin, RdKafkaAdmin};
 use crate::leader::LeaseLock;
 use crate::metrics::Metrics;
 
@@ -84,6 +84,28 @@ pub struct RunOptions {
     pub lease_namespace: String,
     pub lease_name: String,
     pub identity: Option<String>,
+    pub kafka_admin: KafkaAdminKind,
+}
+
+/// How the operator reaches each pipeline's Kafka (`--kafka-admin`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum KafkaAdminKind {
+    /// Connects to `spec.kafka.bootstrapServers`: creates missing topics and
+    /// measures the writer group's lag, so writer → direct migrations finish.
+    #[default]
+    Rdkafka,
+    /// Never connects: topics are provisioned by someone else and the results
+    /// lag is unknown, so writer → direct migrations stop in `DrainingResults`.
+    External,
+}
+
+impl KafkaAdminKind {
+    pub fn adapter(self) -> Arc<dyn KafkaAdmin> {
+        match self {
+            KafkaAdminKind::Rdkafka => Arc::new(RdKafkaAdmin::default()),
+            KafkaAdminKind::External => Arc::new(ExternallyProvisioned),
+        }
+    }
 }
 
 /// `/healthz` answers while the process serves; `/metrics` is Prometheus text.
@@ -235,7 +257,7 @@ pub async fn run_with(
     let capabilities = Capabilities {
         keda: keda_installed(&client).await,
     };
-    info!(keda = capabilities.keda, "cluster capabilities");
+    info!(keda = capabilities.keda, kafka_admin = ?options.kafka_admin, "cluster capabilities");
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(
@@ -245,7 +267,7 @@ pub async fn run_with(
                 instance: Some(identity.clone()),
             },
         ),
-        kafka: Arc::new(ExternallyProvisioned),
+        kafka: options.kafka_admin.adapter(),
         capabilities,
         metrics: metrics.clone(),
     });

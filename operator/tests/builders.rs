@@ -136,6 +136,7 @@ fn runtime_config_uses_only_documented_keys() {
                 "results_topic",
                 "dead_letter_topic",
                 "consumer_group",
+                "writer_group",
             ][..],
         ),
         (
@@ -158,6 +159,7 @@ fn runtime_config_uses_only_documented_keys() {
             );
         }
     }
+    assert_eq!(parsed["queue"]["writer_group"].as_str(), Some("ocr-writer"));
     assert_eq!(parsed["worker"]["max_batch_size"].as_integer(), Some(16));
     assert_eq!(parsed["model"]["device"].as_str(), Some("cuda"));
     assert!(
@@ -207,4 +209,67 @@ fn the_rbac_manifest_covers_every_managed_kind() {
             "deploy/rbac.yaml lacks {plural}"
         );
     }
+}
+
+#[test]
+fn writer_settings_are_env_of_the_writer_only() {
+    let mut p = support::pipeline("writer");
+    p.spec.writer.retries = 7;
+    p.spec.kafka.writer_group = "persisters".into();
+    p.spec.writer.webhook = None;
+    let plain = rendered(&p, true);
+    let writer = object(&plain, ManagedKind::Deployment, "demo-writer").expect("writer");
+    assert_eq!(
+        env(writer, "OCR_WRITER__RETRIES").expect("retries")["value"],
+        "7"
+    );
+    assert!(env(writer, "OCR_WRITER__WEBHOOK_URL").is_none());
+    let toml = runtime_config(&p).expect("renders");
+    let parsed: toml::Table = toml.parse().expect("valid TOML");
+    assert_eq!(parsed["queue"]["writer_group"].as_str(), Some("persisters"));
+    assert!(
+        parsed.get("writer").is_none(),
+        "writer keys stay out of the shared file"
+    );
+
+    p.spec.writer.webhook = Some(
+        serde_json::from_value(serde_json::json!({
+            "url": "https://hooks.example.com/done",
+            "secret": {"name": "hooks"},
+        }))
+        .expect("webhook parses"),
+    );
+    let hooked = rendered(&p, true);
+    let writer = object(&hooked, ManagedKind::Deployment, "demo-writer").expect("writer");
+    assert_eq!(
+        env(writer, "OCR_WRITER__WEBHOOK_URL").expect("url")["value"],
+        "https://hooks.example.com/done"
+    );
+    assert_eq!(
+        env(writer, "OCR_WRITER__WEBHOOK_TIMEOUT_MS").expect("timeout")["value"],
+        "10000"
+    );
+    let secret = env(writer, "OCR_WRITER__WEBHOOK_SECRET").expect("secret");
+    assert!(
+        secret["value"].is_null(),
+        "the key never appears in the object"
+    );
+    assert_eq!(secret["valueFrom"]["secretKeyRef"]["name"], "hooks");
+    assert_eq!(secret["valueFrom"]["secretKeyRef"]["key"], "secret");
+
+    for role in ["demo-api", "demo-worker"] {
+        let d = object(&hooked, ManagedKind::Deployment, role).expect("deployment");
+        let before = object(&plain, ManagedKind::Deployment, role).expect("deployment");
+        assert_eq!(d, before, "{role} does not roll for a writer setting");
+        assert!(env(d, "OCR_WRITER__RETRIES").is_none());
+    }
+}
+
+#[test]
+fn workers_and_writers_need_different_groups() {
+    let mut p = support::pipeline("writer");
+    ocr_operator::controller::validate(&p.spec).expect("defaults differ");
+    p.spec.kafka.writer_group = p.spec.kafka.consumer_group.clone();
+    let problem = ocr_operator::controller::validate(&p.spec).expect_err("same group");
+    assert!(problem.contains("writerGroup"), "{problem}");
 }

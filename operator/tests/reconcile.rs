@@ -11,7 +11,9 @@ use kube::Api;
 use ocr_operator::build::Capabilities;
 use ocr_operator::controller::{reconcile, Context, Error, FINALIZER};
 use ocr_operator::crd::OcrPipeline;
-use ocr_operator::kafka::{BoxFuture, KafkaAdmin, KafkaError, TopicSpec};
+use ocr_operator::kafka::{
+    BoxFuture, Cluster, KafkaAdmin, KafkaError, PartitionShortfall, TopicSpec, TopicsReport,
+};
 use ocr_operator::metrics::Metrics;
 use serde_json::{json, Value};
 use support::{deployments, pipelines, FakeApi, NAME, NAMESPACE};
@@ -20,24 +22,36 @@ use support::{deployments, pipelines, FakeApi, NAME, NAMESPACE};
 struct FakeKafka {
     lag: Mutex<Option<u64>>,
     ensured: Mutex<Vec<Vec<String>>>,
+    shortfalls: Mutex<Vec<PartitionShortfall>>,
+    clusters: Mutex<Vec<Cluster>>,
 }
 
 impl KafkaAdmin for FakeKafka {
     fn ensure_topics<'a>(
         &'a self,
+        cluster: &'a Cluster,
         topics: &'a [TopicSpec],
-    ) -> BoxFuture<'a, Result<(), KafkaError>> {
+    ) -> BoxFuture<'a, Result<TopicsReport, KafkaError>> {
         Box::pin(async move {
+            self.clusters.lock().expect("lock").push(cluster.clone());
             self.ensured
                 .lock()
                 .expect("lock")
                 .push(topics.iter().map(|t| t.name.clone()).collect());
-            Ok(())
+            Ok(TopicsReport {
+                created: Vec::new(),
+                shortfalls: self.shortfalls.lock().expect("lock").clone(),
+            })
         })
     }
 
-    fn results_lag<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<u64, KafkaError>> {
+    fn results_lag<'a>(
+        &'a self,
+        cluster: &'a Cluster,
+        topic: &'a str,
+    ) -> BoxFuture<'a, Result<u64, KafkaError>> {
         Box::pin(async move {
+            self.clusters.lock().expect("lock").push(cluster.clone());
             (*self.lag.lock().expect("lock")).ok_or_else(|| KafkaError::LagUnavailable {
                 topic: topic.into(),
                 reason: "test".into(),
@@ -419,4 +433,36 @@ async fn a_lost_status_is_recovered_from_the_running_workers() {
         "the writer still has results to persist"
     );
     assert!(!summaries(&h.fake).iter().any(|s| s.starts_with("DELETE")));
+}
+
+#[tokio::test]
+async fn kafka_calls_name_the_pipelines_cluster_and_shortfalls_reach_the_status() {
+    let h = Harness::new("writer");
+    *h.kafka.shortfalls.lock().expect("lock") = vec![PartitionShortfall {
+        topic: "ocr.results".into(),
+        partitions: 2,
+        required: 6,
+    }];
+    h.create_and_settle().await;
+    let clusters = h.kafka.clusters.lock().expect("lock").clone();
+    assert!(!clusters.is_empty());
+    for cluster in &clusters {
+        assert_eq!(
+            cluster.bootstrap_servers,
+            "kafka-0.kafka:9092,kafka-1.kafka:9092"
+        );
+        assert_eq!(cluster.writer_group, "ocr-writer");
+    }
+    let status = h.status();
+    let ready = status["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Ready").cloned())
+        .expect("Ready");
+    assert_eq!(ready["status"], "True", "too few partitions block nothing");
+    let message = ready["message"].as_str().expect("message");
+    assert!(
+        message
+            .contains("topic ocr.results has 2 partitions, fewer than spec.kafka.partitions (6)"),
+        "{message}"
+    );
 }

@@ -17,6 +17,7 @@ pub struct Config {
     pub queue: QueueConfig,
     pub limits: LimitsConfig,
     pub worker: WorkerConfig,
+    pub writer: WriterConfig,
     pub model: ModelConfig,
     pub redis: RedisConfig,
 }
@@ -63,7 +64,10 @@ pub struct QueueConfig {
     pub jobs_topic: String,
     pub results_topic: String,
     pub dead_letter_topic: String,
+    /// The workers' consumer group on the jobs topic.
     pub consumer_group: String,
+    /// The writers' consumer group on the results topic.
+    pub writer_group: String,
     /// Accepted jobs older than this are republished by the sweeper (the API
     /// may have died between the database write and the publish).
     pub republish_after_ms: u64,
@@ -100,6 +104,34 @@ pub struct WorkerConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
+pub struct WriterConfig {
+    /// Tries of the result-document upload and of the webhook before the
+    /// event is dead-lettered and the job fails. The database is waited for
+    /// without limit instead: an outage never fails a job.
+    pub retries: u32,
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    /// Completion webhook (empty: none). POSTed once per finished job.
+    pub webhook_url: String,
+    /// HMAC-SHA256 key for the `ocr-signature` header.
+    pub webhook_secret: String,
+    pub webhook_timeout_ms: u64,
+    /// Exit once the results topic is drained (lag 0): how a switch away
+    /// from writer mode retires the writer.
+    pub drain: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DetLimitType {
+    /// Grow images until the short side reaches the limit (rapidocr's default).
+    Min,
+    /// Shrink images until the long side fits the limit.
+    Max,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
     /// Directory with the PP-OCR ONNX files (see `scripts/fetch-models.sh`).
     pub dir: PathBuf,
@@ -107,6 +139,11 @@ pub struct ModelConfig {
     pub variant: String,
     /// `cpu` or `cuda` (`cuda:N` for another GPU).
     pub device: String,
+    /// Detector input size rule: with `min` (default) small images are
+    /// scaled up to `det_limit_side_len` on their short side; `max` only
+    /// shrinks large ones, which is much faster for small inputs.
+    pub det_limit_type: DetLimitType,
+    pub det_limit_side_len: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -154,6 +191,7 @@ impl Default for QueueConfig {
             results_topic: "ocr.results".into(),
             dead_letter_topic: "ocr.dead-letter".into(),
             consumer_group: "ocr-worker".into(),
+            writer_group: "ocr-writer".into(),
             republish_after_ms: 30_000,
         }
     }
@@ -180,6 +218,20 @@ impl Default for WorkerConfig {
     }
 }
 
+impl Default for WriterConfig {
+    fn default() -> Self {
+        WriterConfig {
+            retries: 5,
+            retry_initial_ms: 200,
+            retry_max_ms: 10_000,
+            webhook_url: String::new(),
+            webhook_secret: String::new(),
+            webhook_timeout_ms: 10_000,
+            drain: false,
+        }
+    }
+}
+
 impl Default for ModelConfig {
     fn default() -> Self {
         let cache = std::env::var_os("HOME")
@@ -190,6 +242,8 @@ impl Default for ModelConfig {
             dir: cache,
             variant: "v6-small".into(),
             device: "cpu".into(),
+            det_limit_type: DetLimitType::Min,
+            det_limit_side_len: 736,
         }
     }
 }

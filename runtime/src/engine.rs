@@ -1,8 +1,9 @@
 //! The Candle OCR engine behind the worker's [`Recognize`] port.
 
 use crate::app::process::{Recognize, RecognizeFailure};
-use crate::config::ModelConfig;
+use crate::config::{DetLimitType, ModelConfig};
 use anyhow::Context;
+use ocr_engine::preprocess::LimitType;
 use ocr_engine::{ModelVariant, OcrEngine, Page};
 
 pub struct CandleRecognizer {
@@ -23,7 +24,15 @@ impl CandleRecognizer {
                 model.dir.display()
             )
         })?;
-        Ok(CandleRecognizer { engine })
+        let mut pipeline = engine.config().clone();
+        pipeline.det.limit_side_len = model.det_limit_side_len;
+        pipeline.det.limit_type = match model.det_limit_type {
+            DetLimitType::Min => LimitType::Min,
+            DetLimitType::Max => LimitType::Max,
+        };
+        Ok(CandleRecognizer {
+            engine: engine.with_config(pipeline),
+        })
     }
 
     pub fn engine(&self) -> &OcrEngine {

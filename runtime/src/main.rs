@@ -27,8 +27,27 @@ enum Command {
     Standalone,
     /// HTTP API: stores jobs in MySQL and publishes them to Kafka.
     Api,
-    /// GPU worker: consumes jobs from Kafka, runs OCR, records results.
+    /// GPU worker: consumes jobs from Kafka, runs OCR; records results
+    /// (standard, batched) or publishes them to the results topic (writer).
     Worker,
+    /// Result writer: persists result events (database, result document,
+    /// completion webhook), with retries and a dead-letter topic.
+    Writer {
+        /// Exit 0 once the results topic is drained (consumer lag 0).
+        #[arg(long)]
+        drain: bool,
+    },
+    /// Print a consumer group's lag on a topic, per partition.
+    Lag {
+        /// Default: the jobs topic.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Default: the writer group for the results topic, else the worker group.
+        #[arg(long)]
+        group: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Recognise image files and print the text (or JSON).
     Recognize {
         files: Vec<PathBuf>,
@@ -63,6 +82,11 @@ async fn main() -> anyhow::Result<()> {
             let engine = load_engine(&config)?;
             run_until_signal(roles::start_worker(&config, engine).await?).await
         }
+        Command::Writer { drain } => {
+            config.writer.drain |= drain;
+            run_until_signal(roles::start_writer(&config).await?).await
+        }
+        Command::Lag { topic, group, json } => print_lag(&config, topic, group, json).await,
         Command::Recognize { files, json, model } => {
             if let Some(model) = model {
                 config.model.variant = model;
@@ -85,6 +109,38 @@ async fn run_until_signal(running: Running) -> anyhow::Result<()> {
         _ = token.cancelled() => {}
     }
     running.stop().await;
+    Ok(())
+}
+
+async fn print_lag(
+    config: &Config,
+    topic: Option<String>,
+    group: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let topic = topic.unwrap_or_else(|| config.queue.jobs_topic.clone());
+    let group = group.unwrap_or_else(|| {
+        if topic == config.queue.results_topic {
+            config.queue.writer_group.clone()
+        } else {
+            config.queue.consumer_group.clone()
+        }
+    });
+    let lag = roles::group_lag(&config.queue.brokers, &group, &topic)
+        .await
+        .with_context(|| format!("measuring the lag of group {group} on {topic}"))?;
+    if json {
+        println!("{}", serde_json::to_string(&lag)?);
+    } else {
+        println!("topic {} group {}: lag {}", lag.topic, lag.group, lag.total);
+        for p in &lag.partitions {
+            let committed = p.committed.map_or("-".to_owned(), |c| c.to_string());
+            println!(
+                "  partition {:>3}  committed {:>10}  end {:>10}  lag {:>8}",
+                p.partition, committed, p.high_watermark, p.lag
+            );
+        }
+    }
     Ok(())
 }
 

@@ -23,6 +23,17 @@ struct OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LagLabels {
+    topic: String,
+    group: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabel {
+    operation: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StageLabel {
     stage: String,
 }
@@ -74,6 +85,8 @@ struct Inner {
     inference_seconds_per_item: Histogram,
     batch_wait_seconds: Histogram,
     in_flight: Gauge,
+    consumer_lag: Family<LagLabels, Gauge>,
+    writer_retries: Family<RetryLabel, Counter>,
     stage_seconds: Family<StageLabel, Histogram>,
     /// Running totals per stage, readable in-process (benchmarks).
     stage_nanos: [AtomicU64; 4],
@@ -140,6 +153,18 @@ impl Metrics {
             "Jobs a worker holds right now",
             in_flight.clone(),
         );
+        let consumer_lag = Family::<LagLabels, Gauge>::default();
+        registry.register(
+            "consumer_lag",
+            "Messages the role's consumer group has not committed yet, over all partitions",
+            consumer_lag.clone(),
+        );
+        let writer_retries = Family::<RetryLabel, Counter>::default();
+        registry.register(
+            "writer_retries",
+            "Failed attempts of the writer, by operation (database, blob, webhook)",
+            writer_retries.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -151,6 +176,8 @@ impl Metrics {
                 inference_seconds_per_item,
                 batch_wait_seconds,
                 in_flight,
+                consumer_lag,
+                writer_retries,
                 stage_seconds,
                 stage_nanos: Default::default(),
             }),
@@ -203,6 +230,25 @@ impl Metrics {
 
     pub fn observe_batch_wait(&self, took: Duration) {
         self.inner.batch_wait_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn set_consumer_lag(&self, topic: &str, group: &str, lag: i64) {
+        self.inner
+            .consumer_lag
+            .get_or_create(&LagLabels {
+                topic: topic.to_owned(),
+                group: group.to_owned(),
+            })
+            .set(lag);
+    }
+
+    pub fn writer_retry(&self, operation: &str) {
+        self.inner
+            .writer_retries
+            .get_or_create(&RetryLabel {
+                operation: operation.to_owned(),
+            })
+            .inc();
     }
 
     pub fn set_in_flight(&self, n: usize) {

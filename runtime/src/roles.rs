@@ -2,14 +2,22 @@
 //! which tasks it runs. `main` and the tests start roles through here.
 
 use crate::api::http::{router, HttpState};
-use crate::app::process::{Processor, Recognize};
+use crate::app::infer::InferAndPublish;
+use crate::app::persist::{ResultWriter, RetryPolicy};
+use crate::app::process::{HandleJobs, Processor, Recognize};
 use crate::app::submit::{Fault, Submitter};
 use crate::config::{Config, QueueKind, WorkerMode};
+use crate::domain::retry::Backoff;
 use crate::metrics::Metrics;
-use crate::queue::kafka::{KafkaConsumer, KafkaPublisher};
-use crate::queue::JobPublisher;
+use crate::notify::Webhook;
+use crate::queue::kafka::{
+    consumer_group_lag, GroupLag, KafkaCheck, KafkaConsumer, KafkaPublisher,
+};
+use crate::queue::{JobPublisher, MessageSink, QueueError};
 use crate::storage::redis_guard::RedisGuard;
 use crate::storage::{BlobStore, JobStore};
+use crate::worker::{BatchPolicy, JobLoop};
+use crate::writer::{LagFuture, LagProbe, ResultLoop};
 use anyhow::Context;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -212,73 +220,268 @@ pub async fn start_api(config: &Config) -> anyhow::Result<Running> {
     Ok(Running::new(local_addr, store, blobs, shutdown, tasks).with_grpc(grpc_addr))
 }
 
+/// What a role must reach to be ready. A worker in writer mode and the
+/// writer only need Kafka: a database outage must not take them out of
+/// service (the writer waits for it, the worker does not use it).
 #[derive(Clone)]
-struct WorkerHealth {
-    store: JobStore,
+enum Readiness {
+    Database(JobStore),
+    Kafka(KafkaCheck),
+}
+
+#[derive(Clone)]
+struct RoleHealth {
+    readiness: Readiness,
     metrics: Metrics,
 }
 
 /// Probes and metrics for roles without the job API.
-fn health_router(health: WorkerHealth) -> Router {
+fn health_router(health: RoleHealth) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok" }))
         .route(
             "/readyz",
-            get(|State(health): State<WorkerHealth>| async move {
-                match health.store.ping().await {
+            get(|State(health): State<RoleHealth>| async move {
+                let checked = match &health.readiness {
+                    Readiness::Database(store) => store.ping().await.map_err(|e| e.to_string()),
+                    Readiness::Kafka(kafka) => kafka.check().await.map_err(|e| e.to_string()),
+                };
+                match checked {
                     Ok(()) => "ready".into_response(),
-                    Err(err) => (StatusCode::SERVICE_UNAVAILABLE, err.to_string()).into_response(),
+                    Err(err) => (StatusCode::SERVICE_UNAVAILABLE, err).into_response(),
                 }
             }),
         )
         .route(
             "/metrics",
-            get(|State(health): State<WorkerHealth>| async move { health.metrics.render() }),
+            get(|State(health): State<RoleHealth>| async move { health.metrics.render() }),
         )
         .with_state(health)
 }
 
-/// The GPU worker role.
+/// The micro-batch rule for the configured worker mode.
+pub fn batch_policy(config: &Config) -> BatchPolicy {
+    match config.worker.mode {
+        WorkerMode::Standard => BatchPolicy::STANDARD,
+        WorkerMode::Batched | WorkerMode::Writer => BatchPolicy {
+            max_size: config.worker.max_batch_size.max(1),
+            max_wait: Duration::from_millis(config.worker.max_wait_ms),
+        },
+    }
+}
+
+/// How often roles publish their consumer group's lag as a metric.
+const LAG_REPORT_PERIOD: Duration = Duration::from_secs(5);
+const LAG_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The lag of `group` on `topic`, without blocking the runtime.
+pub async fn group_lag(brokers: &str, group: &str, topic: &str) -> Result<GroupLag, QueueError> {
+    let (brokers, group, topic) = (brokers.to_owned(), group.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || consumer_group_lag(&brokers, &group, &topic, LAG_TIMEOUT))
+        .await
+        .map_err(|e| QueueError::Unreachable(e.to_string()))?
+}
+
+/// Publishes the group's lag on `topic` as `ocr_consumer_lag` until shutdown.
+fn spawn_lag_reporter(
+    config: &Config,
+    group: &str,
+    topic: &str,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+    tasks: &mut JoinSet<()>,
+) {
+    let (brokers, group, topic) = (
+        config.queue.brokers.clone(),
+        group.to_owned(),
+        topic.to_owned(),
+    );
+    tasks.spawn(async move {
+        loop {
+            match group_lag(&brokers, &group, &topic).await {
+                Ok(lag) => metrics.set_consumer_lag(&topic, &group, lag.total),
+                Err(err) => tracing::debug!(error = %err, "measuring consumer lag failed"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(LAG_REPORT_PERIOD) => {}
+            }
+        }
+    });
+}
+
+/// The GPU worker role, in the configured mode. Every mode consumes the jobs
+/// topic in the same consumer group, so a worker restarted in another mode
+/// resumes where the group left off.
 pub async fn start_worker(config: &Config, engine: Arc<dyn Recognize>) -> anyhow::Result<Running> {
     require_kafka(config, "worker")?;
-    anyhow::ensure!(
-        config.worker.mode == WorkerMode::Standard,
-        "worker.mode {:?} is not available yet; use \"standard\"",
-        config.worker.mode
-    );
-    let (store, blobs) = open_storage(config).await?;
     let metrics = Metrics::new();
     let consumer = KafkaConsumer::new(
         &config.queue.brokers,
         &config.queue.consumer_group,
         &config.queue.jobs_topic,
     )?;
-    let dead_letters: Arc<dyn JobPublisher> = Arc::new(KafkaPublisher::new(
+    let kafka_check = consumer.checker();
+    let dead_letters: Arc<dyn MessageSink> = Arc::new(KafkaPublisher::new(
         &config.queue.brokers,
         &config.queue.dead_letter_topic,
     )?);
-    let processor = Processor {
-        store: store.clone(),
-        blobs: blobs.clone(),
-        engine,
-        max_attempts: config.worker.max_attempts,
-        metrics: metrics.clone(),
+    let (store, blobs, handler, readiness): (_, _, Arc<dyn HandleJobs>, _) = match config
+        .worker
+        .mode
+    {
+        WorkerMode::Standard | WorkerMode::Batched => {
+            let (store, blobs) = open_storage(config).await?;
+            let processor = Processor {
+                store: store.clone(),
+                blobs: blobs.clone(),
+                engine,
+                max_attempts: config.worker.max_attempts,
+                metrics: metrics.clone(),
+            };
+            let readiness = Readiness::Database(store.clone());
+            (store, blobs, Arc::new(processor), readiness)
+        }
+        WorkerMode::Writer => {
+            // The database is only a fallback for old messages without
+            // an input key; the worker must start while it is down.
+            let store = JobStore::connect_lazy(&config.database.url, 2).context("database URL")?;
+            let blobs = BlobStore::from_url(&config.blob.url).context("opening the blob store")?;
+            let results: Arc<dyn MessageSink> = Arc::new(KafkaPublisher::new(
+                &config.queue.brokers,
+                &config.queue.results_topic,
+            )?);
+            let handler = InferAndPublish::new(
+                blobs.clone(),
+                Some(store.clone()),
+                engine,
+                results,
+                config.worker.max_attempts,
+                metrics.clone(),
+            );
+            (
+                store,
+                blobs,
+                Arc::new(handler),
+                Readiness::Kafka(kafka_check),
+            )
+        }
     };
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
-    tasks.spawn(crate::worker::run_standard(
-        Box::new(consumer),
-        processor,
-        Some(dead_letters),
+    let jobs = JobLoop {
+        consumer: Box::new(consumer),
+        handler,
+        dead_letters: Some(dead_letters),
+        policy: batch_policy(config),
+        metrics: metrics.clone(),
+    };
+    tasks.spawn(jobs.run(shutdown.clone()));
+    spawn_lag_reporter(
+        config,
+        &config.queue.consumer_group,
+        &config.queue.jobs_topic,
+        metrics.clone(),
         shutdown.clone(),
-    ));
-    let app = health_router(WorkerHealth {
-        store: store.clone(),
-        metrics,
-    });
+        &mut tasks,
+    );
+    let app = health_router(RoleHealth { readiness, metrics });
     let local_addr =
         serve_http(app, &config.server.http_addr, shutdown.clone(), &mut tasks).await?;
-    tracing::info!(%local_addr, "worker health endpoint listening");
+    tracing::info!(%local_addr, mode = ?config.worker.mode, "worker health endpoint listening");
+    Ok(Running::new(local_addr, store, blobs, shutdown, tasks))
+}
+
+/// The writer role: persists result events from the results topic.
+pub async fn start_writer(config: &Config) -> anyhow::Result<Running> {
+    require_kafka(config, "writer")?;
+    // Lazy: the writer starts (and reports ready) while the database is
+    // down, and waits for it per event.
+    let store = JobStore::connect_lazy(&config.database.url, config.database.max_connections)
+        .context("database URL")?;
+    let blobs = BlobStore::from_url(&config.blob.url).context("opening the blob store")?;
+    let metrics = Metrics::new();
+    let writer_config = &config.writer;
+    let webhook = if writer_config.webhook_url.is_empty() {
+        None
+    } else {
+        Some(
+            Webhook::new(
+                &writer_config.webhook_url,
+                &writer_config.webhook_secret,
+                Duration::from_millis(writer_config.webhook_timeout_ms),
+            )
+            .context("writer.webhook_url")?,
+        )
+    };
+    let dead_letters: Arc<dyn MessageSink> = Arc::new(KafkaPublisher::new(
+        &config.queue.brokers,
+        &config.queue.dead_letter_topic,
+    )?);
+    let writer = ResultWriter {
+        store: store.clone(),
+        blobs: blobs.clone(),
+        webhook,
+        retry: RetryPolicy {
+            attempts: writer_config.retries.max(1),
+            backoff: Backoff::new(
+                Duration::from_millis(writer_config.retry_initial_ms),
+                Duration::from_millis(writer_config.retry_max_ms),
+            ),
+        },
+        database_backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
+        dead_letters,
+        metrics: metrics.clone(),
+    };
+    let consumer = KafkaConsumer::new(
+        &config.queue.brokers,
+        &config.queue.writer_group,
+        &config.queue.results_topic,
+    )?;
+    let readiness = Readiness::Kafka(consumer.checker());
+    let drain = writer_config.drain.then(|| {
+        let (brokers, group, topic) = (
+            config.queue.brokers.clone(),
+            config.queue.writer_group.clone(),
+            config.queue.results_topic.clone(),
+        );
+        let probe: LagProbe = Box::new(move || -> LagFuture {
+            let (brokers, group, topic) = (brokers.clone(), group.clone(), topic.clone());
+            Box::pin(async move {
+                group_lag(&brokers, &group, &topic)
+                    .await
+                    .ok()
+                    .map(|lag| lag.total)
+            })
+        });
+        probe
+    });
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let results = ResultLoop {
+        consumer: Box::new(consumer),
+        writer,
+        drain,
+    };
+    let drained = shutdown.clone();
+    tasks.spawn(async move {
+        if results.run(drained.clone()).await {
+            // Drained: stop the whole role so the process exits 0.
+            drained.cancel();
+        }
+    });
+    spawn_lag_reporter(
+        config,
+        &config.queue.writer_group,
+        &config.queue.results_topic,
+        metrics.clone(),
+        shutdown.clone(),
+        &mut tasks,
+    );
+    let app = health_router(RoleHealth { readiness, metrics });
+    let local_addr =
+        serve_http(app, &config.server.http_addr, shutdown.clone(), &mut tasks).await?;
+    tracing::info!(%local_addr, drain = writer_config.drain, "writer listening");
     Ok(Running::new(local_addr, store, blobs, shutdown, tasks))
 }
 

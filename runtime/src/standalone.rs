@@ -4,7 +4,7 @@
 
 use crate::app::process::{Processor, Recognize};
 use crate::app::submit::{Fault, Submitter};
-use crate::config::Config;
+use crate::config::{Config, WorkerMode};
 use crate::domain::message::JobMessage;
 use crate::domain::JobStatus;
 use crate::metrics::Metrics;
@@ -16,6 +16,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub async fn start(config: &Config, engine: Arc<dyn Recognize>) -> anyhow::Result<Running> {
+    anyhow::ensure!(
+        config.worker.mode != WorkerMode::Writer,
+        "worker.mode = \"writer\" needs Kafka and a writer process; standalone runs standard or batched"
+    );
     let mut config = config.clone();
     config.database.migrate_on_start = true;
     let (store, blobs) = open_storage(&config).await?;
@@ -35,7 +39,11 @@ pub async fn start(config: &Config, engine: Arc<dyn Recognize>) -> anyhow::Resul
             .await
             .context("listing unfinished jobs")?;
         for job_id in ids {
-            publisher.publish(&JobMessage { job_id }).await?;
+            let message = JobMessage {
+                job_id,
+                input_key: None,
+            };
+            publisher.publish(&message).await?;
             resumed += 1;
         }
     }
@@ -52,12 +60,14 @@ pub async fn start(config: &Config, engine: Arc<dyn Recognize>) -> anyhow::Resul
         max_attempts: config.worker.max_attempts,
         metrics: metrics.clone(),
     };
-    tasks.spawn(crate::worker::run_standard(
-        Box::new(consumer),
-        processor,
-        None,
-        shutdown.clone(),
-    ));
+    let jobs = crate::worker::JobLoop {
+        consumer: Box::new(consumer),
+        handler: Arc::new(processor),
+        dead_letters: None,
+        policy: crate::roles::batch_policy(&config),
+        metrics: metrics.clone(),
+    };
+    tasks.spawn(jobs.run(shutdown.clone()));
     let submitter = Submitter {
         store: store.clone(),
         blobs: blobs.clone(),

@@ -7,9 +7,10 @@ use common::{jpeg, png, MysqlDatabase};
 use ocr_runtime::api::http::{router, HttpState};
 use ocr_runtime::app::submit::{Fault, Submitter};
 use ocr_runtime::config::LimitsConfig;
+use ocr_runtime::domain::message::JobMessage;
 use ocr_runtime::domain::JobStatus;
 use ocr_runtime::metrics::Metrics;
-use ocr_runtime::queue::{memory, JobConsumer};
+use ocr_runtime::queue::{memory, MessageConsumer};
 use ocr_runtime::storage::redis_guard::RedisGuard;
 use ocr_runtime::storage::{BlobStore, JobStore};
 use std::sync::Arc;
@@ -103,8 +104,13 @@ async fn accepted_job_is_stored_queued_and_readable() {
     assert_eq!(location, format!("/v1/jobs/{id}"));
     assert_eq!(body["status"], "Queued");
 
-    let message = api.queue.next().await.unwrap().unwrap();
-    assert_eq!(message.message.unwrap().job_id.to_string(), id);
+    let delivery = api.queue.next().await.unwrap().unwrap();
+    let message = JobMessage::decode(&delivery.payload).unwrap();
+    assert_eq!(message.job_id.to_string(), id);
+    assert!(
+        message.input_key.is_some(),
+        "the message says where the input is"
+    );
 
     let status: serde_json::Value = api
         .client

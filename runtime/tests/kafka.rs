@@ -4,22 +4,27 @@
 
 mod common;
 
-use common::{engine, free_port, invoice_page, wait_for_status, MysqlDatabase, INVOICE};
-use ocr_runtime::config::{Config, QueueKind};
+use common::{
+    engine, free_port, invoice_page, spawn_role, terminate, wait_for_status, wait_http_ok,
+    MysqlDatabase, WebhookReceiver, INVOICE,
+};
+use ocr_runtime::config::{Config, QueueKind, WorkerMode};
 use ocr_runtime::domain::{JobId, JobStatus};
-use ocr_runtime::roles::{start_api, start_worker};
+use ocr_runtime::roles::{group_lag, start_api, start_worker, start_writer};
 use rdkafka::mocking::MockCluster;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 const JOBS: &str = "ocr.jobs";
 const DEAD: &str = "ocr.dead-letter";
+const RESULTS: &str = "ocr.results";
 
 fn mock_kafka() -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
     let cluster = MockCluster::new(1).expect("mock Kafka cluster");
     cluster.create_topic(JOBS, 3, 1).expect("jobs topic");
     cluster.create_topic(DEAD, 1, 1).expect("dead-letter topic");
+    cluster.create_topic(RESULTS, 3, 1).expect("results topic");
     cluster
 }
 
@@ -56,31 +61,6 @@ fn config(db: &MysqlDatabase, brokers: &str, blobs: &Path) -> Config {
     config
 }
 
-/// Runs `ocr-runtime ROLE` as a separate process configured through the
-/// environment, exactly as a Deployment would.
-fn spawn_role(role: &str, config: &Config, http_port: u16, fault: Option<&str>) -> Child {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ocr-runtime"));
-    command
-        .arg(role)
-        .env("OCR_DATABASE__URL", &config.database.url)
-        .env("OCR_BLOB__URL", &config.blob.url)
-        .env("OCR_QUEUE__KIND", "kafka")
-        .env("OCR_QUEUE__BROKERS", &config.queue.brokers)
-        .env(
-            "OCR_QUEUE__REPUBLISH_AFTER_MS",
-            config.queue.republish_after_ms.to_string(),
-        )
-        .env("OCR_SERVER__HTTP_ADDR", format!("127.0.0.1:{http_port}"))
-        .env("OCR_SERVER__GRPC_ADDR", "127.0.0.1:0")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    if let Some(fault) = fault {
-        command.env("OCR_FAULT", fault);
-    }
-    command.spawn().expect("spawning ocr-runtime")
-}
-
 async fn submit(base: &str, body: Vec<u8>) -> reqwest::Result<serde_json::Value> {
     reqwest::Client::new()
         .post(format!("{base}/v1/jobs"))
@@ -90,16 +70,6 @@ async fn submit(base: &str, body: Vec<u8>) -> reqwest::Result<serde_json::Value>
         .await?
         .json()
         .await
-}
-
-async fn wait_http(base: &str) {
-    for _ in 0..300 {
-        if reqwest::get(format!("{base}/livez")).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{base} never came up");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,9 +109,14 @@ async fn api_killed_between_db_write_and_publish_still_completes_the_job() {
     let store = env.db.store().await;
 
     let port = free_port();
-    let mut dying_api = spawn_role("api", config, port, Some("exit-after-db-write"));
+    let mut dying_api = spawn_role(
+        &["api"],
+        config,
+        port,
+        &[("OCR_FAULT", "exit-after-db-write".into())],
+    );
     let base = format!("http://127.0.0.1:{port}");
-    wait_http(&base).await;
+    wait_http_ok(&base, "/livez", Duration::from_secs(30)).await;
     assert!(
         submit(&base, INVOICE.to_vec()).await.is_err(),
         "the API must die before answering"
@@ -179,7 +154,7 @@ async fn worker_killed_mid_job_completes_it_exactly_once_after_restart() {
     let config = &env.config;
     let api = start_api(config).await.unwrap();
 
-    let mut worker = spawn_role("worker", config, free_port(), None);
+    let mut worker = spawn_role(&["worker"], config, free_port(), &[]);
     // A long page keeps the worker busy long enough to be caught mid-job.
     let accepted = submit(&format!("http://{}", api.local_addr), invoice_page(8))
         .await
@@ -202,7 +177,7 @@ async fn worker_killed_mid_job_completes_it_exactly_once_after_restart() {
     );
     assert_eq!(interrupted.attempts, 1);
 
-    let mut restarted = spawn_role("worker", config, free_port(), None);
+    let mut restarted = spawn_role(&["worker"], config, free_port(), &[]);
     let job = wait_for_status(
         &api.store,
         id,
@@ -267,7 +242,7 @@ async fn sigterm_lets_the_worker_finish_its_job_before_exiting() {
     let env = environment().await;
     let config = &env.config;
     let api = start_api(config).await.unwrap();
-    let mut worker = spawn_role("worker", config, free_port(), None);
+    let worker = spawn_role(&["worker"], config, free_port(), &[]);
     let accepted = submit(&format!("http://{}", api.local_addr), invoice_page(8))
         .await
         .unwrap();
@@ -280,14 +255,7 @@ async fn sigterm_lets_the_worker_finish_its_job_before_exiting() {
     )
     .await;
 
-    let signalled = Command::new("kill")
-        .args(["-TERM", &worker.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(signalled.success());
-    let exit = tokio::task::spawn_blocking(move || worker.wait().unwrap())
-        .await
-        .unwrap();
+    let exit = terminate(worker).await;
     assert!(exit.success(), "worker exited with {exit}");
     let job = api.store.get(id).await.unwrap().unwrap();
     assert_eq!(
@@ -296,5 +264,281 @@ async fn sigterm_lets_the_worker_finish_its_job_before_exiting() {
         "the job in hand was finished"
     );
     assert_eq!(job.attempts, 1);
+    api.stop().await;
+}
+
+async fn submit_id(base: &str, body: Vec<u8>) -> JobId {
+    let accepted = submit(base, body).await.expect("submitting a job");
+    accepted["id"]
+        .as_str()
+        .expect("an id in the answer")
+        .parse()
+        .expect("a job id")
+}
+
+/// `ocr_batch_size` histogram from a role's `/metrics`: (sum, count).
+async fn batch_sizes(base: &str) -> (f64, f64) {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (value("ocr_batch_size_sum "), value("ocr_batch_size_count "))
+}
+
+async fn wait_for_lag(brokers: &str, group: &str, topic: &str, expected: i64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(lag) = group_lag(brokers, group, topic).await {
+            if lag.total == expected {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lag of {group} on {topic} never reached {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_worker_runs_micro_batches_and_a_bad_image_fails_only_its_job() {
+    let env = environment().await;
+    let mut config = env.config.clone();
+    config.worker.mode = WorkerMode::Batched;
+    config.worker.max_batch_size = 8;
+    config.worker.max_wait_ms = 300;
+    let api = start_api(&config).await.unwrap();
+    let base = format!("http://{}", api.local_addr);
+    // A backlog before the worker starts, so batches fill up.
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(submit_id(&base, INVOICE.to_vec()).await);
+    }
+    // One input rots in the blob store after it was accepted.
+    let bad = ids[3];
+    let stored = api.store.get(bad).await.unwrap().unwrap();
+    api.blobs
+        .put(
+            &stored.input_key,
+            bytes::Bytes::from_static(b"no longer an image"),
+        )
+        .await
+        .unwrap();
+
+    let worker = start_worker(&config, engine()).await.unwrap();
+    let failed =
+        wait_for_status(&api.store, bad, JobStatus::Failed, Duration::from_secs(180)).await;
+    assert!(failed.error.is_some());
+    for id in ids.iter().filter(|id| **id != bad) {
+        let job = wait_for_status(
+            &api.store,
+            *id,
+            JobStatus::Succeeded,
+            Duration::from_secs(180),
+        )
+        .await;
+        assert!(job.result.unwrap().contains("Invoice 2026-11-27"));
+        assert_eq!(job.attempts, 1);
+    }
+    let (images, calls) = batch_sizes(&format!("http://{}", worker.local_addr)).await;
+    assert_eq!(images, 10.0, "every image went through the engine once");
+    assert!(
+        calls < 10.0,
+        "micro-batches hold several images: {calls} engine calls"
+    );
+    wait_for_lag(&env.kafka.bootstrap_servers(), "ocr-worker", JOBS, 0).await;
+    worker.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_mode_results_are_persisted_stored_and_announced_once_each() {
+    let env = environment().await;
+    let receiver = WebhookReceiver::start(200).await;
+    let mut config = env.config.clone();
+    config.worker.mode = WorkerMode::Writer;
+    config.writer.webhook_url = receiver.url.clone();
+    config.writer.webhook_secret = receiver.secret.clone();
+    let api = start_api(&config).await.unwrap();
+    let worker = start_worker(&config, engine()).await.unwrap();
+    let writer = start_writer(&config).await.unwrap();
+    let base = format!("http://{}", api.local_addr);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(submit_id(&base, INVOICE.to_vec()).await);
+    }
+    for id in &ids {
+        let job = wait_for_status(
+            &api.store,
+            *id,
+            JobStatus::Succeeded,
+            Duration::from_secs(120),
+        )
+        .await;
+        assert_eq!(job.attempts, 1);
+        let document = api
+            .blobs
+            .get(&ocr_runtime::app::persist::result_key(*id))
+            .await
+            .expect("the result document is in the blob store");
+        let page: serde_json::Value = serde_json::from_slice(&document).unwrap();
+        assert!(page["text"]
+            .as_str()
+            .unwrap()
+            .contains("Invoice 2026-11-27"));
+    }
+    let expected: std::collections::HashSet<String> = ids.iter().map(|id| id.to_string()).collect();
+    assert_eq!(receiver.distinct(), expected, "one webhook per job");
+    assert_eq!(
+        receiver
+            .bad_signatures
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    let ready = reqwest::get(format!("http://{}/readyz", writer.local_addr))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    wait_for_lag(&env.kafka.bootstrap_servers(), "ocr-writer", RESULTS, 0).await;
+    writer.stop().await;
+    worker.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_whose_webhook_keeps_failing_is_dead_lettered_and_the_job_fails() {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Headers;
+    use rdkafka::Message;
+
+    let env = environment().await;
+    let receiver = WebhookReceiver::start(500).await;
+    let mut config = env.config.clone();
+    config.worker.mode = WorkerMode::Writer;
+    config.writer.webhook_url = receiver.url.clone();
+    config.writer.webhook_secret = receiver.secret.clone();
+    config.writer.retries = 3;
+    config.writer.retry_initial_ms = 20;
+    let api = start_api(&config).await.unwrap();
+    let worker = start_worker(&config, engine()).await.unwrap();
+    let writer = start_writer(&config).await.unwrap();
+    let id = submit_id(&format!("http://{}", api.local_addr), INVOICE.to_vec()).await;
+    let job = wait_for_status(&api.store, id, JobStatus::Failed, Duration::from_secs(120)).await;
+    let error = job.error.unwrap();
+    assert!(
+        error.contains("writer gave up") && error.contains("500"),
+        "{error}"
+    );
+    assert_eq!(
+        receiver.deliveries.lock().unwrap().len(),
+        3,
+        "tried exactly `retries` times"
+    );
+
+    let dlq: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", env.kafka.bootstrap_servers())
+        .set("group.id", "dlq-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    dlq.subscribe(&[DEAD]).unwrap();
+    let message = tokio::time::timeout(Duration::from_secs(30), dlq.recv())
+        .await
+        .expect("a dead-letter message")
+        .unwrap();
+    assert_eq!(message.key(), Some(id.to_string().as_bytes()));
+    let kind = message
+        .headers()
+        .and_then(|h| h.iter().find(|h| h.key == "ocr-dead-letter-kind"))
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned());
+    assert_eq!(kind.as_deref(), Some("result"));
+    writer.stop().await;
+    worker.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_writer_exits_once_every_result_is_persisted() {
+    let env = environment().await;
+    let mut config = env.config.clone();
+    config.worker.mode = WorkerMode::Writer;
+    let brokers = env.kafka.bootstrap_servers();
+    let api = start_api(&config).await.unwrap();
+    let worker = start_worker(&config, engine()).await.unwrap();
+    let base = format!("http://{}", api.local_addr);
+    let ids = [
+        submit_id(&base, INVOICE.to_vec()).await,
+        submit_id(&base, INVOICE.to_vec()).await,
+    ];
+    // No writer yet: the results wait on the topic, the jobs stay unfinished.
+    wait_for_lag(&brokers, "ocr-writer", RESULTS, 2).await;
+    for id in &ids {
+        let job = api.store.get(*id).await.unwrap().unwrap();
+        assert!(!job.status.is_terminal());
+    }
+    worker.stop().await;
+
+    let draining = spawn_role(&["writer", "--drain"], &config, free_port(), &[]);
+    let exit = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::task::spawn_blocking(move || {
+            let mut draining = draining;
+            draining.wait().unwrap()
+        }),
+    )
+    .await
+    .expect("the draining writer exits by itself")
+    .unwrap();
+    assert!(exit.success(), "writer exited with {exit}");
+    for id in &ids {
+        let job = api.store.get(*id).await.unwrap().unwrap();
+        assert_eq!(job.status, JobStatus::Succeeded);
+    }
+    wait_for_lag(&brokers, "ocr-writer", RESULTS, 0).await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_command_reports_what_the_worker_group_has_not_consumed() {
+    let env = environment().await;
+    let config = &env.config;
+    let api = start_api(config).await.unwrap();
+    let base = format!("http://{}", api.local_addr);
+    for _ in 0..3 {
+        submit_id(&base, INVOICE.to_vec()).await;
+    }
+    let lag = |config: &Config| {
+        let output = Command::new(env!("CARGO_BIN_EXE_ocr-runtime"))
+            .args(["lag", "--json"])
+            .env("OCR_QUEUE__BROKERS", &config.queue.brokers)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let lag: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        (
+            lag["total"].as_i64().unwrap(),
+            lag["partitions"].as_array().unwrap().len(),
+        )
+    };
+    assert_eq!(lag(config), (3, 3), "3 jobs waiting, over 3 partitions");
+
+    let worker = start_worker(config, engine()).await.unwrap();
+    wait_for_lag(&config.queue.brokers, "ocr-worker", JOBS, 0).await;
+    assert_eq!(lag(config).0, 0);
+    worker.stop().await;
     api.stop().await;
 }

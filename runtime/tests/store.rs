@@ -193,9 +193,10 @@ async fn idempotency_keys_reserve_bind_and_release(store: JobStore) {
         .await
         .unwrap());
 
-    let job = new_job(Some("k1"));
+    let mut job = new_job(Some("k1"));
+    job.client_id = "c".into();
+    // Inserting the job binds its key in the same transaction.
     store.insert(&job, 2_000).await.unwrap();
-    store.bind_key("c", "k1", job.id).await.unwrap();
     let bound = store
         .reserve_key("c", "k1", &sha, 3_000)
         .await

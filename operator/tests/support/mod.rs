@@ -496,7 +496,10 @@ pub fn pipeline_json(architecture: &str) -> Value {
                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
                 "batching": {"maxBatchSize": 16, "maxWaitMs": 25},
             },
-            "writer": {"replicas": 2},
+            "writer": {
+                "replicas": 2,
+                "webhook": {"url": "https://hooks.example.com/ocr", "secret": {"name": "ocr-webhook"}},
+            },
             "kafka": {"bootstrapServers": "kafka-0.kafka:9092,kafka-1.kafka:9092", "partitions": 6},
             "database": {"secret": {"name": "ocr-mysql"}},
             "redis": {"secret": {"name": "ocr-redis", "key": "redis-url"}, "requestsPerMinute": 600},

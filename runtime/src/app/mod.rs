@@ -1,7 +1,10 @@
-//! Use cases shared by every front end: submitting a job (HTTP and gRPC) and
-//! processing one (every worker mode).
+//! Use cases shared by every front end: submitting a job (HTTP and gRPC),
+//! processing one (direct modes), inferring and publishing (writer mode) and
+//! persisting results (the writer role).
 
+pub mod infer;
 pub mod input;
+pub mod persist;
 pub mod process;
 pub mod submit;
 pub mod sweeper;

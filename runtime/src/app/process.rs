@@ -1,11 +1,14 @@
-//! Processing jobs: claim, read the input, recognise, record the outcome.
-//! Every worker mode runs this; standard mode passes one job at a time,
-//! batched mode a micro-batch.
+//! Processing jobs in the direct modes: claim, read the input, recognise,
+//! record the outcome. Standard mode passes one job at a time, batched mode a
+//! micro-batch; writer mode infers with [`super::infer`] instead.
 
+use crate::domain::message::JobMessage;
 use crate::domain::{Job, JobId, JobStatus, Transition};
 use crate::metrics::Metrics;
 use crate::storage::jobs::Changes;
 use crate::storage::{now_ms, BlobStore, JobStore, StoreError};
+use async_trait::async_trait;
+use futures::future::join_all;
 use ocr_engine::Page;
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,6 +26,48 @@ pub enum RecognizeFailure {
 /// image, so one bad image never fails the others.
 pub trait Recognize: Send + Sync {
     fn recognize_batch(&self, images: &[&[u8]]) -> Vec<Result<Page, RecognizeFailure>>;
+}
+
+/// What a worker does with a micro-batch of job messages: one outcome per
+/// message, in order.
+#[async_trait]
+pub trait HandleJobs: Send + Sync {
+    async fn handle(&self, jobs: &[JobMessage]) -> Vec<Handled>;
+}
+
+/// Runs the engine on a thread that may block, timing the batch. A panic or a
+/// miscounted answer becomes an engine failure of every image in the batch.
+pub async fn infer(
+    engine: &Arc<dyn Recognize>,
+    inputs: Vec<bytes::Bytes>,
+    metrics: &Metrics,
+) -> Vec<Result<Page, RecognizeFailure>> {
+    let count = inputs.len();
+    if count == 0 {
+        return Vec::new();
+    }
+    let engine = engine.clone();
+    let started = Instant::now();
+    let results = tokio::task::spawn_blocking(move || {
+        let views: Vec<&[u8]> = inputs.iter().map(|b| b.as_ref()).collect();
+        engine.recognize_batch(&views)
+    })
+    .await;
+    metrics.observe_inference(count, started.elapsed());
+    match results {
+        Ok(results) if results.len() == count => results,
+        Ok(results) => {
+            let reason = format!(
+                "engine returned {} results for {count} images",
+                results.len()
+            );
+            vec![Err(RecognizeFailure::Engine(reason)); count]
+        }
+        Err(panic) => {
+            let reason = format!("engine panicked: {panic}");
+            vec![Err(RecognizeFailure::Engine(reason)); count]
+        }
+    }
 }
 
 /// The outcome of handling one job's message.
@@ -52,56 +97,59 @@ enum Claim {
     Done(Handled),
 }
 
+#[async_trait]
+impl HandleJobs for Processor {
+    async fn handle(&self, jobs: &[JobMessage]) -> Vec<Handled> {
+        let ids: Vec<JobId> = jobs.iter().map(|m| m.job_id).collect();
+        self.handle_ids(&ids).await
+    }
+}
+
 impl Processor {
     /// Handles a batch of job ids; the result has one entry per id, in order.
-    pub async fn handle(&self, ids: &[JobId]) -> Vec<Handled> {
+    /// The database round trips of a batch run concurrently.
+    pub async fn handle_ids(&self, ids: &[JobId]) -> Vec<Handled> {
         let mut outcomes: Vec<Option<Handled>> = vec![None; ids.len()];
-        let mut claimed: Vec<(usize, Job, bytes::Bytes)> = Vec::new();
-        for (slot, id) in ids.iter().enumerate() {
-            match self.claim(*id).await {
-                Ok(Claim::Done(outcome)) => outcomes[slot] = Some(outcome),
-                Ok(Claim::Claimed(job)) => match self.blobs.get(&job.input_key).await {
-                    Ok(bytes) => claimed.push((slot, job, bytes)),
-                    Err(err) => outcomes[slot] = Some(self.release(&job, err.to_string()).await),
-                },
-                Err(err) => outcomes[slot] = Some(Handled::Retry(err.to_string())),
+        let claims = join_all(ids.iter().map(|id| self.claim_with_input(*id))).await;
+        let mut claimed: Vec<(usize, Job)> = Vec::new();
+        let mut inputs = Vec::new();
+        for (slot, claim) in claims.into_iter().enumerate() {
+            match claim {
+                Ok((job, bytes)) => {
+                    claimed.push((slot, job));
+                    inputs.push(bytes);
+                }
+                Err(outcome) => outcomes[slot] = Some(outcome),
             }
         }
-
-        if !claimed.is_empty() {
-            let engine = self.engine.clone();
-            let inputs: Vec<bytes::Bytes> = claimed.iter().map(|(_, _, b)| b.clone()).collect();
-            let started = Instant::now();
-            let results = tokio::task::spawn_blocking(move || {
-                let views: Vec<&[u8]> = inputs.iter().map(|b| b.as_ref()).collect();
-                engine.recognize_batch(&views)
-            })
-            .await;
-            self.metrics
-                .observe_inference(claimed.len(), started.elapsed());
-            let results = match results {
-                Ok(results) if results.len() == claimed.len() => results,
-                Ok(results) => {
-                    let reason = format!(
-                        "engine returned {} results for {} images",
-                        results.len(),
-                        claimed.len()
-                    );
-                    vec![Err(RecognizeFailure::Engine(reason)); claimed.len()]
-                }
-                Err(panic) => {
-                    let reason = format!("engine panicked: {panic}");
-                    vec![Err(RecognizeFailure::Engine(reason)); claimed.len()]
-                }
-            };
-            for ((slot, job, _), result) in claimed.into_iter().zip(results) {
-                outcomes[slot] = Some(self.finish(&job, result).await);
-            }
+        let results = infer(&self.engine, inputs, &self.metrics).await;
+        let finished = join_all(
+            claimed
+                .iter()
+                .zip(results)
+                .map(|((_, job), result)| self.finish(job, result)),
+        )
+        .await;
+        for ((slot, _), outcome) in claimed.iter().zip(finished) {
+            outcomes[*slot] = Some(outcome);
         }
         outcomes
             .into_iter()
             .map(|o| o.unwrap_or(Handled::Skipped("not handled")))
             .collect()
+    }
+
+    /// Claims the job and reads its input; `Err` is the job's outcome when
+    /// there is nothing to recognise.
+    async fn claim_with_input(&self, id: JobId) -> Result<(Job, bytes::Bytes), Handled> {
+        match self.claim(id).await {
+            Ok(Claim::Done(outcome)) => Err(outcome),
+            Ok(Claim::Claimed(job)) => match self.blobs.get(&job.input_key).await {
+                Ok(bytes) => Ok((job, bytes)),
+                Err(err) => Err(self.release(&job, err.to_string()).await),
+            },
+            Err(err) => Err(Handled::Retry(err.to_string())),
+        }
     }
 
     async fn claim(&self, id: JobId) -> Result<Claim, StoreError> {

@@ -228,13 +228,7 @@ impl Submitter {
             self.blobs.put(&key, submission.body.clone()),
         )
         .await?;
-        let inserted = self.timed(SubmitStage::Database, async {
-            self.store.insert(&new_job, now_ms()).await?;
-            if let Some(idem) = &submission.idempotency_key {
-                self.store.bind_key(&submission.client_id, idem, id).await?;
-            }
-            Ok::<(), StoreError>(())
-        });
+        let inserted = self.timed(SubmitStage::Database, self.store.insert(&new_job, now_ms()));
         if let Err(err) = inserted.await {
             let _ = self.blobs.delete(&key).await;
             return Err(err.into());
@@ -243,7 +237,7 @@ impl Submitter {
             tracing::warn!(job = %id, "fault injection: exiting between the database write and the publish");
             std::process::exit(86);
         }
-        self.publish(id).await;
+        self.publish(id, &key).await;
         self.timed(SubmitStage::Database, self.store.get(id))
             .await?
             .ok_or_else(|| SubmitError::Store(StoreError::Corrupt(format!("job {id} vanished"))))
@@ -258,8 +252,8 @@ impl Submitter {
 
     /// Publishes and records `Queued`. A failed publish is not the client's
     /// problem: the job is durable and the sweeper republishes it.
-    pub async fn publish(&self, id: JobId) {
-        let message = JobMessage { job_id: id };
+    pub async fn publish(&self, id: JobId, input_key: &str) {
+        let message = JobMessage::new(id, input_key);
         let published = self.timed(SubmitStage::Publish, self.publisher.publish(&message));
         match published.await {
             Ok(()) => {

@@ -17,7 +17,13 @@ pub async fn sweep_once(submitter: &Submitter, older_than: Duration) -> usize {
     {
         Ok(ids) => {
             for id in &ids {
-                submitter.publish(*id).await;
+                match submitter.store.get(*id).await {
+                    Ok(Some(job)) => submitter.publish(job.id, &job.input_key).await,
+                    Ok(None) => {}
+                    Err(err) => {
+                        tracing::warn!(job = %id, error = %err, "sweeper could not read a job")
+                    }
+                }
             }
             if !ids.is_empty() {
                 tracing::info!(count = ids.len(), "republished stale accepted jobs");

@@ -1,8 +1,9 @@
-//! Rules of the system with no I/O: the job state machine, idempotency and
-//! the messages that travel between roles.
+//! Rules of the system with no I/O: the job state machine, idempotency, the
+//! messages that travel between roles and how retries back off.
 
 pub mod idempotency;
 pub mod job;
 pub mod message;
+pub mod retry;
 
 pub use job::{Job, JobId, JobStatus, NewJob, Transition};

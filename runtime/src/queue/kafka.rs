@@ -1,17 +1,25 @@
 //! Kafka adapter. The producer is idempotent with `acks=all`, keyed by job id
 //! so one job's messages stay in one partition. The consumer commits by hand,
-//! and only after the job's database transition, so a crash replays the
-//! message instead of losing it.
+//! only after the application completed a message, and per partition only up
+//! to the highest contiguous completed offset, so a crash replays messages
+//! instead of losing them.
 
-use super::{Acknowledge, Delivery, JobConsumer, JobPublisher, QueueError};
-use crate::domain::message::JobMessage;
+use super::offsets::CommitTracker;
+use super::{
+    Delivery, JobPublisher, MessageConsumer, MessageSink, QueueError, Receipt, HEADER_JOB_ID,
+    HEADER_TRACEPARENT,
+};
+use crate::domain::message::{traceparent, JobMessage};
 use async_trait::async_trait;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::{Message, Offset, TopicPartitionList};
-use std::sync::Arc;
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,25 +49,8 @@ impl KafkaPublisher {
         })
     }
 
-    /// Sends raw bytes under `key`; used for job, result and dead-letter messages.
-    pub async fn send(
-        &self,
-        key: &str,
-        payload: &[u8],
-        headers: Option<rdkafka::message::OwnedHeaders>,
-    ) -> Result<(), QueueError> {
-        let mut record = FutureRecord::to(&self.topic).key(key).payload(payload);
-        if let Some(headers) = headers {
-            record = record.headers(headers);
-        }
-        self.producer
-            .send(record, SEND_TIMEOUT)
-            .await
-            .map(|_| ())
-            .map_err(|(err, _)| QueueError::Publish {
-                topic: self.topic.clone(),
-                reason: err.to_string(),
-            })
+    pub fn topic(&self) -> &str {
+        &self.topic
     }
 
     /// Waits for queued messages before shutdown.
@@ -69,10 +60,46 @@ impl KafkaPublisher {
 }
 
 #[async_trait]
+impl MessageSink for KafkaPublisher {
+    async fn send(
+        &self,
+        key: &str,
+        payload: &[u8],
+        headers: &[(&str, &str)],
+    ) -> Result<(), QueueError> {
+        let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+        for (name, value) in headers {
+            owned = owned.insert(Header {
+                key: name,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let record = FutureRecord::to(&self.topic)
+            .key(key)
+            .payload(payload)
+            .headers(owned);
+        self.producer
+            .send(record, SEND_TIMEOUT)
+            .await
+            .map(|_| ())
+            .map_err(|(err, _)| QueueError::Publish {
+                topic: self.topic.clone(),
+                reason: err.to_string(),
+            })
+    }
+}
+
+#[async_trait]
 impl JobPublisher for KafkaPublisher {
     async fn publish(&self, message: &JobMessage) -> Result<(), QueueError> {
-        self.send(&message.job_id.to_string(), &message.encode(), None)
-            .await
+        let id = message.job_id.to_string();
+        let trace = traceparent(message.job_id, rand_span());
+        self.send(
+            &id,
+            &message.encode(),
+            &[(HEADER_JOB_ID, &id), (HEADER_TRACEPARENT, &trace)],
+        )
+        .await
     }
 
     async fn check(&self) -> Result<(), QueueError> {
@@ -90,13 +117,49 @@ impl JobPublisher for KafkaPublisher {
     }
 }
 
+/// A span id for a new hop; uniqueness is all that matters.
+pub fn rand_span() -> u64 {
+    let id = uuid::Uuid::now_v7();
+    let bytes = id.as_bytes();
+    u64::from_le_bytes([
+        bytes[8], bytes[9], bytes[10], bytes[11], bytes[12], bytes[13], bytes[14], bytes[15],
+    ])
+}
+
+/// Forgets in-flight offsets of revoked partitions, so completions that
+/// arrive after a rebalance do not commit for the partition's new owner.
+struct TrackingContext {
+    tracker: Arc<Mutex<CommitTracker>>,
+}
+
+impl ClientContext for TrackingContext {}
+
+impl ConsumerContext for TrackingContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(partitions) = rebalance {
+            if let Ok(mut tracker) = self.tracker.lock() {
+                for element in partitions.elements() {
+                    tracker.revoked(element.partition());
+                }
+            }
+            tracing::info!(
+                partitions = partitions.count(),
+                "partitions revoked; their in-flight messages will be redelivered"
+            );
+        }
+    }
+}
+
 pub struct KafkaConsumer {
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<StreamConsumer<TrackingContext>>,
+    tracker: Arc<Mutex<CommitTracker>>,
+    topic: String,
 }
 
 impl KafkaConsumer {
     pub fn new(brokers: &str, group: &str, topic: &str) -> Result<Self, QueueError> {
-        let consumer: StreamConsumer = ClientConfig::new()
+        let tracker = Arc::new(Mutex::new(CommitTracker::default()));
+        let consumer: StreamConsumer<TrackingContext> = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("group.id", group)
             .set("enable.auto.commit", "false")
@@ -104,9 +167,11 @@ impl KafkaConsumer {
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
-            // A slow OCR job must not get the worker thrown out of its group.
+            // A slow OCR batch must not get the worker thrown out of its group.
             .set("max.poll.interval.ms", "600000")
-            .create()
+            .create_with_context(TrackingContext {
+                tracker: tracker.clone(),
+            })
             .map_err(|e| {
                 QueueError::Unreachable(format!("creating consumer for {brokers}: {e}"))
             })?;
@@ -115,28 +180,20 @@ impl KafkaConsumer {
             .map_err(|e| QueueError::Consume(format!("subscribing to {topic}: {e}")))?;
         Ok(KafkaConsumer {
             consumer: Arc::new(consumer),
+            tracker,
+            topic: topic.to_owned(),
         })
     }
 
-    pub fn client(&self) -> Arc<StreamConsumer> {
-        self.consumer.clone()
+    /// For readiness probes: the brokers answer for this consumer's topic.
+    pub fn checker(&self) -> KafkaCheck {
+        KafkaCheck {
+            consumer: self.consumer.clone(),
+            topic: self.topic.clone(),
+        }
     }
-}
 
-struct KafkaAck {
-    consumer: Arc<StreamConsumer>,
-    topic: String,
-    partition: i32,
-    offset: i64,
-}
-
-#[async_trait]
-impl Acknowledge for KafkaAck {
-    async fn ack(self: Box<Self>) -> Result<(), QueueError> {
-        let mut offsets = TopicPartitionList::new();
-        offsets
-            .add_partition_offset(&self.topic, self.partition, Offset::Offset(self.offset + 1))
-            .map_err(|e| QueueError::Commit(e.to_string()))?;
+    async fn commit(&self, offsets: TopicPartitionList) -> Result<(), QueueError> {
         let consumer = self.consumer.clone();
         let committed =
             tokio::task::spawn_blocking(move || consumer.commit(&offsets, CommitMode::Sync))
@@ -148,11 +205,7 @@ impl Acknowledge for KafkaAck {
             // redeliver from the last commit, which the state machine absorbs.
             Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::RebalanceInProgress))
             | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::IllegalGeneration)) => {
-                tracing::info!(
-                    partition = self.partition,
-                    offset = self.offset,
-                    "commit skipped during rebalance"
-                );
+                tracing::info!("commit skipped during rebalance");
                 Ok(())
             }
             Err(err) => Err(QueueError::Commit(err.to_string())),
@@ -160,25 +213,163 @@ impl Acknowledge for KafkaAck {
     }
 }
 
+#[derive(Clone)]
+pub struct KafkaCheck {
+    consumer: Arc<StreamConsumer<TrackingContext>>,
+    topic: String,
+}
+
+impl KafkaCheck {
+    pub async fn check(&self) -> Result<(), QueueError> {
+        let consumer = self.consumer.clone();
+        let topic = self.topic.clone();
+        tokio::task::spawn_blocking(move || {
+            consumer
+                .fetch_metadata(Some(&topic), METADATA_TIMEOUT)
+                .map(|_| ())
+                .map_err(|e| QueueError::Unreachable(e.to_string()))
+        })
+        .await
+        .map_err(|e| QueueError::Unreachable(e.to_string()))?
+    }
+}
+
 #[async_trait]
-impl JobConsumer for KafkaConsumer {
+impl MessageConsumer for KafkaConsumer {
     async fn next(&mut self) -> Option<Result<Delivery, QueueError>> {
         let message = match self.consumer.recv().await {
             Ok(message) => message,
             Err(err) => return Some(Err(QueueError::Consume(err.to_string()))),
         };
-        let decoded = match message.payload() {
-            Some(payload) => JobMessage::decode(payload).map_err(|e| e.to_string()),
-            None => Err("empty payload".to_owned()),
+        let receipt = Receipt {
+            partition: message.partition(),
+            offset: message.offset(),
         };
+        if let Ok(mut tracker) = self.tracker.lock() {
+            tracker.received(receipt.partition, receipt.offset);
+        }
+        let traceparent = message.headers().and_then(|headers| {
+            headers
+                .iter()
+                .find(|h| h.key == HEADER_TRACEPARENT)
+                .and_then(|h| h.value)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .map(str::to_owned)
+        });
         Some(Ok(Delivery {
-            message: decoded,
-            ack: Box::new(KafkaAck {
-                consumer: self.consumer.clone(),
-                topic: message.topic().to_owned(),
-                partition: message.partition(),
-                offset: message.offset(),
-            }),
+            payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            traceparent,
+            receipt,
         }))
     }
+
+    async fn complete(&mut self, done: &[Receipt]) -> Result<(), QueueError> {
+        let mut offsets = TopicPartitionList::new();
+        {
+            let mut tracker = self
+                .tracker
+                .lock()
+                .map_err(|_| QueueError::Commit("offset tracker poisoned".into()))?;
+            let mut highest = std::collections::BTreeMap::new();
+            for receipt in done {
+                if let Some(next) = tracker.completed(receipt.partition, receipt.offset) {
+                    highest.insert(receipt.partition, next);
+                }
+            }
+            for (partition, next) in highest {
+                offsets
+                    .add_partition_offset(&self.topic, partition, Offset::Offset(next))
+                    .map_err(|e| QueueError::Commit(e.to_string()))?;
+            }
+        }
+        if offsets.count() == 0 {
+            return Ok(());
+        }
+        self.commit(offsets).await
+    }
+}
+
+/// How far a consumer group is behind on one partition.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PartitionLag {
+    pub partition: i32,
+    /// The group's committed offset; `None` when it never committed.
+    pub committed: Option<i64>,
+    pub low_watermark: i64,
+    pub high_watermark: i64,
+    pub lag: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GroupLag {
+    pub topic: String,
+    pub group: String,
+    pub partitions: Vec<PartitionLag>,
+    pub total: i64,
+}
+
+/// The lag of `group` on `topic`: for each partition, the messages between
+/// the group's committed offset (or the oldest retained message) and the end.
+/// Blocking; reads offsets without joining the group.
+pub fn consumer_group_lag(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    timeout: Duration,
+) -> Result<GroupLag, QueueError> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|e| QueueError::Unreachable(format!("creating a client for {brokers}: {e}")))?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| QueueError::Unreachable(format!("metadata of {topic}: {e}")))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(QueueError::Unreachable(format!(
+            "topic {topic} does not exist"
+        )));
+    }
+    let mut wanted = TopicPartitionList::new();
+    for partition in &partitions {
+        wanted.add_partition(topic, *partition);
+    }
+    let committed = consumer
+        .committed_offsets(wanted, timeout)
+        .map_err(|e| QueueError::Unreachable(format!("committed offsets of {group}: {e}")))?;
+    let mut lags = Vec::with_capacity(partitions.len());
+    for partition in partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition, timeout)
+            .map_err(|e| {
+                QueueError::Unreachable(format!("watermarks of {topic}/{partition}: {e}"))
+            })?;
+        let committed = committed
+            .find_partition(topic, partition)
+            .and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            });
+        let from = committed.unwrap_or(low).max(low);
+        lags.push(PartitionLag {
+            partition,
+            committed,
+            low_watermark: low,
+            high_watermark: high,
+            lag: (high - from).max(0),
+        });
+    }
+    Ok(GroupLag {
+        topic: topic.to_owned(),
+        group: group.to_owned(),
+        total: lags.iter().map(|l| l.lag).sum(),
+        partitions: lags,
+    })
 }

@@ -3,39 +3,31 @@
 //! job, which gives the same at-least-once guarantee as Kafka's committed
 //! offsets.
 
-use super::{Acknowledge, Delivery, JobConsumer, JobPublisher, QueueError};
+use super::{Delivery, JobPublisher, MessageConsumer, QueueError, Receipt};
 use crate::domain::message::JobMessage;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 pub fn channel() -> (MemoryPublisher, MemoryConsumer) {
     let (tx, rx) = mpsc::unbounded_channel();
-    (MemoryPublisher { tx }, MemoryConsumer { rx })
+    (MemoryPublisher { tx }, MemoryConsumer { rx, received: 0 })
 }
 
 #[derive(Clone)]
 pub struct MemoryPublisher {
-    tx: mpsc::UnboundedSender<JobMessage>,
+    tx: mpsc::UnboundedSender<Vec<u8>>,
 }
 
 pub struct MemoryConsumer {
-    rx: mpsc::UnboundedReceiver<JobMessage>,
-}
-
-struct NoAck;
-
-#[async_trait]
-impl Acknowledge for NoAck {
-    async fn ack(self: Box<Self>) -> Result<(), QueueError> {
-        Ok(())
-    }
+    rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    received: i64,
 }
 
 #[async_trait]
 impl JobPublisher for MemoryPublisher {
     async fn publish(&self, message: &JobMessage) -> Result<(), QueueError> {
         self.tx
-            .send(message.clone())
+            .send(message.encode())
             .map_err(|_| QueueError::Closed)
     }
 
@@ -49,12 +41,23 @@ impl JobPublisher for MemoryPublisher {
 }
 
 #[async_trait]
-impl JobConsumer for MemoryConsumer {
+impl MessageConsumer for MemoryConsumer {
     async fn next(&mut self) -> Option<Result<Delivery, QueueError>> {
-        let message = self.rx.recv().await?;
+        let payload = self.rx.recv().await?;
+        let receipt = Receipt {
+            partition: 0,
+            offset: self.received,
+        };
+        self.received += 1;
         Some(Ok(Delivery {
-            message: Ok(message),
-            ack: Box::new(NoAck),
+            payload,
+            traceparent: None,
+            receipt,
         }))
+    }
+
+    /// Nothing to record: the database is what survives a restart.
+    async fn complete(&mut self, _done: &[Receipt]) -> Result<(), QueueError> {
+        Ok(())
     }
 }

@@ -95,6 +95,23 @@ impl JobStore {
         Ok(JobStore { pool, dialect })
     }
 
+    /// A pool that connects on first use, for roles that must start while
+    /// the database is down (the writer waits for it per event).
+    pub fn connect_lazy(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let dialect = Dialect::of_url(url)?;
+        let url = match dialect {
+            Dialect::MySql => url.replacen("mariadb:", "mysql:", 1),
+            Dialect::Sqlite => url.to_owned(),
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy(&url)
+            .map_err(StoreError::Connect)?;
+        Ok(JobStore { pool, dialect })
+    }
+
     pub fn dialect(&self) -> Dialect {
         self.dialect
     }
@@ -117,7 +134,16 @@ impl JobStore {
         Ok(())
     }
 
+    /// Inserts a new job and, in the same transaction, binds the idempotency
+    /// key reserved for it: a crash or outage in between can never leave a
+    /// job without its key (the client's retry would create a second job) or
+    /// a key pointing at no job.
     pub async fn insert(&self, job: &NewJob, now_ms: i64) -> Result<(), StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(query_error("begin insert"))?;
         sqlx::query(
             "INSERT INTO jobs (id, client_id, status, attempts, input_key, content_type, \
              input_sha256, input_bytes, idempotency_key, created_at, updated_at) \
@@ -133,9 +159,21 @@ impl JobStore {
         .bind(job.idempotency_key.clone())
         .bind(now_ms)
         .bind(now_ms)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(query_error("insert job"))?;
+        if let Some(key) = &job.idempotency_key {
+            sqlx::query(
+                "UPDATE idempotency_keys SET job_id = ? WHERE client_id = ? AND idem_key = ?",
+            )
+            .bind(job.id.to_string())
+            .bind(&job.client_id)
+            .bind(key)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_error("bind idempotency key"))?;
+        }
+        tx.commit().await.map_err(query_error("commit insert"))?;
         Ok(())
     }
 
@@ -316,17 +354,6 @@ impl JobStore {
         .await
         .map_err(query_error("take over idempotency key"))?;
         Ok(done.rows_affected() == 1)
-    }
-
-    pub async fn bind_key(&self, client_id: &str, key: &str, job: JobId) -> Result<(), StoreError> {
-        sqlx::query("UPDATE idempotency_keys SET job_id = ? WHERE client_id = ? AND idem_key = ?")
-            .bind(job.to_string())
-            .bind(client_id)
-            .bind(key)
-            .execute(&self.pool)
-            .await
-            .map_err(query_error("bind idempotency key"))?;
-        Ok(())
     }
 
     /// Frees a key whose request failed before creating a job, so the client can retry.

@@ -166,3 +166,244 @@ pub async fn wait_for_status(
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// Runs `ocr-runtime ROLE` as a separate process configured through the
+/// environment only, exactly as a Deployment would. `extra` adds or
+/// overrides variables (`OCR_WORKER__MODE`, `OCR_FAULT`, ...).
+pub fn spawn_role(
+    role: &[&str],
+    config: &ocr_runtime::config::Config,
+    http_port: u16,
+    extra: &[(&str, String)],
+) -> std::process::Child {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ocr-runtime"));
+    command
+        .args(role)
+        .env("OCR_DATABASE__URL", &config.database.url)
+        .env("OCR_BLOB__URL", &config.blob.url)
+        .env("OCR_QUEUE__KIND", "kafka")
+        .env("OCR_QUEUE__BROKERS", &config.queue.brokers)
+        .env(
+            "OCR_QUEUE__REPUBLISH_AFTER_MS",
+            config.queue.republish_after_ms.to_string(),
+        )
+        .env("OCR_SERVER__HTTP_ADDR", format!("127.0.0.1:{http_port}"))
+        .env("OCR_SERVER__GRPC_ADDR", "127.0.0.1:0")
+        // Logs go to stdout; the test harness shows them when a test fails.
+        .env("RUST_LOG", "info,tower_http=warn")
+        .stdout(std::process::Stdio::inherit())
+        .stderr(std::process::Stdio::inherit());
+    for (key, value) in extra {
+        command.env(key, value);
+    }
+    command.spawn().expect("spawning ocr-runtime")
+}
+
+/// Waits until `GET {base}/{path}` answers 200.
+pub async fn wait_http_ok(base: &str, path: &str, timeout: std::time::Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Ok(response) = reqwest::get(format!("{base}{path}")).await {
+            if response.status().is_success() {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{base}{path} never answered 200"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Sends SIGTERM and waits for a clean exit.
+pub async fn terminate(mut child: std::process::Child) -> std::process::ExitStatus {
+    let signalled = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(signalled.success());
+    tokio::task::spawn_blocking(move || child.wait().expect("waiting for a child"))
+        .await
+        .expect("join")
+}
+
+/// A completion-webhook receiver: checks every signature, records job ids in
+/// arrival order, and answers `status` (to simulate a broken receiver).
+pub struct WebhookReceiver {
+    pub url: String,
+    pub secret: String,
+    pub deliveries: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    pub bad_signatures: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    _shutdown: tokio::sync::oneshot::Sender<()>,
+}
+
+impl WebhookReceiver {
+    pub async fn start(status: u16) -> WebhookReceiver {
+        use axum::body::Bytes;
+        use axum::http::{HeaderMap, StatusCode};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::{Arc, Mutex};
+        let secret = "topology-secret".to_owned();
+        let deliveries = Arc::new(Mutex::new(Vec::new()));
+        let bad_signatures = Arc::new(AtomicUsize::new(0));
+        let (recorded, bad, key) = (deliveries.clone(), bad_signatures.clone(), secret.clone());
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+                let (recorded, bad, key) = (recorded.clone(), bad.clone(), key.clone());
+                async move {
+                    let header = |name: &str| {
+                        headers
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned()
+                    };
+                    let valid = ocr_runtime::notify::verify_signature(
+                        key.as_bytes(),
+                        &header(ocr_runtime::notify::HEADER_TIMESTAMP),
+                        &body,
+                        &header(ocr_runtime::notify::HEADER_SIGNATURE),
+                    );
+                    if !valid {
+                        bad.fetch_add(1, Ordering::SeqCst);
+                        return StatusCode::UNAUTHORIZED;
+                    }
+                    recorded
+                        .lock()
+                        .unwrap()
+                        .push(header(ocr_runtime::notify::HEADER_JOB_ID));
+                    StatusCode::from_u16(status).unwrap()
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        WebhookReceiver {
+            url: format!("http://{addr}/hook"),
+            secret,
+            deliveries,
+            bad_signatures,
+            _shutdown: tx,
+        }
+    }
+
+    /// Job ids after the receiver's deduplication.
+    pub fn distinct(&self) -> std::collections::HashSet<String> {
+        self.deliveries.lock().unwrap().iter().cloned().collect()
+    }
+}
+
+/// A MariaDB server of the test's own (data in a temporary directory, on
+/// a free port), so a test can stop and restart it without disturbing the
+/// shared one the other tests use.
+pub struct PrivateMariaDb {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    server: Option<std::process::Child>,
+}
+
+impl PrivateMariaDb {
+    pub async fn start() -> PrivateMariaDb {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let installed = std::process::Command::new("mariadb-install-db")
+            .args([
+                "--no-defaults",
+                &format!("--datadir={}", dir.path().join("data").display()),
+                "--user=root",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("mariadb-install-db (Debian package mariadb-server) must be installed");
+        assert!(installed.success(), "mariadb-install-db failed");
+        let mut db = PrivateMariaDb {
+            dir,
+            port: free_port(),
+            server: None,
+        };
+        db.resume().await;
+        use sqlx::Connection;
+        let mut conn = sqlx::MySqlConnection::connect(&db.server_url())
+            .await
+            .expect("private MariaDB");
+        sqlx::query("CREATE DATABASE ocr")
+            .execute(&mut conn)
+            .await
+            .expect("create database");
+        db
+    }
+
+    fn server_url(&self) -> String {
+        format!("mysql://root@127.0.0.1:{}", self.port)
+    }
+
+    pub fn url(&self) -> String {
+        format!("{}/ocr", self.server_url())
+    }
+
+    /// Starts the server (again) on the same data and port.
+    pub async fn resume(&mut self) {
+        let data = self.dir.path().join("data");
+        let server = std::process::Command::new("mariadbd")
+            .args([
+                "--no-defaults".to_owned(),
+                format!("--datadir={}", data.display()),
+                format!("--port={}", self.port),
+                "--bind-address=127.0.0.1".to_owned(),
+                format!("--socket={}", self.dir.path().join("sock").display()),
+                "--user=root".to_owned(),
+                "--skip-grant-tables".to_owned(),
+                "--innodb-buffer-pool-size=128M".to_owned(),
+                "--max-connections=500".to_owned(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mariadbd must be installed");
+        self.server = Some(server);
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("private MariaDB did not start");
+    }
+
+    /// Shuts the server down cleanly and waits until it is gone.
+    pub async fn stop(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &server.id().to_string()])
+                .status();
+            tokio::task::spawn_blocking(move || server.wait())
+                .await
+                .expect("join")
+                .expect("mariadbd exit");
+        }
+    }
+}
+
+impl Drop for PrivateMariaDb {
+    fn drop(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Worker throughput, standard vs batched, on this machine's CPU: the same
+//! backlog of jobs goes through the real worker loop (claim in MariaDB, read
+//! the input, recognise with the Candle engine, record the result, commit),
+//! once one message at a time and once in micro-batches of each size asked.
+//!
+//!     cargo bench -p ocr-runtime --bench worker_modes [-- JOBS [BATCH_SIZES]]
+//!
+//! Defaults: 48 jobs, batch sizes 4,8,16. Needs MariaDB at 127.0.0.1:3306
+//! (or `OCR_TEST_MYSQL_URL`) and the PP-OCR weights (`scripts/fetch-models.sh`).
+//! The jobs are the three-line invoice page from the tests; the detector
+//! runs with `det_limit_type = max` (no upscaling of small pages).
+
+use ocr_runtime::app::process::Processor;
+use ocr_runtime::app::submit::{Fault, Submission, Submitter};
+use ocr_runtime::config::{Config, DetLimitType, LimitsConfig};
+use ocr_runtime::domain::JobStatus;
+use ocr_runtime::engine::CandleRecognizer;
+use ocr_runtime::metrics::Metrics;
+use ocr_runtime::queue::memory;
+use ocr_runtime::storage::{BlobStore, JobStore};
+use ocr_runtime::worker::{BatchPolicy, JobLoop};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+const INVOICE: &[u8] = include_bytes!("../tests/data/invoice.png");
+
+struct Run {
+    jobs_per_s: f64,
+    mean_batch: f64,
+    max_batch: usize,
+}
+
+async fn run_mode(
+    mysql_server: &str,
+    engine: Arc<CandleRecognizer>,
+    jobs: usize,
+    policy: BatchPolicy,
+) -> anyhow::Result<Run> {
+    use sqlx::Connection;
+    let name = format!("ocr_bench_{}", uuid::Uuid::now_v7().simple());
+    let mut admin = sqlx::MySqlConnection::connect(mysql_server).await?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await?;
+    let store = JobStore::connect(&format!("{mysql_server}/{name}"), 16).await?;
+    store.migrate().await?;
+    let blob_dir = tempfile::tempdir()?;
+    let blobs = BlobStore::from_url(&blob_dir.path().display().to_string())?;
+    let metrics = Metrics::new();
+    let (publisher, consumer) = memory::channel();
+    let submitter = Submitter {
+        store: store.clone(),
+        blobs: blobs.clone(),
+        publisher: Arc::new(publisher),
+        limits: LimitsConfig::default(),
+        fault: Fault::None,
+        guard: None,
+        metrics: metrics.clone(),
+    };
+    // The backlog is queued before the worker starts, so both modes see the
+    // same full queue and only the loop differs.
+    for _ in 0..jobs {
+        submitter
+            .submit(Submission {
+                client_id: "bench".into(),
+                idempotency_key: None,
+                content_type: "image/png".into(),
+                body: bytes::Bytes::from_static(INVOICE),
+            })
+            .await?;
+    }
+    let processor = Processor {
+        store: store.clone(),
+        blobs,
+        engine,
+        max_attempts: 5,
+        metrics: metrics.clone(),
+    };
+    let shutdown = CancellationToken::new();
+    let worker = JobLoop {
+        consumer: Box::new(consumer),
+        handler: Arc::new(processor),
+        dead_letters: None,
+        policy,
+        metrics: metrics.clone(),
+    };
+    let started = Instant::now();
+    let running = tokio::spawn(worker.run(shutdown.clone()));
+    while (store.count_in_status(JobStatus::Succeeded).await? as usize) < jobs {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    shutdown.cancel();
+    running.await?;
+    let (sum, count, max) = batch_sizes(&metrics.render());
+    sqlx::query(&format!("DROP DATABASE {name}"))
+        .execute(&mut admin)
+        .await?;
+    Ok(Run {
+        jobs_per_s: jobs as f64 / elapsed.as_secs_f64(),
+        mean_batch: if count > 0.0 { sum / count } else { 0.0 },
+        max_batch: max,
+    })
+}
+
+/// Sum, count and the largest occupied bucket bound of `ocr_batch_size`.
+fn batch_sizes(metrics: &str) -> (f64, f64, usize) {
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let count = value("ocr_batch_size_count ");
+    // Buckets are cumulative: the first bound holding every batch is the max.
+    let max = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("ocr_batch_size_bucket{le=\""))
+        .filter_map(|l| {
+            let (bound, n) = l.split_once("\"} ")?;
+            Some((bound.parse::<f64>().ok()?, n.trim().parse::<f64>().ok()?))
+        })
+        .find(|(_, n)| *n >= count)
+        .map(|(bound, _)| bound as usize)
+        .unwrap_or(0);
+    (value("ocr_batch_size_sum "), count, max)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let jobs: usize = args.first().map(|a| a.parse()).transpose()?.unwrap_or(48);
+    let sizes: Vec<usize> = match args.get(1) {
+        Some(list) => list.split(',').map(str::parse).collect::<Result<_, _>>()?,
+        None => vec![4, 8, 16],
+    };
+    let mysql = std::env::var("OCR_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
+    let mut model = Config::default().model;
+    model.det_limit_type = DetLimitType::Max;
+    model.det_limit_side_len = 960;
+    let engine = Arc::new(CandleRecognizer::load(&model)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        // Warm-up: first calls allocate and fault in the weights.
+        run_mode(&mysql, engine.clone(), 4, BatchPolicy::STANDARD).await?;
+        let standard = run_mode(&mysql, engine.clone(), jobs, BatchPolicy::STANDARD).await?;
+        println!(
+            "standard          {:6.2} jobs/s  (batch 1)",
+            standard.jobs_per_s
+        );
+        for size in sizes {
+            let policy = BatchPolicy {
+                max_size: size,
+                max_wait: Duration::from_millis(20),
+            };
+            let batched = run_mode(&mysql, engine.clone(), jobs, policy).await?;
+            println!(
+                "batched max {:<3}   {:6.2} jobs/s  mean batch {:.1}, largest <= {}  -> {:.2}x standard",
+                size,
+                batched.jobs_per_s,
+                batched.mean_batch,
+                batched.max_batch,
+                batched.jobs_per_s / standard.jobs_per_s
+            );
+        }
+        Ok::<(), anyhow::Error>(())
+    })
+}

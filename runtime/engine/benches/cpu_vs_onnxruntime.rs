@@ -1,0 +1,258 @@
+//! Pages/s of the Candle engine against the onnxruntime reference (rapidocr 3.10) on the CPU,
+//! on the same pages, with 1 and with 2 threads.
+//!
+//!   scripts/make-bench-data.sh && scripts/fetch-models.sh
+//!   cargo bench -p ocr-engine --bench cpu_vs_onnxruntime [-- --pages 8 --threads 1,2]
+//!
+//! Pages: the first `--pages` English pages (1000×1300) of the synthetic benchmark that
+//! `scripts/make-bench-data.sh` renders (default 8, as the benchmark's own timing runs).
+//! Each thread count runs in fresh child processes: Candle with `RAYON_NUM_THREADS=N` (candle's
+//! `utils::get_num_threads`, its matmul and the engine's rayon pool all follow it), and
+//! `scripts/bench-onnxruntime.py --threads N` (onnxruntime intra-op threads, OpenCV and OpenMP
+//! held to N; it sets up its own venv outside the repository). Both load the same ONNX files,
+//! decode each PNG inside the timed loop, run detection + recognition page by page, and time
+//! all pages after one warm-up page. `--rapidocr-batching` makes Candle batch lines as
+//! rapidocr does (6 per forward) instead of the default GPU-sized batches.
+//!
+//! Besides wall-clock pages/s each side reports CPU seconds, which say more on a loaded box.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use candle_core::Device;
+use ocr_engine::engine::{default_model_dir, ModelVariant, OcrEngine, PipelineConfig};
+
+type Error = Box<dyn std::error::Error>;
+
+/// Timings of one engine at one thread count, as both children print them.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Run {
+    engine: String,
+    threads: usize,
+    pages: usize,
+    lines: usize,
+    seconds: f64,
+    pages_per_s: f64,
+    cpu_seconds: f64,
+}
+
+struct Args {
+    pages: usize,
+    threads: Vec<usize>,
+    rapidocr_batching: bool,
+    child: bool,
+    files: Vec<PathBuf>,
+}
+
+fn parse_args() -> Result<Args, Error> {
+    let mut a = Args {
+        pages: 8,
+        threads: vec![1, 2],
+        rapidocr_batching: false,
+        child: false,
+        files: Vec::new(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            // cargo bench appends --bench to every harness = false target.
+            "--bench" => {}
+            "--pages" => a.pages = it.next().ok_or("--pages needs a value")?.parse()?,
+            "--threads" => {
+                a.threads = it
+                    .next()
+                    .ok_or("--threads needs a value")?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?
+            }
+            "--rapidocr-batching" => a.rapidocr_batching = true,
+            "--child" => a.child = true,
+            s if s.starts_with("--") => return Err(format!("unknown option {s}").into()),
+            f => a.files.push(PathBuf::from(f)),
+        }
+    }
+    Ok(a)
+}
+
+/// CPU seconds (user + system, all threads) this process has used.
+fn cpu_seconds() -> f64 {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage only writes into the struct it is given.
+    let ru = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr());
+        ru.assume_init()
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    secs(ru.ru_utime) + secs(ru.ru_stime)
+}
+
+/// The Candle side, in a child process whose thread count the parent fixed.
+fn candle_child(a: &Args) -> Result<(), Error> {
+    let first = a.files.first().ok_or("no pages given")?;
+    let config = if a.rapidocr_batching {
+        PipelineConfig::rapidocr()
+    } else {
+        PipelineConfig::default()
+    };
+    let engine = OcrEngine::load(ModelVariant::V6Small, &default_model_dir(), &Device::Cpu)?
+        .with_config(config);
+    engine.recognize(&std::fs::read(first)?)?; // warm-up
+    let (c0, t0) = (cpu_seconds(), Instant::now());
+    let mut lines = 0;
+    for f in &a.files {
+        lines += engine.recognize(&std::fs::read(f)?)?.lines.len();
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let run = Run {
+        engine: format!(
+            "candle {} (ocr-engine, {} batching)",
+            env!("CARGO_PKG_VERSION"),
+            if a.rapidocr_batching {
+                "rapidocr"
+            } else {
+                "default"
+            }
+        ),
+        threads: candle_core::utils::get_num_threads(),
+        pages: a.files.len(),
+        lines,
+        seconds,
+        pages_per_s: a.files.len() as f64 / seconds,
+        cpu_seconds: cpu_seconds() - c0,
+    };
+    println!("{}", serde_json::to_string(&run)?);
+    Ok(())
+}
+
+fn bench_pages(n: usize) -> Result<Vec<PathBuf>, Error> {
+    let dir = std::env::var_os("OCR_BENCH_DATA")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("OCR_TOOLS_DIR")
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                        .join(".cache/ocr-serving")
+                })
+                .join("ocr-bench-data")
+        });
+    let gt = dir.join("docs/gt.jsonl");
+    let text = std::fs::read_to_string(&gt).map_err(|e| {
+        format!(
+            "{}: {e}; run scripts/make-bench-data.sh first",
+            gt.display()
+        )
+    })?;
+    let mut pages = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        if v["lang"] == "en" {
+            let file = v["file"].as_str().ok_or("gt.jsonl entry without file")?;
+            pages.push(dir.join("docs").join(file));
+        }
+    }
+    pages.truncate(n);
+    if pages.is_empty() {
+        return Err("no English pages in the benchmark data".into());
+    }
+    Ok(pages)
+}
+
+/// Runs `cmd` and parses the JSON line it prints last.
+fn run_child(mut cmd: Command) -> Result<Run, Error> {
+    let out = cmd.output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?} failed ({}):\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    let last = stdout
+        .lines()
+        .rfind(|l| l.starts_with('{'))
+        .ok_or_else(|| format!("{cmd:?} printed no result:\n{stdout}"))?;
+    Ok(serde_json::from_str(last)?)
+}
+
+fn main() -> Result<(), Error> {
+    let a = parse_args()?;
+    if a.child {
+        return candle_child(&a);
+    }
+    let pages = bench_pages(a.pages)?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench-onnxruntime.py");
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let me = std::env::current_exe()?;
+    println!(
+        "{} English benchmark pages (1000x1300) from {}, v6-small, {} cores",
+        pages.len(),
+        pages[0]
+            .parent()
+            .map_or("?".into(), |p| p.display().to_string()),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    let mut rows = Vec::new();
+    for &t in &a.threads {
+        let mut candle = Command::new(&me);
+        candle
+            .arg("--child")
+            .args(&pages)
+            .env("RAYON_NUM_THREADS", t.to_string())
+            .env("CANDLE_NUM_THREADS", t.to_string());
+        if a.rapidocr_batching {
+            candle.arg("--rapidocr-batching");
+        }
+        let candle = run_child(candle)?;
+        if candle.threads != t {
+            return Err(format!("candle ran {} threads, not {t}", candle.threads).into());
+        }
+        let mut ort = Command::new(&python);
+        ort.arg(&script)
+            .arg("--threads")
+            .arg(t.to_string())
+            .args(&pages);
+        let ort = run_child(ort)?;
+        for r in [&candle, &ort] {
+            println!(
+                "threads {t}: {:<45} {:>6.3} pages/s  {:>6.2} s/page  {:>6.2} CPU s/page  {} lines",
+                r.engine,
+                r.pages_per_s,
+                r.seconds / r.pages as f64,
+                r.cpu_seconds / r.pages as f64,
+                r.lines
+            );
+        }
+        rows.push((t, candle, ort));
+    }
+
+    println!("\n| threads | Candle pages/s | onnxruntime pages/s | Candle/ORT (wall) | Candle/ORT (CPU time per page, inverse) |");
+    println!("|---|---|---|---|---|");
+    for (t, c, o) in &rows {
+        println!(
+            "| {t} | {:.3} | {:.3} | {:.2}x | {:.2}x |",
+            c.pages_per_s,
+            o.pages_per_s,
+            c.pages_per_s / o.pages_per_s,
+            (o.cpu_seconds / o.pages as f64) / (c.cpu_seconds / c.pages as f64)
+        );
+    }
+    println!(
+        "(ratio > 1: Candle is faster; load average now {})",
+        loadavg()
+    );
+    Ok(())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}

