@@ -282,20 +282,22 @@ pub async fn group_lag(brokers: &str, group: &str, topic: &str) -> Result<GroupL
         .map_err(|e| QueueError::Unreachable(e.to_string()))?
 }
 
-/// Publishes the group's lag on `topic` as `ocr_consumer_lag` until shutdown.
-fn spawn_lag_reporter(
+/// What every consuming role serves on its HTTP port: probes, metrics, and
+/// its consumer group's lag on its topic as `ocr_consumer_lag`, refreshed
+/// until shutdown. Returns the bound address.
+async fn serve_consumer_health(
     config: &Config,
-    group: &str,
-    topic: &str,
-    metrics: Metrics,
-    shutdown: CancellationToken,
+    (group, topic): (&str, &str),
+    health: RoleHealth,
+    shutdown: &CancellationToken,
     tasks: &mut JoinSet<()>,
-) {
+) -> anyhow::Result<SocketAddr> {
     let (brokers, group, topic) = (
         config.queue.brokers.clone(),
         group.to_owned(),
         topic.to_owned(),
     );
+    let (metrics, until) = (health.metrics.clone(), shutdown.clone());
     tasks.spawn(async move {
         loop {
             match group_lag(&brokers, &group, &topic).await {
@@ -303,11 +305,13 @@ fn spawn_lag_reporter(
                 Err(err) => tracing::debug!(error = %err, "measuring consumer lag failed"),
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = until.cancelled() => return,
                 _ = tokio::time::sleep(LAG_REPORT_PERIOD) => {}
             }
         }
     });
+    let app = health_router(health);
+    serve_http(app, &config.server.http_addr, shutdown.clone(), tasks).await
 }
 
 /// The GPU worker role, in the configured mode. Every mode consumes the jobs
@@ -377,17 +381,14 @@ pub async fn start_worker(config: &Config, engine: Arc<dyn Recognize>) -> anyhow
         metrics: metrics.clone(),
     };
     tasks.spawn(jobs.run(shutdown.clone()));
-    spawn_lag_reporter(
+    let local_addr = serve_consumer_health(
         config,
-        &config.queue.consumer_group,
-        &config.queue.jobs_topic,
-        metrics.clone(),
-        shutdown.clone(),
+        (&config.queue.consumer_group, &config.queue.jobs_topic),
+        RoleHealth { readiness, metrics },
+        &shutdown,
         &mut tasks,
-    );
-    let app = health_router(RoleHealth { readiness, metrics });
-    let local_addr =
-        serve_http(app, &config.server.http_addr, shutdown.clone(), &mut tasks).await?;
+    )
+    .await?;
     tracing::info!(%local_addr, mode = ?config.worker.mode, "worker health endpoint listening");
     Ok(Running::new(local_addr, store, blobs, shutdown, tasks))
 }
@@ -470,17 +471,14 @@ pub async fn start_writer(config: &Config) -> anyhow::Result<Running> {
             drained.cancel();
         }
     });
-    spawn_lag_reporter(
+    let local_addr = serve_consumer_health(
         config,
-        &config.queue.writer_group,
-        &config.queue.results_topic,
-        metrics.clone(),
-        shutdown.clone(),
+        (&config.queue.writer_group, &config.queue.results_topic),
+        RoleHealth { readiness, metrics },
+        &shutdown,
         &mut tasks,
-    );
-    let app = health_router(RoleHealth { readiness, metrics });
-    let local_addr =
-        serve_http(app, &config.server.http_addr, shutdown.clone(), &mut tasks).await?;
+    )
+    .await?;
     tracing::info!(%local_addr, drain = writer_config.drain, "writer listening");
     Ok(Running::new(local_addr, store, blobs, shutdown, tasks))
 }

@@ -360,14 +360,20 @@ async fn batched_worker_runs_micro_batches_and_a_bad_image_fails_only_its_job() 
     api.stop().await;
 }
 
+/// Workers in writer mode, and writers calling `receiver`.
+fn writer_topology(base: &Config, receiver: &WebhookReceiver) -> Config {
+    let mut config = base.clone();
+    config.worker.mode = WorkerMode::Writer;
+    config.writer.webhook_url = receiver.url.clone();
+    config.writer.webhook_secret = receiver.secret.clone();
+    config
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writer_mode_results_are_persisted_stored_and_announced_once_each() {
     let env = environment().await;
     let receiver = WebhookReceiver::start(200).await;
-    let mut config = env.config.clone();
-    config.worker.mode = WorkerMode::Writer;
-    config.writer.webhook_url = receiver.url.clone();
-    config.writer.webhook_secret = receiver.secret.clone();
+    let config = writer_topology(&env.config, &receiver);
     let api = start_api(&config).await.unwrap();
     let worker = start_worker(&config, engine()).await.unwrap();
     let writer = start_writer(&config).await.unwrap();
@@ -422,10 +428,7 @@ async fn a_result_whose_webhook_keeps_failing_is_dead_lettered_and_the_job_fails
 
     let env = environment().await;
     let receiver = WebhookReceiver::start(500).await;
-    let mut config = env.config.clone();
-    config.worker.mode = WorkerMode::Writer;
-    config.writer.webhook_url = receiver.url.clone();
-    config.writer.webhook_secret = receiver.secret.clone();
+    let mut config = writer_topology(&env.config, &receiver);
     config.writer.retries = 3;
     config.writer.retry_initial_ms = 20;
     let api = start_api(&config).await.unwrap();
