@@ -239,7 +239,8 @@ EXPECTED_CLUSTER = (
     | rights("apps", ["deployments"], ["list", "watch", "create", "patch", "delete"])
     | rights("policy", ["poddisruptionbudgets"], ["list", "create", "patch", "delete"])
     | rights("autoscaling", ["horizontalpodautoscalers"], ["list", "create", "patch", "delete"])
-    | rights("keda.sh", ["scaledobjects"], ["list", "create", "patch", "delete"])
+    | rights("keda.sh", ["scaledobjects", "triggerauthentications"], ["list", "create", "patch", "delete"])
+    | rights("", ["secrets"], ["get"])                                           # spec.kafka.security credentials
     | rights("events.k8s.io", ["events"], ["create", "patch"])                 # kube-runtime Recorder
     | rights("apiextensions.k8s.io", ["customresourcedefinitions"], ["get"], ["scaledobjects.keda.sh"])
 )

@@ -14,9 +14,9 @@ use k8s_openapi::api::autoscaling::v2::{
 use k8s_openapi::api::core::v1::{
     Affinity, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
     EnvVar, EnvVarSource, HTTPGetAction, LocalObjectReference, PersistentVolumeClaimVolumeSource,
-    PodAffinityTerm, PodAntiAffinity, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
-    WeightedPodAffinityTerm,
+    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec,
+    Volume, VolumeMount, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -40,8 +40,16 @@ pub const WRITER_RETRIES_ENV: &str = "OCR_WRITER__RETRIES";
 pub const WEBHOOK_URL_ENV: &str = "OCR_WRITER__WEBHOOK_URL";
 pub const WEBHOOK_TIMEOUT_ENV: &str = "OCR_WRITER__WEBHOOK_TIMEOUT_MS";
 pub const WEBHOOK_SECRET_ENV: &str = "OCR_WRITER__WEBHOOK_SECRET";
+pub const SASL_USERNAME_ENV: &str = "OCR_QUEUE__SECURITY__SASL_USERNAME";
+pub const SASL_PASSWORD_ENV: &str = "OCR_QUEUE__SECURITY__SASL_PASSWORD";
+pub const SSL_CA_PEM_ENV: &str = "OCR_QUEUE__SECURITY__SSL_CA_PEM";
 pub const CONFIG_PATH: &str = "/etc/ocr/ocr.toml";
 pub const MODEL_DIR: &str = "/models";
+/// Where `spec.blob.volume` is mounted in every role.
+pub const BLOB_DIR: &str = "/var/lib/ocr/blobs";
+/// The runtime image's user (see the Dockerfile); shared volumes are made
+/// writable for it through `fsGroup`.
+pub const RUNTIME_UID: i64 = 65532;
 pub const GRPC_PORT: i32 = 50051;
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 
@@ -75,17 +83,28 @@ pub enum ManagedKind {
     PodDisruptionBudget,
     HorizontalPodAutoscaler,
     ScaledObject,
+    /// Credentials for the ScaledObject's Kafka trigger.
+    TriggerAuthentication,
 }
 
 impl ManagedKind {
-    pub const ALL: [ManagedKind; 6] = [
+    pub const ALL: [ManagedKind; 7] = [
         ManagedKind::ConfigMap,
         ManagedKind::Service,
         ManagedKind::Deployment,
         ManagedKind::PodDisruptionBudget,
         ManagedKind::HorizontalPodAutoscaler,
         ManagedKind::ScaledObject,
+        ManagedKind::TriggerAuthentication,
     ];
+
+    /// Kinds that exist only where KEDA is installed.
+    pub fn needs_keda(self) -> bool {
+        matches!(
+            self,
+            ManagedKind::ScaledObject | ManagedKind::TriggerAuthentication
+        )
+    }
 
     pub fn api_resource(self) -> ApiResource {
         match self {
@@ -103,6 +122,13 @@ impl ManagedKind {
                 kind: "ScaledObject".into(),
                 plural: "scaledobjects".into(),
             },
+            ManagedKind::TriggerAuthentication => ApiResource {
+                group: "keda.sh".into(),
+                version: "v1alpha1".into(),
+                api_version: "keda.sh/v1alpha1".into(),
+                kind: "TriggerAuthentication".into(),
+                plural: "triggerauthentications".into(),
+            },
         }
     }
 
@@ -114,6 +140,7 @@ impl ManagedKind {
             ManagedKind::PodDisruptionBudget => "PodDisruptionBudget",
             ManagedKind::HorizontalPodAutoscaler => "HorizontalPodAutoscaler",
             ManagedKind::ScaledObject => "ScaledObject",
+            ManagedKind::TriggerAuthentication => "TriggerAuthentication",
         }
     }
 }
@@ -291,10 +318,19 @@ pub fn render(p: &OcrPipeline, plan: &Plan, caps: Capabilities) -> Result<Render
     )?;
     if let Some(scaling) = worker_keda {
         let name = object_name(&ctx.name, Role::Worker.as_str());
+        let auth = worker_trigger_authentication(&ctx);
+        let body = worker_scaled_object(&ctx, scaling, auth.is_some());
+        if let Some(auth) = auth {
+            out.objects.push(DesiredObject {
+                kind: ManagedKind::TriggerAuthentication,
+                name: name.clone(),
+                body: auth,
+            });
+        }
         out.objects.push(DesiredObject {
             kind: ManagedKind::ScaledObject,
             name,
-            body: worker_scaled_object(&ctx, scaling),
+            body,
         });
     }
 
@@ -351,6 +387,7 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 #[derive(Serialize)]
 struct RuntimeToml {
     server: ServerToml,
+    blob: BlobToml,
     queue: QueueToml,
     worker: WorkerToml,
     model: ModelToml,
@@ -365,6 +402,11 @@ struct ServerToml {
 }
 
 #[derive(Serialize)]
+struct BlobToml {
+    url: String,
+}
+
+#[derive(Serialize)]
 struct QueueToml {
     kind: &'static str,
     brokers: String,
@@ -373,6 +415,17 @@ struct QueueToml {
     dead_letter_topic: String,
     consumer_group: String,
     writer_group: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    security: Option<KafkaSecurityToml>,
+}
+
+/// The non-secret half of `queue.security`; credentials and the CA arrive as
+/// environment variables from their Secrets (see [`kafka_env`]).
+#[derive(Serialize)]
+struct KafkaSecurityToml {
+    protocol: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sasl_mechanism: Option<&'static str>,
 }
 
 /// `worker.mode` is not here: it is set per Deployment through `OCR_WORKER__MODE`,
@@ -405,6 +458,12 @@ pub fn runtime_config(p: &OcrPipeline) -> Result<String, toml::ser::Error> {
             http_addr: format!("0.0.0.0:{}", s.observability.metrics_port),
             grpc_addr: format!("0.0.0.0:{GRPC_PORT}"),
         },
+        blob: BlobToml {
+            url: match (&s.blob.s3, &s.blob.volume) {
+                (Some(s3), _) => s3.url(),
+                (None, _) => format!("file://{BLOB_DIR}"),
+            },
+        },
         queue: QueueToml {
             kind: "kafka",
             brokers: s.kafka.bootstrap_servers.clone(),
@@ -413,6 +472,15 @@ pub fn runtime_config(p: &OcrPipeline) -> Result<String, toml::ser::Error> {
             dead_letter_topic: s.kafka.topics.dead_letter(),
             consumer_group: s.kafka.consumer_group.clone(),
             writer_group: s.kafka.writer_group.clone(),
+            security: (!s.kafka.security.is_plaintext()).then(|| KafkaSecurityToml {
+                protocol: s.kafka.security.protocol(),
+                sasl_mechanism: s
+                    .kafka
+                    .security
+                    .sasl
+                    .as_ref()
+                    .map(|sasl| sasl.mechanism.as_str()),
+            }),
         },
         worker: WorkerToml {
             max_attempts: s.worker.max_attempts,
@@ -455,6 +523,57 @@ fn secret_env(name: &str, secret_name: &str, key: &str) -> EnvVar {
         }),
         ..EnvVar::default()
     }
+}
+
+/// Kafka credentials and CA for every role (all of them produce or consume),
+/// straight from the user's Secrets so they never land in the ConfigMap.
+fn kafka_env(ctx: &Ctx) -> Vec<EnvVar> {
+    let security = &ctx.p.spec.kafka.security;
+    let mut out = Vec::new();
+    if let Some(sasl) = &security.sasl {
+        out.push(match &sasl.username {
+            Some(username) => env(SASL_USERNAME_ENV, username.clone()),
+            None => secret_env(SASL_USERNAME_ENV, &sasl.secret, &sasl.username_key),
+        });
+        out.push(secret_env(
+            SASL_PASSWORD_ENV,
+            &sasl.secret,
+            &sasl.password_key,
+        ));
+    }
+    if let Some(ca_secret) = security.tls.as_ref().and_then(|tls| {
+        tls.ca_secret
+            .as_ref()
+            .map(|name| (name.as_str(), tls.ca_key.as_str()))
+    }) {
+        out.push(secret_env(SSL_CA_PEM_ENV, ca_secret.0, ca_secret.1));
+    }
+    out
+}
+
+/// The S3 client settings every role needs (the API writes inputs, workers
+/// read them, writers store results), in the standard `AWS_*` variables the
+/// runtime's S3 client reads.
+fn blob_env(ctx: &Ctx) -> Vec<EnvVar> {
+    let Some(s3) = &ctx.p.spec.blob.s3 else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if let Some(endpoint) = &s3.endpoint {
+        out.push(env("AWS_ENDPOINT", endpoint.clone()));
+        if endpoint.starts_with("http://") {
+            out.push(env("AWS_ALLOW_HTTP", "true"));
+        }
+    }
+    if let Some(region) = &s3.region {
+        out.push(env("AWS_REGION", region.clone()));
+    }
+    if let Some(secret) = &s3.credentials_secret {
+        for key in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+            out.push(secret_env(key, secret, key));
+        }
+    }
+    out
 }
 
 /// `writer.*` keys, on the writer Deployment only: only writers read them, so
@@ -557,6 +676,8 @@ fn deployment(
             &spec.database.secret.key,
         ),
     ];
+    env_vars.extend(kafka_env(ctx));
+    env_vars.extend(blob_env(ctx));
     if let Some(redis) = &spec.redis {
         env_vars.push(secret_env(
             "OCR_REDIS__URL",
@@ -602,6 +723,22 @@ fn deployment(
         }),
         ..Volume::default()
     }];
+    if let Some(blob_volume) = &spec.blob.volume {
+        mounts.push(VolumeMount {
+            name: "blobs".into(),
+            mount_path: BLOB_DIR.into(),
+            sub_path: blob_volume.sub_path.clone(),
+            ..VolumeMount::default()
+        });
+        volumes.push(Volume {
+            name: "blobs".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: blob_volume.claim_name.clone(),
+                read_only: Some(false),
+            }),
+            ..Volume::default()
+        });
+    }
     let mut init_containers = Vec::new();
     if role == Role::Worker {
         let source = &spec.model.source;
@@ -668,10 +805,11 @@ fn deployment(
         readiness_probe: Some(http_probe("/readyz", 5, 3)),
         resources,
         volume_mounts: Some(mounts),
-        // No runAsNonRoot: whether the runtime image has a non-root USER is not
-        // settled yet, and the flag makes pods of a root image fail to start.
+        // The project's image runs as a numeric non-root USER; a custom
+        // image that runs as root is refused instead of silently allowed.
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
+            run_as_non_root: Some(true),
             ..SecurityContext::default()
         }),
         ..Container::default()
@@ -740,6 +878,10 @@ fn deployment(
                     tolerations,
                     image_pull_secrets: pull_secrets,
                     termination_grace_period_seconds: Some(grace),
+                    security_context: Some(PodSecurityContext {
+                        fs_group: Some(RUNTIME_UID),
+                        ..PodSecurityContext::default()
+                    }),
                     ..PodSpec::default()
                 }),
             },
@@ -826,11 +968,74 @@ fn api_hpa_object(ctx: &Ctx, scaling: &crate::crd::CpuScaling) -> HorizontalPodA
     }
 }
 
-fn worker_scaled_object(ctx: &Ctx, scaling: &crate::crd::LagScaling) -> Value {
+/// KEDA's Kafka scaler reads the brokers itself, so a secured cluster needs
+/// the same credentials handed to it; `None` for a plaintext cluster or TLS
+/// with the system CAs.
+fn worker_trigger_authentication(ctx: &Ctx) -> Option<Value> {
+    let security = &ctx.p.spec.kafka.security;
+    let mut secret_refs = Vec::new();
+    let mut env_refs = Vec::new();
+    if let Some(sasl) = &security.sasl {
+        match &sasl.username {
+            // Not in a Secret: KEDA reads it from the worker container's env.
+            Some(_) => env_refs.push(json!({
+                "parameter": "username",
+                "name": SASL_USERNAME_ENV,
+                "containerName": Role::Worker.as_str(),
+            })),
+            None => secret_refs.push(json!({
+                "parameter": "username", "name": sasl.secret, "key": sasl.username_key,
+            })),
+        }
+        secret_refs.push(json!({
+            "parameter": "password", "name": sasl.secret, "key": sasl.password_key,
+        }));
+    }
+    if let Some(tls) = &security.tls {
+        if let Some(ca_secret) = &tls.ca_secret {
+            secret_refs.push(json!({"parameter": "ca", "name": ca_secret, "key": tls.ca_key}));
+        }
+    }
+    if secret_refs.is_empty() && env_refs.is_empty() {
+        return None;
+    }
+    let mut spec = serde_json::Map::new();
+    if !secret_refs.is_empty() {
+        spec.insert("secretTargetRef".into(), Value::Array(secret_refs));
+    }
+    if !env_refs.is_empty() {
+        spec.insert("env".into(), Value::Array(env_refs));
+    }
+    Some(json!({
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "TriggerAuthentication",
+        "metadata": ctx.meta("worker", "worker"),
+        "spec": spec,
+    }))
+}
+
+fn worker_scaled_object(ctx: &Ctx, scaling: &crate::crd::LagScaling, authenticated: bool) -> Value {
     let spec = &ctx.p.spec;
     let meta = ctx.meta("worker", "worker");
     // A consumer beyond the partition count gets no partition and sits idle.
     let max = scaling.max_replicas.min(spec.kafka.partitions);
+    let security = &spec.kafka.security;
+    let mut trigger_metadata = json!({
+        "bootstrapServers": spec.kafka.bootstrap_servers,
+        "consumerGroup": spec.kafka.consumer_group,
+        "topic": spec.kafka.topics.jobs(),
+        "lagThreshold": scaling.lag_threshold.to_string(),
+    });
+    if let Some(sasl) = &security.sasl {
+        trigger_metadata["sasl"] = json!(sasl.mechanism.keda_name());
+    }
+    if security.tls.is_some() {
+        trigger_metadata["tls"] = json!("enable");
+    }
+    let mut trigger = json!({"type": "kafka", "metadata": trigger_metadata});
+    if authenticated {
+        trigger["authenticationRef"] = json!({"name": object_name(&ctx.name, "worker")});
+    }
     json!({
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
@@ -839,15 +1044,7 @@ fn worker_scaled_object(ctx: &Ctx, scaling: &crate::crd::LagScaling) -> Value {
             "scaleTargetRef": {"name": object_name(&ctx.name, "worker")},
             "minReplicaCount": scaling.min_replicas.min(max),
             "maxReplicaCount": max,
-            "triggers": [{
-                "type": "kafka",
-                "metadata": {
-                    "bootstrapServers": spec.kafka.bootstrap_servers,
-                    "consumerGroup": spec.kafka.consumer_group,
-                    "topic": spec.kafka.topics.jobs(),
-                    "lagThreshold": scaling.lag_threshold.to_string(),
-                },
-            }],
+            "triggers": [trigger],
         },
     })
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
@@ -21,9 +22,10 @@ use crate::build::{
     WORKER_MODE_ENV,
 };
 use crate::crd::{
-    Architecture, Migration, OcrPipeline, OcrPipelineSpec, OcrPipelineStatus, GROUP, KIND, VERSION,
+    Architecture, KafkaSpec, Migration, OcrPipeline, OcrPipelineSpec, OcrPipelineStatus, GROUP,
+    KIND, VERSION,
 };
-use crate::kafka::{Cluster, KafkaAdmin, TopicSpec};
+use crate::kafka::{ClientSecurity, Cluster, KafkaAdmin, SaslCredentials, TopicSpec};
 use crate::metrics::Metrics;
 use crate::migration::{self, Observed};
 use crate::status::{self, role_state, Observation};
@@ -118,6 +120,14 @@ pub fn validate(spec: &OcrPipelineSpec) -> Result<(), String> {
             return Err("spec.model.source.url must be http(s)".into());
         }
     }
+    if spec.blob.s3.is_some() == spec.blob.volume.is_some() {
+        return Err("spec.blob: set exactly one of s3 or volume".into());
+    }
+    if let Some(endpoint) = spec.blob.s3.as_ref().and_then(|s3| s3.endpoint.as_ref()) {
+        if !(endpoint.starts_with("https://") || endpoint.starts_with("http://")) {
+            return Err("spec.blob.s3.endpoint must be http(s)".into());
+        }
+    }
     if spec.kafka.bootstrap_servers.trim().is_empty() {
         return Err("spec.kafka.bootstrapServers is empty".into());
     }
@@ -174,7 +184,7 @@ async fn list_owned(
     let params = ListParams::default().labels(&owned_selector(pipeline));
     let mut out = Vec::new();
     for kind in ManagedKind::ALL {
-        if kind == ManagedKind::ScaledObject && !ctx.capabilities.keda {
+        if kind.needs_keda() && !ctx.capabilities.keda {
             continue;
         }
         for object in dynamic_api(ctx, ns, kind).list(&params).await? {
@@ -423,9 +433,20 @@ async fn observe_kafka(
             replication_factor: kafka.replication_factor,
         })
         .collect();
-    let cluster = Cluster::of(kafka);
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
+    let ns = pipeline.namespace().unwrap_or_default();
+    let cluster = match kafka_cluster(ctx, &ns, kafka).await {
+        Ok(cluster) => cluster,
+        Err(problem) => {
+            return KafkaView {
+                topics_ready: false,
+                results_lag: None,
+                errors: vec![problem],
+                warnings,
+            }
+        }
+    };
     let topics_ready = match ctx.kafka.ensure_topics(&cluster, &topics).await {
         Ok(report) => {
             if !report.created.is_empty() {
@@ -462,6 +483,57 @@ async fn observe_kafka(
         errors,
         warnings,
     }
+}
+
+/// `spec.kafka` with its Secrets read, so the operator's own clients connect
+/// the way the pipeline's pods do. Read on every reconcile: a rotated
+/// password is picked up without a restart.
+async fn kafka_cluster(ctx: &Context, ns: &str, spec: &KafkaSpec) -> Result<Cluster, String> {
+    let security = &spec.security;
+    if security.is_plaintext() {
+        return Ok(Cluster::of(spec));
+    }
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let mut client = ClientSecurity {
+        protocol: security.protocol().into(),
+        ..ClientSecurity::default()
+    };
+    if let Some(sasl) = &security.sasl {
+        let secret = read_secret(&secrets, &sasl.secret).await?;
+        let username = match &sasl.username {
+            Some(username) => username.clone(),
+            None => secret_text(&secret, &sasl.secret, &sasl.username_key)?,
+        };
+        client.sasl = Some(SaslCredentials {
+            mechanism: sasl.mechanism.as_str().into(),
+            username,
+            password: secret_text(&secret, &sasl.secret, &sasl.password_key)?,
+        });
+    }
+    if let Some(tls) = &security.tls {
+        if let Some(name) = &tls.ca_secret {
+            let secret = read_secret(&secrets, name).await?;
+            client.ca_pem = Some(secret_text(&secret, name, &tls.ca_key)?);
+        }
+    }
+    Ok(Cluster::of(spec).with_security(client))
+}
+
+async fn read_secret(secrets: &Api<Secret>, name: &str) -> Result<Secret, String> {
+    secrets
+        .get(name)
+        .await
+        .map_err(|e| format!("reading the Kafka secret {name}: {e}"))
+}
+
+fn secret_text(secret: &Secret, name: &str, key: &str) -> Result<String, String> {
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|data| data.get(key))
+        .ok_or_else(|| format!("the Kafka secret {name} has no key {key}"))?;
+    String::from_utf8(bytes.0.clone())
+        .map_err(|_| format!("the Kafka secret {name} key {key} is not UTF-8 text"))
 }
 
 fn dynamic_api(ctx: &Context, ns: &str, kind: ManagedKind) -> Api<DynamicObject> {
@@ -532,8 +604,15 @@ async fn cleanup(pipeline: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<
     }
     if writer_left {
         let topic = pipeline.spec.kafka.topics.results();
-        let cluster = Cluster::of(&pipeline.spec.kafka);
-        match ctx.kafka.results_lag(&cluster, &topic).await {
+        let lag = match kafka_cluster(ctx, ns, &pipeline.spec.kafka).await {
+            Ok(cluster) => ctx
+                .kafka
+                .results_lag(&cluster, &topic)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(problem) => Err(problem),
+        };
+        match lag {
             // An error keeps the finalizer; Ok would let the deletion finish.
             Ok(lag) if lag > 0 => return Err(Error::WriterDraining { lag }),
             Ok(_) => {}

@@ -63,6 +63,9 @@ pub struct OcrPipelineSpec {
     pub writer: WriterSpec,
     pub kafka: KafkaSpec,
     pub database: DatabaseSpec,
+    /// Where uploaded images and result documents live. Required: the API and
+    /// the workers run in different pods and must see the same store.
+    pub blob: BlobSpec,
     /// Optional Redis for deduplication and rate limiting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisSpec>,
@@ -225,6 +228,68 @@ pub struct ModelSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("url must be http(s)"))]
     pub url: Option<String>,
+}
+
+/// The blob store every role shares: exactly one of `s3` or `volume`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.s3) != has(self.volume)").message("set exactly one of s3 or volume"))]
+pub struct BlobSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3BlobSpec>,
+    /// A ReadWriteMany PersistentVolumeClaim, mounted into every API, worker
+    /// and writer pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<BlobVolume>,
+}
+
+/// S3 or an S3-compatible store (MinIO, Ceph RGW).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct S3BlobSpec {
+    #[schemars(
+        length(min = 3, max = 63),
+        regex(pattern = r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$")
+    )]
+    pub bucket: String,
+    /// Key prefix inside the bucket, without a leading slash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[^/].*$"))]
+    pub prefix: Option<String>,
+    /// Endpoint of an S3-compatible store; absent: AWS. An `http://` endpoint
+    /// is allowed explicitly (in-cluster MinIO).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("endpoint must be http(s)"))]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub region: Option<String>,
+    /// Secret with the keys `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`;
+    /// absent: the pods' own identity (IRSA, instance profile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub credentials_secret: Option<String>,
+}
+
+impl S3BlobSpec {
+    /// The runtime's `blob.url`.
+    pub fn url(&self) -> String {
+        match &self.prefix {
+            Some(prefix) if !prefix.is_empty() => {
+                format!("s3://{}/{}", self.bucket, prefix.trim_end_matches('/'))
+            }
+            _ => format!("s3://{}", self.bucket),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BlobVolume {
+    #[schemars(length(min = 1))]
+    pub claim_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub_path: Option<String>,
 }
 
 /// An existing PersistentVolumeClaim that holds the model files.
@@ -446,9 +511,9 @@ pub struct KafkaSpec {
     /// Comma-separated `host:port` list.
     #[schemars(length(min = 1))]
     pub bootstrap_servers: String,
-    /// Not rendered yet: the runtime has no Kafka credential keys.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub credentials_secret: Option<String>,
+    /// TLS and SASL; both absent: plaintext without authentication.
+    #[serde(default, skip_serializing_if = "KafkaSecuritySpec::is_plaintext")]
+    pub security: KafkaSecuritySpec,
     #[serde(default)]
     pub topics: TopicsSpec,
     #[serde(default = "default_partitions")]
@@ -482,6 +547,113 @@ fn default_consumer_group() -> String {
 
 fn default_writer_group() -> String {
     "ocr-writer".into()
+}
+
+/// How the runtime's pods, the KEDA scaler and the operator itself reach the
+/// brokers. The protocol follows from what is set: `tls` alone is `SSL`, `sasl`
+/// alone `SASL_PLAINTEXT`, both `SASL_SSL`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaSecuritySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<KafkaTlsSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl: Option<KafkaSaslSpec>,
+}
+
+impl KafkaSecuritySpec {
+    pub fn is_plaintext(&self) -> bool {
+        self.tls.is_none() && self.sasl.is_none()
+    }
+
+    /// librdkafka's `security.protocol` (lower case, as the runtime's
+    /// `queue.security.protocol` takes it).
+    pub fn protocol(&self) -> &'static str {
+        match (self.tls.is_some(), self.sasl.is_some()) {
+            (false, false) => "plaintext",
+            (true, false) => "ssl",
+            (false, true) => "sasl_plaintext",
+            (true, true) => "sasl_ssl",
+        }
+    }
+}
+
+/// TLS to the brokers.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaTlsSpec {
+    /// Secret with the PEM of the CA that signed the brokers' certificates
+    /// (Strimzi: `<cluster>-cluster-ca-cert`); absent: the image's system CAs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub ca_secret: Option<String>,
+    #[serde(default = "default_ca_key")]
+    #[schemars(length(min = 1))]
+    pub ca_key: String,
+}
+
+fn default_ca_key() -> String {
+    "ca.crt".into()
+}
+
+/// SASL authentication; the credentials come from a Secret in the pipeline's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaSaslSpec {
+    #[serde(default)]
+    pub mechanism: SaslMechanism,
+    #[schemars(length(min = 1))]
+    pub secret: String,
+    /// The user name itself, for secrets that hold only the password (a
+    /// Strimzi `KafkaUser` secret is named after its user); otherwise it is
+    /// read from `usernameKey`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub username: Option<String>,
+    #[serde(default = "default_username_key")]
+    #[schemars(length(min = 1))]
+    pub username_key: String,
+    #[serde(default = "default_password_key")]
+    #[schemars(length(min = 1))]
+    pub password_key: String,
+}
+
+fn default_username_key() -> String {
+    "username".into()
+}
+
+fn default_password_key() -> String {
+    "password".into()
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum SaslMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[default]
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+
+    /// The name KEDA's Kafka scaler uses for it.
+    pub fn keda_name(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "plaintext",
+            SaslMechanism::ScramSha256 => "scram_sha256",
+            SaslMechanism::ScramSha512 => "scram_sha512",
+        }
+    }
 }
 
 /// Topic names; any name left out is `<prefix>.jobs`, `<prefix>.results` or `<prefix>.dead-letter`.

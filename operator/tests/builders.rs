@@ -127,6 +127,7 @@ fn runtime_config_uses_only_documented_keys() {
     // docs/configuration.md: the runtime rejects unknown keys, so every one must be listed there.
     let allowed = [
         ("server", &["http_addr", "grpc_addr"][..]),
+        ("blob", &["url"][..]),
         (
             "queue",
             &[
@@ -137,6 +138,7 @@ fn runtime_config_uses_only_documented_keys() {
                 "dead_letter_topic",
                 "consumer_group",
                 "writer_group",
+                "security",
             ][..],
         ),
         (
@@ -272,4 +274,132 @@ fn workers_and_writers_need_different_groups() {
     p.spec.kafka.writer_group = p.spec.kafka.consumer_group.clone();
     let problem = ocr_operator::controller::validate(&p.spec).expect_err("same group");
     assert!(problem.contains("writerGroup"), "{problem}");
+}
+
+fn secured(mut json: Value) -> OcrPipeline {
+    json["spec"]["kafka"]["security"] = serde_json::json!({
+        "tls": {"caSecret": "kafka-cluster-ca-cert"},
+        "sasl": {"mechanism": "SCRAM-SHA-512", "secret": "ocr-kafka-user", "username": "ocr"},
+    });
+    serde_json::from_value(json).expect("the secured pipeline parses")
+}
+
+#[test]
+fn kafka_credentials_reach_every_role_from_secrets_and_never_the_configmap() {
+    let p = secured(support::pipeline_json("writer"));
+    let toml = runtime_config(&p).expect("renders");
+    let parsed: toml::Table = toml.parse().expect("valid TOML");
+    let security = &parsed["queue"]["security"];
+    assert_eq!(security["protocol"].as_str(), Some("sasl_ssl"));
+    assert_eq!(security["sasl_mechanism"].as_str(), Some("SCRAM-SHA-512"));
+    assert_eq!(security.as_table().map(|t| t.len()), Some(2), "{toml}");
+
+    let r = rendered(&p, true);
+    for role in ["api", "worker", "writer"] {
+        let deployment =
+            object(&r, ManagedKind::Deployment, &format!("demo-{role}")).expect("deployment");
+        let username = env(deployment, "OCR_QUEUE__SECURITY__SASL_USERNAME").expect("username");
+        assert_eq!(username["value"], "ocr", "{role}");
+        let password = env(deployment, "OCR_QUEUE__SECURITY__SASL_PASSWORD").expect("password");
+        assert_eq!(
+            password["valueFrom"]["secretKeyRef"],
+            serde_json::json!({"name": "ocr-kafka-user", "key": "password", "optional": false}),
+            "{role}"
+        );
+        let ca = env(deployment, "OCR_QUEUE__SECURITY__SSL_CA_PEM").expect("CA");
+        assert_eq!(
+            ca["valueFrom"]["secretKeyRef"]["name"],
+            "kafka-cluster-ca-cert"
+        );
+        assert_eq!(ca["valueFrom"]["secretKeyRef"]["key"], "ca.crt");
+    }
+
+    // KEDA's scaler connects on its own and gets the same credentials.
+    let scaled = object(&r, ManagedKind::ScaledObject, "demo-worker").expect("ScaledObject");
+    let trigger = &scaled["spec"]["triggers"][0];
+    assert_eq!(trigger["metadata"]["sasl"], "scram_sha512");
+    assert_eq!(trigger["metadata"]["tls"], "enable");
+    assert_eq!(trigger["authenticationRef"]["name"], "demo-worker");
+    let auth = object(&r, ManagedKind::TriggerAuthentication, "demo-worker")
+        .expect("TriggerAuthentication");
+    let secret_refs = auth["spec"]["secretTargetRef"]
+        .as_array()
+        .expect("secret refs");
+    let parameters: Vec<&str> = secret_refs
+        .iter()
+        .map(|s| s["parameter"].as_str().expect("parameter"))
+        .collect();
+    assert_eq!(parameters, ["password", "ca"]);
+    assert_eq!(auth["spec"]["env"][0]["parameter"], "username");
+    assert_eq!(auth["spec"]["env"][0]["containerName"], "worker");
+
+    // A plaintext cluster renders none of it.
+    let plain = rendered(&support::pipeline("writer"), true);
+    assert!(object(&plain, ManagedKind::TriggerAuthentication, "demo-worker").is_none());
+    let worker = object(&plain, ManagedKind::Deployment, "demo-worker").expect("worker");
+    assert!(env(worker, "OCR_QUEUE__SECURITY__SASL_PASSWORD").is_none());
+    assert!(!runtime_config(&support::pipeline("writer"))
+        .expect("renders")
+        .contains("security"));
+}
+
+#[test]
+fn every_role_shares_one_blob_store() {
+    // S3: the URL in the ConfigMap, endpoint and credentials in every role's env.
+    let p = support::pipeline("writer");
+    let parsed: toml::Table = runtime_config(&p)
+        .expect("renders")
+        .parse()
+        .expect("valid TOML");
+    assert_eq!(parsed["blob"]["url"].as_str(), Some("s3://ocr-blobs/demo"));
+    let r = rendered(&p, true);
+    for role in ["api", "worker", "writer"] {
+        let d = object(&r, ManagedKind::Deployment, &format!("demo-{role}")).expect("deployment");
+        assert_eq!(
+            env(d, "AWS_ENDPOINT").expect("endpoint")["value"],
+            "http://minio.storage:9000"
+        );
+        assert_eq!(
+            env(d, "AWS_ALLOW_HTTP").expect("plain http")["value"],
+            "true"
+        );
+        assert_eq!(env(d, "AWS_REGION").expect("region")["value"], "us-east-1");
+        for key in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+            let var = env(d, key).expect("credential");
+            assert_eq!(var["valueFrom"]["secretKeyRef"]["name"], "ocr-s3", "{role}");
+            assert_eq!(var["valueFrom"]["secretKeyRef"]["key"], key, "{role}");
+        }
+    }
+
+    // Volume: one claim mounted read-write at the file:// path of the ConfigMap.
+    let mut json = support::pipeline_json("writer");
+    json["spec"]["blob"] = serde_json::json!({"volume": {"claimName": "ocr-blobs"}});
+    let p: OcrPipeline = serde_json::from_value(json).expect("parses");
+    let parsed: toml::Table = runtime_config(&p)
+        .expect("renders")
+        .parse()
+        .expect("valid TOML");
+    assert_eq!(
+        parsed["blob"]["url"].as_str(),
+        Some("file:///var/lib/ocr/blobs")
+    );
+    let r = rendered(&p, true);
+    for role in ["api", "worker", "writer"] {
+        let d = object(&r, ManagedKind::Deployment, &format!("demo-{role}")).expect("deployment");
+        let pod = &d["spec"]["template"]["spec"];
+        let volume = pod["volumes"]
+            .as_array()
+            .and_then(|v| v.iter().find(|v| v["name"] == "blobs"))
+            .expect("blobs volume");
+        assert_eq!(volume["persistentVolumeClaim"]["claimName"], "ocr-blobs");
+        let mount = pod["containers"][0]["volumeMounts"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["name"] == "blobs"))
+            .expect("blobs mount");
+        assert_eq!(mount["mountPath"], "/var/lib/ocr/blobs");
+        assert!(mount["readOnly"].is_null(), "{role} must write to it");
+        // The non-root runtime user can write to the claim.
+        assert_eq!(pod["securityContext"]["fsGroup"], 65532);
+        assert!(env(d, "AWS_ENDPOINT").is_none());
+    }
 }

@@ -29,6 +29,7 @@ fn cluster(mock: &Mock) -> Cluster {
     Cluster {
         bootstrap_servers: mock.bootstrap_servers(),
         writer_group: "ocr-writer".into(),
+        security: Default::default(),
     }
 }
 
@@ -218,6 +219,7 @@ async fn an_unknown_lag_is_an_error_never_zero() {
     let unreachable = Cluster {
         bootstrap_servers: "127.0.0.1:1".into(),
         writer_group: "ocr-writer".into(),
+        security: Default::default(),
     };
     let quick = RdKafkaAdmin::new(Duration::from_secs(1));
     let lag = quick.results_lag(&unreachable, RESULTS).await;
@@ -244,6 +246,7 @@ async fn creates_missing_topics_on_a_real_broker() {
     let cluster = Cluster {
         bootstrap_servers: brokers,
         writer_group: "ocr-writer".into(),
+        security: Default::default(),
     };
     let topics = [
         topic(&format!("ocr-operator-test-{suffix}.a"), 3),

@@ -5,6 +5,9 @@ mod support;
 
 use std::sync::{Arc, Mutex};
 
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::ByteString;
 use kube::runtime::controller::Action;
 use kube::runtime::events::Recorder;
 use kube::Api;
@@ -463,6 +466,99 @@ async fn kafka_calls_name_the_pipelines_cluster_and_shortfalls_reach_the_status(
     assert!(
         message
             .contains("topic ocr.results has 2 partitions, fewer than spec.kafka.partitions (6)"),
+        "{message}"
+    );
+}
+
+/// A Secret as the API server returns it (k8s-openapi base64-encodes `data`).
+fn secret(name: &str, data: &[(&str, &str)]) -> Value {
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(NAMESPACE.into()),
+            ..ObjectMeta::default()
+        },
+        data: Some(
+            data.iter()
+                .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                .collect(),
+        ),
+        ..Secret::default()
+    };
+    let mut value = serde_json::to_value(secret).expect("serializes");
+    value["apiVersion"] = json!("v1");
+    value["kind"] = json!("Secret");
+    value
+}
+
+fn secure(h: &Harness) {
+    h.fake.update(&pipelines(NAMESPACE), NAME, |p| {
+        p["spec"]["kafka"]["security"] = json!({
+            "tls": {"caSecret": "kafka-ca"},
+            "sasl": {"mechanism": "SCRAM-SHA-256", "secret": "kafka-user"},
+        });
+    });
+}
+
+const SECRETS: &str = "/api/v1/namespaces/ocr/secrets";
+
+#[tokio::test]
+async fn the_operator_reaches_a_secured_kafka_with_the_pipelines_secrets() {
+    let h = Harness::new("writer");
+    secure(&h);
+    h.fake.insert(
+        SECRETS,
+        secret("kafka-user", &[("username", "ocr"), ("password", "p4ss")]),
+    );
+    h.fake.insert(
+        SECRETS,
+        secret("kafka-ca", &[("ca.crt", "-----BEGIN CERTIFICATE-----\n")]),
+    );
+    h.create_and_settle().await;
+
+    let clusters = h.kafka.clusters.lock().expect("lock").clone();
+    assert!(!clusters.is_empty());
+    for cluster in &clusters {
+        let security = &cluster.security;
+        assert_eq!(security.protocol, "sasl_ssl");
+        let sasl = security.sasl.as_ref().expect("credentials");
+        assert_eq!(
+            (
+                sasl.mechanism.as_str(),
+                sasl.username.as_str(),
+                sasl.password.as_str()
+            ),
+            ("SCRAM-SHA-256", "ocr", "p4ss")
+        );
+        assert_eq!(
+            security.ca_pem.as_deref(),
+            Some("-----BEGIN CERTIFICATE-----\n")
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_missing_kafka_secret_is_reported_and_blocks_no_rollout() {
+    let h = Harness::new("standard");
+    secure(&h);
+    h.fake.insert(
+        SECRETS,
+        secret("kafka-ca", &[("ca.crt", "-----BEGIN CERTIFICATE-----\n")]),
+    );
+    h.reconcile().await.expect("adds the finalizer");
+    h.reconcile().await.expect("applies");
+    assert!(
+        h.kafka.clusters.lock().expect("lock").is_empty(),
+        "Kafka is not asked without credentials"
+    );
+    assert!(h.deployment("worker").is_some(), "the pods still roll out");
+    let degraded = h.status()["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Degraded").cloned())
+        .expect("Degraded");
+    let message = degraded["message"].as_str().expect("message");
+    assert!(
+        message.contains("reading the Kafka secret kafka-user"),
         "{message}"
     );
 }

@@ -79,6 +79,7 @@ fn minimal_topology() {
             "model": {"source": {"volume": {"claimName": "ocr-models", "subPath": "pp-ocr"}}},
             "kafka": {"bootstrapServers": "kafka:9092"},
             "database": {"secret": {"name": "ocr-mysql"}},
+            "blob": {"volume": {"claimName": "ocr-blobs"}},
             "availability": {"antiAffinity": "Required", "disruptionBudget": {"minAvailable": "50%"}},
         },
     }))

@@ -14,7 +14,7 @@ use ocr_runtime::api::http::{router, HttpState};
 use ocr_runtime::app::submit::{Fault, Submitter};
 use ocr_runtime::config::LimitsConfig;
 use ocr_runtime::metrics::{Metrics, SubmitStage};
-use ocr_runtime::queue::kafka::KafkaPublisher;
+use ocr_runtime::queue::kafka::{KafkaConnection, KafkaPublisher};
 use ocr_runtime::queue::{memory, JobPublisher};
 use ocr_runtime::storage::{BlobStore, JobStore};
 use rdkafka::mocking::MockCluster;
@@ -172,7 +172,10 @@ fn main() -> anyhow::Result<()> {
 
         let cluster = MockCluster::new(1)?;
         cluster.create_topic("ocr.jobs", 6, 1)?;
-        let kafka = KafkaPublisher::new(&cluster.bootstrap_servers(), "ocr.jobs")?;
+        let kafka = KafkaPublisher::new(
+            &KafkaConnection::plaintext(&cluster.bootstrap_servers()),
+            "ocr.jobs",
+        )?;
         let with_kafka = run_load(&mysql, Arc::new(kafka), seconds, clients).await?;
         let kafka_rate = report("MySQL + Kafka (mock)", &with_kafka);
         println!(

@@ -71,6 +71,103 @@ pub struct QueueConfig {
     /// Accepted jobs older than this are republished by the sweeper (the API
     /// may have died between the database write and the publish).
     pub republish_after_ms: u64,
+    /// TLS and SASL towards the brokers (`[queue.security]`).
+    pub security: KafkaSecurityConfig,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    #[default]
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    pub fn uses_tls(self) -> bool {
+        matches!(self, Self::Ssl | Self::SaslSsl)
+    }
+
+    pub fn uses_sasl(self) -> bool {
+        matches!(self, Self::SaslPlaintext | Self::SaslSsl)
+    }
+
+    /// The value of librdkafka's `security.protocol`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plaintext => "plaintext",
+            Self::Ssl => "ssl",
+            Self::SaslPlaintext => "sasl_plaintext",
+            Self::SaslSsl => "sasl_ssl",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub enum SaslMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[default]
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// The value of librdkafka's `sasl.mechanism`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plain => "PLAIN",
+            Self::ScramSha256 => "SCRAM-SHA-256",
+            Self::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+/// How every Kafka client of a role reaches the brokers: the API's producer,
+/// the workers' and writers' consumers and producers, and the lag probes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaSecurityConfig {
+    pub protocol: SecurityProtocol,
+    /// Used with the `sasl_*` protocols.
+    pub sasl_mechanism: SaslMechanism,
+    pub sasl_username: String,
+    pub sasl_password: Secret,
+    /// PEM of the CA that signed the brokers' certificates (what the operator
+    /// renders from a Secret); empty with `ssl_ca_location` empty: the system CAs.
+    pub ssl_ca_pem: Secret,
+    /// A file holding that PEM instead.
+    pub ssl_ca_location: String,
+}
+
+/// A string that never shows in `Debug` output, so a logged configuration
+/// cannot leak a password.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -114,7 +211,7 @@ pub struct WriterConfig {
     /// Completion webhook (empty: none). POSTed once per finished job.
     pub webhook_url: String,
     /// HMAC-SHA256 key for the `ocr-signature` header.
-    pub webhook_secret: String,
+    pub webhook_secret: Secret,
     pub webhook_timeout_ms: u64,
     /// Exit once the results topic is drained (lag 0): how a switch away
     /// from writer mode retires the writer.
@@ -193,6 +290,7 @@ impl Default for QueueConfig {
             consumer_group: "ocr-worker".into(),
             writer_group: "ocr-writer".into(),
             republish_after_ms: 30_000,
+            security: KafkaSecurityConfig::default(),
         }
     }
 }
@@ -225,7 +323,7 @@ impl Default for WriterConfig {
             retry_initial_ms: 200,
             retry_max_ms: 10_000,
             webhook_url: String::new(),
-            webhook_secret: String::new(),
+            webhook_secret: Secret::default(),
             webhook_timeout_ms: 10_000,
             drain: false,
         }
@@ -256,20 +354,40 @@ pub struct ConfigError(#[from] Box<figment::Error>);
 /// rejected as unknown fields); `OCR_TEST_*` variables are skipped too.
 const NOT_CONFIG_KEYS: [&str; 3] = ["config", "log_format", "fault"];
 
+/// Keys whose environment values are taken verbatim. figment parses the
+/// others as TOML-like values, which would turn a password `12345` into a
+/// number and trim, unquote or split others.
+const VERBATIM_KEYS: [&str; 4] = [
+    "queue.security.sasl_username",
+    "queue.security.sasl_password",
+    "queue.security.ssl_ca_pem",
+    "writer.webhook_secret",
+];
+
+fn env_name(key: &str) -> String {
+    format!("OCR_{}", key.replace('.', "__").to_ascii_uppercase())
+}
+
 impl Config {
     /// Defaults, then `file` if given, then the environment.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
-        Self::figment(file)
-            .merge(
-                Env::prefixed("OCR_")
-                    .filter(|key| {
-                        let key = key.as_str().to_ascii_lowercase();
-                        !key.starts_with("test_") && !NOT_CONFIG_KEYS.contains(&key.as_str())
-                    })
-                    .split("__"),
-            )
-            .extract()
-            .map_err(|e| ConfigError(Box::new(e)))
+        let mut figment = Self::figment(file).merge(
+            Env::prefixed("OCR_")
+                .filter(|key| {
+                    let key = key.as_str().to_ascii_lowercase();
+                    let path = key.replace("__", ".");
+                    !key.starts_with("test_")
+                        && !NOT_CONFIG_KEYS.contains(&key.as_str())
+                        && !VERBATIM_KEYS.contains(&path.as_str())
+                })
+                .split("__"),
+        );
+        for key in VERBATIM_KEYS {
+            if let Ok(value) = std::env::var(env_name(key)) {
+                figment = figment.merge(Serialized::default(key, value));
+            }
+        }
+        figment.extract().map_err(|e| ConfigError(Box::new(e)))
     }
 
     fn figment(file: Option<&Path>) -> Figment {
@@ -304,6 +422,35 @@ mod tests {
             assert_eq!(config.worker.max_batch_size, 32);
             assert_eq!(config.queue.kind, QueueKind::Memory);
             assert_eq!(config.worker.max_wait_ms, 20);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_from_the_environment_are_taken_verbatim() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("OCR_QUEUE__SECURITY__PROTOCOL", "sasl_ssl");
+            jail.set_env("OCR_QUEUE__SECURITY__SASL_MECHANISM", "SCRAM-SHA-256");
+            jail.set_env("OCR_QUEUE__SECURITY__SASL_USERNAME", "1234");
+            jail.set_env("OCR_QUEUE__SECURITY__SASL_PASSWORD", " [p,a]\"ss\" ");
+            jail.set_env(
+                "OCR_QUEUE__SECURITY__SSL_CA_PEM",
+                "-----BEGIN X-----\nAB=,\n",
+            );
+            jail.set_env("OCR_WRITER__WEBHOOK_SECRET", "true");
+            let config = Config::load(None).expect("valid config");
+            let security = &config.queue.security;
+            assert_eq!(security.protocol, SecurityProtocol::SaslSsl);
+            assert_eq!(security.sasl_mechanism, SaslMechanism::ScramSha256);
+            assert_eq!(security.sasl_username, "1234");
+            assert_eq!(security.sasl_password.expose(), " [p,a]\"ss\" ");
+            assert_eq!(security.ssl_ca_pem.expose(), "-----BEGIN X-----\nAB=,\n");
+            assert_eq!(config.writer.webhook_secret.expose(), "true");
+            let printed = format!("{config:?}");
+            assert!(
+                !printed.contains("[p,a]"),
+                "password in Debug output: {printed}"
+            );
             Ok(())
         });
     }

@@ -2,6 +2,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ocr_runtime::config::Config;
 use ocr_runtime::engine::CandleRecognizer;
+use ocr_runtime::queue::kafka::KafkaConnection;
 use ocr_runtime::roles::{self, Running};
 use ocr_runtime::storage::JobStore;
 use std::path::PathBuf;
@@ -126,7 +127,8 @@ async fn print_lag(
             config.queue.consumer_group.clone()
         }
     });
-    let lag = roles::group_lag(&config.queue.brokers, &group, &topic)
+    let kafka = KafkaConnection::from_config(&config.queue)?;
+    let lag = roles::group_lag(&kafka, &group, &topic)
         .await
         .with_context(|| format!("measuring the lag of group {group} on {topic}"))?;
     if json {

@@ -11,7 +11,7 @@ use crate::domain::retry::Backoff;
 use crate::metrics::Metrics;
 use crate::notify::Webhook;
 use crate::queue::kafka::{
-    consumer_group_lag, GroupLag, KafkaCheck, KafkaConsumer, KafkaPublisher,
+    consumer_group_lag, GroupLag, KafkaCheck, KafkaConnection, KafkaConsumer, KafkaPublisher,
 };
 use crate::queue::{JobPublisher, MessageSink, QueueError};
 use crate::storage::redis_guard::RedisGuard;
@@ -183,19 +183,19 @@ pub async fn connect_redis(config: &Config) -> Option<RedisGuard> {
     }
 }
 
-fn require_kafka(config: &Config, role: &str) -> anyhow::Result<()> {
+fn require_kafka(config: &Config, role: &str) -> anyhow::Result<KafkaConnection> {
     anyhow::ensure!(
         config.queue.kind == QueueKind::Kafka,
         "the {role} role needs queue.kind = \"kafka\" (the memory queue only works inside `standalone`)"
     );
-    Ok(())
+    Ok(KafkaConnection::from_config(&config.queue)?)
 }
 
 /// The API role: HTTP front end, Kafka publisher and the republishing sweeper.
 pub async fn start_api(config: &Config) -> anyhow::Result<Running> {
-    require_kafka(config, "api")?;
+    let kafka = require_kafka(config, "api")?;
     let (store, blobs) = open_storage(config).await?;
-    let publisher = KafkaPublisher::new(&config.queue.brokers, &config.queue.jobs_topic)?;
+    let publisher = KafkaPublisher::new(&kafka, &config.queue.jobs_topic)?;
     let publisher: Arc<dyn JobPublisher> = Arc::new(publisher);
     let metrics = Metrics::new();
     let submitter = Submitter {
@@ -275,9 +275,13 @@ const LAG_REPORT_PERIOD: Duration = Duration::from_secs(5);
 const LAG_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The lag of `group` on `topic`, without blocking the runtime.
-pub async fn group_lag(brokers: &str, group: &str, topic: &str) -> Result<GroupLag, QueueError> {
-    let (brokers, group, topic) = (brokers.to_owned(), group.to_owned(), topic.to_owned());
-    tokio::task::spawn_blocking(move || consumer_group_lag(&brokers, &group, &topic, LAG_TIMEOUT))
+pub async fn group_lag(
+    kafka: &KafkaConnection,
+    group: &str,
+    topic: &str,
+) -> Result<GroupLag, QueueError> {
+    let (kafka, group, topic) = (kafka.clone(), group.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || consumer_group_lag(&kafka, &group, &topic, LAG_TIMEOUT))
         .await
         .map_err(|e| QueueError::Unreachable(e.to_string()))?
 }
@@ -292,15 +296,15 @@ async fn serve_consumer_health(
     shutdown: &CancellationToken,
     tasks: &mut JoinSet<()>,
 ) -> anyhow::Result<SocketAddr> {
-    let (brokers, group, topic) = (
-        config.queue.brokers.clone(),
+    let (kafka, group, topic) = (
+        KafkaConnection::from_config(&config.queue)?,
         group.to_owned(),
         topic.to_owned(),
     );
     let (metrics, until) = (health.metrics.clone(), shutdown.clone());
     tasks.spawn(async move {
         loop {
-            match group_lag(&brokers, &group, &topic).await {
+            match group_lag(&kafka, &group, &topic).await {
                 Ok(lag) => metrics.set_consumer_lag(&topic, &group, lag.total),
                 Err(err) => tracing::debug!(error = %err, "measuring consumer lag failed"),
             }
@@ -318,16 +322,16 @@ async fn serve_consumer_health(
 /// topic in the same consumer group, so a worker restarted in another mode
 /// resumes where the group left off.
 pub async fn start_worker(config: &Config, engine: Arc<dyn Recognize>) -> anyhow::Result<Running> {
-    require_kafka(config, "worker")?;
+    let kafka = require_kafka(config, "worker")?;
     let metrics = Metrics::new();
     let consumer = KafkaConsumer::new(
-        &config.queue.brokers,
+        &kafka,
         &config.queue.consumer_group,
         &config.queue.jobs_topic,
     )?;
     let kafka_check = consumer.checker();
     let dead_letters: Arc<dyn MessageSink> = Arc::new(KafkaPublisher::new(
-        &config.queue.brokers,
+        &kafka,
         &config.queue.dead_letter_topic,
     )?);
     let (store, blobs, handler, readiness): (_, _, Arc<dyn HandleJobs>, _) = match config
@@ -351,10 +355,8 @@ pub async fn start_worker(config: &Config, engine: Arc<dyn Recognize>) -> anyhow
             // an input key; the worker must start while it is down.
             let store = JobStore::connect_lazy(&config.database.url, 2).context("database URL")?;
             let blobs = BlobStore::from_url(&config.blob.url).context("opening the blob store")?;
-            let results: Arc<dyn MessageSink> = Arc::new(KafkaPublisher::new(
-                &config.queue.brokers,
-                &config.queue.results_topic,
-            )?);
+            let results: Arc<dyn MessageSink> =
+                Arc::new(KafkaPublisher::new(&kafka, &config.queue.results_topic)?);
             let handler = InferAndPublish::new(
                 blobs.clone(),
                 Some(store.clone()),
@@ -395,7 +397,7 @@ pub async fn start_worker(config: &Config, engine: Arc<dyn Recognize>) -> anyhow
 
 /// The writer role: persists result events from the results topic.
 pub async fn start_writer(config: &Config) -> anyhow::Result<Running> {
-    require_kafka(config, "writer")?;
+    let kafka = require_kafka(config, "writer")?;
     // Lazy: the writer starts (and reports ready) while the database is
     // down, and waits for it per event.
     let store = JobStore::connect_lazy(&config.database.url, config.database.max_connections)
@@ -409,14 +411,14 @@ pub async fn start_writer(config: &Config) -> anyhow::Result<Running> {
         Some(
             Webhook::new(
                 &writer_config.webhook_url,
-                &writer_config.webhook_secret,
+                writer_config.webhook_secret.expose(),
                 Duration::from_millis(writer_config.webhook_timeout_ms),
             )
             .context("writer.webhook_url")?,
         )
     };
     let dead_letters: Arc<dyn MessageSink> = Arc::new(KafkaPublisher::new(
-        &config.queue.brokers,
+        &kafka,
         &config.queue.dead_letter_topic,
     )?);
     let writer = ResultWriter {
@@ -435,21 +437,21 @@ pub async fn start_writer(config: &Config) -> anyhow::Result<Running> {
         metrics: metrics.clone(),
     };
     let consumer = KafkaConsumer::new(
-        &config.queue.brokers,
+        &kafka,
         &config.queue.writer_group,
         &config.queue.results_topic,
     )?;
     let readiness = Readiness::Kafka(consumer.checker());
     let drain = writer_config.drain.then(|| {
-        let (brokers, group, topic) = (
-            config.queue.brokers.clone(),
+        let (kafka, group, topic) = (
+            kafka.clone(),
             config.queue.writer_group.clone(),
             config.queue.results_topic.clone(),
         );
         let probe: LagProbe = Box::new(move || -> LagFuture {
-            let (brokers, group, topic) = (brokers.clone(), group.clone(), topic.clone());
+            let (kafka, group, topic) = (kafka.clone(), group.clone(), topic.clone());
             Box::pin(async move {
-                group_lag(&brokers, &group, &topic)
+                group_lag(&kafka, &group, &topic)
                     .await
                     .ok()
                     .map(|lag| lag.total)

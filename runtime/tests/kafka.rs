@@ -8,8 +8,9 @@ use common::{
     engine, free_port, invoice_page, spawn_role, terminate, wait_for_status, wait_http_ok,
     MysqlDatabase, WebhookReceiver, INVOICE,
 };
-use ocr_runtime::config::{Config, QueueKind, WorkerMode};
+use ocr_runtime::config::{Config, QueueKind, Secret, WorkerMode};
 use ocr_runtime::domain::{JobId, JobStatus};
+use ocr_runtime::queue::kafka::KafkaConnection;
 use ocr_runtime::roles::{group_lag, start_api, start_worker, start_writer};
 use rdkafka::mocking::MockCluster;
 use std::path::Path;
@@ -296,7 +297,7 @@ async fn batch_sizes(base: &str) -> (f64, f64) {
 async fn wait_for_lag(brokers: &str, group: &str, topic: &str, expected: i64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(lag) = group_lag(brokers, group, topic).await {
+        if let Ok(lag) = group_lag(&KafkaConnection::plaintext(brokers), group, topic).await {
             if lag.total == expected {
                 return;
             }
@@ -365,7 +366,7 @@ fn writer_topology(base: &Config, receiver: &WebhookReceiver) -> Config {
     let mut config = base.clone();
     config.worker.mode = WorkerMode::Writer;
     config.writer.webhook_url = receiver.url.clone();
-    config.writer.webhook_secret = receiver.secret.clone();
+    config.writer.webhook_secret = Secret::new(receiver.secret.clone());
     config
 }
 

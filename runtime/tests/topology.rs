@@ -13,6 +13,7 @@ mod common;
 use common::{free_port, spawn_role, terminate, wait_http_ok, PrivateMariaDb, WebhookReceiver};
 use ocr_runtime::config::{Config, QueueKind};
 use ocr_runtime::domain::{JobId, JobStatus};
+use ocr_runtime::queue::kafka::KafkaConnection;
 use ocr_runtime::roles::group_lag;
 use ocr_runtime::storage::JobStore;
 use rdkafka::mocking::MockCluster;
@@ -188,7 +189,7 @@ async fn wait_accepted(accepted: &AtomicUsize, at_least: usize) {
 async fn wait_lag(brokers: &str, group: &str, topic: &str) {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        if let Ok(lag) = group_lag(brokers, group, topic).await {
+        if let Ok(lag) = group_lag(&KafkaConnection::plaintext(brokers), group, topic).await {
             if lag.total == 0 {
                 return;
             }
@@ -345,9 +346,13 @@ async fn switching_topologies_under_load_loses_and_duplicates_nothing() {
     // Nothing left unconsumed, nothing dead-lettered.
     wait_lag(&brokers, "ocr-worker", JOBS).await;
     wait_lag(&brokers, "ocr-writer", RESULTS).await;
-    let dead = group_lag(&brokers, "dead-letter-audit", DEAD)
-        .await
-        .unwrap();
+    let dead = group_lag(
+        &KafkaConnection::plaintext(&brokers),
+        "dead-letter-audit",
+        DEAD,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         dead.partitions
             .iter()

@@ -86,6 +86,19 @@ fn client_config(cluster: &Cluster) -> ClientConfig {
         .set("client.id", "ocr-operator")
         // A metadata lookup must never create a topic with the broker's defaults.
         .set("allow.auto.create.topics", "false");
+    let security = &cluster.security;
+    if !security.protocol.is_empty() {
+        config.set("security.protocol", &security.protocol);
+    }
+    if let Some(sasl) = &security.sasl {
+        config
+            .set("sasl.mechanism", &sasl.mechanism)
+            .set("sasl.username", &sasl.username)
+            .set("sasl.password", &sasl.password);
+    }
+    if let Some(ca) = &security.ca_pem {
+        config.set("ssl.ca.pem", ca);
+    }
     config
 }
 
@@ -241,6 +254,7 @@ fn group_lag(cluster: &Cluster, topic: &str, timeout: Duration) -> Result<u64, S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kafka::{ClientSecurity, SaslCredentials};
 
     #[test]
     fn an_uncommitted_partition_counts_its_retained_range() {
@@ -266,5 +280,39 @@ mod tests {
         assert_eq!(created, ["ocr.jobs"]);
         assert_eq!(failures.len(), 1);
         assert!(failures[0].starts_with("ocr.dead-letter: "), "{failures:?}");
+    }
+
+    #[test]
+    fn the_operators_clients_use_the_pipelines_credentials() {
+        let cluster = Cluster {
+            bootstrap_servers: "kafka:9093".into(),
+            writer_group: "ocr-writer".into(),
+            security: ClientSecurity {
+                protocol: "sasl_ssl".into(),
+                sasl: Some(SaslCredentials {
+                    mechanism: "SCRAM-SHA-512".into(),
+                    username: "ocr".into(),
+                    password: "s3cret".into(),
+                }),
+                ca_pem: Some("-----BEGIN CERTIFICATE-----".into()),
+            },
+        };
+        let config = client_config(&cluster);
+        assert_eq!(config.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(config.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert_eq!(config.get("sasl.username"), Some("ocr"));
+        assert_eq!(config.get("sasl.password"), Some("s3cret"));
+        assert_eq!(
+            config.get("ssl.ca.pem"),
+            Some("-----BEGIN CERTIFICATE-----")
+        );
+        assert!(!format!("{cluster:?}").contains("s3cret"));
+
+        let plain = client_config(&Cluster {
+            security: ClientSecurity::default(),
+            ..cluster
+        });
+        assert_eq!(plain.get("security.protocol"), None);
+        assert_eq!(plain.get("sasl.username"), None);
     }
 }

@@ -502,6 +502,13 @@ pub fn pipeline_json(architecture: &str) -> Value {
             },
             "kafka": {"bootstrapServers": "kafka-0.kafka:9092,kafka-1.kafka:9092", "partitions": 6},
             "database": {"secret": {"name": "ocr-mysql"}},
+            "blob": {"s3": {
+                "bucket": "ocr-blobs",
+                "prefix": "demo",
+                "endpoint": "http://minio.storage:9000",
+                "region": "us-east-1",
+                "credentialsSecret": "ocr-s3",
+            }},
             "redis": {"secret": {"name": "ocr-redis", "key": "redis-url"}, "requestsPerMinute": 600},
             "autoscaling": {
                 "api": {"minReplicas": 2, "maxReplicas": 6},

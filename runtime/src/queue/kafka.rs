@@ -9,6 +9,7 @@ use super::{
     Delivery, JobPublisher, MessageConsumer, MessageSink, QueueError, Receipt, HEADER_JOB_ID,
     HEADER_TRACEPARENT,
 };
+use crate::config::{KafkaSecurityConfig, QueueConfig};
 use crate::domain::message::{traceparent, JobMessage};
 use async_trait::async_trait;
 use rdkafka::config::ClientConfig;
@@ -25,6 +26,80 @@ use std::time::Duration;
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const METADATA_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Where the brokers are and how to authenticate to them. Every client this
+/// adapter creates starts from [`KafkaConnection::client_config`], so the API,
+/// the workers, the writers and the lag probes all connect the same way.
+#[derive(Clone, Debug)]
+pub struct KafkaConnection {
+    brokers: String,
+    security: KafkaSecurityConfig,
+}
+
+impl KafkaConnection {
+    /// No TLS, no authentication (local brokers, tests).
+    pub fn plaintext(brokers: &str) -> Self {
+        KafkaConnection {
+            brokers: brokers.to_owned(),
+            security: KafkaSecurityConfig::default(),
+        }
+    }
+
+    /// Checks that the settings belong together, so a half-configured
+    /// secret fails at start-up instead of as an endless reconnect loop.
+    pub fn new(brokers: &str, security: &KafkaSecurityConfig) -> Result<Self, QueueError> {
+        let invalid = |reason: &str| Err(QueueError::Config(format!("queue.security: {reason}")));
+        let protocol = security.protocol;
+        if protocol.uses_sasl() {
+            if security.sasl_username.is_empty() || security.sasl_password.is_empty() {
+                return invalid("the sasl_* protocols need sasl_username and sasl_password");
+            }
+        } else if !security.sasl_username.is_empty() || !security.sasl_password.is_empty() {
+            return invalid("SASL credentials are set but the protocol does not use SASL");
+        }
+        let has_ca = !security.ssl_ca_pem.is_empty() || !security.ssl_ca_location.is_empty();
+        if has_ca && !protocol.uses_tls() {
+            return invalid("a CA is set but the protocol does not use TLS");
+        }
+        if !security.ssl_ca_pem.is_empty() && !security.ssl_ca_location.is_empty() {
+            return invalid("set ssl_ca_pem or ssl_ca_location, not both");
+        }
+        Ok(KafkaConnection {
+            brokers: brokers.to_owned(),
+            security: security.clone(),
+        })
+    }
+
+    pub fn from_config(queue: &QueueConfig) -> Result<Self, QueueError> {
+        Self::new(&queue.brokers, &queue.security)
+    }
+
+    pub fn brokers(&self) -> &str {
+        &self.brokers
+    }
+
+    /// The client settings every producer and consumer shares.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        let security = &self.security;
+        config
+            .set("bootstrap.servers", &self.brokers)
+            .set("security.protocol", security.protocol.as_str());
+        if security.protocol.uses_sasl() {
+            config
+                .set("sasl.mechanism", security.sasl_mechanism.as_str())
+                .set("sasl.username", &security.sasl_username)
+                .set("sasl.password", security.sasl_password.expose());
+        }
+        if !security.ssl_ca_pem.is_empty() {
+            config.set("ssl.ca.pem", security.ssl_ca_pem.expose());
+        }
+        if !security.ssl_ca_location.is_empty() {
+            config.set("ssl.ca.location", &security.ssl_ca_location);
+        }
+        config
+    }
+}
+
 #[derive(Clone)]
 pub struct KafkaPublisher {
     producer: FutureProducer,
@@ -32,9 +107,10 @@ pub struct KafkaPublisher {
 }
 
 impl KafkaPublisher {
-    pub fn new(brokers: &str, topic: &str) -> Result<Self, QueueError> {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+    pub fn new(connection: &KafkaConnection, topic: &str) -> Result<Self, QueueError> {
+        let brokers = connection.brokers();
+        let producer: FutureProducer = connection
+            .client_config()
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("message.timeout.ms", "30000")
@@ -157,10 +233,11 @@ pub struct KafkaConsumer {
 }
 
 impl KafkaConsumer {
-    pub fn new(brokers: &str, group: &str, topic: &str) -> Result<Self, QueueError> {
+    pub fn new(connection: &KafkaConnection, group: &str, topic: &str) -> Result<Self, QueueError> {
+        let brokers = connection.brokers();
         let tracker = Arc::new(Mutex::new(CommitTracker::default()));
-        let consumer: StreamConsumer<TrackingContext> = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+        let consumer: StreamConsumer<TrackingContext> = connection
+            .client_config()
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -312,13 +389,14 @@ pub struct GroupLag {
 /// the group's committed offset (or the oldest retained message) and the end.
 /// Blocking; reads offsets without joining the group.
 pub fn consumer_group_lag(
-    brokers: &str,
+    connection: &KafkaConnection,
     group: &str,
     topic: &str,
     timeout: Duration,
 ) -> Result<GroupLag, QueueError> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let brokers = connection.brokers();
+    let consumer: BaseConsumer = connection
+        .client_config()
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()
@@ -372,4 +450,90 @@ pub fn consumer_group_lag(
         total: lags.iter().map(|l| l.lag).sum(),
         partitions: lags,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{SaslMechanism, Secret, SecurityProtocol};
+
+    const TEST_CA: &str = include_str!("../../tests/data/test-kafka-ca.pem");
+
+    fn sasl_ssl() -> KafkaSecurityConfig {
+        KafkaSecurityConfig {
+            protocol: SecurityProtocol::SaslSsl,
+            sasl_mechanism: SaslMechanism::ScramSha512,
+            sasl_username: "ocr".into(),
+            sasl_password: Secret::new("s3cret"),
+            ssl_ca_pem: Secret::new(TEST_CA),
+            ssl_ca_location: String::new(),
+        }
+    }
+
+    #[test]
+    fn every_client_gets_the_security_settings() {
+        let connection = KafkaConnection::new("kafka:9093", &sasl_ssl()).unwrap();
+        let config = connection.client_config();
+        assert_eq!(config.get("bootstrap.servers"), Some("kafka:9093"));
+        assert_eq!(config.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(config.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert_eq!(config.get("sasl.username"), Some("ocr"));
+        assert_eq!(config.get("sasl.password"), Some("s3cret"));
+        assert_eq!(config.get("ssl.ca.pem"), Some(TEST_CA));
+
+        let plain = KafkaConnection::plaintext("localhost:9092").client_config();
+        assert_eq!(plain.get("security.protocol"), Some("plaintext"));
+        assert_eq!(plain.get("sasl.mechanism"), None);
+        assert_eq!(plain.get("ssl.ca.pem"), None);
+    }
+
+    #[test]
+    fn half_configured_security_is_refused_at_start() {
+        let mut no_password = sasl_ssl();
+        no_password.sasl_password = Secret::default();
+        let mut credentials_without_sasl = sasl_ssl();
+        credentials_without_sasl.protocol = SecurityProtocol::Ssl;
+        let mut ca_without_tls = sasl_ssl();
+        ca_without_tls.protocol = SecurityProtocol::SaslPlaintext;
+        let mut two_cas = sasl_ssl();
+        two_cas.ssl_ca_location = "/etc/ca.pem".into();
+        for (security, expected) in [
+            (no_password, "need sasl_username and sasl_password"),
+            (credentials_without_sasl, "does not use SASL"),
+            (ca_without_tls, "does not use TLS"),
+            (two_cas, "not both"),
+        ] {
+            let err = KafkaConnection::new("kafka:9093", &security).unwrap_err();
+            assert!(err.to_string().contains(expected), "{err}");
+        }
+    }
+
+    /// librdkafka refuses `ssl` and SCRAM at client creation when it was
+    /// built without OpenSSL; this keeps the build able to reach real clusters.
+    #[tokio::test]
+    async fn tls_and_scram_clients_can_be_created() {
+        for protocol in [SecurityProtocol::SaslSsl, SecurityProtocol::Ssl] {
+            let mut security = sasl_ssl();
+            security.protocol = protocol;
+            if protocol == SecurityProtocol::Ssl {
+                security.sasl_username.clear();
+                security.sasl_password = Secret::default();
+            }
+            let connection = KafkaConnection::new("127.0.0.1:1", &security).unwrap();
+            KafkaPublisher::new(&connection, "ocr.jobs").unwrap_or_else(|e| panic!("{e}"));
+            KafkaConsumer::new(&connection, "ocr-worker", "ocr.jobs")
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    #[test]
+    fn a_broken_ca_fails_at_start_not_at_first_send() {
+        let mut security = sasl_ssl();
+        security.ssl_ca_pem = Secret::new("-----BEGIN CERTIFICATE-----\nnot a cert\n");
+        let connection = KafkaConnection::new("127.0.0.1:1", &security).unwrap();
+        let err = KafkaPublisher::new(&connection, "ocr.jobs")
+            .err()
+            .expect("a producer with an unreadable CA");
+        assert!(err.to_string().to_lowercase().contains("ssl"), "{err}");
+    }
 }

@@ -18,6 +18,8 @@ pub enum QueueError {
     Commit(String),
     #[error("queue unreachable: {0}")]
     Unreachable(String),
+    #[error("queue configuration: {0}")]
+    Config(String),
     #[error("queue closed")]
     Closed,
 }
