@@ -8,7 +8,11 @@ Usage (from the repository root, weights fetched by scripts/fetch-models.sh):
 
     python3 -m venv /tmp/venv-ref
     /tmp/venv-ref/bin/pip install numpy pillow onnxruntime
-    /tmp/venv-ref/bin/python scripts/make-engine-reference.py [--models DIR] [--out DIR]
+    /tmp/venv-ref/bin/python scripts/make-engine-reference.py [--models DIR] [--out DIR] \
+        [--tags v6_small,v6_tiny,v5_mobile] [--keep-inputs]
+
+--tags limits which models get new references; --keep-inputs reuses the stored inputs.npz
+instead of rendering it again, so adding a model leaves the other references valid.
 
 Inputs are rendered text images (deterministic apart from the font Pillow ships, which only
 matters when regenerating: the tests read the stored inputs, not the renderer). They are stored
@@ -17,13 +21,14 @@ bit-identical float32 input.
 
 Files (uncompressed .npz, since candle's npz reader has no deflate support):
   inputs.npz   det [1,3,128,160] f16, rec [2,3,48,160] f16
-and for TAG in v6_small, v6_tiny:
+and for TAG in v6_small, v6_tiny, v5_mobile:
   det_TAG.npz  prob [1,1,128,160] f32
   rec_TAG.npz  the softmax output in sparse form:
                     every entry >= SPARSE_MIN as coords [K,3] (n, t, class) int32 and values [K]
                     f32, and the output shape. Entries below SPARSE_MIN are near zero; the test
                     bounds them by checking candle's value there is small too (see parity.rs).
                     The dense output ([2,20,18710] f32, 3 MB) would be too big to commit.
+The v6 small and v5 mobile recognisers embed their character list in the ONNX metadata.
 The v6 tiny recogniser has no embedded dictionary; ppocrv6_tiny_dict.txt from the model dir
 is used only to print the decoded text.
 """
@@ -37,6 +42,7 @@ import onnxruntime as ort
 from PIL import Image, ImageDraw, ImageFont
 
 SPARSE_MIN = 1e-4
+TAGS = ["v6_small", "v6_tiny", "v5_mobile"]
 
 
 def font(size):
@@ -83,21 +89,31 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=default_models)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "runtime/engine/tests/data"))
+    ap.add_argument("--tags", default=",".join(TAGS), help="comma-separated subset of " + ", ".join(TAGS))
+    ap.add_argument("--keep-inputs", action="store_true", help="reuse OUT/inputs.npz instead of rendering it")
     args = ap.parse_args()
+    tags = [t for t in args.tags.split(",") if t]
+    unknown = sorted(set(tags) - set(TAGS))
+    if unknown:
+        ap.error(f"unknown tags {unknown}")
     models = Path(args.models)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    # Detector: a small page with a few lines of text.
-    page = render(160, 128, [(8, 10, "PP-OCRv6 det"), (8, 46, "Hello, world 42"), (20, 86, "candle")], seed=1, size=18)
-    det_in = normalize(page)[None].astype(np.float16)
-    # Recogniser: two text lines, batched.
-    lines = [render(160, 48, [(4, 10, "Parity 2025")], seed=2, size=26),
-             render(160, 48, [(6, 8, "hello candle")], seed=3, size=24)]
-    rec_in = np.stack([normalize(l) for l in lines]).astype(np.float16)
-    np.savez(out / "inputs.npz", det=det_in, rec=rec_in)
+    if args.keep_inputs:
+        stored = np.load(out / "inputs.npz")
+        det_in, rec_in = stored["det"], stored["rec"]
+    else:
+        # Detector: a small page with a few lines of text.
+        page = render(160, 128, [(8, 10, "PP-OCRv6 det"), (8, 46, "Hello, world 42"), (20, 86, "candle")], seed=1, size=18)
+        det_in = normalize(page)[None].astype(np.float16)
+        # Recogniser: two text lines, batched.
+        lines = [render(160, 48, [(4, 10, "Parity 2025")], seed=2, size=26),
+                 render(160, 48, [(6, 8, "hello candle")], seed=3, size=24)]
+        rec_in = np.stack([normalize(l) for l in lines]).astype(np.float16)
+        np.savez(out / "inputs.npz", det=det_in, rec=rec_in)
 
-    for tag in ["v6_small", "v6_tiny"]:
+    for tag in tags:
         det_prob = run(session(models / f"ppocr{tag[:2]}_{tag[3:]}_det.onnx"), det_in.astype(np.float32))
         assert det_prob.shape == (1, 1, 128, 160), det_prob.shape
         np.savez(out / f"det_{tag}.npz", prob=np.ascontiguousarray(det_prob, dtype=np.float32))

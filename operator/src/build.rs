@@ -37,6 +37,8 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const CONFIG_HASH_ANNOTATION: &str = "ocr.serving.dev/config-hash";
 pub const WORKER_MODE_ENV: &str = "OCR_WORKER__MODE";
 pub const WRITER_RETRIES_ENV: &str = "OCR_WRITER__RETRIES";
+pub const WRITER_RETRY_INITIAL_ENV: &str = "OCR_WRITER__RETRY_INITIAL_MS";
+pub const WRITER_RETRY_MAX_ENV: &str = "OCR_WRITER__RETRY_MAX_MS";
 pub const WEBHOOK_URL_ENV: &str = "OCR_WRITER__WEBHOOK_URL";
 pub const WEBHOOK_TIMEOUT_ENV: &str = "OCR_WRITER__WEBHOOK_TIMEOUT_MS";
 pub const WEBHOOK_SECRET_ENV: &str = "OCR_WRITER__WEBHOOK_SECRET";
@@ -442,6 +444,10 @@ struct ModelToml {
     dir: &'static str,
     variant: &'static str,
     device: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    det_limit_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    det_limit_side_len: Option<i32>,
 }
 
 /// The URL comes from a secret (`OCR_REDIS__URL`), never from the ConfigMap.
@@ -494,6 +500,8 @@ pub fn runtime_config(p: &OcrPipeline) -> Result<String, toml::ser::Error> {
                 Device::Cpu => "cpu",
                 Device::Cuda => "cuda",
             },
+            det_limit_type: s.model.detection.as_ref().map(|d| d.limit_type.as_str()),
+            det_limit_side_len: s.model.detection.as_ref().map(|d| d.limit_side_len),
         },
         redis: s.redis.as_ref().map(|r| RedisToml {
             requests_per_minute: r.requests_per_minute,
@@ -581,7 +589,14 @@ fn blob_env(ctx: &Ctx) -> Vec<EnvVar> {
 /// change of the shared ConfigMap would, through the config hash).
 fn writer_env(ctx: &Ctx) -> Vec<EnvVar> {
     let writer = &ctx.p.spec.writer;
-    let mut out = vec![env(WRITER_RETRIES_ENV, writer.retries.to_string())];
+    let mut out = vec![
+        env(WRITER_RETRIES_ENV, writer.retries.to_string()),
+        env(
+            WRITER_RETRY_INITIAL_ENV,
+            writer.retry_initial_ms.to_string(),
+        ),
+        env(WRITER_RETRY_MAX_ENV, writer.retry_max_ms.to_string()),
+    ];
     if let Some(webhook) = &writer.webhook {
         out.push(env(WEBHOOK_URL_ENV, webhook.url.clone()));
         out.push(env(WEBHOOK_TIMEOUT_ENV, webhook.timeout_ms.to_string()));

@@ -159,6 +159,9 @@ pub fn validate(spec: &OcrPipelineSpec) -> Result<(), String> {
     if spec.writer.replicas < 1 {
         return Err("spec.writer.replicas must be at least 1".into());
     }
+    if spec.writer.retry_initial_ms < 1 || spec.writer.retry_max_ms < spec.writer.retry_initial_ms {
+        return Err("spec.writer: need 1 <= retryInitialMs <= retryMaxMs".into());
+    }
     let kafka = &spec.kafka;
     if kafka.consumer_group.trim().is_empty() || kafka.writer_group.trim().is_empty() {
         return Err("spec.kafka: consumerGroup and writerGroup must not be empty".into());

@@ -186,6 +186,37 @@ pub struct ModelSpec {
     #[serde(default)]
     pub device: Device,
     pub source: ModelSource,
+    /// How page images are sized for the detector; absent: the runtime's
+    /// default (`Min`, 736).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detection: Option<DetectionSpec>,
+}
+
+/// The runtime's `model.det_limit_type` and `model.det_limit_side_len`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DetectionSpec {
+    /// `Min` scales small images up until their short side reaches
+    /// `limitSideLen` (best recall on small text); `Max` only shrinks images
+    /// whose long side exceeds it (much faster on small inputs).
+    pub limit_type: DetLimitType,
+    #[schemars(range(min = 32, max = 4096))]
+    pub limit_side_len: i32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum DetLimitType {
+    Min,
+    Max,
+}
+
+impl DetLimitType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DetLimitType::Min => "min",
+            DetLimitType::Max => "max",
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
@@ -438,8 +469,9 @@ fn default_max_wait_ms() -> i32 {
 }
 
 /// Result writers; deployed only in the `writer` architecture.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.retryMaxMs >= self.retryInitialMs").message("retryMaxMs must be at least retryInitialMs"))]
 pub struct WriterSpec {
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 1000))]
@@ -452,6 +484,13 @@ pub struct WriterSpec {
     #[serde(default = "default_writer_retries")]
     #[schemars(range(min = 0, max = 100))]
     pub retries: i32,
+    /// First pause between tries, doubling per failure up to `retryMaxMs`.
+    #[serde(default = "default_retry_initial_ms")]
+    #[schemars(range(min = 1, max = 600000))]
+    pub retry_initial_ms: i32,
+    #[serde(default = "default_retry_max_ms")]
+    #[schemars(range(min = 1, max = 600000))]
+    pub retry_max_ms: i32,
     /// Completion webhook, POSTed by the writer once per finished job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<WebhookSpec>,
@@ -463,6 +502,8 @@ impl Default for WriterSpec {
             replicas: one(),
             resources: None,
             retries: default_writer_retries(),
+            retry_initial_ms: default_retry_initial_ms(),
+            retry_max_ms: default_retry_max_ms(),
             webhook: None,
         }
     }
@@ -470,6 +511,14 @@ impl Default for WriterSpec {
 
 fn default_writer_retries() -> i32 {
     3
+}
+
+fn default_retry_initial_ms() -> i32 {
+    200
+}
+
+fn default_retry_max_ms() -> i32 {
+    10_000
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]

@@ -145,7 +145,16 @@ fn runtime_config_uses_only_documented_keys() {
             "worker",
             &["max_attempts", "max_batch_size", "max_wait_ms"][..],
         ),
-        ("model", &["dir", "variant", "device"][..]),
+        (
+            "model",
+            &[
+                "dir",
+                "variant",
+                "device",
+                "det_limit_type",
+                "det_limit_side_len",
+            ][..],
+        ),
         ("redis", &["requests_per_minute"][..]),
     ];
     for (section, values) in &parsed {
@@ -217,6 +226,8 @@ fn the_rbac_manifest_covers_every_managed_kind() {
 fn writer_settings_are_env_of_the_writer_only() {
     let mut p = support::pipeline("writer");
     p.spec.writer.retries = 7;
+    p.spec.writer.retry_initial_ms = 50;
+    p.spec.writer.retry_max_ms = 2_000;
     p.spec.kafka.writer_group = "persisters".into();
     p.spec.writer.webhook = None;
     let plain = rendered(&p, true);
@@ -224,6 +235,14 @@ fn writer_settings_are_env_of_the_writer_only() {
     assert_eq!(
         env(writer, "OCR_WRITER__RETRIES").expect("retries")["value"],
         "7"
+    );
+    assert_eq!(
+        env(writer, "OCR_WRITER__RETRY_INITIAL_MS").expect("initial pause")["value"],
+        "50"
+    );
+    assert_eq!(
+        env(writer, "OCR_WRITER__RETRY_MAX_MS").expect("longest pause")["value"],
+        "2000"
     );
     assert!(env(writer, "OCR_WRITER__WEBHOOK_URL").is_none());
     let toml = runtime_config(&p).expect("renders");
@@ -402,4 +421,30 @@ fn every_role_shares_one_blob_store() {
         assert_eq!(pod["securityContext"]["fsGroup"], 65532);
         assert!(env(d, "AWS_ENDPOINT").is_none());
     }
+}
+
+#[test]
+fn detector_sizing_reaches_the_runtime_only_when_set() {
+    let mut json = support::pipeline_json("batched");
+    let parsed: toml::Table =
+        runtime_config(&serde_json::from_value(json.clone()).expect("parses"))
+            .expect("renders")
+            .parse()
+            .expect("valid TOML");
+    assert!(
+        parsed["model"].get("det_limit_type").is_none(),
+        "runtime default"
+    );
+    json["spec"]["model"]["detection"] =
+        serde_json::json!({"limitType": "Max", "limitSideLen": 960});
+    let p: OcrPipeline = serde_json::from_value(json).expect("parses");
+    let parsed: toml::Table = runtime_config(&p)
+        .expect("renders")
+        .parse()
+        .expect("valid TOML");
+    assert_eq!(parsed["model"]["det_limit_type"].as_str(), Some("max"));
+    assert_eq!(
+        parsed["model"]["det_limit_side_len"].as_integer(),
+        Some(960)
+    );
 }

@@ -38,7 +38,7 @@ pub struct Page {
     pub height: u32,
     /// In reading order: top to bottom, left to right within a line.
     pub lines: Vec<Line>,
-    /// The lines' texts joined with newlines.
+    /// The lines' texts: lines on one visual row joined by a space, rows by a newline.
     pub text: String,
 }
 
@@ -388,12 +388,7 @@ impl<D: TextDetector, R: TextRecognizer> OcrEngine<D, R> {
             .map(|(mut page, fail)| match fail {
                 Some(e) => Err(e),
                 None => {
-                    page.text = page
-                        .lines
-                        .iter()
-                        .map(|l| l.text.as_str())
-                        .collect::<Vec<_>>()
-                        .join("\n");
+                    page.text = page_text(&page.lines);
                     Ok(page)
                 }
             })
@@ -586,10 +581,59 @@ fn boxes_for(
     )
 }
 
+/// Lines in reading order → text. The detector often splits one printed line
+/// into several boxes (words, or at wide gaps); a newline between them would
+/// invent a line break, so a line whose vertical centre lies within the
+/// previous line's vertical extent continues that row after a space.
+fn page_text(lines: &[Line]) -> String {
+    let mut text = String::new();
+    let mut previous: Option<(f32, f32)> = None;
+    for line in lines {
+        let ys = line.polygon.map(|p| p[1]);
+        let top = ys.iter().copied().fold(f32::INFINITY, f32::min);
+        let bottom = ys.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let centre = (top + bottom) / 2.0;
+        match previous {
+            Some((prev_top, prev_bottom)) if (prev_top..=prev_bottom).contains(&centre) => {
+                text.push(' ')
+            }
+            Some(_) => text.push('\n'),
+            None => {}
+        }
+        text.push_str(&line.text);
+        previous = Some((top, bottom));
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn line(text: &str, x: [f32; 2], y: [f32; 2]) -> Line {
+        Line {
+            text: text.into(),
+            confidence: 1.0,
+            polygon: [[x[0], y[0]], [x[1], y[0]], [x[1], y[1]], [x[0], y[1]]],
+        }
+    }
+
+    #[test]
+    fn boxes_on_one_row_read_as_one_line() {
+        let lines = [
+            line("Hello OCR", [10.0, 120.0], [10.0, 40.0]),
+            line("world", [130.0, 200.0], [12.0, 41.0]),
+            line("Total:", [10.0, 80.0], [60.0, 90.0]),
+            line("1,234.50", [90.0, 180.0], [58.0, 88.0]),
+            line("Thanks", [10.0, 90.0], [110.0, 140.0]),
+        ];
+        assert_eq!(
+            page_text(&lines),
+            "Hello OCR world\nTotal: 1,234.50\nThanks"
+        );
+        assert_eq!(page_text(&[]), "");
+    }
 
     #[test]
     fn variants_parse_and_name_their_files() {

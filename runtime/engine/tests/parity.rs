@@ -1,4 +1,5 @@
-//! Numeric parity of the native candle networks against onnxruntime.
+//! Numeric parity of the native candle networks against onnxruntime: PP-OCRv6 small and tiny,
+//! PP-OCRv5 mobile, detector and recogniser each.
 //!
 //! The references in `tests/data/*.npz` come from `scripts/make-engine-reference.py`. The
 //! weights are not in the repository: `scripts/fetch-models.sh` puts them in
@@ -170,4 +171,16 @@ fn rec_v6_tiny_matches_onnxruntime() {
     )
     .expect("load rec");
     check_rec(&model, file, "rec_v6_tiny.npz");
+}
+
+#[test]
+fn det_v5_mobile_matches_onnxruntime() {
+    check_det("ppocrv5_mobile_det.onnx", "det_v5_mobile.npz");
+}
+
+#[test]
+fn rec_v5_mobile_matches_onnxruntime() {
+    let file = "ppocrv5_mobile_rec.onnx";
+    let model = RecModel::load(&model_path(file), &Device::Cpu).expect("load rec");
+    check_rec(&model, file, "rec_v5_mobile.npz");
 }

@@ -1,4 +1,6 @@
-//! PP-OCRv6 text detector: PPLCNetV4 backbone, RepLKFPN neck and the DB probability head.
+//! DBNet text detectors: PP-OCRv6 (PPLCNetV4 backbone, RepLKFPN neck) and PP-OCRv5 mobile
+//! (PPLCNetV3 backbone with per-stage projections, RSEFPN neck), both with the DB probability
+//! head.
 
 use std::path::Path;
 
@@ -6,7 +8,7 @@ use candle_core::{Device, Module, Tensor};
 
 use super::graph::GraphWalker;
 use super::layers::{upsample_nearest, Conv2d};
-use super::pplcnet::{PpLcNetV4, SqueezeExcite};
+use super::pplcnet::{PpLcNet, SqueezeExcite};
 use crate::error::{Error, Result};
 use crate::onnx::OnnxModel;
 
@@ -53,8 +55,10 @@ impl Module for ConvSe {
     }
 }
 
-/// RepLKFPN: lateral 1x1 convs, top-down nearest-upsample adds, then per level a large-kernel
-/// depthwise conv + pointwise conv + SE, all levels upsampled to 1/4 and concatenated.
+/// The FPN of both detectors: lateral 1x1 convs, top-down nearest-upsample adds, then per
+/// level an output branch, all levels upsampled to 1/4 and concatenated. Every branch ends in a
+/// shortcut SE. RepLKFPN (v6) builds its output branches from a large-kernel depthwise conv and
+/// a pointwise conv; RSEFPN (v5) from one dense 3x3 conv.
 #[derive(Debug, Clone)]
 struct RepLkFpn {
     /// Lateral branches, deepest level first (the graph's order).
@@ -121,8 +125,57 @@ impl RepLkFpn {
     }
 }
 
+/// PPLCNetV3's detection variant narrows each stage output with a 1x1 conv before the FPN
+/// (PPLCNetV4 feeds the stages in directly). They run after the whole backbone in the graph,
+/// so they are read as a group: one per stage, in stage order, each reading its stage's output
+/// and read only by the FPN's lateral conv.
+#[derive(Debug, Clone)]
+struct StageProjections {
+    convs: Vec<Conv2d>,
+}
+
+impl StageProjections {
+    /// `None` if the graph goes straight from the backbone into the FPN.
+    fn load(g: &mut GraphWalker, backbone: &PpLcNet, device: &Device) -> Result<Option<Self>> {
+        let taps = backbone.stage_outputs();
+        let channels = backbone.stage_channels();
+        let mut convs = Vec::new();
+        for (tap, &ch) in taps.iter().zip(&channels) {
+            let Some(next) = g.peek_conv()? else { break };
+            if next.input != *tap || next.kernel() != (1, 1) || !g.only_convs_read(&next.output) {
+                break;
+            }
+            convs.push(Conv2d::new(
+                g.next_conv_checked("stage projection", Some(ch), None, Some((1, 1)))?,
+                device,
+            )?);
+        }
+        match convs.len() {
+            0 => Ok(None),
+            n if n == taps.len() => Ok(Some(Self { convs })),
+            n => Err(g.error(format!(
+                "{n} of {} backbone stages have a projection conv",
+                taps.len()
+            ))),
+        }
+    }
+
+    fn out_channels(&self) -> Vec<usize> {
+        self.convs.iter().map(Conv2d::out_channels).collect()
+    }
+
+    fn forward(&self, stages: Vec<Tensor>) -> candle_core::Result<Vec<Tensor>> {
+        self.convs
+            .iter()
+            .zip(&stages)
+            .map(|(c, x)| c.forward(x))
+            .collect()
+    }
+}
+
 /// DB head (probability branch only, as exported): conv3x3 + ReLU, then two 2x transposed
-/// convs, the last followed by a sigmoid.
+/// convs, the last followed by a sigmoid. Batch norms (v5 keeps them after the transposed
+/// convs) are folded in by the graph walker.
 #[derive(Debug, Clone)]
 struct DbHead {
     layers: Vec<Conv2d>,
@@ -157,7 +210,8 @@ impl Module for DbHead {
 /// The DBNet text detector.
 #[derive(Debug, Clone)]
 pub struct DetModel {
-    backbone: PpLcNetV4,
+    backbone: PpLcNet,
+    projections: Option<StageProjections>,
     neck: RepLkFpn,
     head: DbHead,
     device: Device,
@@ -167,7 +221,8 @@ impl DetModel {
     /// Total downsampling of the backbone: input height and width must be multiples of this.
     pub const SIZE_MULTIPLE: usize = 32;
 
-    /// Loads a PP-OCRv6 detection ONNX export (weights only; the graph layout is checked).
+    /// Loads a PP-OCRv6 or PP-OCRv5 mobile detection ONNX export (weights only; the graph
+    /// layout is checked).
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let onnx = OnnxModel::read(path)?;
         Self::from_onnx(&onnx, device)
@@ -175,7 +230,7 @@ impl DetModel {
 
     pub fn from_onnx(onnx: &OnnxModel, device: &Device) -> Result<Self> {
         let mut g = GraphWalker::new(onnx);
-        let backbone = PpLcNetV4::load(&mut g, device)?;
+        let backbone = PpLcNet::load(&mut g, device)?;
         let stages = backbone.stage_channels();
         if stages.len() != 4 {
             return Err(g.error(format!(
@@ -183,11 +238,17 @@ impl DetModel {
                 stages.len()
             )));
         }
-        let neck = RepLkFpn::load(&mut g, &stages, device)?;
+        let projections = StageProjections::load(&mut g, &backbone, device)?;
+        let fpn_in = projections
+            .as_ref()
+            .map(StageProjections::out_channels)
+            .unwrap_or(stages);
+        let neck = RepLkFpn::load(&mut g, &fpn_in, device)?;
         let head = DbHead::load(&mut g, neck.out_channels(), device)?;
         g.finish()?;
         Ok(Self {
             backbone,
+            projections,
             neck,
             head,
             device: device.clone(),
@@ -214,7 +275,10 @@ impl DetModel {
                 x.dims()
             )));
         }
-        let stages = self.backbone.forward_stages(x)?;
+        let mut stages = self.backbone.forward_stages(x)?;
+        if let Some(p) = &self.projections {
+            stages = p.forward(stages)?;
+        }
         let fused = self.neck.forward(&stages)?;
         Ok(self.head.forward(&fused)?)
     }

@@ -1,13 +1,15 @@
 //! Maps the weights of an exported PP-OCR graph onto the hand-written networks.
 //!
-//! The Paddle exports fold batch norms into the convolutions and give every tensor an auto
-//! generated name (`conv2d_113.w_0`, `p2o.pd_op.add.7.0`), so names say nothing about which layer
-//! a weight belongs to. What is stable is the order: the exporter writes nodes in execution order,
-//! and the network code builds its layers in the same order. [`GraphWalker`] therefore hands out
-//! the weight-bearing nodes (convolutions, linear layers, layer norms) one after the other, each
-//! with the bias, batch norm and activation that the graph applies right after it, and the
-//! network code checks every shape it consumes. A model with a different layout fails to load
-//! with an error naming the node, instead of producing garbage.
+//! The Paddle exports give every tensor an auto generated name (`conv2d_113.w_0`,
+//! `p2o.pd_op.add.7.0`), so names say nothing about which layer a weight belongs to. What is
+//! stable is the order: the exporter writes nodes in execution order, and the network code builds
+//! its layers in the same order. [`GraphWalker`] therefore hands out the weight-bearing nodes
+//! (convolutions, linear layers, layer norms) one after the other, each with the bias, batch norm
+//! (PP-OCRv6 has them folded already, PP-OCRv5 keeps some), scalar affine and activation that the
+//! graph applies right after it, and the network code checks every shape it consumes. Where the
+//! layout branches (which block outputs feed the neck, whether a block has a residual), the
+//! network code asks the walker how tensors flow between nodes. A model with a different layout
+//! fails to load with an error naming the node, instead of producing garbage.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -53,8 +55,15 @@ pub struct ConvSpec {
     pub groups: usize,
     pub transpose: bool,
     pub activation: Activation,
+    /// PPLCNetV3's learnable affine after the activation, `scale * y + shift`. It cannot be
+    /// folded into the next conv: that conv zero-pads the affine's output, not its input.
+    pub post_affine: Option<(f32, f32)>,
     /// The op type that produced the convolution's input (after skipping Identity nodes).
     pub input_op: Option<String>,
+    /// Resolved name of the tensor the convolution reads.
+    pub input: String,
+    /// Resolved name of the tensor the layer produces, after everything fused into it.
+    pub output: String,
 }
 
 impl ConvSpec {
@@ -270,40 +279,92 @@ impl<'a> GraphWalker<'a> {
     }
 
     /// Reads the activation applied to `out`, requiring that nothing else reads the
-    /// pre-activation value (otherwise fusing it into the layer would be wrong).
-    fn activation_of(&self, out: &str) -> Activation {
-        let cons: Vec<&Node> = self
+    /// pre-activation value (otherwise fusing it into the layer would be wrong). Also returns
+    /// the tensor holding the activated value.
+    fn activation_of<'s>(&self, out: &'s str) -> (Activation, &'s str)
+    where
+        'a: 's,
+    {
+        let cons: Vec<&'a Node> = self
             .consumers_of(out)
             .iter()
             .map(|&i| self.node(i))
             .collect();
         let op = |n: &Node, t: &str| n.op_type == t;
-        match cons.as_slice() {
-            [n] if op(n, "Relu") => Activation::Relu,
-            [n] if op(n, "Sigmoid") => Activation::Sigmoid,
-            [n] if op(n, "HardSigmoid") => Activation::HardSigmoid {
-                alpha: n.attr_float("alpha").unwrap_or(0.2),
-                beta: n.attr_float("beta").unwrap_or(0.5),
-            },
+        let output = |n: &'a Node| n.outputs.first().map(|o| self.resolve(o));
+        let (act, node): (Activation, Option<&'a Node>) = match cons.as_slice() {
+            [n] if op(n, "Relu") => (Activation::Relu, Some(*n)),
+            [n] if op(n, "Sigmoid") => (Activation::Sigmoid, Some(*n)),
+            [n] if op(n, "HardSigmoid") => (
+                Activation::HardSigmoid {
+                    alpha: n.attr_float("alpha").unwrap_or(0.2),
+                    beta: n.attr_float("beta").unwrap_or(0.5),
+                },
+                Some(*n),
+            ),
+            // ONNX HardSwish has fixed constants: x * clamp(x / 6 + 1 / 2, 0, 1).
+            [n] if op(n, "HardSwish") => (
+                Activation::HardSwish {
+                    alpha: 1.0 / 6.0,
+                    beta: 0.5,
+                },
+                Some(*n),
+            ),
             [a, b] => {
                 let (g, m) = if op(b, "Mul") { (*a, *b) } else { (*b, *a) };
                 if !op(m, "Mul") {
-                    return Activation::None;
+                    return (Activation::None, out);
                 }
                 let g_out = g.outputs.first().map(|s| self.resolve(s));
                 let mul_reads_gate = m.inputs.iter().any(|i| Some(self.resolve(i)) == g_out);
                 match g.op_type.as_str() {
-                    "Sigmoid" if mul_reads_gate => Activation::Swish,
-                    "HardSigmoid" if mul_reads_gate => Activation::HardSwish {
-                        alpha: g.attr_float("alpha").unwrap_or(0.2),
-                        beta: g.attr_float("beta").unwrap_or(0.5),
-                    },
+                    "Sigmoid" if mul_reads_gate => (Activation::Swish, Some(m)),
+                    "HardSigmoid" if mul_reads_gate => (
+                        Activation::HardSwish {
+                            alpha: g.attr_float("alpha").unwrap_or(0.2),
+                            beta: g.attr_float("beta").unwrap_or(0.5),
+                        },
+                        Some(m),
+                    ),
                     // GELU as exported: Div(x, sqrt2) -> Erf -> Add 1 -> Mul(x, .) -> Mul 0.5.
-                    "Div" if self.is_gelu_div(g) => Activation::GeluErf,
-                    _ => Activation::None,
+                    "Div" if self.is_gelu_div(g) => {
+                        let half = m
+                            .outputs
+                            .first()
+                            .and_then(|o| self.single_consumer(o))
+                            .filter(|n| op(n, "Mul") && self.const_operand(n).is_some());
+                        (Activation::GeluErf, Some(half.unwrap_or(m)))
+                    }
+                    _ => (Activation::None, None),
                 }
             }
-            _ => Activation::None,
+            _ => (Activation::None, None),
+        };
+        match node.and_then(output) {
+            Some(o) if act != Activation::None => (act, o),
+            _ => (Activation::None, out),
+        }
+    }
+
+    /// A `Mul` by a one-element constant, optionally followed by an `Add` of one, as the only
+    /// reader of `out`: PPLCNetV3's learnable affine block. Returns scale, shift and the
+    /// tensor after it.
+    fn take_scalar_affine(&self, out: &str) -> Option<(f32, f32, &'a str)> {
+        let mul = self.single_consumer(out).filter(|n| n.op_type == "Mul")?;
+        let (s, _) = self.const_operand(mul)?;
+        if s.elem_count() != 1 {
+            return None;
+        }
+        let scale = scalar_f32(s).ok()?;
+        let mul_out = self.resolve(mul.outputs.first()?);
+        let add = self
+            .single_consumer(mul_out)
+            .filter(|n| n.op_type == "Add")
+            .and_then(|n| Some((n, self.const_operand(n)?.0)))
+            .filter(|(_, c)| c.elem_count() == 1);
+        match add {
+            Some((n, c)) => Some((scale, scalar_f32(c).ok()?, self.resolve(n.outputs.first()?))),
+            None => Some((scale, 0.0, mul_out)),
         }
     }
 
@@ -326,6 +387,14 @@ impl<'a> GraphWalker<'a> {
     /// The next Conv/ConvTranspose without consuming it.
     pub fn peek_conv(&self) -> Result<Option<ConvSpec>> {
         match self.convs.get(self.next_conv) {
+            Some(&idx) => Ok(Some(self.conv_spec(idx)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The Conv/ConvTranspose `offset` places after the next one, without consuming anything.
+    pub fn peek_conv_at(&self, offset: usize) -> Result<Option<ConvSpec>> {
+        match self.convs.get(self.next_conv + offset) {
             Some(&idx) => Ok(Some(self.conv_spec(idx)?)),
             None => Ok(None),
         }
@@ -484,8 +553,15 @@ impl<'a> GraphWalker<'a> {
                 }
             }
             match self.single_consumer(out) {
-                Some(bn) if bn.op_type == "BatchNormalization" && !transpose => {
-                    let (w, b) = self.fold_batch_norm(bn, &weight, bias.as_ref(), out_ch)?;
+                Some(bn) if bn.op_type == "BatchNormalization" => {
+                    let (w, b) = self.fold_batch_norm(
+                        bn,
+                        &weight,
+                        bias.as_ref(),
+                        out_ch,
+                        transpose,
+                        groups,
+                    )?;
                     weight = w;
                     bias = Some(b);
                     out = match bn.outputs.first() {
@@ -499,11 +575,27 @@ impl<'a> GraphWalker<'a> {
             }
         }
 
-        let input_op = n
-            .inputs
-            .first()
-            .and_then(|i| self.producer_of(i))
-            .map(|p| p.op_type.clone());
+        // PPLCNetV3 scales and shifts every conv output by learned scalars before the
+        // activation; that is linear, so it folds into the weights.
+        while let Some((scale, shift, next)) = self.take_scalar_affine(out) {
+            weight = (weight * f64::from(scale))?;
+            bias = Some(match bias {
+                Some(b) => b.affine(f64::from(scale), f64::from(shift))?,
+                None => Tensor::full(shift, out_ch, weight.device())?,
+            });
+            out = next;
+        }
+        let (activation, mut out) = self.activation_of(out);
+        let mut post_affine = None;
+        if activation != Activation::None {
+            if let Some((scale, shift, next)) = self.take_scalar_affine(out) {
+                post_affine = Some((scale, shift));
+                out = next;
+            }
+        }
+
+        let input = n.inputs.first().ok_or_else(|| err("no input".into()))?;
+        let input_op = self.producer_of(input).map(|p| p.op_type.clone());
         Ok(ConvSpec {
             node: n.name.clone(),
             weight,
@@ -512,8 +604,11 @@ impl<'a> GraphWalker<'a> {
             pads,
             groups,
             transpose,
-            activation: self.activation_of(out),
+            activation,
+            post_affine,
             input_op,
+            input: self.resolve(input).to_string(),
+            output: out.to_string(),
         })
     }
 
@@ -524,7 +619,17 @@ impl<'a> GraphWalker<'a> {
         weight: &Tensor,
         bias: Option<&Tensor>,
         channels: usize,
+        transpose: bool,
+        groups: usize,
     ) -> Result<(Tensor, Tensor)> {
+        // A transposed conv keeps output channels on axis 1, split per group; only the
+        // ungrouped case (PP-OCRv5's DB head) maps them one to one.
+        if transpose && groups != 1 {
+            return Err(self.error(format!(
+                "batch norm {} after a grouped transposed conv is not supported",
+                bn.name
+            )));
+        }
         let get = |i: usize| -> Result<Tensor> {
             let name = bn
                 .inputs
@@ -549,9 +654,14 @@ impl<'a> GraphWalker<'a> {
         let eps = f64::from(bn.attr_float("epsilon").unwrap_or(1e-5));
         // Folding in f64 keeps the fused weights within f32 rounding of what ORT computes.
         let scale = (gamma / (var + eps)?.sqrt()?)?;
+        let scale_shape = if transpose {
+            (1, channels, 1, 1)
+        } else {
+            (channels, 1, 1, 1)
+        };
         let w = weight
             .to_dtype(DType::F64)?
-            .broadcast_mul(&scale.reshape((channels, 1, 1, 1))?)?;
+            .broadcast_mul(&scale.reshape(scale_shape)?)?;
         let b0 = match bias {
             Some(b) => b.to_dtype(DType::F64)?,
             None => Tensor::zeros(channels, DType::F64, weight.device())?,
@@ -607,7 +717,7 @@ impl<'a> GraphWalker<'a> {
             node: n.name.clone(),
             weight,
             bias,
-            activation: self.activation_of(out),
+            activation: self.activation_of(out).0,
             output: out.to_string(),
         }))
     }
@@ -687,9 +797,62 @@ impl<'a> GraphWalker<'a> {
         })
     }
 
+    /// True if the next layer norm comes before the next linear layer in the graph.
+    pub fn layer_norm_comes_before_linear(&self) -> bool {
+        match (
+            self.norms.get(self.next_norm),
+            self.linears.get(self.next_linear),
+        ) {
+            (Some(norm), Some(linear)) => norm < linear,
+            (Some(_), None) => true,
+            _ => false,
+        }
+    }
+
     /// True if a layer norm is left to consume.
     pub fn has_layer_norm(&self) -> bool {
         self.next_norm < self.norms.len()
+    }
+
+    /// How many nodes read `tensor` (pass-through nodes are looked through).
+    pub fn reader_count(&self, tensor: &str) -> usize {
+        self.consumers_of(tensor).len()
+    }
+
+    /// True if `tensor` is read, and read only by convolutions.
+    pub fn only_convs_read(&self, tensor: &str) -> bool {
+        let readers = self.consumers_of(tensor);
+        !readers.is_empty()
+            && readers
+                .iter()
+                .all(|&i| matches!(self.node(i).op_type.as_str(), "Conv" | "ConvTranspose"))
+    }
+
+    /// The output of an `Add` of `tensor` and another computed (non-constant) tensor, i.e. a
+    /// residual sum that `tensor` flows into.
+    pub fn residual_sum_of(&self, tensor: &str) -> Option<String> {
+        self.consumers_of(tensor).iter().find_map(|&i| {
+            let n = self.node(i);
+            let dynamic = n.inputs.len() == 2 && n.inputs.iter().all(|x| self.init(x).is_none());
+            if n.op_type == "Add" && dynamic {
+                n.outputs.first().map(|o| self.resolve(o).to_string())
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Where `tensor` sits among the inputs of the `Concat` that reads it: (position, count).
+    pub fn concat_position(&self, tensor: &str) -> Option<(usize, usize)> {
+        let target = self.resolve(tensor);
+        self.consumers_of(tensor).iter().find_map(|&i| {
+            let n = self.node(i);
+            if n.op_type != "Concat" {
+                return None;
+            }
+            let pos = n.inputs.iter().position(|x| self.resolve(x) == target)?;
+            Some((pos, n.inputs.len()))
+        })
     }
 
     /// The first node of `op_type`, for reading attributes of parameter-free layers.

@@ -128,6 +128,8 @@ pub struct Conv2d {
     out_channels: usize,
     kernel: (usize, usize),
     activation: Activation,
+    /// `scale * y + shift` after the activation (see [`ConvSpec::post_affine`]).
+    post_affine: Option<(f32, f32)>,
 }
 
 impl Conv2d {
@@ -188,6 +190,7 @@ impl Conv2d {
             out_channels,
             kernel,
             activation: spec.activation,
+            post_affine: spec.post_affine,
         })
     }
 
@@ -305,8 +308,11 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.forward_linear(x)?;
-        self.activation.apply(&y)
+        let y = self.activation.apply(&self.forward_linear(x)?)?;
+        match self.post_affine {
+            Some((scale, shift)) => y.affine(f64::from(scale), f64::from(shift)),
+            None => Ok(y),
+        }
     }
 }
 

