@@ -27,6 +27,10 @@ if [ ! -x "$TOOLS/venv-moto/bin/moto_server" ]; then
 fi
 export OCR_TEST_MOTO_SERVER="$TOOLS/venv-moto/bin/moto_server"
 
+# Tansu, a Kafka-compatible broker, for what the in-process mock cluster cannot do (CreateTopics).
+OCR_TEST_TANSU=$(scripts/install-tansu.sh)
+export OCR_TEST_TANSU
+
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"
 else

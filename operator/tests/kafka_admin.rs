@@ -1,11 +1,14 @@
 //! `RdKafkaAdmin` against librdkafka's in-process mock cluster (loopback, no
-//! broker to install). The mock has no CreateTopics handler (librdkafka
-//! 2.12: the request times out), so creating a missing topic is tested for its
-//! failure report only, and against a real broker when one is named;
-//! everything else (metadata, partition counts, OffsetFetch, ListOffsets,
-//! commits) is the real protocol.
+//! broker to install) for metadata, partition counts, OffsetFetch, ListOffsets
+//! and commits. The mock has no CreateTopics handler (librdkafka 2.12: the
+//! request times out), so topic creation runs against a real broker process
+//! (Tansu, see `runtime/tests/common/real_broker.rs`).
 
 use std::time::{Duration, Instant};
+
+// Shared with the runtime's tests, which run jobs through the same broker.
+#[path = "../../runtime/tests/common/real_broker.rs"]
+mod real_broker;
 
 use ocr_operator::kafka::{
     Cluster, KafkaAdmin, KafkaError, PartitionShortfall, RdKafkaAdmin, TopicSpec,
@@ -231,20 +234,15 @@ async fn an_unknown_lag_is_an_error_never_zero() {
     assert!(matches!(topics, Err(KafkaError::Admin(_))), "{topics:?}");
 }
 
-/// Creation over the protocol needs a real broker, which this suite does not
-/// start: `OCR_TEST_KAFKA_BROKERS=host:9092 cargo nextest run -p ocr-operator
-/// --test kafka_admin` runs it (it leaves two test topics behind).
 #[tokio::test]
-#[ignore = "needs a real Kafka broker in OCR_TEST_KAFKA_BROKERS (the mock cluster cannot create topics)"]
 async fn creates_missing_topics_on_a_real_broker() {
-    let brokers = std::env::var("OCR_TEST_KAFKA_BROKERS")
-        .expect("OCR_TEST_KAFKA_BROKERS names the broker to test against");
+    let broker = real_broker::RealBroker::start();
     let suffix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_nanos();
     let cluster = Cluster {
-        bootstrap_servers: brokers,
+        bootstrap_servers: broker.bootstrap_servers.clone(),
         writer_group: "ocr-writer".into(),
         security: Default::default(),
     };
@@ -275,4 +273,35 @@ async fn creates_missing_topics_on_a_real_broker() {
         .expect("exists");
     assert_eq!(short.shortfalls.len(), 1, "{short:?}");
     assert_eq!(short.shortfalls[0].partitions, 3);
+}
+
+/// The operator's own clients authenticate with the pipeline's credentials:
+/// topics are created on a broker that requires SCRAM-SHA-512, and the same
+/// call with a wrong password fails instead of reporting success.
+#[tokio::test]
+async fn creates_topics_on_a_broker_that_requires_scram() {
+    use ocr_operator::kafka::{ClientSecurity, SaslCredentials};
+    let broker = real_broker::RealBroker::start_with_scram_user("operator", "pa55-word");
+    let cluster = |password: &str| Cluster {
+        bootstrap_servers: broker.bootstrap_servers.clone(),
+        writer_group: "ocr-writer".into(),
+        security: ClientSecurity {
+            protocol: "sasl_plaintext".into(),
+            sasl: Some(SaslCredentials {
+                mechanism: "SCRAM-SHA-512".into(),
+                username: "operator".into(),
+                password: password.into(),
+            }),
+            ca_pem: None,
+        },
+    };
+    let topics = [topic(JOBS, 3)];
+    let quick = RdKafkaAdmin::new(Duration::from_secs(3));
+    let refused = quick.ensure_topics(&cluster("wrong"), &topics).await;
+    assert!(refused.is_err(), "a wrong password got {refused:?}");
+    let report = admin()
+        .ensure_topics(&cluster("pa55-word"), &topics)
+        .await
+        .expect("creates with the right password");
+    assert_eq!(report.created, [JOBS]);
 }

@@ -4,11 +4,14 @@
 
 mod common;
 
+use common::real_broker::RealBroker;
 use common::{
     engine, free_port, invoice_page, spawn_role, terminate, wait_for_status, wait_http_ok,
     MysqlDatabase, WebhookReceiver, INVOICE,
 };
-use ocr_runtime::config::{Config, QueueKind, Secret, WorkerMode};
+use ocr_runtime::config::{
+    Config, KafkaSecurityConfig, QueueKind, SaslMechanism, Secret, SecurityProtocol, WorkerMode,
+};
 use ocr_runtime::domain::{JobId, JobStatus};
 use ocr_runtime::queue::kafka::KafkaConnection;
 use ocr_runtime::roles::{group_lag, start_api, start_worker, start_writer};
@@ -545,4 +548,86 @@ async fn lag_command_reports_what_the_worker_group_has_not_consumed() {
     assert_eq!(lag(config).0, 0);
     worker.stop().await;
     api.stop().await;
+}
+
+/// Creates the topics a standard pipeline needs, then runs four jobs from the
+/// API through the broker to a worker and back, with `security` on every client.
+async fn jobs_flow_through(brokers: &str, security: KafkaSecurityConfig) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let connection = KafkaConnection::new(brokers, &security).expect("valid security");
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        connection.client_config().create().expect("admin client");
+    let created = admin
+        .create_topics(
+            &[
+                NewTopic::new(JOBS, 3, TopicReplication::Fixed(1)),
+                NewTopic::new(DEAD, 1, TopicReplication::Fixed(1)),
+            ],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("CreateTopics answered");
+    for result in created {
+        result.unwrap_or_else(|(topic, e)| panic!("creating {topic}: {e}"));
+    }
+    let db = MysqlDatabase::create().await;
+    let blobs = tempfile::tempdir().unwrap();
+    let mut config = config(&db, brokers, blobs.path());
+    config.queue.security = security;
+    let api = start_api(&config).await.unwrap();
+    let worker = start_worker(&config, engine()).await.unwrap();
+    let base = format!("http://{}", api.local_addr);
+
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(submit_id(&base, INVOICE.to_vec()).await);
+    }
+    for id in ids {
+        let job = wait_for_status(
+            &api.store,
+            id,
+            JobStatus::Succeeded,
+            Duration::from_secs(120),
+        )
+        .await;
+        assert_eq!(job.attempts, 1, "{id} was claimed more than once");
+        let text = job.result.unwrap_or_default();
+        assert!(text.contains("Total: 1,234.50 EUR"), "{text}");
+    }
+    let lag = group_lag(&connection, "ocr-worker", JOBS)
+        .await
+        .expect("lag");
+    assert_eq!(lag.total, 0, "{lag:?}");
+    worker.stop().await;
+    api.stop().await;
+}
+
+/// The API → Kafka → worker path on a real broker process (Tansu) instead of
+/// the in-process mock: topic creation, the idempotent producer, the group
+/// join and manual commits against another implementation of the protocol.
+/// One consumer per group, as Tansu's multi-member rebalancing is not
+/// reliable enough to gate on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_flow_through_a_real_broker_process() {
+    let broker = RealBroker::start();
+    jobs_flow_through(&broker.bootstrap_servers, KafkaSecurityConfig::default()).await;
+}
+
+/// The same against a broker that requires SCRAM-SHA-512: the configured
+/// credentials reach every client (producer, consumers, lag probe), and a
+/// wrong password is refused rather than silently ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_flow_through_a_broker_that_requires_scram() {
+    let broker = RealBroker::start_with_scram_user("ocr", "s3cret-pa55");
+    let security = |password: &str| KafkaSecurityConfig {
+        protocol: SecurityProtocol::SaslPlaintext,
+        sasl_mechanism: SaslMechanism::ScramSha512,
+        sasl_username: "ocr".into(),
+        sasl_password: Secret::new(password),
+        ..KafkaSecurityConfig::default()
+    };
+    let wrong = KafkaConnection::new(&broker.bootstrap_servers, &security("guess")).unwrap();
+    let refused = group_lag(&wrong, "ocr-worker", JOBS).await;
+    assert!(refused.is_err(), "a wrong password got {refused:?}");
+    jobs_flow_through(&broker.bootstrap_servers, security("s3cret-pa55")).await;
 }

@@ -2,6 +2,8 @@
 //! SQLite files, and generated images.
 #![allow(dead_code)]
 
+pub mod real_broker;
+
 use ocr_runtime::storage::JobStore;
 
 /// Where the MariaDB server for tests is; CI and the dev machine run one.
