@@ -811,7 +811,10 @@ fn deployment(
 
     let container = Container {
         name: component.into(),
-        image: Some(spec.images.runtime.clone()),
+        image: Some(
+            spec.images
+                .runtime_image(role == Role::Worker && spec.model.device == Device::Cuda),
+        ),
         image_pull_policy: Some(spec.images.pull_policy.as_str().into()),
         args: Some(vec![component.into()]),
         env: Some(env_vars),

@@ -127,10 +127,12 @@ impl std::fmt::Display for Architecture {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Images {
-    /// The `ocr-runtime` image used by every role.
-    #[serde(default = "default_runtime_image")]
+    /// The `ocr-runtime` image of every role. Absent: the project's CPU image
+    /// for the API and the writer, and for the workers its CUDA build when
+    /// `model.device` is `cuda` (a CPU build cannot open a GPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
-    pub runtime: String,
+    pub runtime: Option<String>,
     /// Image of the init container that downloads `model.source.url`; it needs `sh`, `curl` and `tar`.
     #[serde(default = "default_fetcher_image")]
     #[schemars(length(min = 1))]
@@ -144,7 +146,7 @@ pub struct Images {
 impl Default for Images {
     fn default() -> Self {
         Images {
-            runtime: default_runtime_image(),
+            runtime: None,
             model_fetcher: default_fetcher_image(),
             pull_policy: PullPolicy::default(),
             pull_secrets: Vec::new(),
@@ -152,8 +154,19 @@ impl Default for Images {
     }
 }
 
-fn default_runtime_image() -> String {
-    "ghcr.io/ocr-serving/ocr-runtime:0.1.0".into()
+/// The project's runtime images (`docker build` targets `runtime` and `runtime-cuda`).
+pub const RUNTIME_IMAGE: &str = "ghcr.io/ocr-serving/ocr-runtime:0.1.0";
+pub const RUNTIME_CUDA_IMAGE: &str = "ghcr.io/ocr-serving/ocr-runtime:0.1.0-cuda";
+
+impl Images {
+    /// The image for a role; `needs_gpu` for workers on `cuda`.
+    pub fn runtime_image(&self, needs_gpu: bool) -> String {
+        match (&self.runtime, needs_gpu) {
+            (Some(image), _) => image.clone(),
+            (None, true) => RUNTIME_CUDA_IMAGE.into(),
+            (None, false) => RUNTIME_IMAGE.into(),
+        }
+    }
 }
 
 fn default_fetcher_image() -> String {

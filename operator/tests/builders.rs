@@ -448,3 +448,35 @@ fn detector_sizing_reaches_the_runtime_only_when_set() {
         Some(960)
     );
 }
+
+#[test]
+fn gpu_workers_get_the_cuda_image_unless_one_is_named() {
+    let r = rendered(&support::pipeline("writer"), true);
+    let image = |r: &Rendered, role: &str| {
+        object(r, ManagedKind::Deployment, &format!("demo-{role}")).expect("deployment")["spec"]
+            ["template"]["spec"]["containers"][0]["image"]
+            .clone()
+    };
+    assert_eq!(
+        image(&r, "worker"),
+        "ghcr.io/ocr-serving/ocr-runtime:0.1.0-cuda"
+    );
+    assert_eq!(image(&r, "api"), "ghcr.io/ocr-serving/ocr-runtime:0.1.0");
+    assert_eq!(image(&r, "writer"), "ghcr.io/ocr-serving/ocr-runtime:0.1.0");
+
+    let mut json = support::pipeline_json("writer");
+    json["spec"]["model"]["device"] = serde_json::json!("cpu");
+    let cpu: OcrPipeline = serde_json::from_value(json.clone()).expect("parses");
+    assert_eq!(
+        image(&rendered(&cpu, true), "worker"),
+        "ghcr.io/ocr-serving/ocr-runtime:0.1.0"
+    );
+    json["spec"]["images"] = serde_json::json!({"runtime": "registry.local/ocr:dev"});
+    let named: OcrPipeline = serde_json::from_value(json).expect("parses");
+    for role in ["api", "worker", "writer"] {
+        assert_eq!(
+            image(&rendered(&named, true), role),
+            "registry.local/ocr:dev"
+        );
+    }
+}
