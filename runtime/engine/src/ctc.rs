@@ -45,22 +45,25 @@ impl CtcDecoder {
                 confidence: 0.0,
             };
         }
+        self.decode_steps(probs.chunks_exact(num_classes).map(top1))
+    }
+
+    /// [`Self::decode`] from each timestep's most likely class and its probability, as
+    /// `[class, probability]` pairs (the class index stored as f32), one per timestep.
+    pub fn decode_top1(&self, steps: &[f32]) -> Decoded {
+        self.decode_steps(
+            steps
+                .chunks_exact(2)
+                .map(|s| (s[0].max(0.0) as usize, s[1])),
+        )
+    }
+
+    fn decode_steps(&self, steps: impl Iterator<Item = (usize, f32)>) -> Decoded {
         let mut text = String::new();
         let mut conf_sum = 0.0f64;
         let mut kept = 0usize;
         let mut prev: Option<usize> = None;
-        for row in probs.chunks_exact(num_classes) {
-            // First maximum wins on ties, as numpy's argmax.
-            let (best, p) =
-                row.iter()
-                    .enumerate()
-                    .fold((0usize, f32::NEG_INFINITY), |acc, (i, &v)| {
-                        if v > acc.1 {
-                            (i, v)
-                        } else {
-                            acc
-                        }
-                    });
+        for (best, p) in steps {
             if best != 0 && prev != Some(best) {
                 // Classes beyond the label table (a dictionary/model mismatch) decode to nothing
                 // rather than panic; the engine checks the sizes once at load time.
@@ -82,6 +85,20 @@ impl CtcDecoder {
             confidence: confidence as f32,
         }
     }
+}
+
+/// The most likely class of one timestep and its probability. The first maximum wins on ties,
+/// as numpy's argmax.
+pub fn top1(row: &[f32]) -> (usize, f32) {
+    row.iter()
+        .enumerate()
+        .fold((0usize, f32::NEG_INFINITY), |acc, (i, &v)| {
+            if v > acc.1 {
+                (i, v)
+            } else {
+                acc
+            }
+        })
 }
 
 #[cfg(test)]
@@ -158,6 +175,14 @@ mod tests {
             "{}",
             out.confidence
         );
+    }
+
+    #[test]
+    fn top1_pairs_decode_like_the_matrix() {
+        let d = decoder();
+        let steps = [(1, 0.9), (1, 0.8), (0, 0.99), (4, 0.7), (6, 0.6), (2, 0.5)];
+        let pairs: Vec<f32> = steps.iter().flat_map(|&(c, p)| [c as f32, p]).collect();
+        assert_eq!(d.decode_top1(&pairs), d.decode(&matrix(&steps, 7), 7));
     }
 
     #[test]

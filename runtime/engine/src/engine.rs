@@ -183,6 +183,14 @@ pub trait TextDetector {
 /// A CTC recogniser: `[N, 3, 48, W]` → `[N, T, C]` softmax probabilities.
 pub trait TextRecognizer {
     fn recognize(&self, x: &Tensor) -> Result<Tensor>;
+    /// What CTC decoding reads of [`Self::recognize`]: `[N, T, 2]` holding each timestep's
+    /// most likely class (as f32) and its probability, plus `C`. A model can produce this
+    /// without materialising the `[N, T, C]` probabilities.
+    fn recognize_top1(&self, x: &Tensor) -> Result<(Tensor, usize)> {
+        let probs = self.recognize(x)?;
+        let (_, _, c) = probs.dims3()?;
+        Ok((crate::models::rec::top1_of_probs(&probs)?, c))
+    }
     /// Either the full label table (blank first, `C` entries) or the bare dictionary
     /// (`C - 2` entries, PaddleOCR adds the blank and a trailing space).
     fn dictionary(&self) -> &[String];
@@ -197,6 +205,10 @@ impl TextDetector for DetModel {
 impl TextRecognizer for RecModel {
     fn recognize(&self, x: &Tensor) -> Result<Tensor> {
         self.forward(x)
+    }
+
+    fn recognize_top1(&self, x: &Tensor) -> Result<(Tensor, usize)> {
+        self.forward_top1(x)
     }
 
     fn dictionary(&self) -> &[String] {
@@ -532,8 +544,8 @@ impl<D: TextDetector, R: TextRecognizer> OcrEngine<D, R> {
     fn run_recognizer(&self, lines: &[PendingLine], batch: &[usize]) -> Result<Vec<(String, f32)>> {
         let crops: Vec<&RgbImage> = batch.iter().map(|&i| &lines[i].crop).collect();
         let x = preprocess::rec_batch_tensor(&crops, &self.device)?;
-        let y = self.rec.recognize(&x)?;
-        let (n, t, c) = y.dims3()?;
+        let (y, c) = self.rec.recognize_top1(&x)?;
+        let (n, t, _) = y.dims3()?;
         if n != batch.len() {
             return Err(Error::InvalidModel(format!(
                 "recogniser returned {n} rows for a batch of {}",
@@ -550,12 +562,12 @@ impl<D: TextDetector, R: TextRecognizer> OcrEngine<D, R> {
                 self.full_labels.num_classes()
             )));
         };
-        let probs: Vec<f32> = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        Ok(probs
-            .chunks_exact((t * c).max(1))
+        let steps: Vec<f32> = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        Ok(steps
+            .chunks_exact((t * 2).max(1))
             .take(n)
             .map(|row| {
-                let d = decoder.decode(row, c);
+                let d = decoder.decode_top1(row);
                 (d.text, d.confidence)
             })
             .collect())

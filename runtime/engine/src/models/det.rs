@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{Device, Module, Tensor};
 
 use super::graph::GraphWalker;
-use super::layers::{upsample_nearest, Conv2d};
+use super::layers::{scale_channels_into, upsample_nearest, Conv2d};
 use super::pplcnet::{PpLcNet, SqueezeExcite};
 use crate::error::{Error, Result};
 use crate::onnx::OnnxModel;
@@ -51,7 +51,9 @@ impl Module for ConvSe {
         for c in &self.convs {
             y = c.forward(&y)?;
         }
-        &y + self.se.forward(&y)?
+        // y + y * gate, as one in-place scale.
+        let gate = self.se.gate(&y)?;
+        scale_channels_into(y, &gate, true)
     }
 }
 
@@ -88,7 +90,9 @@ impl RepLkFpn {
         self.inp.iter().map(ConvSe::out_channels).sum()
     }
 
-    fn forward(&self, stages: &[Tensor]) -> candle_core::Result<Tensor> {
+    /// Each level's output branch with the factor that upsamples it to the finest level; the
+    /// network's output is their channel concatenation, which [`DbHead`] reads in parts.
+    fn forward(&self, stages: &[Tensor]) -> candle_core::Result<Vec<(Tensor, usize)>> {
         // Top-down pathway, deepest first: out[i] = lateral[i] + up2(out[i-1]).
         let mut tops: Vec<Tensor> = Vec::with_capacity(stages.len());
         for (branch, x) in self.ins.iter().zip(stages.iter().rev()) {
@@ -114,14 +118,16 @@ impl RepLkFpn {
             candle_core::bail!("FPN without levels");
         };
         let (_, _, h, w) = finest.dims4()?;
-        let ups = outs
-            .iter()
+        outs.iter()
             .map(|p| {
                 let (_, _, ph, pw) = p.dims4()?;
-                upsample_nearest(p, h / ph.max(1), w / pw.max(1))
+                let (fh, fw) = (h / ph.max(1), w / pw.max(1));
+                if fh != fw || ph * fh != h || pw * fw != w {
+                    candle_core::bail!("FPN level {:?} does not upsample to {h}x{w}", p.dims());
+                }
+                Ok((p.clone(), fh))
             })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Tensor::cat(&ups, 1)
+            .collect()
     }
 }
 
@@ -197,10 +203,14 @@ impl DbHead {
     }
 }
 
-impl Module for DbHead {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut y = x.clone();
-        for l in &self.layers {
+impl DbHead {
+    /// The head on the channel concatenation of `parts` (each upsampled by its factor).
+    fn forward(&self, parts: &[(Tensor, usize)]) -> candle_core::Result<Tensor> {
+        let Some((first, rest)) = self.layers.split_first() else {
+            candle_core::bail!("DB head without layers");
+        };
+        let mut y = first.forward_concat(parts)?;
+        for l in rest {
             y = l.forward(&y)?;
         }
         Ok(y)
@@ -279,7 +289,7 @@ impl DetModel {
         if let Some(p) = &self.projections {
             stages = p.forward(stages)?;
         }
-        let fused = self.neck.forward(&stages)?;
-        Ok(self.head.forward(&fused)?)
+        let levels = self.neck.forward(&stages)?;
+        Ok(self.head.forward(&levels)?)
     }
 }

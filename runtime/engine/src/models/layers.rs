@@ -1,15 +1,57 @@
 //! Layers shared by the detector and the recogniser, built from [`ConvSpec`]/[`LinearSpec`]s.
 //!
 //! Convolutions pick a kernel by shape: 1x1 convs run as one matmul, depthwise convs run through
-//! [`depthwise_conv2d`] (a direct CPU loop, or shifted multiply-adds on other devices), and the
-//! few dense convs go to candle's `conv2d`. candle's grouped conv2d would instead launch one conv
-//! per channel, which made the depthwise layers dominate the runtime.
+//! [`depthwise_conv2d`] (a direct CPU loop, or shifted multiply-adds on other devices), other
+//! ungrouped kxk convs as strided-phase matmuls over bands of rows ([`PhaseGemm`]) or, with few
+//! input channels, as a banded im2col matmul; the rest go to candle's `conv2d`. candle's grouped
+//! conv2d would instead launch one conv per channel, which made the depthwise layers dominate
+//! the runtime. On the CPU, bias, activation and post-affine run as one in-place pass over each
+//! conv's fresh output (`Epilogue`): every extra pass over a large map is another allocation
+//! whose pages the kernel has to fault in.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Module, Shape, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp3, DType, Device, InplaceOp1, InplaceOp2, Layout, Module, Shape, Tensor, D,
+};
 use rayon::prelude::*;
 
 use super::graph::{Activation, ConvSpec, LayerNormSpec, LinearSpec};
 use crate::error::Result;
+
+/// Whether the `*_wide` copies of the kernels below (compiled for AVX2 + FMA) can run. The
+/// crate is built for baseline x86-64 (SSE2), where their loops vectorise only 4 wide. Rust
+/// never contracts `a * b + c` into an FMA, so both copies give the same bits.
+#[inline(always)]
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Defines `$name`, which runs the `#[inline(always)]` kernel `$kernel` through a copy
+/// compiled for AVX2 + FMA where [`has_avx2_fma`], else as built.
+macro_rules! wide_kernel {
+    ($name:ident = $kernel:ident $(<$g:ident: $b:path>)? ($($a:ident: $t:ty),* $(,)?)) => {
+        fn $name $(<$g: $b>)? ($($a: $t),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn wide $(<$g: $b>)? ($($a: $t),*) {
+                    $kernel($($a),*)
+                }
+                if has_avx2_fma() {
+                    // SAFETY: the CPU supports the features `wide` is compiled for.
+                    return unsafe { wide($($a),*) };
+                }
+            }
+            $kernel($($a),*)
+        }
+    };
+}
 
 impl Activation {
     pub fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -62,13 +104,21 @@ impl candle_core::CustomOp1 for GeluErfFtz {
             .zip(x.par_chunks(16 * 1024))
             .for_each(|(o, i)| {
                 for (o, &v) in o.iter_mut().zip(i) {
-                    // Below -10 the result is under 1e-22 in magnitude, and erff's tail
-                    // computation hits subnormal intermediates, which are slow.
-                    let y = (erf_fast(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v;
-                    *o = if y.abs() < f32::MIN_POSITIVE { 0.0 } else { y };
+                    *o = gelu_erf_ftz(v);
                 }
             });
         Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+}
+
+/// GELU of one value, with subnormal results flushed to zero (see [`gelu_erf`]).
+#[inline(always)]
+fn gelu_erf_ftz(v: f32) -> f32 {
+    let y = (erf_fast(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v;
+    if y.abs() < f32::MIN_POSITIVE {
+        0.0
+    } else {
+        y
     }
 }
 
@@ -210,7 +260,9 @@ impl Conv2d {
         self.activation
     }
 
-    fn forward_linear(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// The conv itself, with bias, activation and post-affine applied by [`Self::finish`]
+    /// wherever the raw output is still contiguous, so they cost one in-place pass.
+    fn forward_fused(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
         if c != self.in_channels {
             candle_core::bail!(
@@ -227,25 +279,30 @@ impl Conv2d {
                 } else {
                     self.weight.broadcast_left(n)?.matmul(&x3.contiguous()?)?
                 };
-                let y = match &self.bias {
-                    Some(b) => y.broadcast_add(&b.reshape((1, self.out_channels, 1))?)?,
-                    None => y,
-                };
-                y.reshape((n, self.out_channels, h, w))
+                self.finish(y, true, 1)?
+                    .reshape((n, self.out_channels, h, w))
             }
             ConvKind::Depthwise => {
                 let bias = match &self.bias {
                     Some(b) => b.clone(),
                     None => Tensor::zeros(self.out_channels, DType::F32, x.device())?,
                 };
-                depthwise_conv2d(x, &self.weight, &bias, self.stride, self.pads)
+                let y = depthwise_conv2d(x, &self.weight, &bias, self.stride, self.pads)?;
+                self.finish(y, false, 1)
             }
             ConvKind::Phase(ref pg) => {
-                let y = pg.forward(x, self.pads)?;
-                match &self.bias {
-                    Some(b) => y.broadcast_add(&b.reshape((1, self.out_channels, 1, 1))?),
-                    None => Ok(y),
-                }
+                let (y, wo) = if pg.can_band(x) {
+                    pg.forward_banded(&[(x, 1)], self.pads, BAND_ELEMS)?
+                } else {
+                    pg.forward_wide(x, self.pads)?
+                };
+                self.finish(y, true, 1)?.narrow(3, 0, wo)
+            }
+            ConvKind::Dense
+                if self.groups == 1 && x.device().is_cpu() && x.dtype() == DType::F32 =>
+            {
+                let y = im2col_banded(x, &self.weight, self.stride, self.pads, BAND_ELEMS)?;
+                self.finish(y, true, 1)
             }
             ConvKind::Dense => {
                 let [t, l, b, r] = self.pads;
@@ -260,10 +317,7 @@ impl Conv2d {
                     let y = x.conv2d(&self.weight, pad, 1, 1, self.groups)?;
                     subsample(&subsample(&y, 2, self.stride.0)?, 3, self.stride.1)?
                 };
-                match &self.bias {
-                    Some(b) => y.broadcast_add(&b.reshape((1, self.out_channels, 1, 1))?),
-                    None => Ok(y),
-                }
+                self.finish(y, true, 1)
             }
             ConvKind::TransposePatch => {
                 let (kh, kw) = self.kernel;
@@ -274,15 +328,13 @@ impl Conv2d {
                 } else {
                     self.weight.broadcast_left(n)?.matmul(&x3.contiguous()?)?
                 };
+                // Everything after the matmul is per channel and elementwise, so it runs
+                // before the pixel shuffle, on the contiguous product.
+                let y = self.finish(y, true, kh * kw)?;
                 // [n, o*kh*kw, h*w] -> [n, o, h, kh, w, kw] -> [n, o, h*kh, w*kw]
-                let y = y
-                    .reshape((n, o, kh, kw, h, w))?
+                y.reshape((n, o, kh, kw, h, w))?
                     .permute((0, 1, 4, 2, 5, 3))?
-                    .reshape((n, o, h * kh, w * kw))?;
-                match &self.bias {
-                    Some(b) => y.broadcast_add(&b.reshape((1, o, 1, 1))?),
-                    None => Ok(y),
-                }
+                    .reshape((n, o, h * kh, w * kw))
             }
             ConvKind::Transpose => {
                 if self.stride.0 != self.stride.1
@@ -297,22 +349,265 @@ impl Conv2d {
                     );
                 }
                 let y = x.conv_transpose2d(&self.weight, self.pads[0], 0, self.stride.0, 1)?;
-                match &self.bias {
-                    Some(b) => y.broadcast_add(&b.reshape((1, self.out_channels, 1, 1))?),
-                    None => Ok(y),
-                }
+                self.finish(y, true, 1)
             }
+        }
+    }
+
+    /// The conv of the channel concatenation of `parts`, each nearest-upsampled by its factor
+    /// first, without materialising the concatenation where the kernel allows.
+    pub fn forward_concat(&self, parts: &[(Tensor, usize)]) -> candle_core::Result<Tensor> {
+        if let (ConvKind::Phase(pg), Some((first, _))) = (&self.kind, parts.first()) {
+            let c: usize = parts.iter().map(|(p, _)| p.dim(1).unwrap_or(0)).sum();
+            if pg.can_band(first) && c == self.in_channels {
+                let sources: Vec<(&Tensor, usize)> = parts.iter().map(|(p, f)| (p, *f)).collect();
+                let (y, wo) = pg.forward_banded(&sources, self.pads, BAND_ELEMS)?;
+                return self.finish(y, true, 1)?.narrow(3, 0, wo);
+            }
+        }
+        let ups = parts
+            .iter()
+            .map(|(p, f)| upsample_nearest(p, *f, *f))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        self.forward(&Tensor::cat(&ups, 1)?)
+    }
+
+    /// Bias (if `with_bias`), activation and post-affine on a fresh conv output `y`
+    /// `[n, out * repeat, ...]`, where output channel `c` owns rows `c * repeat ..`.
+    fn finish(&self, y: Tensor, with_bias: bool, repeat: usize) -> candle_core::Result<Tensor> {
+        let bias = self.bias.as_ref().filter(|_| with_bias);
+        let ep = Epilogue {
+            activation: self.activation,
+            post_affine: self.post_affine,
+            repeat,
+            per_column: false,
+        };
+        if bias.is_none() && ep.is_identity() {
+            return Ok(y);
+        }
+        if y.device().is_cpu() && y.dtype() == DType::F32 && y.is_contiguous() {
+            match bias {
+                Some(b) => y.inplace_op2(b, &ep)?,
+                None => y.inplace_op1(&ep)?,
+            }
+            return Ok(y);
+        }
+        let y = match bias {
+            Some(b) => {
+                let rows = self.out_channels * repeat;
+                let b = b
+                    .reshape((self.out_channels, 1))?
+                    .broadcast_as((self.out_channels, repeat))?
+                    .reshape(rows)?;
+                let mut shape = vec![1; y.rank()];
+                shape[1] = rows;
+                y.broadcast_add(&b.reshape(shape)?)?
+            }
+            None => y,
+        };
+        let y = self.activation.apply(&y)?;
+        match self.post_affine {
+            Some((scale, shift)) => y.affine(f64::from(scale), f64::from(shift)),
+            None => Ok(y),
         }
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.activation.apply(&self.forward_linear(x)?)?;
-        match self.post_affine {
-            Some((scale, shift)) => y.affine(f64::from(scale), f64::from(shift)),
-            None => Ok(y),
+        self.forward_fused(x)
+    }
+}
+
+/// What follows a linear op, fused into one in-place pass over its output: bias add,
+/// activation, then `scale * y + shift`. The bias runs along axis 1 (`[n, rows, ...]`, one bias
+/// per `repeat` rows) for convs, or along the last axis (`per_column`) for [`Linear`].
+struct Epilogue {
+    activation: Activation,
+    post_affine: Option<(f32, f32)>,
+    repeat: usize,
+    per_column: bool,
+}
+
+impl Epilogue {
+    fn is_identity(&self) -> bool {
+        matches!(self.activation, Activation::None) && self.post_affine.is_none()
+    }
+
+    fn run(&self, y: &mut [f32], dims: &[usize], bias: Option<&[f32]>) -> candle_core::Result<()> {
+        match self.activation {
+            Activation::None => self.run_with(y, dims, bias, |v| v),
+            Activation::Relu => self.run_with(y, dims, bias, |v| v.max(0.0)),
+            Activation::GeluErf => self.run_with(y, dims, bias, gelu_erf_ftz),
+            Activation::Swish => self.run_with(y, dims, bias, |v| v / (1.0 + (-v).exp())),
+            Activation::Sigmoid => self.run_with(y, dims, bias, |v| 1.0 / (1.0 + (-v).exp())),
+            Activation::HardSigmoid { alpha, beta } => {
+                self.run_with(y, dims, bias, move |v| (v * alpha + beta).clamp(0.0, 1.0))
+            }
+            Activation::HardSwish { alpha, beta } => self.run_with(y, dims, bias, move |v| {
+                v * (v * alpha + beta).clamp(0.0, 1.0)
+            }),
         }
+    }
+
+    /// Monomorphised per activation so the row loops vectorise.
+    fn run_with<F: Fn(f32) -> f32 + Sync>(
+        &self,
+        y: &mut [f32],
+        dims: &[usize],
+        bias: Option<&[f32]>,
+        f: F,
+    ) -> candle_core::Result<()> {
+        let post = self.post_affine;
+        if self.per_column {
+            let cols = dims.last().copied().unwrap_or(1).max(1);
+            let zeros;
+            let b = match bias {
+                Some(b) if b.len() == cols => b,
+                Some(b) => candle_core::bail!("epilogue: {} biases for {cols} columns", b.len()),
+                None => {
+                    zeros = vec![0f32; cols];
+                    &zeros[..]
+                }
+            };
+            y.par_chunks_mut(cols)
+                .with_min_len(EPILOGUE_CHUNK.div_ceil(cols))
+                .for_each(|row| epilogue_cols_wide(row, b, post, &f));
+            return Ok(());
+        }
+        let rows = dims.get(1).copied().unwrap_or(1).max(1);
+        let inner: usize = dims.iter().skip(2).product();
+        if inner == 0 {
+            return Ok(());
+        }
+        if let Some(b) = bias {
+            if b.len() * self.repeat != rows {
+                candle_core::bail!(
+                    "epilogue: {} biases x {} for {rows} rows",
+                    b.len(),
+                    self.repeat
+                );
+            }
+        }
+        let repeat = self.repeat.max(1);
+        y.par_chunks_mut(inner)
+            .enumerate()
+            .with_min_len(EPILOGUE_CHUNK.div_ceil(inner))
+            .for_each(|(r, row)| {
+                let bv = bias.map_or(0.0, |b| b[(r % rows) / repeat]);
+                epilogue_row_wide(row, bv, post, &f);
+            });
+        Ok(())
+    }
+}
+
+/// Gathered input elements per band of [`PhaseGemm::forward_banded`] (8 MB): large enough
+/// that the band's matmul is efficient, small enough for the allocator to recycle.
+const BAND_ELEMS: usize = 2 * 1024 * 1024;
+
+wide_kernel!(add_assign_wide = add_assign(dst: &mut [f32], src: &[f32]));
+
+/// `dst[i] += src[i]`.
+#[inline(always)]
+fn add_assign(dst: &mut [f32], src: &[f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d += s;
+    }
+}
+
+wide_kernel!(epilogue_row_wide = epilogue_row<F: Fn(f32) -> f32>(
+    row: &mut [f32],
+    bias: f32,
+    post: Option<(f32, f32)>,
+    f: &F,
+));
+
+/// `row[i] = f(row[i] + bias)`, then the post-affine.
+#[inline(always)]
+fn epilogue_row<F: Fn(f32) -> f32>(row: &mut [f32], bias: f32, post: Option<(f32, f32)>, f: &F) {
+    match post {
+        Some((scale, shift)) => {
+            for v in row.iter_mut() {
+                *v = f(*v + bias) * scale + shift;
+            }
+        }
+        None => {
+            for v in row.iter_mut() {
+                *v = f(*v + bias);
+            }
+        }
+    }
+}
+
+wide_kernel!(epilogue_cols_wide = epilogue_cols<F: Fn(f32) -> f32>(
+    row: &mut [f32],
+    bias: &[f32],
+    post: Option<(f32, f32)>,
+    f: &F,
+));
+
+/// `row[i] = f(row[i] + bias[i])`, then the post-affine.
+#[inline(always)]
+fn epilogue_cols<F: Fn(f32) -> f32>(
+    row: &mut [f32],
+    bias: &[f32],
+    post: Option<(f32, f32)>,
+    f: &F,
+) {
+    match post {
+        Some((scale, shift)) => {
+            for (v, &b) in row.iter_mut().zip(bias) {
+                *v = f(*v + b) * scale + shift;
+            }
+        }
+        None => {
+            for (v, &b) in row.iter_mut().zip(bias) {
+                *v = f(*v + b);
+            }
+        }
+    }
+}
+
+/// Elements per rayon task of the epilogue: enough to amortise the task, small enough that
+/// the detector's maps still split across threads.
+const EPILOGUE_CHUNK: usize = 16 * 1024;
+
+fn epilogue_slice<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    let CpuStorage::F32(data) = s else {
+        candle_core::bail!("epilogue: only f32 is supported on the CPU");
+    };
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("epilogue: output must be contiguous");
+    };
+    Ok(&mut data[start..end])
+}
+
+impl InplaceOp1 for Epilogue {
+    fn name(&self) -> &'static str {
+        "conv-epilogue"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let y = epilogue_slice(s, l)?;
+        self.run(y, l.dims(), None)
+    }
+}
+
+impl InplaceOp2 for Epilogue {
+    fn name(&self) -> &'static str {
+        "conv-epilogue"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &mut CpuStorage,
+        l: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<()> {
+        let b = contiguous_f32(bs, bl, "epilogue bias")?;
+        let y = epilogue_slice(s, l)?;
+        self.run(y, l.dims(), Some(b))
     }
 }
 
@@ -376,8 +671,16 @@ impl PhaseGemm {
         })
     }
 
+    #[cfg(test)]
     fn forward(&self, x: &Tensor, pads: [usize; 4]) -> candle_core::Result<Tensor> {
-        let (n, c, h, w) = x.dims4()?;
+        let (y, wo) = self.forward_wide(x, pads)?;
+        y.narrow(3, 0, wo)
+    }
+
+    /// The conv output with `wh >= wo` columns per row, of which the first `wo` are valid;
+    /// returned wide (and contiguous) so the epilogue can run in place before the cut.
+    fn forward_wide(&self, x: &Tensor, pads: [usize; 4]) -> candle_core::Result<(Tensor, usize)> {
+        let (n, _, h, w) = x.dims4()?;
         let (sh, sw) = self.stride;
         let (kh, kw) = self.kernel;
         let [pt, pl, pb, pr] = pads;
@@ -389,16 +692,7 @@ impl PhaseGemm {
         // Phase grid: enough rows/columns for every tap's shift, plus one spare row so the
         // flattened shifts of the last output row stay in bounds.
         let (hh, wh) = ((kh - 1) / sh + ho + 1, (kw - 1) / sw + wo);
-        let x = fit(x, 2, pt, hh * sh)?;
-        let x = fit(&x, 3, pl, wh * sw)?;
-        let phased = if sh == 1 && sw == 1 {
-            x.reshape((n, 1, c, hh * wh))?
-        } else {
-            x.reshape((n, c, hh, sh, wh, sw))?
-                .permute((0, 3, 5, 1, 2, 4))?
-                .contiguous()?
-                .reshape((n, sh * sw, c, hh * wh))?
-        };
+        let phased = phase_split(x, (sh, sw), (pt, pl), (hh, wh))?;
         let o = self.out_channels;
         let mut acc: Option<Tensor> = None;
         for Phase {
@@ -407,24 +701,281 @@ impl PhaseGemm {
             shifts,
         } in &self.phases
         {
-            let p = phased.narrow(1, *index, 1)?.squeeze(1)?;
+            // [n, c, hh * wh], contiguous: the phases are the outermost axis.
+            let p = phased.get(*index)?;
             let y = if n == 1 {
                 wmat.matmul(&p.squeeze(0)?)?.unsqueeze(0)?
             } else {
-                wmat.broadcast_left(n)?.matmul(&p.contiguous()?)?
+                wmat.broadcast_left(n)?.matmul(&p)?
             };
             let offsets: Vec<usize> = shifts.iter().map(|&(dy, dx)| dy * wh + dx).collect();
-            let part = shifted_sum(&y, o, &offsets, ho * wh)?;
             acc = Some(match acc {
-                Some(acc) => (acc + part)?,
-                None => part,
+                Some(acc) => {
+                    shifted_sum_into(&acc, &y, o, &offsets, ho * wh)?;
+                    acc
+                }
+                None => shifted_sum(&y, o, &offsets, ho * wh)?,
             });
         }
         let Some(acc) = acc else {
             candle_core::bail!("conv without kernel taps");
         };
-        acc.reshape((n, o, ho, wh))?.narrow(3, 0, wo)
+        Ok((acc.reshape((n, o, ho, wh))?, wo))
     }
+
+    /// Whether [`Self::forward_banded`] can run this conv on `x`'s device.
+    fn can_band(&self, x: &Tensor) -> bool {
+        x.device().is_cpu() && x.dtype() == DType::F32
+    }
+
+    /// [`Self::forward_wide`] on the CPU, a band of output rows at a time, with the input given
+    /// as channel groups to concatenate, each nearest-upsampled by its factor
+    /// (`[n, c_i, h / f_i, w / f_i]`). Each band's padded, phase-split input is gathered
+    /// straight from the sources, so neither the concatenation nor a padded copy of the whole
+    /// input (the DB head's is 384 channels at 1/4 resolution) is ever built, and the per-band
+    /// buffers stay small enough to stay in cache and be recycled by the allocator.
+    fn forward_banded(
+        &self,
+        sources: &[(&Tensor, usize)],
+        pads: [usize; 4],
+        band_elems: usize,
+    ) -> candle_core::Result<(Tensor, usize)> {
+        let Some(&(first, f0)) = sources.first() else {
+            candle_core::bail!("conv without inputs");
+        };
+        let (n, _, h0, w0) = first.dims4()?;
+        let (h, w) = (h0 * f0, w0 * f0);
+        let mut views = Vec::with_capacity(sources.len());
+        for &(x, f) in sources {
+            let (sn, sc, sh, sw) = x.dims4()?;
+            if sn != n || sh * f != h || sw * f != w || f == 0 {
+                candle_core::bail!(
+                    "conv inputs {:?} (x{f}) and {:?} (x{f0}) do not line up",
+                    x.dims(),
+                    first.dims()
+                );
+            }
+            views.push((x.contiguous()?, sc, f));
+        }
+        let c: usize = views.iter().map(|v| v.1).sum();
+        let (sh, sw) = self.stride;
+        let (kh, kw) = self.kernel;
+        let [pt, pl, pb, pr] = pads;
+        let (hp, wp) = (h + pt + pb, w + pl + pr);
+        let wc = self.phases.first().map_or(Ok(0), |p| p.weight.dim(1))?;
+        if hp < kh || wp < kw || wc != c {
+            candle_core::bail!(
+                "conv input [{n}, {c}, {h}, {w}] does not fit kernel {kh}x{kw} over {wc} channels"
+            );
+        }
+        let (ho, wo) = ((hp - kh) / sh + 1, (wp - kw) / sw + 1);
+        // The phase grid as in `forward_wide`; a band of `bh` output rows reads `bh + halo`
+        // phase rows (the last one spare, for the flat shifts of the band's last row).
+        let wh = (kw - 1) / sw + wo;
+        let halo = (kh - 1) / sh + 1;
+        let nphase = sh * sw;
+        let o = self.out_channels;
+        let band = (band_elems / (nphase * n * c * wh).max(1)).clamp(1, ho);
+        let mut out = vec![0f32; n * o * ho * wh];
+
+        let guards: Vec<_> = views
+            .iter()
+            .map(|(x, _, _)| x.storage_and_layout())
+            .collect();
+        let mut srcs = Vec::with_capacity(views.len());
+        for ((st, l), &(_, sc, f)) in guards.iter().zip(&views) {
+            let candle_core::Storage::Cpu(cpu) = &**st else {
+                candle_core::bail!("banded conv: input is not on the CPU");
+            };
+            srcs.push((contiguous_f32(cpu, l, "banded conv")?, sc, f));
+        }
+        // Every (batch item, channel) plane of the concatenated input, with its upsampling.
+        let planes: Vec<(&[f32], usize)> = (0..n)
+            .flat_map(|b| {
+                srcs.iter().flat_map(move |&(x, sc, f)| {
+                    let len = (h / f) * (w / f);
+                    (0..sc).map(move |ch| (&x[(b * sc + ch) * len..][..len], f))
+                })
+            })
+            .collect();
+
+        for r0 in (0..ho).step_by(band) {
+            let bh = band.min(ho - r0);
+            let hb = bh + halo;
+            // [phase, n, c, hb * wh]: phase (a, b) holds padded rows (r0 + i) * sh + a and
+            // columns j * sw + b.
+            let mut buf = vec![0f32; nphase * n * c * hb * wh];
+            buf.par_chunks_mut(hb * wh)
+                .enumerate()
+                .for_each(|(idx, dst)| {
+                    let (phase, (src, f)) = (idx / planes.len(), planes[idx % planes.len()]);
+                    let (a, b) = (phase / sw, phase % sw);
+                    let src_w = w / f;
+                    // Phase columns j whose padded column j * sw + b - pl lies in 0..w.
+                    let j0 = pl.saturating_sub(b).div_ceil(sw).min(wh);
+                    let j1 = if w + pl > b {
+                        ((w + pl - b - 1) / sw + 1).min(wh)
+                    } else {
+                        0
+                    };
+                    if j0 >= j1 {
+                        return;
+                    }
+                    for (i, drow) in dst.chunks_exact_mut(wh).enumerate() {
+                        let iy = (r0 + i) * sh + a;
+                        if iy < pt || iy - pt >= h {
+                            continue;
+                        }
+                        let srow = &src[((iy - pt) / f) * src_w..][..src_w];
+                        let ix0 = j0 * sw + b - pl;
+                        match (f, sw) {
+                            (1, 1) => {
+                                drow[j0..j1].copy_from_slice(&srow[ix0..ix0 + (j1 - j0)]);
+                            }
+                            (1, _) => {
+                                for (d, s) in
+                                    drow[j0..j1].iter_mut().zip(srow[ix0..].iter().step_by(sw))
+                                {
+                                    *d = *s;
+                                }
+                            }
+                            (_, 1) => {
+                                // Runs of `f` equal pixels: one division per source pixel.
+                                let mut j = j0;
+                                while j < j1 {
+                                    let sx = (j + b - pl) / f;
+                                    let end = (sx * f + f + pl - b).min(j1);
+                                    drow[j..end].fill(srow[sx]);
+                                    j = end;
+                                }
+                            }
+                            _ => {
+                                for (k, d) in drow[j0..j1].iter_mut().enumerate() {
+                                    *d = srow[(ix0 + k * sw) / f];
+                                }
+                            }
+                        }
+                    }
+                });
+            let xb = Tensor::from_vec(buf, (nphase, n, c, hb * wh), first.device())?;
+            for Phase {
+                index,
+                weight: wmat,
+                shifts,
+            } in &self.phases
+            {
+                let p = xb.get(*index)?;
+                let y = if n == 1 {
+                    wmat.matmul(&p.squeeze(0)?)?.unsqueeze(0)?
+                } else {
+                    wmat.broadcast_left(n)?.matmul(&p)?
+                };
+                let (yst, yl) = y.storage_and_layout();
+                let candle_core::Storage::Cpu(ycpu) = &*yst else {
+                    candle_core::bail!("banded conv: matmul left the CPU");
+                };
+                let yv = contiguous_f32(ycpu, yl, "banded conv")?;
+                let (cols, len, taps) = (hb * wh, bh * wh, shifts.len());
+                out.par_chunks_mut(ho * wh)
+                    .enumerate()
+                    .for_each(|(row, plane)| {
+                        let (b, oc) = (row / o, row % o);
+                        let dst = &mut plane[r0 * wh..r0 * wh + len];
+                        for (t, &(dy, dx)) in shifts.iter().enumerate() {
+                            let start = (b * taps * o + t * o + oc) * cols + dy * wh + dx;
+                            add_assign_wide(dst, &yv[start..start + len]);
+                        }
+                    });
+            }
+        }
+        drop(guards);
+        let y = Tensor::from_vec(out, (n, o, ho, wh), first.device())?;
+        Ok((y, wo))
+    }
+}
+
+/// An ungrouped conv as im2col + matmul, a band of output rows at a time. The band's columns
+/// are gathered K-major (`[c * kh * kw, pixels]`), so the matmul writes NCHW rows directly,
+/// where candle's conv2d gathers pixel-major and transposes its whole output afterwards. Used
+/// for the RGB stem, where im2col is small (27 rows) and the output is not.
+fn im2col_banded(
+    x: &Tensor,
+    weight: &Tensor,
+    (sh, sw): (usize, usize),
+    [pt, pl, pb, pr]: [usize; 4],
+    band_elems: usize,
+) -> candle_core::Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let (o, wc, kh, kw) = weight.dims4()?;
+    let (hp, wp) = (h + pt + pb, w + pl + pr);
+    if wc != c || hp < kh || wp < kw || sh == 0 || sw == 0 {
+        candle_core::bail!(
+            "conv input {:?} does not fit weight {:?}",
+            x.dims(),
+            weight.dims()
+        );
+    }
+    let (ho, wo) = ((hp - kh) / sh + 1, (wp - kw) / sw + 1);
+    let k = c * kh * kw;
+    let wmat = weight.reshape((o, k))?;
+    let band = (band_elems / (k * wo).max(1)).clamp(1, ho);
+    let x = x.contiguous()?;
+    let mut out = vec![0f32; n * o * ho * wo];
+    {
+        let (st, l) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*st else {
+            candle_core::bail!("im2col conv: input is not on the CPU");
+        };
+        let xv = contiguous_f32(cpu, l, "im2col conv")?;
+        for b in 0..n {
+            let img = &xv[b * c * h * w..(b + 1) * c * h * w];
+            for r0 in (0..ho).step_by(band) {
+                let bh = band.min(ho - r0);
+                let len = bh * wo;
+                let mut cols = vec![0f32; k * len];
+                cols.par_chunks_mut(len).enumerate().for_each(|(row, dst)| {
+                    let (ci, ky, kx) = (row / (kh * kw), row / kw % kh, row % kw);
+                    let plane = &img[ci * h * w..(ci + 1) * h * w];
+                    // Output columns whose input column ox * sw + kx - pl is inside the image.
+                    let first = pl.saturating_sub(kx).div_ceil(sw).min(wo);
+                    let last = if w + pl > kx {
+                        ((w + pl - kx - 1) / sw + 1).min(wo)
+                    } else {
+                        0
+                    };
+                    if first >= last {
+                        return;
+                    }
+                    for (i, drow) in dst.chunks_exact_mut(wo).enumerate() {
+                        let iy = (r0 + i) * sh + ky;
+                        if iy < pt || iy - pt >= h {
+                            continue;
+                        }
+                        let srow = &plane[(iy - pt) * w..(iy - pt + 1) * w];
+                        let ix0 = first * sw + kx - pl;
+                        for (d, s) in drow[first..last]
+                            .iter_mut()
+                            .zip(srow[ix0..].iter().step_by(sw))
+                        {
+                            *d = *s;
+                        }
+                    }
+                });
+                let cols = Tensor::from_vec(cols, (k, len), x.device())?;
+                let y = wmat.matmul(&cols)?;
+                let (yst, yl) = y.storage_and_layout();
+                let candle_core::Storage::Cpu(ycpu) = &*yst else {
+                    candle_core::bail!("im2col conv: matmul left the CPU");
+                };
+                let yv = contiguous_f32(ycpu, yl, "im2col conv")?;
+                for (oc, yrow) in yv.chunks_exact(len).enumerate() {
+                    let start = (b * o + oc) * ho * wo + r0 * wo;
+                    out[start..start + len].copy_from_slice(yrow);
+                }
+            }
+        }
+    }
+    Tensor::from_vec(out, (n, o, ho, wo), x.device())
 }
 
 /// `y`: `[n, taps * o, l]`. Returns `[n, o, len]` with
@@ -458,6 +1009,26 @@ fn shifted_sum_generic(
     acc.ok_or_else(|| candle_core::Error::Msg("shifted sum without taps".into()))
 }
 
+/// `acc += shifted_sum(y, o, offsets, acc.len)`, in place.
+fn shifted_sum_into(
+    acc: &Tensor,
+    y: &Tensor,
+    o: usize,
+    offsets: &[usize],
+    len: usize,
+) -> candle_core::Result<()> {
+    let op = ShiftedSum {
+        o,
+        offsets: offsets.to_vec(),
+        len,
+    };
+    if acc.device().is_cpu() && acc.dtype() == DType::F32 && acc.is_contiguous() {
+        acc.inplace_op2(&y.contiguous()?, &op)
+    } else {
+        candle_core::bail!("shifted sum: in-place accumulation needs a contiguous f32 CPU tensor")
+    }
+}
+
 struct ShiftedSum {
     o: usize,
     offsets: Vec<usize>,
@@ -481,21 +1052,143 @@ impl candle_core::CustomOp1 for ShiftedSum {
             );
         }
         let mut out = vec![0f32; n * o * len];
+        self.accumulate(&mut out, y, (rows, cols), false);
+        Ok((CpuStorage::F32(out), Shape::from((n, o, len))))
+    }
+}
+
+impl ShiftedSum {
+    /// Sums the shifted taps of `y` (`[n, rows, cols]`) into `out` (`[n, o, len]`), adding to
+    /// what `out` holds if `add`, else overwriting it.
+    fn accumulate(&self, out: &mut [f32], y: &[f32], (rows, cols): (usize, usize), add: bool) {
+        let (o, len) = (self.o, self.len);
         out.par_chunks_mut(len).enumerate().for_each(|(row, dst)| {
             let (b, c) = (row / o, row % o);
             for (t, &off) in self.offsets.iter().enumerate() {
                 let src_row = (b * rows + t * o + c) * cols + off;
                 let src = &y[src_row..src_row + len];
-                if t == 0 {
+                if t == 0 && !add {
                     dst.copy_from_slice(src);
                 } else {
-                    for (d, s) in dst.iter_mut().zip(src) {
-                        *d += s;
-                    }
+                    add_assign_wide(dst, src);
                 }
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from((n, o, len))))
+    }
+}
+
+impl InplaceOp2 for ShiftedSum {
+    fn name(&self) -> &'static str {
+        "shifted-sum-into"
+    }
+
+    fn cpu_fwd(
+        &self,
+        acc: &mut CpuStorage,
+        al: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<()> {
+        let y = contiguous_f32(ys, yl, "shifted sum")?;
+        let (n, rows, cols) = yl.shape().dims3()?;
+        if al.dims() != [n, self.o, self.len]
+            || rows != self.o * self.offsets.len()
+            || self.offsets.iter().any(|&off| off + self.len > cols)
+        {
+            candle_core::bail!(
+                "shifted sum: bad shapes {:?} += {:?} for {} taps",
+                al.dims(),
+                yl.dims(),
+                self.offsets.len()
+            );
+        }
+        let out = epilogue_slice(acc, al)?;
+        self.accumulate(out, y, (rows, cols), true);
+        Ok(())
+    }
+}
+
+/// The zero-padded input of a [`PhaseGemm`], split into its stride phases in one pass:
+/// `[n, c, h, w]` -> `[sh * sw, n, c, hh * wh]` with
+/// `out[a * sw + b][.., i * wh + j] = x[.., i * sh + a - pt, j * sw + b - pl]` (zero outside).
+fn phase_split(
+    x: &Tensor,
+    stride: (usize, usize),
+    pads: (usize, usize),
+    grid: (usize, usize),
+) -> candle_core::Result<Tensor> {
+    let (n, c, _, _) = x.dims4()?;
+    let (sh, sw) = stride;
+    let (pt, pl) = pads;
+    let (hh, wh) = grid;
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x
+            .contiguous()?
+            .apply_op1_no_bwd(&PhaseSplit { stride, pads, grid });
+    }
+    let x = fit(x, 2, pt, hh * sh)?;
+    let x = fit(&x, 3, pl, wh * sw)?;
+    x.reshape((n, c, hh, sh, wh, sw))?
+        .permute((3, 5, 0, 1, 2, 4))?
+        .contiguous()?
+        .reshape((sh * sw, n, c, hh * wh))
+}
+
+struct PhaseSplit {
+    stride: (usize, usize),
+    pads: (usize, usize),
+    grid: (usize, usize),
+}
+
+impl candle_core::CustomOp1 for PhaseSplit {
+    fn name(&self) -> &'static str {
+        "phase-split"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "phase split")?;
+        let (n, c, h, w) = l.shape().dims4()?;
+        let (sh, sw) = self.stride;
+        let (pt, pl) = self.pads;
+        let (hh, wh) = self.grid;
+        let mut out = vec![0f32; sh * sw * n * c * hh * wh];
+        if out.is_empty() {
+            return Ok((CpuStorage::F32(out), Shape::from((sh * sw, n, c, hh * wh))));
+        }
+        let planes = n * c;
+        out.par_chunks_mut(hh * wh)
+            .enumerate()
+            .for_each(|(idx, dst)| {
+                let (phase, plane) = (idx / planes, idx % planes);
+                let (a, b) = (phase / sw, phase % sw);
+                let src = &x[plane * h * w..(plane + 1) * h * w];
+                // Output columns j whose source column j * sw + b - pl lies in 0..w.
+                let j0 = pl.saturating_sub(b).div_ceil(sw);
+                let j1 = if w + pl > b {
+                    ((w + pl - b - 1) / sw + 1).min(wh)
+                } else {
+                    0
+                };
+                if j0 >= j1 {
+                    return;
+                }
+                for (i, drow) in dst.chunks_exact_mut(wh).enumerate() {
+                    let iy = i * sh + a;
+                    if iy < pt || iy - pt >= h {
+                        continue;
+                    }
+                    let srow = &src[(iy - pt) * w..(iy - pt + 1) * w];
+                    let ix0 = j0 * sw + b - pl;
+                    if sw == 1 {
+                        drow[j0..j1].copy_from_slice(&srow[ix0..ix0 + (j1 - j0)]);
+                    } else {
+                        for (d, s) in drow[j0..j1].iter_mut().zip(srow[ix0..].iter().step_by(sw)) {
+                            *d = *s;
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((sh * sw, n, c, hh * wh))))
     }
 }
 
@@ -519,6 +1212,52 @@ pub fn subsample(x: &Tensor, dim: usize, step: usize) -> candle_core::Result<Ten
     let len = x.dim(dim)?;
     let idx = Tensor::arange_step(0u32, len as u32, step as u32, x.device())?;
     x.index_select(&idx, dim)
+}
+
+/// MaxPool 2x2, stride 1, SAME_UPPER padding: `out[y][x]` is the max of `x[y..=y+1][x..=x+1]`
+/// with the window clipped at the bottom and right edges (padding with -inf, as ONNX does).
+pub fn max_pool_2x2_same(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1_no_bwd(&MaxPool2x2Same);
+    }
+    // Repeating the last row/column leaves every window's max unchanged.
+    x.pad_with_same(2, 0, 1)?
+        .pad_with_same(3, 0, 1)?
+        .max_pool2d_with_stride(2, 1)
+}
+
+struct MaxPool2x2Same;
+
+impl candle_core::CustomOp1 for MaxPool2x2Same {
+    fn name(&self) -> &'static str {
+        "max-pool-2x2-same"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "max pool")?;
+        let (_, _, h, w) = l.shape().dims4()?;
+        let mut out = vec![0f32; x.len()];
+        if h * w == 0 {
+            return Ok((CpuStorage::F32(out), l.shape().clone()));
+        }
+        out.par_chunks_mut(h * w)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(dst, src)| {
+                for y in 0..h {
+                    let r0 = &src[y * w..(y + 1) * w];
+                    let r1 = &src[(y + 1).min(h - 1) * w..][..w];
+                    let d = &mut dst[y * w..(y + 1) * w];
+                    for ((d, a), b) in d.iter_mut().zip(r0).zip(r1) {
+                        *d = a.max(*b);
+                    }
+                    // Each column now holds its vertical max; fold in the right neighbour.
+                    for x in 0..w - 1 {
+                        d[x] = d[x].max(d[x + 1]);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
 }
 
 /// Nearest-neighbour upsampling by integer factors (what ONNX Resize does with `nearest`,
@@ -654,6 +1393,18 @@ impl CustomOp3 for DepthwiseConv {
             })
             .collect();
 
+        let geom = DwGeometry {
+            h,
+            w: wd,
+            kh,
+            kw,
+            sh,
+            sw,
+            pt,
+            pl,
+            wo,
+            col_range,
+        };
         out.par_chunks_mut(ho * wo)
             .enumerate()
             .for_each(|(plane, o)| {
@@ -661,39 +1412,74 @@ impl CustomOp3 for DepthwiseConv {
                 let src = &x[plane * h * wd..(plane + 1) * h * wd];
                 let k = &w[ch * kh * kw..(ch + 1) * kh * kw];
                 o.fill(b[ch]);
-                for oy in 0..ho {
-                    let orow = &mut o[oy * wo..(oy + 1) * wo];
-                    for ky in 0..kh {
-                        let iy = oy * sh + ky;
-                        if iy < pt || iy - pt >= h {
-                            continue;
-                        }
-                        let irow = &src[(iy - pt) * wd..(iy - pt + 1) * wd];
-                        for kx in 0..kw {
-                            let wv = k[ky * kw + kx];
-                            let (first, last) = col_range[kx];
-                            if first >= last {
-                                continue;
-                            }
-                            let ix0 = first * sw + kx - pl;
-                            if sw == 1 {
-                                // Contiguous on both sides, so this loop vectorises.
-                                for (ov, iv) in orow[first..last].iter_mut().zip(&irow[ix0..]) {
-                                    *ov += wv * iv;
-                                }
-                            } else {
-                                for (ov, iv) in orow[first..last]
-                                    .iter_mut()
-                                    .zip(irow[ix0..].iter().step_by(sw))
-                                {
-                                    *ov += wv * iv;
-                                }
-                            }
-                        }
-                    }
-                }
+                depthwise_plane_wide(&geom, src, k, o);
             });
         Ok((CpuStorage::F32(out), Shape::from((n, c, ho, wo))))
+    }
+}
+
+/// Shape of one depthwise conv, shared by all its planes.
+struct DwGeometry {
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    sh: usize,
+    sw: usize,
+    pt: usize,
+    pl: usize,
+    wo: usize,
+    /// Per kernel column, the output columns whose input column is inside the image.
+    col_range: Vec<(usize, usize)>,
+}
+
+wide_kernel!(depthwise_plane_wide = depthwise_plane(g: &DwGeometry, src: &[f32], k: &[f32], o: &mut [f32]));
+
+/// One output plane `o` (already holding the bias) of a depthwise conv of plane `src` with
+/// kernel `k`.
+#[inline(always)]
+fn depthwise_plane(g: &DwGeometry, src: &[f32], k: &[f32], o: &mut [f32]) {
+    let DwGeometry {
+        h,
+        w,
+        kh,
+        kw,
+        sh,
+        sw,
+        pt,
+        pl,
+        wo,
+        ref col_range,
+    } = *g;
+    for (oy, orow) in o.chunks_exact_mut(wo).enumerate() {
+        for ky in 0..kh {
+            let iy = oy * sh + ky;
+            if iy < pt || iy - pt >= h {
+                continue;
+            }
+            let irow = &src[(iy - pt) * w..(iy - pt + 1) * w];
+            for kx in 0..kw {
+                let wv = k[ky * kw + kx];
+                let (first, last) = col_range[kx];
+                if first >= last {
+                    continue;
+                }
+                let ix0 = first * sw + kx - pl;
+                if sw == 1 {
+                    // Contiguous on both sides, so this loop vectorises.
+                    for (ov, iv) in orow[first..last].iter_mut().zip(&irow[ix0..]) {
+                        *ov += wv * iv;
+                    }
+                } else {
+                    for (ov, iv) in orow[first..last]
+                        .iter_mut()
+                        .zip(irow[ix0..].iter().step_by(sw))
+                    {
+                        *ov += wv * iv;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -726,14 +1512,28 @@ impl Module for Linear {
         let in_f = dims.last().copied().unwrap_or(0);
         let rows = x.elem_count() / in_f.max(1);
         let y = x.reshape((rows, in_f))?.matmul(&self.weight)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
             *last = self.out_features();
         }
+        let ep = Epilogue {
+            activation: self.activation,
+            post_affine: None,
+            repeat: 1,
+            per_column: true,
+        };
+        if y.device().is_cpu() && y.dtype() == DType::F32 && y.is_contiguous() {
+            match &self.bias {
+                Some(b) => y.inplace_op2(b, &ep)?,
+                None if !ep.is_identity() => y.inplace_op1(&ep)?,
+                None => {}
+            }
+            return y.reshape(out_dims);
+        }
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
         self.activation.apply(&y.reshape(out_dims)?)
     }
 }
@@ -758,6 +1558,106 @@ impl LayerNorm {
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// `dst + src` for tensors of the same shape, written into `dst`'s storage when that is a
+/// contiguous CPU buffer. `dst` must not be shared with a tensor still in use.
+pub fn add_into(dst: Tensor, src: &Tensor) -> candle_core::Result<Tensor> {
+    if dst.device().is_cpu()
+        && dst.dtype() == DType::F32
+        && dst.is_contiguous()
+        && dst.dims() == src.dims()
+    {
+        dst.inplace_op2(&src.contiguous()?, &AddAssign)?;
+        return Ok(dst);
+    }
+    dst + src
+}
+
+struct AddAssign;
+
+impl InplaceOp2 for AddAssign {
+    fn name(&self) -> &'static str {
+        "add-assign"
+    }
+
+    fn cpu_fwd(
+        &self,
+        d: &mut CpuStorage,
+        dl: &Layout,
+        s: &CpuStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<()> {
+        let src = contiguous_f32(s, sl, "add")?;
+        let dst = epilogue_slice(d, dl)?;
+        if src.len() != dst.len() {
+            candle_core::bail!("add: {:?} += {:?}", dl.dims(), sl.dims());
+        }
+        dst.par_chunks_mut(EPILOGUE_CHUNK)
+            .zip(src.par_chunks(EPILOGUE_CHUNK))
+            .for_each(|(d, s)| add_assign_wide(d, s));
+        Ok(())
+    }
+}
+
+/// `x * gate` (or `x * (1 + gate)` with `plus_one`) for `x` `[n, c, h, w]` and a per-channel
+/// `gate` `[n, c, 1, 1]`, written into `x`'s storage when that is a contiguous CPU buffer. `x`
+/// must not be shared with a tensor still in use.
+pub fn scale_channels_into(
+    x: Tensor,
+    gate: &Tensor,
+    plus_one: bool,
+) -> candle_core::Result<Tensor> {
+    let (n, c, _, _) = x.dims4()?;
+    if x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && x.is_contiguous()
+        && gate.elem_count() == n * c
+    {
+        x.inplace_op2(&gate.contiguous()?, &ChannelScale { plus_one })?;
+        return Ok(x);
+    }
+    if plus_one {
+        x.broadcast_mul(&(gate + 1.0)?)
+    } else {
+        x.broadcast_mul(gate)
+    }
+}
+
+struct ChannelScale {
+    plus_one: bool,
+}
+
+impl InplaceOp2 for ChannelScale {
+    fn name(&self) -> &'static str {
+        "channel-scale"
+    }
+
+    fn cpu_fwd(
+        &self,
+        d: &mut CpuStorage,
+        dl: &Layout,
+        s: &CpuStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<()> {
+        let gate = contiguous_f32(s, sl, "channel scale")?;
+        let x = epilogue_slice(d, dl)?;
+        let plane = x.len() / gate.len().max(1);
+        if plane == 0 {
+            return Ok(());
+        }
+        let add = if self.plus_one { 1.0 } else { 0.0 };
+        x.par_chunks_mut(plane)
+            .enumerate()
+            .with_min_len(EPILOGUE_CHUNK.div_ceil(plane))
+            .for_each(|(i, row)| {
+                let g = gate[i] + add;
+                for v in row.iter_mut() {
+                    *v *= g;
+                }
+            });
+        Ok(())
     }
 }
 
@@ -878,6 +1778,72 @@ mod tests {
     }
 
     #[test]
+    fn banded_phase_gemm_matches_wide() {
+        let cases: &[ConvCase] = &[
+            ((3, 3), (1, 1), [1, 1, 1, 1], (9, 11)),
+            ((2, 2), (1, 1), [0, 0, 1, 1], (5, 6)),
+            ((5, 3), (1, 1), [2, 1, 2, 1], (6, 6)),
+            ((3, 3), (2, 2), [1, 1, 1, 1], (9, 11)),
+            ((3, 3), (2, 2), [1, 1, 1, 1], (8, 10)),
+            ((3, 3), (2, 1), [1, 1, 1, 1], (8, 7)),
+        ];
+        for &((kh, kw), stride, pads, (h, w)) in cases {
+            for n in [1, 2] {
+                let wt = seq(&[6, 6, kh, kw], 1.0);
+                let pg = PhaseGemm::new(&wt, stride, &Device::Cpu).expect("new");
+                // Channels 0..2 at full size, 2..6 upsampled from a half-size map.
+                let a = seq(&[n, 2, h, w], 2.0);
+                let half = seq(&[n, 4, h.div_ceil(2), w.div_ceil(2)], 1.5);
+                let b = upsample_nearest(&half, 2, 2)
+                    .and_then(|t| t.narrow(2, 0, h))
+                    .and_then(|t| t.narrow(3, 0, w))
+                    .expect("up");
+                let x = Tensor::cat(&[&a, &b], 1).expect("cat");
+                let (want, wo) = pg.forward_wide(&x, pads).expect("wide");
+                // A few hundred elements per band: several bands even on these small maps.
+                let (got, wo2) = pg.forward_banded(&[(&x, 1)], pads, 300).expect("banded");
+                assert_eq!((got.dims(), wo2), (want.dims(), wo));
+                assert!(
+                    max_diff(&got, &want) < 1e-4,
+                    "k {kh}x{kw} s {stride:?} n {n}"
+                );
+                if h % 2 == 0 && w % 2 == 0 {
+                    let (got, _) = pg
+                        .forward_banded(&[(&a, 1), (&half, 2)], pads, 300)
+                        .expect("sources");
+                    assert!(
+                        max_diff(&got, &want) < 1e-4,
+                        "sources k {kh}x{kw} s {stride:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn im2col_matches_conv2d() {
+        let cases: &[ConvCase] = &[
+            ((3, 3), (2, 2), [1, 1, 1, 1], (9, 11)),
+            ((3, 3), (1, 1), [1, 1, 1, 1], (8, 7)),
+            ((3, 3), (2, 1), [0, 1, 2, 1], (8, 7)),
+        ];
+        for &((kh, kw), stride, pads, (h, w)) in cases {
+            let x = seq(&[2, 3, h, w], 2.0);
+            let wt = seq(&[5, 3, kh, kw], 1.0);
+            let got = im2col_banded(&x, &wt, stride, pads, 40).expect("im2col");
+            let xp = x
+                .pad_with_zeros(2, pads[0], pads[2])
+                .and_then(|t| t.pad_with_zeros(3, pads[1], pads[3]))
+                .expect("pad");
+            let full = xp.conv2d(&wt, 0, 1, 1, 1).expect("conv");
+            let want =
+                subsample(&subsample(&full, 2, stride.0).expect("s"), 3, stride.1).expect("s");
+            assert_eq!(got.dims(), want.dims(), "k {kh}x{kw} s {stride:?}");
+            assert!(max_diff(&got, &want) < 1e-4, "k {kh}x{kw} s {stride:?}");
+        }
+    }
+
+    #[test]
     fn shifted_sum_kernel_matches_generic() {
         let y = seq(&[2, 3 * 4, 20], 1.0);
         let offsets = [0, 3, 7];
@@ -903,6 +1869,21 @@ mod tests {
             worst = worst.max((erf_fast(x) - libm::erff(x)).abs());
         }
         assert!(worst < 5e-7, "erf error {worst}");
+    }
+
+    #[test]
+    fn max_pool_matches_padded_candle_pool() {
+        for (h, w) in [(1, 1), (1, 5), (4, 1), (5, 7)] {
+            let x = seq(&[2, 3, h, w], 3.0);
+            let got = max_pool_2x2_same(&x).expect("pool");
+            let want = x
+                .pad_with_same(2, 0, 1)
+                .and_then(|t| t.pad_with_same(3, 0, 1))
+                .and_then(|t| t.max_pool2d_with_stride(2, 1))
+                .expect("candle pool");
+            assert_eq!(got.dims(), want.dims());
+            assert!(max_diff(&got, &want) == 0.0, "{h}x{w}");
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@
 use candle_core::{Device, Module, Tensor};
 
 use super::graph::{ConvSpec, GraphWalker};
-use super::layers::{global_avg_pool, Conv2d};
+use super::layers::{add_into, global_avg_pool, max_pool_2x2_same, scale_channels_into, Conv2d};
 use crate::error::Result;
 
 /// Squeeze-and-excite: `x * gate(conv2(relu(conv1(mean(x)))))`. The gate (hard sigmoid, with
@@ -49,12 +49,23 @@ impl SqueezeExcite {
     }
 }
 
+impl SqueezeExcite {
+    /// The per-channel gate, `[n, c, 1, 1]`.
+    pub fn gate(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.expand
+            .forward(&self.reduce.forward(&global_avg_pool(x)?)?)
+    }
+
+    /// [`Module::forward`] that scales `x` in place; `x` must not be shared.
+    pub fn forward_into(&self, x: Tensor) -> candle_core::Result<Tensor> {
+        let s = self.gate(&x)?;
+        scale_channels_into(x, &s, false)
+    }
+}
+
 impl Module for SqueezeExcite {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let s = self
-            .expand
-            .forward(&self.reduce.forward(&global_avg_pool(x)?)?)?;
-        x.broadcast_mul(&s)
+        x.broadcast_mul(&self.gate(x)?)
     }
 }
 
@@ -147,7 +158,7 @@ impl Module for LcNetBlock {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let t = self.dw.forward(x)?;
         let t = match &self.se {
-            Some(se) => se.forward(&t)?,
+            Some(se) => se.forward_into(t)?,
             None => t,
         };
         let mut y = t.clone();
@@ -155,7 +166,7 @@ impl Module for LcNetBlock {
             y = conv.forward(&y)?;
         }
         if self.residual {
-            t + y
+            add_into(y, &t)
         } else {
             Ok(y)
         }
@@ -241,13 +252,8 @@ impl Module for Stem {
                 } = b.as_ref();
                 let x = stem1.forward(x)?;
                 let x2 = stem2b.forward(&stem2a.forward(&x)?)?;
-                // MaxPool 2x2/1 with SAME_UPPER padding: repeating the last row/column leaves
-                // every window's max unchanged, exactly like padding with -inf.
-                let x1 = x
-                    .pad_with_same(2, 0, 1)?
-                    .pad_with_same(3, 0, 1)?
-                    .max_pool2d_with_stride(2, 1)?;
-                stem4.forward(&stem3.forward(&Tensor::cat(&[&x1, &x2], 1)?)?)
+                let x1 = max_pool_2x2_same(&x)?;
+                stem4.forward(&stem3.forward_concat(&[(x1, 1), (x2, 1)])?)
             }
             Stem::Plain(convs) => {
                 let mut x = x.clone();

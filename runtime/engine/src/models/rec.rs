@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Module, Tensor};
+use candle_core::{CpuStorage, DType, Device, Layout, Module, Shape, Tensor};
+use rayon::prelude::*;
 
 use super::graph::{attr_pair, GraphWalker};
 use super::layers::{Conv2d, LayerNorm, Linear};
@@ -421,9 +422,8 @@ impl RecModel {
         self.dictionary.len()
     }
 
-    /// `x`: `[n, 3, 48, w]` f32, normalised to [-1, 1]. Returns `[n, t, classes]` softmax
-    /// probabilities, `t` = the number of horizontal steps (about `w / 8`).
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x`: `[n, 3, 48, w]` f32, normalised to [-1, 1]. Returns the `[n, t, classes]` logits.
+    pub fn forward_logits(&self, x: &Tensor) -> Result<Tensor> {
         let (_, c, h, w) = x.dims4()?;
         if c != 3 || h != Self::INPUT_HEIGHT || w < 8 {
             return Err(Error::BadInput(format!(
@@ -432,22 +432,132 @@ impl RecModel {
                 x.dims()
             )));
         }
-        let f = self.backbone.forward(x)?;
-        let f = match self.pool {
-            Some((k, s)) => f.avg_pool2d_with_stride(k, s)?,
-            None => f,
+        let n = x.dim(0)?;
+        let chunk = if x.device().is_cpu() {
+            (Self::CPU_BACKBONE_WIDTH / w).clamp(1, n.max(1))
+        } else {
+            n.max(1)
+        };
+        let f = if chunk >= n {
+            self.features(x)?
+        } else {
+            let parts = (0..n)
+                .step_by(chunk)
+                .map(|i| self.features(&x.narrow(0, i, chunk.min(n - i))?))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&parts, 0)?
         };
         let mut logits = self.neck.forward(&f)?;
         for l in &self.head {
             logits = l.forward(&logits)?;
         }
-        Ok(candle_nn::ops::softmax_last_dim(&logits)?)
+        Ok(logits)
+    }
+
+    /// `x`: `[n, 3, 48, w]` f32, normalised to [-1, 1]. Returns `[n, t, classes]` softmax
+    /// probabilities, `t` = the number of horizontal steps (about `w / 8`).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::softmax_last_dim(&self.forward_logits(x)?)?)
+    }
+
+    /// Each timestep's most likely class and its softmax probability, `[n, t, 2]` (class as
+    /// f32), and the class count: bit for bit what [`top1_of_probs`] gives on
+    /// [`Self::forward`], without the `[n, t, classes]` probability tensor.
+    pub fn forward_top1(&self, x: &Tensor) -> Result<(Tensor, usize)> {
+        let logits = self.forward_logits(x)?;
+        let (_, _, c) = logits.dims3()?;
+        Ok((top1_softmax(&logits)?, c))
+    }
+}
+
+impl RecModel {
+    /// On the CPU the backbone runs on a few lines at a time, about this many input columns in
+    /// all: its largest activations then stay cache- and allocator-friendly instead of
+    /// growing with the batch. Lines are independent there, so the result is the same.
+    const CPU_BACKBONE_WIDTH: usize = 2048;
+
+    /// Backbone and height pooling: `[n, 3, 48, w]` -> `[n, c, 1, t]`.
+    fn features(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let f = self.backbone.forward(x)?;
+        match self.pool {
+            Some((k, s)) => f.avg_pool2d_with_stride(k, s),
+            None => Ok(f),
+        }
     }
 }
 
 impl SvtrNeck {
     fn norm_width(&self) -> usize {
         self.shortcut.out_channels()
+    }
+}
+
+/// `[n, t, c]` probabilities -> `[n, t, 2]`: each row's first maximum and its index (as f32).
+pub fn top1_of_probs(probs: &Tensor) -> candle_core::Result<Tensor> {
+    let probs = probs.to_dtype(DType::F32)?;
+    let (n, t, c) = probs.dims3()?;
+    let rows: Vec<f32> = probs.flatten_all()?.to_vec1()?;
+    let mut out = Vec::with_capacity(n * t * 2);
+    for row in rows.chunks_exact(c.max(1)) {
+        let (best, p) = crate::ctc::top1(row);
+        out.extend([best as f32, p]);
+    }
+    Tensor::from_vec(out, (n, t, 2), probs.device())
+}
+
+/// [`top1_of_probs`] of `softmax_last_dim(logits)`, computed row by row on the CPU with the
+/// same arithmetic as candle's softmax (so the same bits), but without storing the
+/// probabilities: for a recogniser with thousands of classes those are by far the largest
+/// tensor of the forward.
+pub fn top1_softmax(logits: &Tensor) -> candle_core::Result<Tensor> {
+    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+        return logits.contiguous()?.apply_op1_no_bwd(&Top1Softmax);
+    }
+    top1_of_probs(&candle_nn::ops::softmax_last_dim(logits)?)
+}
+
+struct Top1Softmax;
+
+impl candle_core::CustomOp1 for Top1Softmax {
+    fn name(&self) -> &'static str {
+        "top1-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        use candle_core::cpu::kernels::VecOps;
+        let CpuStorage::F32(data) = s else {
+            candle_core::bail!("top1 softmax: only f32 is supported on the CPU");
+        };
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("top1 softmax: input must be contiguous");
+        };
+        let src = &data[start..end];
+        let (n, t, c) = l.shape().dims3()?;
+        let mut out = vec![0f32; n * t * 2];
+        if c == 0 {
+            return Ok((CpuStorage::F32(out), Shape::from((n, t, 2))));
+        }
+        out.par_chunks_mut(2).zip(src.par_chunks(c)).for_each_init(
+            || vec![0f32; c],
+            |probs, (dst, row)| {
+                let mut max = f32::NEG_INFINITY;
+                let mut sum = 0f32;
+                // SAFETY: both pointers cover `c` initialised f32s.
+                unsafe { f32::vec_reduce_max(row.as_ptr(), &mut max, c) };
+                for (p, &v) in probs.iter_mut().zip(row) {
+                    *p = (v - max).exp();
+                }
+                // SAFETY: as above.
+                unsafe { f32::vec_reduce_sum(probs.as_ptr(), &mut sum, c) };
+                for p in probs.iter_mut() {
+                    *p /= sum;
+                }
+                let (best, p) = crate::ctc::top1(probs);
+                dst[0] = best as f32;
+                dst[1] = p;
+            },
+        );
+        Ok((CpuStorage::F32(out), Shape::from((n, t, 2))))
     }
 }
 
@@ -501,6 +611,20 @@ mod tests {
         );
         assert_eq!(split_lines_like_python("a\n"), vec!["a"]);
         assert_eq!(split_lines_like_python("a\n\nb"), vec!["a", "", "b"]);
+    }
+
+    #[test]
+    fn top1_softmax_matches_softmax_then_argmax() {
+        let v: Vec<f32> = (0..2 * 3 * 50)
+            .map(|i| ((i * 7919 % 101) as f32 / 101.0 - 0.5) * 20.0)
+            .collect();
+        let logits = Tensor::from_vec(v, (2, 3, 50), &Device::Cpu).expect("tensor");
+        let fused = top1_softmax(&logits).expect("fused");
+        let want = top1_of_probs(&candle_nn::ops::softmax_last_dim(&logits).expect("softmax"))
+            .expect("top1");
+        let a: Vec<f32> = fused.flatten_all().and_then(|t| t.to_vec1()).expect("vec");
+        let b: Vec<f32> = want.flatten_all().and_then(|t| t.to_vec1()).expect("vec");
+        assert_eq!(a, b);
     }
 
     #[test]
