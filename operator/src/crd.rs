@@ -200,7 +200,7 @@ pub struct ModelSpec {
     pub device: Device,
     pub source: ModelSource,
     /// How page images are sized for the detector; absent: the runtime's
-    /// default (`Min`, 736).
+    /// default (`Min`, 64: images run at their own scale).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detection: Option<DetectionSpec>,
 }

@@ -236,9 +236,12 @@ pub struct ModelConfig {
     pub variant: String,
     /// `cpu` or `cuda` (`cuda:N` for another GPU).
     pub device: String,
-    /// Detector input size rule: with `min` (default) small images are
-    /// scaled up to `det_limit_side_len` on their short side; `max` only
-    /// shrinks large ones, which is much faster for small inputs.
+    /// Detector input size rule: with `min` (default) images whose short
+    /// side is below `det_limit_side_len` are scaled up to it; `max` shrinks
+    /// images whose long side exceeds it. The default, `min` 64 (PaddleOCR
+    /// 3's), runs pages and small inputs at their own scale: rapidocr's
+    /// `min` 736 gives the same result on pages but grows a 640×208 label
+    /// 3.5× (3.2 s and 600 MB instead of 0.3 s and 90 MB, the same text).
     pub det_limit_type: DetLimitType,
     pub det_limit_side_len: u32,
 }
@@ -341,7 +344,7 @@ impl Default for ModelConfig {
             variant: "v6-small".into(),
             device: "cpu".into(),
             det_limit_type: DetLimitType::Min,
-            det_limit_side_len: 736,
+            det_limit_side_len: 64,
         }
     }
 }
