@@ -117,20 +117,10 @@ impl ManagedKind {
             ManagedKind::HorizontalPodAutoscaler => {
                 ApiResource::erase::<HorizontalPodAutoscaler>(&())
             }
-            ManagedKind::ScaledObject => ApiResource {
-                group: "keda.sh".into(),
-                version: "v1alpha1".into(),
-                api_version: "keda.sh/v1alpha1".into(),
-                kind: "ScaledObject".into(),
-                plural: "scaledobjects".into(),
-            },
-            ManagedKind::TriggerAuthentication => ApiResource {
-                group: "keda.sh".into(),
-                version: "v1alpha1".into(),
-                api_version: "keda.sh/v1alpha1".into(),
-                kind: "TriggerAuthentication".into(),
-                plural: "triggerauthentications".into(),
-            },
+            ManagedKind::ScaledObject => keda_resource("ScaledObject", "scaledobjects"),
+            ManagedKind::TriggerAuthentication => {
+                keda_resource("TriggerAuthentication", "triggerauthentications")
+            }
         }
     }
 
@@ -144,6 +134,17 @@ impl ManagedKind {
             ManagedKind::ScaledObject => "ScaledObject",
             ManagedKind::TriggerAuthentication => "TriggerAuthentication",
         }
+    }
+}
+
+/// KEDA's CRDs have no Rust types here; they are applied as dynamic objects.
+fn keda_resource(kind: &str, plural: &str) -> ApiResource {
+    ApiResource {
+        group: "keda.sh".into(),
+        version: "v1alpha1".into(),
+        api_version: "keda.sh/v1alpha1".into(),
+        kind: kind.into(),
+        plural: plural.into(),
     }
 }
 
@@ -465,9 +466,9 @@ pub fn runtime_config(p: &OcrPipeline) -> Result<String, toml::ser::Error> {
             grpc_addr: format!("0.0.0.0:{GRPC_PORT}"),
         },
         blob: BlobToml {
-            url: match (&s.blob.s3, &s.blob.volume) {
-                (Some(s3), _) => s3.url(),
-                (None, _) => format!("file://{BLOB_DIR}"),
+            url: match &s.blob.s3 {
+                Some(s3) => s3.url(),
+                None => format!("file://{BLOB_DIR}"),
             },
         },
         queue: QueueToml {

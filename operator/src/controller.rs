@@ -363,7 +363,7 @@ async fn apply(pipeline: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<Ac
         || migration
             .is_some_and(|m| m.from == Architecture::Writer || m.to == Architecture::Writer);
     let lag_needed = migration.is_some_and(|m| m.from == Architecture::Writer);
-    let kafka = observe_kafka(ctx, &pipeline, results_in_play, lag_needed).await;
+    let kafka = observe_kafka(ctx, ns, &pipeline, results_in_play, lag_needed).await;
 
     let observed = Observed {
         worker_mode: live_mode,
@@ -423,6 +423,7 @@ struct KafkaView {
 
 async fn observe_kafka(
     ctx: &Context,
+    ns: &str,
     pipeline: &OcrPipeline,
     results_in_play: bool,
     lag_needed: bool,
@@ -438,8 +439,7 @@ async fn observe_kafka(
         .collect();
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
-    let ns = pipeline.namespace().unwrap_or_default();
-    let cluster = match kafka_cluster(ctx, &ns, kafka).await {
+    let cluster = match kafka_cluster(ctx, ns, kafka).await {
         Ok(cluster) => cluster,
         Err(problem) => {
             return KafkaView {

@@ -291,16 +291,13 @@ pub async fn group_lag(
 /// until shutdown. Returns the bound address.
 async fn serve_consumer_health(
     config: &Config,
+    kafka: &KafkaConnection,
     (group, topic): (&str, &str),
     health: RoleHealth,
     shutdown: &CancellationToken,
     tasks: &mut JoinSet<()>,
 ) -> anyhow::Result<SocketAddr> {
-    let (kafka, group, topic) = (
-        KafkaConnection::from_config(&config.queue)?,
-        group.to_owned(),
-        topic.to_owned(),
-    );
+    let (kafka, group, topic) = (kafka.clone(), group.to_owned(), topic.to_owned());
     let (metrics, until) = (health.metrics.clone(), shutdown.clone());
     tasks.spawn(async move {
         loop {
@@ -385,6 +382,7 @@ pub async fn start_worker(config: &Config, engine: Arc<dyn Recognize>) -> anyhow
     tasks.spawn(jobs.run(shutdown.clone()));
     let local_addr = serve_consumer_health(
         config,
+        &kafka,
         (&config.queue.consumer_group, &config.queue.jobs_topic),
         RoleHealth { readiness, metrics },
         &shutdown,
@@ -475,6 +473,7 @@ pub async fn start_writer(config: &Config) -> anyhow::Result<Running> {
     });
     let local_addr = serve_consumer_health(
         config,
+        &kafka,
         (&config.queue.writer_group, &config.queue.results_topic),
         RoleHealth { readiness, metrics },
         &shutdown,
