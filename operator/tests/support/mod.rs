@@ -399,6 +399,16 @@ impl FakeApi {
             .insert(name, object);
     }
 
+    /// Another actor (the kubelet, the garbage collector) removes an object.
+    pub fn remove(&self, collection: &str, name: &str) -> Option<Value> {
+        self.state
+            .lock()
+            .expect("fake state")
+            .objects
+            .get_mut(collection)
+            .and_then(|c| c.remove(name))
+    }
+
     pub fn get(&self, collection: &str, name: &str) -> Option<Value> {
         self.state
             .lock()
@@ -461,6 +471,42 @@ impl FakeApi {
 
 pub fn deployments(namespace: &str) -> String {
     format!("/apis/apps/v1/namespaces/{namespace}/deployments")
+}
+
+pub fn pods(namespace: &str) -> String {
+    format!("/api/v1/namespaces/{namespace}/pods")
+}
+
+/// A worker pod of the sample pipeline in `mode`, labelled as the worker
+/// Deployment's pods are; `terminating`: it has a `deletionTimestamp` and is
+/// still running (finishing its batch within its grace period).
+pub fn worker_pod(name: &str, mode: &str, terminating: bool) -> Value {
+    let mut pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": NAMESPACE,
+            "labels": {
+                "app.kubernetes.io/name": "ocr",
+                "app.kubernetes.io/instance": NAME,
+                "app.kubernetes.io/component": "worker",
+                "app.kubernetes.io/managed-by": "ocr-operator",
+                "ocr.serving.dev/pipeline": NAME,
+            },
+        },
+        "spec": {"containers": [{
+            "name": "worker",
+            "image": "ghcr.io/ocr-serving/ocr-runtime:0.1.0-cuda",
+            "env": [{"name": "OCR_WORKER__MODE", "value": mode}],
+        }]},
+        "status": {"phase": "Running"},
+    });
+    if terminating {
+        pod["metadata"]["deletionTimestamp"] = json!("2026-11-27T21:00:00Z");
+        pod["metadata"]["deletionGracePeriodSeconds"] = json!(60);
+    }
+    pod
 }
 
 pub fn pipelines(namespace: &str) -> String {
