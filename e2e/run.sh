@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # End-to-end suite on kind: build the images, start a cluster with MariaDB,
 # Kafka, an S3 stand-in and a model server, install the operator with Helm,
-# create a CPU OcrPipeline, and migrate it standard → batched → writer →
-# standard while a client keeps submitting jobs. Then check that every job
-# succeeded exactly once and that the pipeline ended where it should.
+# create a CPU OcrPipeline, and run e2e/scenarios/migrations.json (standard →
+# batched → writer → standard, with pods deleted and killed, a revert and the
+# operator's leader deleted on the way; the real-control-plane test in
+# e2e/tests/real_cluster.rs runs the same file) while a client keeps
+# submitting jobs. Then check that every job succeeded exactly once and that
+# the pipeline ended where it should.
 #
 #   e2e/run.sh                  # everything, then delete the cluster
 #   KEEP_CLUSTER=1 e2e/run.sh   # leave the cluster running (kubectl --context kind-ocr-e2e)
@@ -57,6 +60,9 @@ MIGRATION_TIMEOUT=${E2E_MIGRATION_TIMEOUT:-600}
 DRAIN_TIMEOUT=${E2E_DRAIN_TIMEOUT:-900}
 PORT=${E2E_PORT:-18080}
 ARTIFACTS=${E2E_ARTIFACTS:-$ROOT/target/e2e/$(date +%Y%m%d-%H%M%S)}
+
+# The scenario both environments run: e2e/tests/real_cluster.rs reads the same file.
+SCENARIO="$ROOT/e2e/scenarios/migrations.json"
 
 NS=ocr
 INFRA=ocr-infra
@@ -348,8 +354,50 @@ finished_by_role() {
   echo "$total"
 }
 
+set_architecture() {
+  kn patch ocrp "$PIPELINE" --type merge -p "{\"spec\":{\"architecture\":\"$1\"}}" >/dev/null
+}
+
+# One disruption named in e2e/scenarios/migrations.json (the real-cluster test does the same).
+disrupt() {
+  local what=$1 pods victim
+  case $what in
+    delete-worker-pod | kill-worker-pod)
+      pods=$(kn get pods -l "app.kubernetes.io/instance=$PIPELINE,app.kubernetes.io/component=worker" \
+        -o jsonpath='{range .items[?(!@.metadata.deletionTimestamp)]}{.metadata.name}{"\n"}{end}')
+      if [[ $what == delete-worker-pod ]]; then victim=$(head -n 1 <<<"$pods"); else victim=$(tail -n 1 <<<"$pods"); fi
+      [[ -n $victim ]] || fail "no running worker pod to disrupt"
+      if [[ $what == delete-worker-pod ]]; then
+        kn delete pod "$victim" --wait=false >/dev/null
+        info "deleted worker pod $victim"
+      else
+        # The kubelet kills the container at once: the closest kind has to SIGKILL.
+        kn delete pod "$victim" --grace-period=0 --force --wait=false >/dev/null 2>&1
+        info "killed worker pod $victim (force-deleted, grace 0)"
+      fi
+      ;;
+    delete-operator-leader)
+      victim=$(k -n "$OPERATOR_NS" get lease ocr-operator-leader -o jsonpath='{.spec.holderIdentity}')
+      [[ -n $victim ]] || fail "the operator Lease has no holder"
+      k -n "$OPERATOR_NS" delete pod "$victim" --wait=false >/dev/null
+      info "deleted the operator's leader pod $victim"
+      ;;
+    *) fail "unknown disruption $what in $SCENARIO" ;;
+  esac
+}
+
+wait_migration_started() {
+  local deadline=$(($(date +%s) + 60))
+  until [[ -n $(kn get ocrp "$PIPELINE" -o jsonpath='{.status.migration.phase}') ]]; do
+    [[ $(date +%s) -lt $deadline ]] || fail "the migration did not start within 60s"
+    sleep 0.5
+  done
+}
+
+# One step of the scenario: switch to `to`, disrupt while it migrates, optionally flip the spec
+# back to `revert_to` mid-way; then wait for the architecture it settles in.
 migrate() {
-  local from=$1 to=$2
+  local from=$1 to=$2 revert_to=$3 disruptions=$4 settled=$2 what
   say "migrating $from → $to while jobs keep arriving ($(submitted_count) submitted so far)"
   if [[ $from == writer ]]; then
     local persisted
@@ -357,11 +405,21 @@ migrate() {
     info "the writer persisted $persisted job(s) so far"
     [[ $persisted -gt 0 ]] || fail "in the writer architecture the writer persisted no job (ocr_jobs_finished_total on the writer pods is 0)"
   fi
-  kn patch ocrp "$PIPELINE" --type merge -p "{\"spec\":{\"architecture\":\"$to\"}}" >/dev/null
-  wait_pipeline "$to" "$MIGRATION_TIMEOUT" "migration $from → $to"
-  check_writer_deployment "$to"
-  info "jobs flow in $to for ${SETTLE}s"
+  set_architecture "$to"
+  if [[ -n $disruptions || -n $revert_to ]]; then
+    wait_migration_started
+  fi
+  for what in $disruptions; do disrupt "$what"; done
+  if [[ -n $revert_to ]]; then
+    set_architecture "$revert_to"
+    info "spec.architecture flipped back to $revert_to mid-migration"
+    settled=$revert_to
+  fi
+  wait_pipeline "$settled" "$MIGRATION_TIMEOUT" "migration $from → $to${revert_to:+ reverted to $revert_to}"
+  check_writer_deployment "$settled"
+  info "jobs flow in $settled for ${SETTLE}s"
   sleep "$SETTLE"
+  CURRENT=$settled
 }
 
 # ------------------------------------------------------------------ 0. prerequisites
@@ -480,9 +538,11 @@ SUBMIT_PID=$!
 sleep "$SETTLE"
 [[ $(submitted_count) -gt 0 ]] || fail "no job could be submitted in ${SETTLE}s (see $SUBMIT_ERRORS)"
 
-migrate standard batched
-migrate batched writer
-migrate writer standard
+CURRENT=$(jq -r '.start' "$SCENARIO")
+# '|' separates the fields: unlike a tab it keeps an empty revert_to in its place.
+while IFS='|' read -r to revert_to disruptions; do
+  migrate "$CURRENT" "$to" "$revert_to" "$disruptions"
+done < <(jq -r '.steps[] | [.to, (.revert_to // ""), ((.disrupt // []) | join(" "))] | join("|")' "$SCENARIO")
 
 say "stopping the client"
 touch "$STOP_FILE"
@@ -565,11 +625,11 @@ lag=$(kafka_exec kafka-consumer-groups.sh --describe --group ocr-worker 2>/dev/n
 [[ $lag == 0 ]] || fail "the worker group ocr-worker has lag $lag on the jobs topic"
 info "worker group ocr-worker has no lag"
 
-wait_pipeline standard 60 "final status"
+wait_pipeline "$CURRENT" 60 "final status"
 final_arch=$(kn get ocrp "$PIPELINE" -o jsonpath='{.status.architecture}')
-[[ $final_arch == standard ]] || fail "status.architecture is $final_arch, expected standard"
-check_writer_deployment standard
+[[ $final_arch == "$CURRENT" ]] || fail "status.architecture is $final_arch, expected $CURRENT (the scenario's last step)"
+check_writer_deployment "$CURRENT"
 restarts=$(kn get pods -o jsonpath='{range .items[*]}{range .status.containerStatuses[*]}{.restartCount}{"\n"}{end}{end}' | awk '{ s += $1 } END { printf "%d", s }')
 [[ $restarts -eq 0 ]] || warn "pipeline containers restarted $restarts time(s) (see the pod logs)"
-info "status.architecture=$final_arch, Ready, writer removed"
+info "status.architecture=$final_arch, Ready, writer only where the architecture is writer"
 cp "$STATUS" "$ARTIFACTS/jobs-final.tsv"

@@ -31,6 +31,12 @@ export OCR_TEST_MOTO_SERVER="$TOOLS/venv-moto/bin/moto_server"
 OCR_TEST_TANSU=$(scripts/install-tansu.sh)
 export OCR_TEST_TANSU
 
+# The real-cluster scenarios (e2e/tests/real_cluster.rs): Kubernetes v1.36 control plane from
+# the workplace kit (../shared/k8s; OCR_TEST_K8S overrides) and Helm to render the chart.
+export OCR_TEST_K8S=${OCR_TEST_K8S:-$(cd .. && pwd)/shared/k8s}
+OCR_TEST_HELM=$(scripts/install-helm.sh 4)
+export OCR_TEST_HELM
+
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"
 else

@@ -1,0 +1,6 @@
+//! End-to-end testing on a real Kubernetes control plane: the node agent
+//! (`node`) and the harness the scenarios run on (`cluster`).
+
+pub mod cluster;
+pub mod node;
+pub mod scenario;

@@ -1,0 +1,895 @@
+//! What every scenario shares: the environment (control plane, node agent,
+//! the operator installed from its chart, MariaDB, a Kafka broker), a
+//! pipeline, a client that keeps submitting jobs through the API Service's
+//! EndpointSlices, and the checks at the end (every job `Succeeded` exactly
+//! once with its text, no dead letters, no lag, no stray pods).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::{Api, Client};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::json;
+
+use crate::cluster::{render_chart, ControlPlane, NodeAgent, Tools};
+
+pub const OPERATOR_NS: &str = "ocr-system";
+pub const HELLO: &[u8] = include_bytes!("../../runtime/tests/data/hello.png");
+pub const HELLO_TEXT: &str = "Hello OCR world";
+
+/// A scenario's whole world; everything stops when it is dropped.
+pub struct Env {
+    pub name: &'static str,
+    pub started: Instant,
+    pub kafka: MockCluster<'static, DefaultProducerContext>,
+    pub database: Database,
+    pub client: Client,
+    pub node: NodeAgent,
+    pub plane: ControlPlane,
+    pub tools: Tools,
+    pub models: PathBuf,
+}
+
+impl Env {
+    pub async fn start(name: &'static str, node_agent: &str) -> Result<Env> {
+        let started = Instant::now();
+        let tools = Tools::from_env(node_agent)?;
+        let plane = ControlPlane::start(&tools)?;
+        let client = plane.client().await?;
+        let node = NodeAgent::start(&plane, &tools, "e2e-node-1", 0)?;
+        let kafka = MockCluster::new(1).context("starting the mock Kafka cluster")?;
+        let database = Database::create().await?;
+        let models = plane.dir.path().join("models");
+        copy_models(&models)?;
+        let env = Env {
+            name,
+            started,
+            kafka,
+            database,
+            client,
+            node,
+            plane,
+            tools,
+            models,
+        };
+        env.wait_node_ready().await?;
+        env.say("control plane, node agent, MariaDB and Kafka are up");
+        Ok(env)
+    }
+
+    pub fn say(&self, message: &str) {
+        eprintln!(
+            "e2e [{}] {:6.1}s {message}",
+            self.name,
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+
+    async fn wait_node_ready(&self) -> Result<()> {
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(self.client.clone());
+        wait_until("the node to be Ready", Duration::from_secs(60), || async {
+            let node = nodes.get_opt(&self.node.name).await?;
+            Ok(node
+                .and_then(|n| n.status)
+                .and_then(|s| s.conditions)
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")))
+        })
+        .await
+    }
+
+    /// The chart, rendered with `helm template` and applied as is: the
+    /// operator runs as a pod with the chart's ServiceAccount and RBAC.
+    pub async fn install_operator(&self) -> Result<()> {
+        self.plane
+            .kubectl(&["create", "namespace", OPERATOR_NS], None)?;
+        let manifests = render_chart(
+            &self.tools,
+            OPERATOR_NS,
+            &[("image.tag", "e2e"), ("logLevel", "info,kube=warn")],
+        )?;
+        self.plane.apply(&manifests)?;
+        self.plane.kubectl(
+            &[
+                "wait",
+                "--for=condition=Established",
+                "crd/ocrpipelines.ocr.serving.dev",
+                "--timeout=60s",
+            ],
+            None,
+        )?;
+        let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+            Api::namespaced(self.client.clone(), OPERATOR_NS);
+        wait_until(
+            "the operator to be available",
+            Duration::from_secs(120),
+            || async {
+                let list = deployments.list(&ListParams::default()).await?;
+                Ok(list.items.iter().all(|d| {
+                    let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+                    d.status
+                        .as_ref()
+                        .and_then(|s| s.available_replicas)
+                        .unwrap_or(0)
+                        == want
+                }) && !list.items.is_empty())
+            },
+        )
+        .await?;
+        self.say("operator installed from the Helm chart (2 replicas, leader election)");
+        Ok(())
+    }
+
+    /// The namespace, the database Secret and the claims (models, blobs) a pipeline uses.
+    pub fn prepare_namespace(&self, namespace: &str) -> Result<()> {
+        let blobs = self.plane.dir.path().join(format!("blobs-{namespace}"));
+        std::fs::create_dir_all(&blobs)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // The pods run as 65532, as the images do.
+            std::fs::set_permissions(&blobs, std::fs::Permissions::from_mode(0o777))?;
+        }
+        let yaml = format!(
+            r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: {namespace}
+  labels:
+    pod-security.kubernetes.io/warn: restricted
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: ocr-mysql, namespace: {namespace}}}
+stringData:
+  url: "{db}"
+---
+apiVersion: v1
+kind: PersistentVolume
+metadata: {{name: models-{namespace}}}
+spec:
+  capacity: {{storage: 1Gi}}
+  accessModes: [ReadOnlyMany, ReadWriteMany]
+  storageClassName: ""
+  hostPath: {{path: "{models}"}}
+  claimRef: {{namespace: {namespace}, name: ocr-models}}
+---
+apiVersion: v1
+kind: PersistentVolume
+metadata: {{name: blobs-{namespace}}}
+spec:
+  capacity: {{storage: 1Gi}}
+  accessModes: [ReadWriteMany]
+  storageClassName: ""
+  hostPath: {{path: "{blobs}"}}
+  claimRef: {{namespace: {namespace}, name: ocr-blobs}}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: ocr-models, namespace: {namespace}}}
+spec:
+  accessModes: [ReadWriteMany]
+  storageClassName: ""
+  volumeName: models-{namespace}
+  resources: {{requests: {{storage: 1Gi}}}}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: ocr-blobs, namespace: {namespace}}}
+spec:
+  accessModes: [ReadWriteMany]
+  storageClassName: ""
+  volumeName: blobs-{namespace}
+  resources: {{requests: {{storage: 1Gi}}}}
+"#,
+            db = self.database.url,
+            models = self.models.display(),
+            blobs = blobs.display(),
+        );
+        self.plane.apply(&yaml)?;
+        Ok(())
+    }
+
+    pub fn bootstrap_servers(&self) -> String {
+        self.kafka.bootstrap_servers()
+    }
+
+    /// Topics on the mock broker, which cannot create them on request; the
+    /// operator finds them and leaves them alone.
+    pub fn create_topics(&self, pipeline: &PipelineRef) -> Result<()> {
+        for topic in [
+            &pipeline.jobs_topic,
+            &pipeline.results_topic,
+            &pipeline.dead_letter_topic,
+        ] {
+            // As many partitions as the pipeline's spec.kafka.partitions asks.
+            self.kafka
+                .create_topic(topic, 4, 1)
+                .with_context(|| format!("creating the topic {topic}"))?;
+        }
+        Ok(())
+    }
+
+    pub fn dump(&self) {
+        eprintln!("{}", self.node.logs_tail(40));
+        if let Ok(text) = std::fs::read_to_string(self.node.root.join("agent.log")) {
+            let tail: Vec<&str> = text.lines().rev().take(80).collect();
+            eprintln!("---- node agent log (last 80 lines)");
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+        for args in [
+            vec![
+                "get",
+                "ocrp,deploy,rs,pods,pdb,svc,endpointslices",
+                "-A",
+                "-o",
+                "wide",
+            ],
+            vec!["get", "events", "-A", "--sort-by=.lastTimestamp"],
+        ] {
+            if let Ok(out) = self.plane.kubectl(&args, None) {
+                eprintln!("---- kubectl {}\n{out}", args.join(" "));
+            }
+        }
+    }
+}
+
+fn copy_models(dir: &std::path::Path) -> Result<()> {
+    let source = match std::env::var_os("OCR_MODEL_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var("HOME").context("HOME")?).join(".cache/ocr-models"),
+    };
+    std::fs::create_dir_all(dir)?;
+    for file in [
+        "ppocrv6_tiny_det.onnx",
+        "ppocrv6_tiny_rec.onnx",
+        "ppocrv6_tiny_dict.txt",
+    ] {
+        std::fs::copy(source.join(file), dir.join(file)).with_context(|| {
+            format!(
+                "copying {file} from {} (run scripts/fetch-models.sh)",
+                source.display()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// A database of the scenario's own on the local MariaDB.
+pub struct Database {
+    pub url: String,
+    pub pool: sqlx::MySqlPool,
+    name: String,
+}
+
+impl Database {
+    async fn create() -> Result<Database> {
+        let server = std::env::var("OCR_TEST_MYSQL_URL")
+            .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
+        let name = format!("ocr_e2e_{}", uuid::Uuid::now_v7().simple());
+        let admin = sqlx::MySqlPool::connect(&server)
+            .await
+            .with_context(|| format!("MariaDB must run at {server}"))?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await?;
+        let url = format!("{server}/{name}");
+        let pool = sqlx::MySqlPool::connect(&url).await?;
+        Ok(Database { url, pool, name })
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let (pool, name) = (self.pool.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(async {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+                        .execute(&pool)
+                        .await;
+                });
+            }
+        })
+        .join();
+    }
+}
+
+/// The names a pipeline's data flows through.
+#[derive(Clone, Debug)]
+pub struct PipelineRef {
+    pub namespace: String,
+    pub name: String,
+    pub jobs_topic: String,
+    pub results_topic: String,
+    pub dead_letter_topic: String,
+    pub worker_group: String,
+    pub writer_group: String,
+}
+
+impl PipelineRef {
+    pub fn new(namespace: &str, name: &str) -> PipelineRef {
+        PipelineRef {
+            namespace: namespace.into(),
+            name: name.into(),
+            jobs_topic: format!("{name}.jobs"),
+            results_topic: format!("{name}.results"),
+            dead_letter_topic: format!("{name}.dead-letter"),
+            worker_group: format!("{name}-worker"),
+            writer_group: format!("{name}-writer"),
+        }
+    }
+
+    /// A CPU pipeline on PP-OCRv6 tiny with the scenario's broker and claims.
+    pub fn manifest(&self, architecture: &str, bootstrap: &str, workers: u32) -> String {
+        format!(
+            r#"
+apiVersion: ocr.serving.dev/v1alpha1
+kind: OcrPipeline
+metadata:
+  name: {name}
+  namespace: {namespace}
+spec:
+  architecture: {architecture}
+  images:
+    runtime: ghcr.io/ocr-serving/ocr-runtime:e2e
+  model:
+    variant: v6-tiny
+    device: cpu
+    source:
+      volume:
+        claimName: ocr-models
+    detection:
+      limitType: Max
+      limitSideLen: 320
+  api:
+    replicas: 1
+  worker:
+    replicas: {workers}
+    batching:
+      maxBatchSize: 8
+      maxWaitMs: 20
+  writer:
+    replicas: 1
+  kafka:
+    bootstrapServers: "{bootstrap}"
+    partitions: 4
+    replicationFactor: 1
+    consumerGroup: {worker_group}
+    writerGroup: {writer_group}
+    topics:
+      jobs: {jobs}
+      results: {results}
+      deadLetter: {dead}
+  database:
+    secret:
+      name: ocr-mysql
+  blob:
+    volume:
+      claimName: ocr-blobs
+  availability:
+    antiAffinity: None
+"#,
+            name = self.name,
+            namespace = self.namespace,
+            worker_group = self.worker_group,
+            writer_group = self.writer_group,
+            jobs = self.jobs_topic,
+            results = self.results_topic,
+            dead = self.dead_letter_topic,
+        )
+    }
+
+    pub fn api(&self, client: &Client) -> Api<DynamicObject> {
+        let gvk = GroupVersionKind::gvk("ocr.serving.dev", "v1alpha1", "OcrPipeline");
+        Api::namespaced_with(
+            client.clone(),
+            &self.namespace,
+            &ApiResource::from_gvk_with_plural(&gvk, "ocrpipelines"),
+        )
+    }
+
+    pub async fn set_architecture(&self, client: &Client, architecture: &str) -> Result<()> {
+        let patch = json!({ "spec": { "architecture": architecture } });
+        self.api(client)
+            .patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .with_context(|| format!("setting spec.architecture={architecture}"))?;
+        Ok(())
+    }
+
+    /// The pipeline's status as JSON (empty when it has none yet).
+    pub async fn status(&self, client: &Client) -> Result<serde_json::Value> {
+        let object = self.api(client).get(&self.name).await?;
+        Ok(object.data.get("status").cloned().unwrap_or_default())
+    }
+
+    /// Waits until the status reports `architecture` fully rolled out: no
+    /// migration, Ready, and the latest generation observed.
+    pub async fn wait_settled(
+        &self,
+        client: &Client,
+        architecture: &str,
+        timeout: Duration,
+    ) -> Result<Duration> {
+        let started = Instant::now();
+        let api = self.api(client);
+        wait_until(
+            &format!("{}/{} to run {architecture}", self.namespace, self.name),
+            timeout,
+            || async {
+                let object = api.get(&self.name).await?;
+                let status = object.data.get("status").cloned().unwrap_or_default();
+                let generation = object.metadata.generation;
+                let ready = status["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                });
+                Ok(status["architecture"] == architecture
+                    && status["migration"].is_null()
+                    && ready
+                    && status["observedGeneration"].as_i64() == generation)
+            },
+        )
+        .await?;
+        Ok(started.elapsed())
+    }
+
+    pub async fn pods(&self, client: &Client, component: &str) -> Result<Vec<Pod>> {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &self.namespace);
+        let selector = format!(
+            "app.kubernetes.io/instance={},app.kubernetes.io/component={component}",
+            self.name
+        );
+        Ok(pods
+            .list(&ListParams::default().labels(&selector))
+            .await?
+            .items)
+    }
+
+    /// `http://IP:PORT` of a ready endpoint of the API Service, read from its
+    /// EndpointSlices as kube-proxy would (there is none here).
+    pub async fn api_endpoint(&self, client: &Client) -> Result<String> {
+        let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &self.namespace);
+        let service = format!("{}-api", self.name);
+        let list = slices
+            .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={service}")))
+            .await?;
+        for slice in list.items {
+            let port = slice
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some("http"))
+                .and_then(|p| p.port);
+            let Some(port) = port else { continue };
+            for endpoint in slice.endpoints {
+                let ready = endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(true);
+                if ready {
+                    if let Some(address) = endpoint.addresses.first() {
+                        return Ok(format!("http://{address}:{port}"));
+                    }
+                }
+            }
+        }
+        bail!("the Service {service} has no ready endpoint")
+    }
+}
+
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last_error = None;
+    loop {
+        match check().await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_error = Some(e),
+        }
+        if Instant::now() > deadline {
+            match last_error {
+                Some(e) => {
+                    bail!("timed out after {timeout:?} waiting for {what} (last error: {e:#})")
+                }
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The pod holding the operator's leader Lease.
+pub async fn operator_leader(client: &Client) -> Result<String> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), OPERATOR_NS);
+    let lease = leases.get("ocr-operator-leader").await?;
+    lease
+        .spec
+        .and_then(|s| s.holder_identity)
+        .context("the operator Lease has no holder")
+}
+
+pub async fn delete_pod(client: &Client, namespace: &str, name: &str) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    pods.delete(name, &DeleteParams::default()).await?;
+    Ok(())
+}
+
+/// One submitted job: its idempotency key and the id the API gave it.
+#[derive(Clone, Debug)]
+pub struct Submitted {
+    pub key: String,
+    pub id: String,
+}
+
+/// Clients that keep submitting jobs as a careful user does: one
+/// idempotency key per job and the same key on every retry.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    pub submitted: Arc<Mutex<Vec<Submitted>>>,
+    pub retries: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(
+        client: Client,
+        pipeline: PipelineRef,
+        run: &str,
+        per_second: f64,
+        clients: usize,
+    ) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let submitted = Arc::new(Mutex::new(Vec::new()));
+        let retries = Arc::new(AtomicUsize::new(0));
+        let next = Arc::new(AtomicUsize::new(0));
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap_or_default();
+        let started = tokio::time::Instant::now();
+        let tasks = (0..clients)
+            .map(|_| {
+                let (client, pipeline, http) = (client.clone(), pipeline.clone(), http.clone());
+                let (stop, submitted, retries, next) = (
+                    stop.clone(),
+                    submitted.clone(),
+                    retries.clone(),
+                    next.clone(),
+                );
+                let run = run.to_owned();
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::SeqCst) {
+                        let n = next.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep_until(
+                            started + Duration::from_secs_f64(n as f64 / per_second),
+                        )
+                        .await;
+                        if stop.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        let key = format!("{run}-{n}");
+                        // A job once sent is retried until accepted, even after stop.
+                        loop {
+                            match submit(&client, &pipeline, &http, &key).await {
+                                Ok(id) => {
+                                    if let Ok(mut list) = submitted.lock() {
+                                        list.push(Submitted {
+                                            key: key.clone(),
+                                            id,
+                                        });
+                                    }
+                                    break;
+                                }
+                                Err(_) => {
+                                    retries.fetch_add(1, Ordering::SeqCst);
+                                    tokio::time::sleep(Duration::from_millis(300)).await;
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            submitted,
+            retries,
+            tasks,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.submitted.lock().map(|l| l.len()).unwrap_or(0)
+    }
+
+    /// Stops sending new jobs; returns every job that was accepted.
+    pub async fn finish(self) -> Vec<Submitted> {
+        self.stop.store(true, Ordering::SeqCst);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        self.submitted.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+}
+
+pub async fn submit(
+    client: &Client,
+    pipeline: &PipelineRef,
+    http: &reqwest::Client,
+    key: &str,
+) -> Result<String> {
+    submit_image(client, pipeline, http, key, HELLO.to_vec()).await
+}
+
+pub async fn submit_image(
+    client: &Client,
+    pipeline: &PipelineRef,
+    http: &reqwest::Client,
+    key: &str,
+    png: Vec<u8>,
+) -> Result<String> {
+    let base = pipeline.api_endpoint(client).await?;
+    let response = http
+        .post(format!("{base}/v1/jobs"))
+        .header("content-type", "image/png")
+        .header("idempotency-key", key)
+        .body(png)
+        .send()
+        .await?;
+    let status = response.status();
+    if !status.is_success() {
+        bail!("POST /v1/jobs answered {status}");
+    }
+    let body: serde_json::Value = response.json().await?;
+    body["id"]
+        .as_str()
+        .map(str::to_owned)
+        .context("the API's answer has no id")
+}
+
+/// A white page: a few kilobytes to upload, `width × height` pixels to decode.
+pub fn blank_page(width: u32, height: u32) -> Result<Vec<u8>> {
+    let page = image::RgbImage::from_pixel(width, height, image::Rgb([255, 255, 255]));
+    let mut png = std::io::Cursor::new(Vec::new());
+    page.write_to(&mut png, image::ImageFormat::Png)
+        .context("encoding a PNG")?;
+    Ok(png.into_inner())
+}
+
+/// What a scenario measured, printed at its end.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub scenario: String,
+    pub submitted: usize,
+    pub succeeded: usize,
+    pub duplicated: usize,
+    pub lost: usize,
+    pub failed: usize,
+    pub dead_lettered: usize,
+    pub wrong_text: usize,
+    pub submit_retries: usize,
+    pub migrations: Vec<(String, f64)>,
+    pub checks: Vec<String>,
+}
+
+impl Report {
+    pub fn print(&self) {
+        eprintln!("\n==== e2e scenario: {}", self.scenario);
+        eprintln!(
+            "jobs: submitted {}, succeeded {}, duplicated {}, lost {}, failed {}, dead-lettered {}, wrong text {} (client retries {})",
+            self.submitted, self.succeeded, self.duplicated, self.lost, self.failed, self.dead_lettered, self.wrong_text, self.submit_retries
+        );
+        for (what, seconds) in &self.migrations {
+            eprintln!("migration {what}: {seconds:.1} s");
+        }
+        for check in &self.checks {
+            eprintln!("checked: {check}");
+        }
+    }
+
+    pub fn assert_clean(&self) {
+        assert!(
+            self.submitted > 0,
+            "{}: nothing was submitted",
+            self.scenario
+        );
+        assert_eq!(
+            (
+                self.succeeded,
+                self.duplicated,
+                self.lost,
+                self.failed,
+                self.dead_lettered,
+                self.wrong_text
+            ),
+            (self.submitted, 0, 0, 0, 0, 0),
+            "{}: every job must succeed exactly once with its text",
+            self.scenario
+        );
+    }
+}
+
+/// Waits until every submitted job is final, then counts what the database holds.
+pub async fn settle_jobs(
+    env: &Env,
+    jobs: &[Submitted],
+    timeout: Duration,
+    report: &mut Report,
+) -> Result<()> {
+    let pool = &env.database.pool;
+    let keys: Vec<&str> = jobs.iter().map(|j| j.key.as_str()).collect();
+    let _ = wait_until("every job to be final", timeout, || async {
+        let rows: Vec<(String,)> = sqlx::query_as("SELECT status FROM jobs")
+            .fetch_all(pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .all(|(s,)| matches!(s.as_str(), "Succeeded" | "Failed" | "DeadLettered"))
+            && rows.len() >= jobs.len())
+    })
+    .await;
+    let rows: Vec<(String, String, Option<String>, Option<String>)> =
+        sqlx::query_as("SELECT id, status, idempotency_key, result FROM jobs")
+            .fetch_all(pool)
+            .await?;
+    let mut per_key: HashMap<&str, usize> = HashMap::new();
+    let by_id: BTreeMap<&str, (&str, Option<&str>)> = rows
+        .iter()
+        .map(|(id, status, _, result)| (id.as_str(), (status.as_str(), result.as_deref())))
+        .collect();
+    for (_, _, key, _) in &rows {
+        if let Some(key) = key {
+            *per_key.entry(key.as_str()).or_default() += 1;
+        }
+    }
+    report.submitted = jobs.len();
+    report.duplicated = keys
+        .iter()
+        .map(|k| per_key.get(k).copied().unwrap_or(0).saturating_sub(1))
+        .sum();
+    for job in jobs {
+        match by_id.get(job.id.as_str()) {
+            None => report.lost += 1,
+            Some(("Succeeded", _)) => report.succeeded += 1,
+            Some(("DeadLettered", _)) => report.dead_lettered += 1,
+            Some(("Failed", _)) => report.failed += 1,
+            Some(_) => report.lost += 1,
+        }
+    }
+    Ok(())
+}
+
+/// Reads a job's result through the API, as a user does, and checks its text.
+pub async fn check_texts(
+    env: &Env,
+    pipeline: &PipelineRef,
+    jobs: &[Submitted],
+    sample: usize,
+    report: &mut Report,
+) -> Result<()> {
+    let http = reqwest::Client::new();
+    let base = pipeline.api_endpoint(&env.client).await?;
+    let step = (jobs.len() / sample.max(1)).max(1);
+    let mut checked = 0;
+    for job in jobs.iter().step_by(step) {
+        let body: serde_json::Value = http
+            .get(format!("{base}/v1/jobs/{}/result", job.id))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let text = body["text"].as_str().unwrap_or_default();
+        if text != HELLO_TEXT {
+            report.wrong_text += 1;
+            eprintln!("job {}: text {text:?}, expected {HELLO_TEXT:?}", job.id);
+        }
+        checked += 1;
+    }
+    report.checks.push(format!(
+        "{checked} results read through GET /v1/jobs/{{id}}/result say {HELLO_TEXT:?}"
+    ));
+    Ok(())
+}
+
+/// Unconsumed messages of a group on a topic (committed offset to end).
+pub fn group_lag(bootstrap: &str, group: &str, topic: &str) -> Result<i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .context("a Kafka client for the lag")?;
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut list = TopicPartitionList::new();
+    for p in &partitions {
+        list.add_partition(topic, *p);
+    }
+    let committed = consumer.committed_offsets(list, timeout)?;
+    let mut lag = 0;
+    for p in partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
+        let at = match committed.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o,
+            _ => low,
+        };
+        lag += (high - at).max(0);
+    }
+    Ok(lag)
+}
+
+/// Messages ever written to a topic (the dead-letter topic must have none).
+pub fn messages_in(bootstrap: &str, topic: &str) -> Result<i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .context("a Kafka client")?;
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let mut total = 0;
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            let (low, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
+            total += high - low;
+        }
+    }
+    Ok(total)
+}
+
+/// The data-plane checks every scenario ends with. The lag must reach 0
+/// once the load has stopped (a redelivered message may still be on its way
+/// to a consumer after a rebalance), and stay there.
+pub async fn check_queues(env: &Env, pipeline: &PipelineRef, report: &mut Report) -> Result<()> {
+    let bootstrap = env.bootstrap_servers();
+    let dead = messages_in(&bootstrap, &pipeline.dead_letter_topic)?;
+    report.dead_lettered += dead as usize;
+    let lags = Mutex::new((0, 0));
+    let drained = wait_until(
+        "the jobs and results lag to reach 0",
+        Duration::from_secs(90),
+        || async {
+            let now = (
+                group_lag(&bootstrap, &pipeline.worker_group, &pipeline.jobs_topic)?,
+                group_lag(&bootstrap, &pipeline.writer_group, &pipeline.results_topic)?,
+            );
+            if let Ok(mut last) = lags.lock() {
+                *last = now;
+            }
+            Ok(now == (0, 0))
+        },
+    )
+    .await;
+    let (jobs_lag, results_lag) = lags.into_inner().unwrap_or_default();
+    report.checks.push(format!(
+        "dead-letter topic {} holds {dead} messages; lag {} on {} = {jobs_lag}, {} on {} = {results_lag}",
+        pipeline.dead_letter_topic, pipeline.worker_group, pipeline.jobs_topic, pipeline.writer_group, pipeline.results_topic
+    ));
+    if drained.is_err() {
+        bail!("messages left unconsumed: jobs lag {jobs_lag}, results lag {results_lag}");
+    }
+    Ok(())
+}

@@ -1,0 +1,542 @@
+//! The user's story on a real Kubernetes control plane (kube-apiserver,
+//! controller-manager and scheduler v1.36 from `../shared/k8s`), with the
+//! node agent running every pod as local processes, MariaDB, and
+//! librdkafka's mock Kafka cluster hosted by this test (consumer groups with
+//! several members, which pods rolling over need).
+//!
+//! The operator is installed from its Helm chart and runs as two pods with
+//! the chart's ServiceAccount and RBAC; the pipeline's pods are the real
+//! `ocr-runtime` processes. Each scenario prints what it checked and the
+//! counts; `scripts/test.sh` runs them (see README: "Real-cluster scenarios").
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use kube::api::DeleteParams;
+use kube::ResourceExt;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use ocr_e2e::scenario::{
+    check_queues, check_texts, delete_pod, group_lag, operator_leader, settle_jobs, submit,
+    wait_until, Env, Load, PipelineRef, Report, OPERATOR_NS,
+};
+
+const NODE_AGENT: &str = env!("CARGO_BIN_EXE_ocr-e2e-node");
+const NS: &str = "ocr";
+const SETTLE: Duration = Duration::from_secs(240);
+
+async fn environment(env: &Env) -> Result<PipelineRef> {
+    env.install_operator().await?;
+    env.prepare_namespace(NS)?;
+    let pipeline = PipelineRef::new(NS, "ocr-e2e");
+    env.create_topics(&pipeline)?;
+    Ok(pipeline)
+}
+
+async fn create_pipeline(
+    env: &Env,
+    pipeline: &PipelineRef,
+    architecture: &str,
+    workers: u32,
+) -> Result<f64> {
+    env.plane
+        .apply(&pipeline.manifest(architecture, &env.bootstrap_servers(), workers))?;
+    let took = pipeline
+        .wait_settled(&env.client, architecture, Duration::from_secs(180))
+        .await?;
+    env.say(&format!(
+        "pipeline {} runs {architecture} ({:.1} s)",
+        pipeline.name,
+        took.as_secs_f64()
+    ));
+    Ok(took.as_secs_f64())
+}
+
+/// Runs a scenario; on failure, prints the cluster's state and the pods' logs.
+async fn run<F, Fut>(name: &'static str, scenario: F)
+where
+    F: FnOnce(Env, PipelineRef) -> Fut,
+    Fut: std::future::Future<Output = (Env, Result<Report>)>,
+{
+    let env = match Env::start(name, NODE_AGENT).await {
+        Ok(env) => env,
+        Err(e) => panic!("{name}: starting the environment: {e:#}"),
+    };
+    let pipeline = match environment(&env).await {
+        Ok(pipeline) => pipeline,
+        Err(e) => {
+            env.dump();
+            panic!("{name}: setting up: {e:#}");
+        }
+    };
+    let (env, outcome) = scenario(env, pipeline).await;
+    match outcome {
+        Ok(report) => {
+            report.print();
+            report.assert_clean();
+        }
+        Err(e) => {
+            env.dump();
+            panic!("{name}: {e:#}");
+        }
+    }
+}
+
+async fn worker_modes(env: &Env, pipeline: &PipelineRef) -> Result<Vec<String>> {
+    Ok(pipeline
+        .pods(&env.client, "worker")
+        .await?
+        .iter()
+        .map(|p| {
+            p.spec
+                .as_ref()
+                .and_then(|s| s.containers.first())
+                .and_then(|c| c.env.as_ref())
+                .and_then(|env| env.iter().find(|e| e.name == "OCR_WORKER__MODE"))
+                .and_then(|e| e.value.clone())
+                .unwrap_or_default()
+        })
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn migrations_under_load_lose_and_duplicate_nothing() {
+    run("migrations under load", |env, pipeline| async move {
+        let outcome = migrations_under_load(&env, &pipeline).await;
+        (env, outcome)
+    })
+    .await;
+}
+
+/// `e2e/scenarios/migrations.json`, the scenario `e2e/run.sh` runs on kind too.
+#[derive(serde::Deserialize)]
+struct MigrationScenario {
+    name: String,
+    start: String,
+    workers: u32,
+    steps: Vec<Step>,
+    checks: Vec<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct Step {
+    to: String,
+    #[serde(default)]
+    revert_to: Option<String>,
+    #[serde(default)]
+    disrupt: Vec<String>,
+}
+
+async fn migrations_under_load(env: &Env, pipeline: &PipelineRef) -> Result<Report> {
+    let scenario: MigrationScenario =
+        serde_json::from_str(include_str!("../scenarios/migrations.json"))
+            .context("e2e/scenarios/migrations.json")?;
+    let mut report = Report {
+        scenario: format!("{} (e2e/scenarios/migrations.json)", scenario.name),
+        ..Report::default()
+    };
+    let took = create_pipeline(env, pipeline, &scenario.start, scenario.workers).await?;
+    report
+        .migrations
+        .push((format!("create ({})", scenario.start), took));
+
+    let load = Load::start(env.client.clone(), pipeline.clone(), "load", 6.0, 4);
+    wait_until(
+        "the first jobs to be accepted",
+        Duration::from_secs(60),
+        || async { Ok(load.count() >= 10) },
+    )
+    .await?;
+
+    let mut current = scenario.start.clone();
+    for step in &scenario.steps {
+        let started = Instant::now();
+        pipeline.set_architecture(&env.client, &step.to).await?;
+        let leader_before = operator_leader(&env.client).await?;
+        if !step.disrupt.is_empty() || step.revert_to.is_some() {
+            wait_until(
+                "the migration to start",
+                Duration::from_secs(60),
+                || async { Ok(pipeline.status(&env.client).await?["migration"].is_object()) },
+            )
+            .await?;
+        }
+        for disruption in &step.disrupt {
+            let done = disrupt(env, pipeline, disruption).await?;
+            report
+                .checks
+                .push(format!("{current} → {}: {done}", step.to));
+        }
+        let settled_in = match &step.revert_to {
+            Some(back) => {
+                pipeline.set_architecture(&env.client, back).await?;
+                report.checks.push(format!(
+                    "{current} → {}: spec.architecture flipped back to {back} mid-migration",
+                    step.to
+                ));
+                back.clone()
+            }
+            None => step.to.clone(),
+        };
+        pipeline
+            .wait_settled(&env.client, &settled_in, Duration::from_secs(300))
+            .await?;
+        let label = match &step.revert_to {
+            Some(back) => format!("{current} → {} reverted to {back}", step.to),
+            None => format!("{current} → {}", step.to),
+        };
+        report
+            .migrations
+            .push((label, started.elapsed().as_secs_f64()));
+        if step.disrupt.iter().any(|d| d == "delete-operator-leader") {
+            let leader = operator_leader(&env.client).await?;
+            anyhow::ensure!(
+                leader != leader_before,
+                "the Lease still names the deleted leader {leader_before}"
+            );
+            report.checks.push(format!(
+                "the other operator replica, {leader}, took the Lease and finished the migration"
+            ));
+        }
+        env.say(&format!("running {settled_in}"));
+        current = settled_in;
+    }
+
+    let jobs = load.finish().await;
+    env.say(&format!("load stopped after {} jobs", jobs.len()));
+    settle_jobs(env, &jobs, SETTLE, &mut report).await?;
+    check_texts(env, pipeline, &jobs, 20, &mut report).await?;
+    check_queues(env, pipeline, &mut report).await?;
+
+    let workers = scenario.workers as usize;
+    wait_until(
+        "no writer pod and every worker in the final mode",
+        Duration::from_secs(60),
+        || async {
+            let writers = pipeline.pods(&env.client, "writer").await?;
+            let modes = worker_modes(env, pipeline).await?;
+            let writer_left = current == "writer";
+            Ok(writers.is_empty() != writer_left
+                && modes.len() == workers
+                && modes.iter().all(|m| *m == current))
+        },
+    )
+    .await?;
+    report.checks.push(format!(
+        "{workers} worker pods, all in {current} mode; writer pods only if the final architecture is writer"
+    ));
+    for check in &scenario.checks {
+        report.checks.push(format!("scenario check: {check}"));
+    }
+    Ok(report)
+}
+
+/// One disruption of `e2e/scenarios/migrations.json`, done for real.
+async fn disrupt(env: &Env, pipeline: &PipelineRef, what: &str) -> Result<String> {
+    let running =
+        |pods: Vec<k8s_openapi::api::core::v1::Pod>| -> Vec<k8s_openapi::api::core::v1::Pod> {
+            pods.into_iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .collect()
+        };
+    match what {
+        "delete-worker-pod" => {
+            let pods = running(pipeline.pods(&env.client, "worker").await?);
+            let victim = pods.first().context("a running worker pod")?;
+            delete_pod(&env.client, &pipeline.namespace, &victim.name_any()).await?;
+            Ok(format!("worker pod {} deleted", victim.name_any()))
+        }
+        "kill-worker-pod" => {
+            // A worker whose process runs (a pod of the new template may not
+            // have started yet).
+            let found = std::sync::Mutex::new(None);
+            wait_until(
+                "a running worker process",
+                Duration::from_secs(60),
+                || async {
+                    let pods = running(pipeline.pods(&env.client, "worker").await?);
+                    let process = pods.iter().rev().find_map(|p| {
+                        let pid = env.node.pid(&p.uid().unwrap_or_default(), "worker").ok()?;
+                        Some((p.name_any(), pid))
+                    });
+                    let seen = process.is_some();
+                    if let Ok(mut slot) = found.lock() {
+                        *slot = process;
+                    }
+                    Ok(seen)
+                },
+            )
+            .await?;
+            let (name, pid) = found
+                .into_inner()
+                .ok()
+                .flatten()
+                .context("a running worker process")?;
+            kill(Pid::from_raw(pid), Signal::SIGKILL).context("SIGKILL a worker")?;
+            Ok(format!("worker pod {name} SIGKILLed (pid {pid})"))
+        }
+        "delete-operator-leader" => {
+            let leader = operator_leader(&env.client).await?;
+            delete_pod(&env.client, OPERATOR_NS, &leader).await?;
+            Ok(format!("operator leader {leader} deleted"))
+        }
+        other => anyhow::bail!("unknown disruption {other} in e2e/scenarios/migrations.json"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_terminating_writer_mode_worker_keeps_the_writer_until_its_result_is_persisted() {
+    run("drain race", |env, pipeline| async move {
+        let outcome = drain_race(&env, &pipeline).await;
+        (env, outcome)
+    })
+    .await;
+}
+
+/// A writer-mode worker pod that is still terminating (here: frozen with
+/// SIGSTOP in the middle of its batch, standing in for a slow batch) will
+/// publish its result when it resumes. The writer must outlive it.
+async fn drain_race(env: &Env, pipeline: &PipelineRef) -> Result<Report> {
+    let mut report = Report {
+        scenario:
+            "writer → standard while a writer-mode worker is still terminating with a job in hand"
+                .into(),
+        ..Report::default()
+    };
+    create_pipeline(env, pipeline, "writer", 1).await?;
+    let http = reqwest::Client::new();
+    let mut jobs = Vec::new();
+    let warm_up = submit(&env.client, pipeline, &http, "warm-up").await?;
+    jobs.push(ocr_e2e::scenario::Submitted {
+        key: "warm-up".into(),
+        id: warm_up,
+    });
+    settle_jobs(env, &jobs, Duration::from_secs(60), &mut Report::default()).await?;
+
+    // Freeze the worker with the next job consumed but its result not yet published.
+    let worker = pipeline
+        .pods(&env.client, "worker")
+        .await?
+        .into_iter()
+        .next()
+        .context("a worker pod")?;
+    let pid = env.node.pid(&worker.uid().unwrap_or_default(), "worker")?;
+    let frozen = freeze_mid_job(env, pipeline, &http, pid, &mut jobs).await?;
+    report.checks.push(format!(
+        "worker {} frozen with job {} consumed and not yet published",
+        worker.name_any(),
+        frozen
+    ));
+
+    let started = Instant::now();
+    pipeline.set_architecture(&env.client, "standard").await?;
+    // Give the operator every chance to (wrongly) finish while the old pod is terminating.
+    wait_until(
+        "the new worker to be ready",
+        Duration::from_secs(120),
+        || async {
+            let pods = pipeline.pods(&env.client, "worker").await?;
+            Ok(pods.iter().any(|p| {
+                p.metadata.deletion_timestamp.is_none()
+                    && p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            }))
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let writer_during = pipeline.pods(&env.client, "writer").await?.len();
+    let status = pipeline.status(&env.client).await?;
+    let phase = status["migration"]["phase"]
+        .as_str()
+        .unwrap_or("none")
+        .to_owned();
+    let old_pod_left = pipeline
+        .pods(&env.client, "worker")
+        .await?
+        .iter()
+        .any(|p| p.uid() == worker.uid());
+    // The race: a writer-mode worker is still running (terminating, a job in
+    // hand); whatever it publishes needs a writer.
+    kill(Pid::from_raw(pid), Signal::SIGCONT).context("resuming the frozen worker")?;
+    anyhow::ensure!(
+        old_pod_left,
+        "the frozen worker's pod was removed before it exited"
+    );
+    anyhow::ensure!(
+        writer_during > 0,
+        "the writer was removed (migration phase {phase}) while the writer-mode worker {} was still terminating with a job in hand",
+        worker.name_any()
+    );
+    report.checks.push(format!(
+        "15 s after the new worker was ready, with the old writer-mode worker still terminating: {writer_during} writer pod(s) kept, migration phase {phase}"
+    ));
+    wait_until(
+        "the old worker to exit and its pod to go",
+        Duration::from_secs(90),
+        || async {
+            let pods = pipeline.pods(&env.client, "worker").await?;
+            Ok(!pods.iter().any(|p| p.uid() == worker.uid()))
+        },
+    )
+    .await?;
+    pipeline
+        .wait_settled(&env.client, "standard", Duration::from_secs(300))
+        .await?;
+    report
+        .migrations
+        .push(("writer → standard".into(), started.elapsed().as_secs_f64()));
+
+    settle_jobs(env, &jobs, Duration::from_secs(90), &mut report).await?;
+    check_queues(env, pipeline, &mut report).await?;
+    Ok(report)
+}
+
+/// Submits a job whose image takes the worker a second or two to decode
+/// (a blank 6000×6000 page: small upload, 36 MP to decode) and SIGSTOPs the
+/// worker as soon as it is busy with it (its CPU time climbs), i.e. with the
+/// job consumed and its result not yet published. Returns the job's id.
+async fn freeze_mid_job(
+    env: &Env,
+    pipeline: &PipelineRef,
+    http: &reqwest::Client,
+    pid: i32,
+    jobs: &mut Vec<ocr_e2e::scenario::Submitted>,
+) -> Result<String> {
+    let page = ocr_e2e::scenario::blank_page(6000, 6000)?;
+    let id = ocr_e2e::scenario::submit_image(&env.client, pipeline, http, "frozen", page).await?;
+    jobs.push(ocr_e2e::scenario::Submitted {
+        key: "frozen".into(),
+        id: id.clone(),
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut window = std::collections::VecDeque::new();
+    loop {
+        let now = Instant::now();
+        let ticks = cpu_ticks(pid)?;
+        window.push_back((now, ticks));
+        while window
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_millis(100))
+        {
+            window.pop_front();
+        }
+        // 60 % of a core over 100 ms: decoding, not idling.
+        if window.front().is_some_and(|(_, first)| ticks >= first + 6) {
+            kill(Pid::from_raw(pid), Signal::SIGSTOP).context("freezing the worker")?;
+            break;
+        }
+        anyhow::ensure!(now < deadline, "the worker never picked up the job");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let results =
+        ocr_e2e::scenario::messages_in(&env.bootstrap_servers(), &pipeline.results_topic)?;
+    env.say(&format!(
+        "worker pid {pid} frozen mid-job; the results topic holds {results} message(s)"
+    ));
+    Ok(id)
+}
+
+fn cpu_ticks(pid: i32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces): utime is 14th, stime 15th overall.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or(&stat);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11).context("utime")?.parse()?;
+    let stime: u64 = fields.get(12).context("stime")?.parse()?;
+    Ok(utime + stime)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleting_a_pipeline_waits_for_its_results_then_removes_everything() {
+    run("deletion", |env, pipeline| async move {
+        let outcome = deletion(&env, &pipeline).await;
+        (env, outcome)
+    })
+    .await;
+}
+
+async fn deletion(env: &Env, pipeline: &PipelineRef) -> Result<Report> {
+    let mut report = Report {
+        scenario: "deleting a writer pipeline with results still lagging".into(),
+        ..Report::default()
+    };
+    create_pipeline(env, pipeline, "writer", 1).await?;
+    let writer = pipeline
+        .pods(&env.client, "writer")
+        .await?
+        .into_iter()
+        .next()
+        .context("a writer pod")?;
+    let writer_pid = env.node.pid(&writer.uid().unwrap_or_default(), "writer")?;
+    kill(Pid::from_raw(writer_pid), Signal::SIGSTOP).context("freezing the writer")?;
+    let http = reqwest::Client::new();
+    let mut jobs = Vec::new();
+    for n in 0..5 {
+        let key = format!("before-delete-{n}");
+        let id = submit(&env.client, pipeline, &http, &key).await?;
+        jobs.push(ocr_e2e::scenario::Submitted { key, id });
+    }
+    let bootstrap = env.bootstrap_servers();
+    wait_until(
+        "results to wait for the frozen writer",
+        Duration::from_secs(120),
+        || async {
+            Ok(group_lag(&bootstrap, &pipeline.writer_group, &pipeline.results_topic)? >= 5)
+        },
+    )
+    .await?;
+    pipeline
+        .api(&env.client)
+        .delete(&pipeline.name, &DeleteParams::default())
+        .await?;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let held = pipeline
+        .api(&env.client)
+        .get_opt(&pipeline.name)
+        .await?
+        .is_some();
+    let writer_kept = !pipeline.pods(&env.client, "writer").await?.is_empty();
+    anyhow::ensure!(held && writer_kept, "the finalizer must hold the pipeline and its writer while 5 results lag (held {held}, writer {writer_kept})");
+    report.checks.push("10 s after the delete, with 5 results lagging: the pipeline is held by its finalizer and the writer runs".into());
+    kill(Pid::from_raw(writer_pid), Signal::SIGCONT).context("resuming the writer")?;
+    wait_until(
+        "the pipeline to be gone",
+        Duration::from_secs(120),
+        || async {
+            Ok(pipeline
+                .api(&env.client)
+                .get_opt(&pipeline.name)
+                .await?
+                .is_none())
+        },
+    )
+    .await?;
+    wait_until(
+        "every object the pipeline owned to be gone",
+        Duration::from_secs(120),
+        || async {
+            let left = env.plane.kubectl(
+                &[
+                    "-n",
+                    NS,
+                    "get",
+                    "deploy,rs,pods,svc,cm,pdb,hpa",
+                    "-l",
+                    &format!("app.kubernetes.io/instance={}", pipeline.name),
+                    "-o",
+                    "name",
+                ],
+                None,
+            )?;
+            Ok(left.trim().is_empty())
+        },
+    )
+    .await?;
+    report.checks.push("after the writer drained: the pipeline, its Deployments, ReplicaSets, pods, Services, ConfigMap and PDBs are gone".into());
+    settle_jobs(env, &jobs, Duration::from_secs(60), &mut report).await?;
+    check_queues(env, pipeline, &mut report).await?;
+    Ok(report)
+}
