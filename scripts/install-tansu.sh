@@ -17,6 +17,7 @@ ROOT="$TOOLS/tansu-$VERSION"
 BIN="$ROOT/bin/tansu"
 
 PREBUILT=${OCR_TANSU_PREBUILT:-$(cd "$(dirname "$0")/.." && pwd)/../shared/tansu}
+[ -d "$PREBUILT" ] || PREBUILT=/work/shared/tansu  # a clone elsewhere on a workplace machine
 if [ ! -x "$BIN" ] && [ -f "$PREBUILT/tansu-$VERSION.gz" ] && [ -f "$PREBUILT/SHA256SUMS" ]; then
   echo "install-tansu: unpacking the prebuilt tansu $VERSION from $PREBUILT" >&2
   mkdir -p "$ROOT/bin"

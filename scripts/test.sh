@@ -33,7 +33,14 @@ export OCR_TEST_TANSU
 
 # The real-cluster scenarios (e2e/tests/real_cluster.rs): Kubernetes v1.36 control plane from
 # the workplace kit (../shared/k8s; OCR_TEST_K8S overrides) and Helm to render the chart.
-export OCR_TEST_K8S=${OCR_TEST_K8S:-$(cd .. && pwd)/shared/k8s}
+# The kit sits beside the clone (../shared); a clone elsewhere on a workplace machine finds /work/shared.
+if [ -z "${OCR_TEST_K8S:-}" ]; then
+  for kit in "$(cd .. && pwd)/shared/k8s" /work/shared/k8s; do
+    if [ -x "$kit/start-cluster.sh" ]; then OCR_TEST_K8S=$kit; break; fi
+  done
+fi
+[ -n "${OCR_TEST_K8S:-}" ] || { echo "test: no Kubernetes control plane kit (../shared/k8s); set OCR_TEST_K8S"; exit 1; }
+export OCR_TEST_K8S
 OCR_TEST_HELM=$(scripts/install-helm.sh 4)
 export OCR_TEST_HELM
 

@@ -111,6 +111,18 @@ const CALM: Tick = Tick {
     status_lost: false,
 };
 
+/// Two different architectures, generated without rejecting cases (a third
+/// of all pairs are equal; rejecting them made the run abort on "too many
+/// global rejects" for some seeds).
+fn arch_pair_strategy() -> impl Strategy<Value = (Architecture, Architecture)> {
+    (0usize..3, 1usize..3).prop_map(|(from, step)| {
+        (
+            Architecture::ALL[from],
+            Architecture::ALL[(from + step) % Architecture::ALL.len()],
+        )
+    })
+}
+
 fn arch_strategy() -> impl Strategy<Value = Architecture> {
     prop_oneof![
         Just(Architecture::Standard),
@@ -423,12 +435,10 @@ proptest! {
     /// writer mode.
     #[test]
     fn a_revert_at_any_point_is_honoured(
-        initial in arch_strategy(),
-        target in arch_strategy(),
+        (initial, target) in arch_pair_strategy(),
         revert_at in 1usize..30,
         ticks in proptest::collection::vec(tick_strategy(), 40),
     ) {
-        prop_assume!(initial != target);
         let mut sim = Sim::new(initial);
         for _ in 0..PODS {
             sim.progress(CALM);

@@ -23,8 +23,8 @@ pub enum Target {
     Tcp { addr: String },
 }
 
-/// `None` for a probe this node cannot run (exec, gRPC): it is treated as
-/// absent, and the caller says so in the log.
+/// An error for a probe this node cannot run (exec, gRPC) or whose port the
+/// container does not declare: the caller logs it and treats the probe as absent.
 pub fn resolve(probe: &Probe, container: &Container, pod_ip: &str) -> Result<Check, String> {
     let port_of = |port: &IntOrString| -> Result<i32, String> {
         match port {

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, KeyToPath, PersistentVolume, PersistentVolumeClaim, Pod, Secret, ServiceAccount,
-    Volume,
+    ConfigMap, DownwardAPIVolumeFile, KeyToPath, PersistentVolume, PersistentVolumeClaim, Pod,
+    Secret, ServiceAccount, Volume,
 };
 use kube::api::PostParams;
 use kube::{Api, Client};
@@ -76,31 +76,23 @@ async fn prepare_one(
     }
     if let Some(cm) = &volume.config_map {
         fresh_dir(dir, 0o755)?;
-        match get::<ConfigMap>(client, namespace, &cm.name).await? {
-            Some(found) => write_items(
-                dir,
-                &config_map_files(&found),
-                cm.items.as_deref(),
-                cm.default_mode,
-            )?,
-            None if cm.optional == Some(true) => {}
-            None => return Err(format!("configmap \"{}\" not found", cm.name)),
-        }
+        let keys = Keys {
+            items: cm.items.as_deref(),
+            mode: cm.default_mode,
+            optional: cm.optional == Some(true),
+        };
+        project::<ConfigMap>(client, namespace, &cm.name, config_map_files, keys, dir).await?;
         return Ok(dir.to_owned());
     }
     if let Some(s) = &volume.secret {
         fresh_dir(dir, 0o755)?;
         let name = s.secret_name.clone().unwrap_or_default();
-        match get::<Secret>(client, namespace, &name).await? {
-            Some(found) => write_items(
-                dir,
-                &secret_files(&found),
-                s.items.as_deref(),
-                s.default_mode,
-            )?,
-            None if s.optional == Some(true) => {}
-            None => return Err(format!("secret \"{name}\" not found")),
-        }
+        let keys = Keys {
+            items: s.items.as_deref(),
+            mode: s.default_mode,
+            optional: s.optional == Some(true),
+        };
+        project::<Secret>(client, namespace, &name, secret_files, keys, dir).await?;
         return Ok(dir.to_owned());
     }
     if let Some(claim) = &volume.persistent_volume_claim {
@@ -108,17 +100,8 @@ async fn prepare_one(
     }
     if let Some(downward) = &volume.downward_api {
         fresh_dir(dir, 0o755)?;
-        for item in downward.items.iter().flatten() {
-            if let Some(field) = &item.field_ref {
-                let value = field_value(pod, field, sources)?;
-                write_file(
-                    dir,
-                    &item.path,
-                    value.as_bytes(),
-                    item.mode.or(downward.default_mode),
-                )?;
-            }
-        }
+        let files = downward.items.as_deref().unwrap_or_default();
+        write_downward(pod, files, downward.default_mode, sources, dir)?;
         return Ok(dir.to_owned());
     }
     if let Some(projected) = &volume.projected {
@@ -136,41 +119,25 @@ async fn prepare_one(
                 write_file(dir, &token.path, jwt.as_bytes(), projected.default_mode)?;
             }
             if let Some(cm) = &source.config_map {
-                match get::<ConfigMap>(client, namespace, &cm.name).await? {
-                    Some(found) => write_items(
-                        dir,
-                        &config_map_files(&found),
-                        cm.items.as_deref(),
-                        projected.default_mode,
-                    )?,
-                    None if cm.optional == Some(true) => {}
-                    None => return Err(format!("configmap \"{}\" not found", cm.name)),
-                }
+                let keys = Keys {
+                    items: cm.items.as_deref(),
+                    mode: projected.default_mode,
+                    optional: cm.optional == Some(true),
+                };
+                project::<ConfigMap>(client, namespace, &cm.name, config_map_files, keys, dir)
+                    .await?;
             }
             if let Some(s) = &source.secret {
-                match get::<Secret>(client, namespace, &s.name).await? {
-                    Some(found) => write_items(
-                        dir,
-                        &secret_files(&found),
-                        s.items.as_deref(),
-                        projected.default_mode,
-                    )?,
-                    None if s.optional == Some(true) => {}
-                    None => return Err(format!("secret \"{}\" not found", s.name)),
-                }
+                let keys = Keys {
+                    items: s.items.as_deref(),
+                    mode: projected.default_mode,
+                    optional: s.optional == Some(true),
+                };
+                project::<Secret>(client, namespace, &s.name, secret_files, keys, dir).await?;
             }
             if let Some(downward) = &source.downward_api {
-                for item in downward.items.iter().flatten() {
-                    if let Some(field) = &item.field_ref {
-                        let value = field_value(pod, field, sources)?;
-                        write_file(
-                            dir,
-                            &item.path,
-                            value.as_bytes(),
-                            item.mode.or(projected.default_mode),
-                        )?;
-                    }
-                }
+                let files = downward.items.as_deref().unwrap_or_default();
+                write_downward(pod, files, projected.default_mode, sources, dir)?;
             }
         }
         return Ok(dir.to_owned());
@@ -266,6 +233,61 @@ where
             K::kind(&K::DynamicType::default())
         )
     })
+}
+
+/// Which keys of a ConfigMap or Secret a volume projects, and how.
+struct Keys<'a> {
+    items: Option<&'a [KeyToPath]>,
+    mode: Option<i32>,
+    optional: bool,
+}
+
+/// Writes the keys of one ConfigMap or Secret into `dir`; a missing object
+/// is an error unless the volume marks it optional.
+async fn project<K>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    files_of: fn(&K) -> BTreeMap<String, Vec<u8>>,
+    keys: Keys<'_>,
+    dir: &Path,
+) -> Result<(), String>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    match get::<K>(client, namespace, name).await? {
+        Some(found) => write_items(dir, &files_of(&found), keys.items, keys.mode),
+        None if keys.optional => Ok(()),
+        None => Err(format!(
+            "{} \"{name}\" not found",
+            K::kind(&K::DynamicType::default()).to_lowercase()
+        )),
+    }
+}
+
+fn write_downward(
+    pod: &Pod,
+    files: &[DownwardAPIVolumeFile],
+    default_mode: Option<i32>,
+    sources: &EnvSources,
+    dir: &Path,
+) -> Result<(), String> {
+    for item in files {
+        if let Some(field) = &item.field_ref {
+            let value = field_value(pod, field, sources)?;
+            write_file(
+                dir,
+                &item.path,
+                value.as_bytes(),
+                item.mode.or(default_mode),
+            )?;
+        }
+    }
+    Ok(())
 }
 
 fn config_map_files(cm: &ConfigMap) -> BTreeMap<String, Vec<u8>> {
