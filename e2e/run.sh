@@ -617,13 +617,17 @@ info "jobs table: $rows row(s) for $keys key(s) of this run, $not_ok not Succeed
 [[ $not_ok -eq 0 ]] || fail "$not_ok job row(s) of this run are not Succeeded"
 
 # Nothing dead-lettered, nothing left unconsumed.
-dlq=$(kafka_exec kafka-get-offsets.sh --topic ocr.dead-letter 2>/dev/null | awk -F: '{ s += $3 } END { printf "%d", s }') || dlq=unknown
-[[ $dlq == 0 ]] || fail "the dead-letter topic ocr.dead-letter holds $dlq message(s)"
-info "dead-letter topic ocr.dead-letter is empty"
-lag=$(kafka_exec kafka-consumer-groups.sh --describe --group ocr-worker 2>/dev/null |
-  awk '$1 == "ocr-worker" && $6 ~ /^[0-9]+$/ { s += $6 } END { printf "%d", s }') || lag=unknown
-[[ $lag == 0 ]] || fail "the worker group ocr-worker has lag $lag on the jobs topic"
-info "worker group ocr-worker has no lag"
+# The names come from the status: by default they derive from the pipeline's namespace and name.
+dead_letter=$(kn get ocrp "$PIPELINE" -o jsonpath='{.status.queues.deadLetterTopic}')
+worker_group=$(kn get ocrp "$PIPELINE" -o jsonpath='{.status.queues.consumerGroup}')
+[[ -n $dead_letter && -n $worker_group ]] || fail "status.queues does not name the dead-letter topic and the worker group"
+dlq=$(kafka_exec kafka-get-offsets.sh --topic "$dead_letter" 2>/dev/null | awk -F: '{ s += $3 } END { printf "%d", s }') || dlq=unknown
+[[ $dlq == 0 ]] || fail "the dead-letter topic $dead_letter holds $dlq message(s)"
+info "dead-letter topic $dead_letter is empty"
+lag=$(kafka_exec kafka-consumer-groups.sh --describe --group "$worker_group" 2>/dev/null |
+  awk -v g="$worker_group" '$1 == g && $6 ~ /^[0-9]+$/ { s += $6 } END { printf "%d", s }') || lag=unknown
+[[ $lag == 0 ]] || fail "the worker group $worker_group has lag $lag on the jobs topic"
+info "worker group $worker_group has no lag"
 
 wait_pipeline "$CURRENT" 60 "final status"
 final_arch=$(kn get ocrp "$PIPELINE" -o jsonpath='{.status.architecture}')

@@ -4,3 +4,7 @@
 pub mod cluster;
 pub mod node;
 pub mod scenario;
+
+/// Tansu, the Kafka-compatible broker the runtime's and operator's tests use.
+#[path = "../../runtime/tests/common/real_broker.rs"]
+pub mod real_broker;

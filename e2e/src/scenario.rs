@@ -29,11 +29,46 @@ pub const OPERATOR_NS: &str = "ocr-system";
 pub const HELLO: &[u8] = include_bytes!("../../runtime/tests/data/hello.png");
 pub const HELLO_TEXT: &str = "Hello OCR world";
 
+/// The Kafka-protocol broker a scenario runs on.
+pub enum Broker {
+    /// librdkafka's mock cluster, hosted by the test: consumer groups with
+    /// several members (pods rolling over need them), but no CreateTopics, so
+    /// the harness creates the topics.
+    Mock(MockCluster<'static, DefaultProducerContext>),
+    /// A Tansu broker process: CreateTopics and DeleteTopics, so the operator
+    /// provisions and deletes topics itself; single-member groups only.
+    Tansu(crate::real_broker::RealBroker),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BrokerKind {
+    Mock,
+    Tansu,
+}
+
+impl Broker {
+    fn start(kind: BrokerKind) -> Result<Broker> {
+        Ok(match kind {
+            BrokerKind::Mock => {
+                Broker::Mock(MockCluster::new(1).context("starting the mock Kafka cluster")?)
+            }
+            BrokerKind::Tansu => Broker::Tansu(crate::real_broker::RealBroker::start()),
+        })
+    }
+
+    pub fn bootstrap_servers(&self) -> String {
+        match self {
+            Broker::Mock(mock) => mock.bootstrap_servers(),
+            Broker::Tansu(tansu) => tansu.bootstrap_servers.clone(),
+        }
+    }
+}
+
 /// A scenario's whole world; everything stops when it is dropped.
 pub struct Env {
     pub name: &'static str,
     pub started: Instant,
-    pub kafka: MockCluster<'static, DefaultProducerContext>,
+    pub kafka: Broker,
     pub database: Database,
     pub client: Client,
     pub node: NodeAgent,
@@ -43,13 +78,13 @@ pub struct Env {
 }
 
 impl Env {
-    pub async fn start(name: &'static str, node_agent: &str) -> Result<Env> {
+    pub async fn start(name: &'static str, node_agent: &str, broker: BrokerKind) -> Result<Env> {
         let started = Instant::now();
         let tools = Tools::from_env(node_agent)?;
         let plane = ControlPlane::start(&tools)?;
         let client = plane.client().await?;
         let node = NodeAgent::start(&plane, &tools, "e2e-node-1", 0)?;
-        let kafka = MockCluster::new(1).context("starting the mock Kafka cluster")?;
+        let kafka = Broker::start(broker)?;
         let database = Database::create().await?;
         let models = plane.dir.path().join("models");
         copy_models(&models)?;
@@ -206,16 +241,19 @@ spec:
     }
 
     /// Topics on the mock broker, which cannot create them on request; the
-    /// operator finds them and leaves them alone.
+    /// operator finds them and leaves them alone. On Tansu the operator
+    /// creates them.
     pub fn create_topics(&self, pipeline: &PipelineRef) -> Result<()> {
+        let Broker::Mock(mock) = &self.kafka else {
+            bail!("only the mock broker needs its topics made by the harness");
+        };
         for topic in [
             &pipeline.jobs_topic,
             &pipeline.results_topic,
             &pipeline.dead_letter_topic,
         ] {
             // As many partitions as the pipeline's spec.kafka.partitions asks.
-            self.kafka
-                .create_topic(topic, 4, 1)
+            mock.create_topic(topic, 4, 1)
                 .with_context(|| format!("creating the topic {topic}"))?;
         }
         Ok(())
@@ -321,19 +359,45 @@ pub struct PipelineRef {
     pub dead_letter_topic: String,
     pub worker_group: String,
     pub writer_group: String,
+    /// `spec.kafka.deleteTopics`.
+    pub delete_topics: bool,
 }
 
 impl PipelineRef {
+    /// The manifest names no topic or group: they are the documented
+    /// defaults, `<namespace>.<name>.{jobs,results,dead-letter,worker,writer}`,
+    /// which [`PipelineRef::check_queue_names`] holds the status to.
     pub fn new(namespace: &str, name: &str) -> PipelineRef {
+        let prefix = format!("{namespace}.{name}");
         PipelineRef {
             namespace: namespace.into(),
             name: name.into(),
-            jobs_topic: format!("{name}.jobs"),
-            results_topic: format!("{name}.results"),
-            dead_letter_topic: format!("{name}.dead-letter"),
-            worker_group: format!("{name}-worker"),
-            writer_group: format!("{name}-writer"),
+            jobs_topic: format!("{prefix}.jobs"),
+            results_topic: format!("{prefix}.results"),
+            dead_letter_topic: format!("{prefix}.dead-letter"),
+            worker_group: format!("{prefix}.worker"),
+            writer_group: format!("{prefix}.writer"),
+            delete_topics: false,
         }
+    }
+
+    /// `status.queues` names what this pipeline's data flows through.
+    pub async fn check_queue_names(&self, client: &Client) -> Result<()> {
+        let status = self.status(client).await?;
+        let expected = json!({
+            "jobsTopic": self.jobs_topic,
+            "resultsTopic": self.results_topic,
+            "deadLetterTopic": self.dead_letter_topic,
+            "consumerGroup": self.worker_group,
+            "writerGroup": self.writer_group,
+        });
+        anyhow::ensure!(
+            status["queues"] == expected,
+            "{}: status.queues is {}, expected {expected}",
+            self.name,
+            status["queues"]
+        );
+        Ok(())
     }
 
     /// A CPU pipeline on PP-OCRv6 tiny with the scenario's broker and claims.
@@ -371,12 +435,7 @@ spec:
     bootstrapServers: "{bootstrap}"
     partitions: 4
     replicationFactor: 1
-    consumerGroup: {worker_group}
-    writerGroup: {writer_group}
-    topics:
-      jobs: {jobs}
-      results: {results}
-      deadLetter: {dead}
+    deleteTopics: {delete_topics}
   database:
     secret:
       name: ocr-mysql
@@ -388,11 +447,7 @@ spec:
 "#,
             name = self.name,
             namespace = self.namespace,
-            worker_group = self.worker_group,
-            writer_group = self.writer_group,
-            jobs = self.jobs_topic,
-            results = self.results_topic,
-            dead = self.dead_letter_topic,
+            delete_topics = self.delete_topics,
         )
     }
 
@@ -840,6 +895,52 @@ pub fn group_lag(bootstrap: &str, group: &str, topic: &str) -> Result<i64> {
         lag += (high - at).max(0);
     }
     Ok(lag)
+}
+
+/// Offsets a group committed on a topic, summed over its partitions (0
+/// where it never committed): how far it consumed that topic.
+pub fn committed_total(bootstrap: &str, group: &str, topic: &str) -> Result<i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .context("a Kafka client for committed offsets")?;
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let mut list = TopicPartitionList::new();
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            list.add_partition(topic, p.id());
+        }
+    }
+    let committed = consumer.committed_offsets(list, timeout)?;
+    Ok(committed
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o.max(0),
+            _ => 0,
+        })
+        .sum())
+}
+
+/// Every topic on the broker.
+pub fn topics_on(bootstrap: &str) -> Result<Vec<String>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .context("a Kafka client")?;
+    let metadata = consumer.fetch_metadata(None, Duration::from_secs(10))?;
+    let mut topics: Vec<String> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .map(|t| t.name().to_string())
+        .collect();
+    topics.sort();
+    Ok(topics)
 }
 
 /// Messages ever written to a topic (the dead-letter topic must have none).

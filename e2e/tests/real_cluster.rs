@@ -17,8 +17,9 @@ use kube::ResourceExt;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use ocr_e2e::scenario::{
-    check_queues, check_texts, delete_pod, group_lag, operator_leader, settle_jobs, submit,
-    wait_until, Env, Load, PipelineRef, Report, OPERATOR_NS,
+    check_queues, check_texts, committed_total, delete_pod, group_lag, messages_in,
+    operator_leader, settle_jobs, submit, topics_on, wait_until, BrokerKind, Env, Load,
+    PipelineRef, Report, Submitted, OPERATOR_NS,
 };
 
 const NODE_AGENT: &str = env!("CARGO_BIN_EXE_ocr-e2e-node");
@@ -44,6 +45,7 @@ async fn create_pipeline(
     let took = pipeline
         .wait_settled(&env.client, architecture, Duration::from_secs(180))
         .await?;
+    pipeline.check_queue_names(&env.client).await?;
     env.say(&format!(
         "pipeline {} runs {architecture} ({:.1} s)",
         pipeline.name,
@@ -52,24 +54,33 @@ async fn create_pipeline(
     Ok(took.as_secs_f64())
 }
 
-/// Runs a scenario; on failure, prints the cluster's state and the pods' logs.
+/// Runs a scenario on the mock broker with the default pipeline's namespace
+/// and topics prepared; on failure, prints the cluster's state and the pods' logs.
 async fn run<F, Fut>(name: &'static str, scenario: F)
 where
     F: FnOnce(Env, PipelineRef) -> Fut,
     Fut: std::future::Future<Output = (Env, Result<Report>)>,
 {
-    let env = match Env::start(name, NODE_AGENT).await {
+    run_on(name, BrokerKind::Mock, |env| async move {
+        match environment(&env).await {
+            Ok(pipeline) => scenario(env, pipeline).await,
+            Err(e) => (env, Err(e.context("setting up"))),
+        }
+    })
+    .await;
+}
+
+/// Runs a scenario that sets up its own pipelines on `broker`.
+async fn run_on<F, Fut>(name: &'static str, broker: BrokerKind, scenario: F)
+where
+    F: FnOnce(Env) -> Fut,
+    Fut: std::future::Future<Output = (Env, Result<Report>)>,
+{
+    let env = match Env::start(name, NODE_AGENT, broker).await {
         Ok(env) => env,
         Err(e) => panic!("{name}: starting the environment: {e:#}"),
     };
-    let pipeline = match environment(&env).await {
-        Ok(pipeline) => pipeline,
-        Err(e) => {
-            env.dump();
-            panic!("{name}: setting up: {e:#}");
-        }
-    };
-    let (env, outcome) = scenario(env, pipeline).await;
+    let (env, outcome) = scenario(env).await;
     match outcome {
         Ok(report) => {
             report.print();
@@ -538,5 +549,167 @@ async fn deletion(env: &Env, pipeline: &PipelineRef) -> Result<Report> {
     report.checks.push("after the writer drained: the pipeline, its Deployments, ReplicaSets, pods, Services, ConfigMap and PDBs are gone".into());
     settle_jobs(env, &jobs, Duration::from_secs(60), &mut report).await?;
     check_queues(env, pipeline, &mut report).await?;
+    Ok(report)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_pipelines_in_one_namespace_keep_their_jobs_apart() {
+    run_on("two pipelines", BrokerKind::Tansu, |env| async move {
+        let outcome = two_pipelines(&env).await;
+        (env, outcome)
+    })
+    .await;
+}
+
+/// Two pipelines side by side in one namespace, on one broker (Tansu, so
+/// the operator creates the topics itself) and one database, with no topic
+/// or group named in their specs: each gets its own, neither consumes the
+/// other's jobs, the names cannot be changed under them, and deleting one
+/// with `deleteTopics` removes its topics and nothing of the other.
+async fn two_pipelines(env: &Env) -> Result<Report> {
+    let mut report = Report {
+        scenario: "two pipelines in one namespace, one broker, one database".into(),
+        ..Report::default()
+    };
+    env.install_operator().await?;
+    env.prepare_namespace(NS)?;
+    let alpha = PipelineRef::new(NS, "alpha");
+    let beta = PipelineRef {
+        delete_topics: true,
+        ..PipelineRef::new(NS, "beta")
+    };
+    let bootstrap = env.bootstrap_servers();
+    for pipeline in [&alpha, &beta] {
+        env.plane
+            .apply(&pipeline.manifest("standard", &bootstrap, 1))?;
+    }
+    for pipeline in [&alpha, &beta] {
+        let took = pipeline
+            .wait_settled(&env.client, "standard", Duration::from_secs(180))
+            .await?;
+        pipeline.check_queue_names(&env.client).await?;
+        let created = pipeline.status(&env.client).await?["createdTopics"].clone();
+        let expected = serde_json::json!([pipeline.dead_letter_topic, pipeline.jobs_topic]);
+        anyhow::ensure!(
+            created == expected,
+            "{}: status.createdTopics is {created}, expected {expected}",
+            pipeline.name
+        );
+        env.say(&format!(
+            "pipeline {} runs standard on its own topics ({:.1} s)",
+            pipeline.name,
+            took.as_secs_f64()
+        ));
+    }
+    report.checks.push(format!(
+        "with no names in their specs, the pipelines got {} / {} and {} / {}; the operator created their topics",
+        alpha.jobs_topic, alpha.worker_group, beta.jobs_topic, beta.worker_group
+    ));
+
+    let http = reqwest::Client::new();
+    let per_pipeline = 4;
+    let mut jobs: Vec<(&PipelineRef, Submitted)> = Vec::new();
+    for n in 0..per_pipeline {
+        for pipeline in [&alpha, &beta] {
+            let key = format!("{}-{n}", pipeline.name);
+            let id = submit(&env.client, pipeline, &http, &key).await?;
+            jobs.push((pipeline, Submitted { key, id }));
+        }
+    }
+    let mut all: Vec<Submitted> = jobs.iter().map(|(_, job)| job.clone()).collect();
+    let mut first = Report::default();
+    settle_jobs(env, &all, Duration::from_secs(180), &mut first).await?;
+    anyhow::ensure!(
+        first.succeeded == all.len(),
+        "{} of {} jobs succeeded: {first:?}",
+        first.succeeded,
+        all.len()
+    );
+    for pipeline in [&alpha, &beta] {
+        let own: Vec<Submitted> = jobs
+            .iter()
+            .filter(|(p, _)| p.name == pipeline.name)
+            .map(|(_, job)| job.clone())
+            .collect();
+        check_texts(env, pipeline, &own, own.len(), &mut report).await?;
+        check_queues(env, pipeline, &mut report).await?;
+    }
+    for (pipeline, other) in [(&alpha, &beta), (&beta, &alpha)] {
+        let published = messages_in(&bootstrap, &pipeline.jobs_topic)?;
+        let consumed = committed_total(&bootstrap, &pipeline.worker_group, &pipeline.jobs_topic)?;
+        let crossed = committed_total(&bootstrap, &other.worker_group, &pipeline.jobs_topic)?;
+        anyhow::ensure!(
+            published == per_pipeline && consumed == per_pipeline && crossed == 0,
+            "{}: {published} jobs published to {}, {consumed} consumed by {}, {crossed} by {} (expected {per_pipeline}, {per_pipeline}, 0)",
+            pipeline.name, pipeline.jobs_topic, pipeline.worker_group, other.worker_group
+        );
+        report.checks.push(format!(
+            "{}: {published} jobs on {}, all consumed by {}, none by {}",
+            pipeline.name, pipeline.jobs_topic, pipeline.worker_group, other.worker_group
+        ));
+    }
+
+    // The real apiserver enforces the CRD's transition rule.
+    for patch in [
+        serde_json::json!({"spec": {"kafka": {"consumerGroup": "beta.worker"}}}),
+        serde_json::json!({"spec": {"kafka": {"topics": {"jobs": alpha.jobs_topic.clone() + "-2"}}}}),
+    ] {
+        let refused = alpha
+            .api(&env.client)
+            .patch(
+                &alpha.name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await;
+        match refused {
+            Err(kube::Error::Api(status))
+                if status.code == 422
+                    && status.message.contains("cannot change on a live pipeline") => {}
+            other => anyhow::bail!(
+                "changing a queue name of a live pipeline ({patch}) must be refused, got {other:?}"
+            ),
+        }
+    }
+    report.checks.push("the apiserver refused a new consumerGroup and a new jobs topic on a live pipeline (CEL transition rule)".into());
+
+    beta.api(&env.client)
+        .delete(&beta.name, &DeleteParams::default())
+        .await?;
+    wait_until("beta to be gone", Duration::from_secs(120), || async {
+        Ok(beta.api(&env.client).get_opt(&beta.name).await?.is_none())
+    })
+    .await?;
+    let topics = topics_on(&bootstrap)?;
+    let beta_prefix = format!("{NS}.{}.", beta.name);
+    let beta_left: Vec<&String> = topics
+        .iter()
+        .filter(|t| t.starts_with(&beta_prefix))
+        .collect();
+    anyhow::ensure!(
+        beta_left.is_empty(),
+        "beta was deleted with deleteTopics but {beta_left:?} remain"
+    );
+    for topic in [&alpha.jobs_topic, &alpha.dead_letter_topic] {
+        anyhow::ensure!(
+            topics.contains(topic),
+            "alpha's topic {topic} is gone: {topics:?}"
+        );
+    }
+    report.checks.push(format!(
+        "deleting beta (deleteTopics: true) removed its topics; alpha's remain ({})",
+        topics.join(", ")
+    ));
+
+    // alpha still serves.
+    let key = "alpha-after".to_string();
+    let id = submit(&env.client, &alpha, &http, &key).await?;
+    let after = [Submitted { key, id }];
+    all.extend(after.iter().cloned());
+    settle_jobs(env, &all, Duration::from_secs(120), &mut report).await?;
+    check_texts(env, &alpha, &after, 1, &mut report).await?;
+    report
+        .checks
+        .push("alpha still serves after beta is gone".into());
     Ok(report)
 }

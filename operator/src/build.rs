@@ -241,12 +241,12 @@ pub fn owned_selector(pipeline: &str) -> String {
 
 /// Topics the pipeline needs while `plan` is in force.
 pub fn desired_topics(pipeline: &OcrPipeline, results: bool) -> Vec<String> {
-    let topics = &pipeline.spec.kafka.topics;
-    let mut out = vec![topics.jobs()];
+    let queues = pipeline.queues();
+    let mut out = vec![queues.jobs_topic];
     if results {
-        out.push(topics.results());
+        out.push(queues.results_topic);
     }
-    out.push(topics.dead_letter());
+    out.push(queues.dead_letter_topic);
     out
 }
 
@@ -391,7 +391,7 @@ where
 
 /// FNV-1a: stable across Rust releases (std's hasher is not), so snapshots and
 /// pod-template annotations do not change with the compiler.
-fn fnv1a64(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
         (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
     })
@@ -470,6 +470,7 @@ struct RedisToml {
 /// The runtime's `ocr.toml`; keys follow `docs/configuration.md`.
 pub fn runtime_config(p: &OcrPipeline) -> Result<String, toml::ser::Error> {
     let s = &p.spec;
+    let queues = p.queues();
     let config = RuntimeToml {
         server: ServerToml {
             http_addr: format!("0.0.0.0:{}", s.observability.metrics_port),
@@ -484,11 +485,11 @@ pub fn runtime_config(p: &OcrPipeline) -> Result<String, toml::ser::Error> {
         queue: QueueToml {
             kind: "kafka",
             brokers: s.kafka.bootstrap_servers.clone(),
-            jobs_topic: s.kafka.topics.jobs(),
-            results_topic: s.kafka.topics.results(),
-            dead_letter_topic: s.kafka.topics.dead_letter(),
-            consumer_group: s.kafka.consumer_group.clone(),
-            writer_group: s.kafka.writer_group.clone(),
+            jobs_topic: queues.jobs_topic,
+            results_topic: queues.results_topic,
+            dead_letter_topic: queues.dead_letter_topic,
+            consumer_group: queues.consumer_group,
+            writer_group: queues.writer_group,
             security: (!s.kafka.security.is_plaintext()).then(|| KafkaSecurityToml {
                 protocol: s.kafka.security.protocol(),
                 sasl_mechanism: s
@@ -1049,10 +1050,11 @@ fn worker_scaled_object(ctx: &Ctx, scaling: &crate::crd::LagScaling, authenticat
     // A consumer beyond the partition count gets no partition and sits idle.
     let max = scaling.max_replicas.min(spec.kafka.partitions);
     let security = &spec.kafka.security;
+    let queues = ctx.p.queues();
     let mut trigger_metadata = json!({
         "bootstrapServers": spec.kafka.bootstrap_servers,
-        "consumerGroup": spec.kafka.consumer_group,
-        "topic": spec.kafka.topics.jobs(),
+        "consumerGroup": queues.consumer_group,
+        "topic": queues.jobs_topic,
         "lagThreshold": scaling.lag_threshold.to_string(),
     });
     if let Some(sasl) = &security.sasl {

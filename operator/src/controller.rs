@@ -21,10 +21,7 @@ use crate::build::{
     self, object_name, owned_selector, role_selector, Capabilities, ManagedKind, Role,
     COMPONENT_LABEL, MANAGER,
 };
-use crate::crd::{
-    Architecture, KafkaSpec, Migration, OcrPipeline, OcrPipelineSpec, OcrPipelineStatus, GROUP,
-    KIND, VERSION,
-};
+use crate::crd::{Architecture, Migration, OcrPipeline, OcrPipelineStatus, GROUP, KIND, VERSION};
 use crate::kafka::{ClientSecurity, Cluster, KafkaAdmin, SaslCredentials, TopicSpec};
 use crate::metrics::Metrics;
 use crate::migration::{self, Observed};
@@ -55,6 +52,10 @@ pub enum Error {
         "{pods} worker pod(s) in writer mode (terminating ones included) may still publish results; deletion keeps the writer until they are gone"
     )]
     WriterModeWorkersLeft { pods: usize },
+    #[error("{pods} pod(s) of the pipeline are left; its topics are deleted once they are gone")]
+    PodsLeft { pods: usize },
+    #[error("deleting the pipeline's topics: {reason}")]
+    TopicDeletion { reason: String },
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
@@ -69,6 +70,8 @@ impl Error {
             Error::Parse { .. } => "parse",
             Error::WriterDraining { .. } => "writer_draining",
             Error::WriterModeWorkersLeft { .. } => "writer_mode_workers_left",
+            Error::PodsLeft { .. } => "pods_left",
+            Error::TopicDeletion { .. } => "topic_deletion",
             Error::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
                 | kube::runtime::finalizer::Error::CleanupFailed(e) => e.category(),
@@ -115,7 +118,8 @@ pub fn error_policy(pipeline: Arc<OcrPipeline>, error: &Error, ctx: Arc<Context>
 }
 
 /// Checks the schema cannot express or that an old CRD version may not have enforced.
-pub fn validate(spec: &OcrPipelineSpec) -> Result<(), String> {
+pub fn validate(pipeline: &OcrPipeline) -> Result<(), String> {
+    let spec = &pipeline.spec;
     let source = &spec.model.source;
     if source.volume.is_some() == source.url.is_some() {
         return Err("spec.model.source: set exactly one of volume or url".into());
@@ -167,15 +171,18 @@ pub fn validate(spec: &OcrPipelineSpec) -> Result<(), String> {
     if spec.writer.retry_initial_ms < 1 || spec.writer.retry_max_ms < spec.writer.retry_initial_ms {
         return Err("spec.writer: need 1 <= retryInitialMs <= retryMaxMs".into());
     }
-    let kafka = &spec.kafka;
-    if kafka.consumer_group.trim().is_empty() || kafka.writer_group.trim().is_empty() {
-        return Err("spec.kafka: consumerGroup and writerGroup must not be empty".into());
+    let queues = pipeline.queues();
+    if queues.consumer_group == queues.writer_group {
+        return Err(format!(
+            "spec.kafka: writerGroup must differ from consumerGroup (workers and writers consume different topics); both are {}",
+            queues.consumer_group
+        ));
     }
-    if kafka.consumer_group == kafka.writer_group {
-        return Err(
-            "spec.kafka: writerGroup must differ from consumerGroup (workers and writers consume different topics)"
-                .into(),
-        );
+    let [jobs, results, dead_letter] = queues.topics();
+    if jobs == results || jobs == dead_letter || results == dead_letter {
+        return Err(format!(
+            "spec.kafka.topics: jobs ({jobs}), results ({results}) and dead letters ({dead_letter}) need three different topics"
+        ));
     }
     if spec.kafka.partitions < 1 || spec.kafka.replication_factor < 1 {
         return Err("spec.kafka: partitions and replicationFactor must be at least 1".into());
@@ -348,14 +355,23 @@ fn now() -> Time {
     Time(Timestamp::now())
 }
 
-async fn apply(pipeline: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<Action, Error> {
-    let name = pipeline.name_any();
+async fn apply(cached: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<Action, Error> {
+    let name = cached.name_any();
     let now = now();
+    let pipelines: Api<OcrPipeline> = Api::namespaced(ctx.client.clone(), ns);
+    // The status is the migration's memory (phase, created topics). The
+    // watch cache can lag behind this operator's own last status write (an
+    // owned Deployment's event may trigger the next round first), and a round
+    // computed from a stale status would undo the last one; the API server
+    // answers with what was written.
+    let pipeline = match pipelines.get_opt(&name).await? {
+        Some(fresh) => fresh,
+        None => return Ok(Action::await_change()),
+    };
     let generation = pipeline.metadata.generation;
     let previous = pipeline.status.as_ref();
-    let pipelines: Api<OcrPipeline> = Api::namespaced(ctx.client.clone(), ns);
 
-    if let Err(problem) = validate(&pipeline.spec) {
+    if let Err(problem) = validate(&pipeline) {
         warn!(pipeline = %name, %problem, "invalid spec; waiting for a change");
         ctx.metrics.reconcile_failed("invalid_spec");
         let status = status::invalid(previous, &problem, generation, &now);
@@ -432,6 +448,8 @@ async fn apply(pipeline: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<Ac
         warnings: &warnings,
         // Listed from the plan, so a finished writer → direct migration drops the results topic.
         topics: build::desired_topics(&pipeline, build::needs_results_topic(&plan)),
+        queues: pipeline.queues(),
+        created_topics: kafka.created,
         kafka_error: (!kafka.errors.is_empty()).then(|| kafka.errors.join("; ")),
         phase_deadline_seconds: pipeline.spec.migration.phase_deadline_seconds,
     };
@@ -461,6 +479,8 @@ async fn apply(pipeline: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<Ac
 
 struct KafkaView {
     topics_ready: bool,
+    /// Topics this round created.
+    created: Vec<String>,
     results_lag: Option<u64>,
     /// Kafka could not be asked; shown in the status.
     errors: Vec<String>,
@@ -486,23 +506,26 @@ async fn observe_kafka(
         .collect();
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
-    let cluster = match kafka_cluster(ctx, ns, kafka).await {
+    let cluster = match kafka_cluster(ctx, ns, pipeline).await {
         Ok(cluster) => cluster,
         Err(problem) => {
             return KafkaView {
                 topics_ready: false,
+                created: Vec::new(),
                 results_lag: None,
                 errors: vec![problem],
                 warnings,
             }
         }
     };
+    let mut created = Vec::new();
     let topics_ready = match ctx.kafka.ensure_topics(&cluster, &topics).await {
         Ok(report) => {
             if !report.created.is_empty() {
                 info!(pipeline = %pipeline.name_any(), topics = ?report.created, "created topics");
             }
             warnings.extend(report.shortfalls.iter().map(|s| s.to_string()));
+            created = report.created;
             true
         }
         Err(e) => {
@@ -514,7 +537,7 @@ async fn observe_kafka(
     let results_lag = if lag_needed {
         match ctx
             .kafka
-            .results_lag(&cluster, &kafka.topics.results())
+            .results_lag(&cluster, &pipeline.queues().results_topic)
             .await
         {
             Ok(lag) => Some(lag),
@@ -528,6 +551,7 @@ async fn observe_kafka(
     };
     KafkaView {
         topics_ready,
+        created,
         results_lag,
         errors,
         warnings,
@@ -537,10 +561,10 @@ async fn observe_kafka(
 /// `spec.kafka` with its Secrets read, so the operator's own clients connect
 /// the way the pipeline's pods do. Read on every reconcile: a rotated
 /// password is picked up without a restart.
-async fn kafka_cluster(ctx: &Context, ns: &str, spec: &KafkaSpec) -> Result<Cluster, String> {
-    let security = &spec.security;
+async fn kafka_cluster(ctx: &Context, ns: &str, pipeline: &OcrPipeline) -> Result<Cluster, String> {
+    let security = &pipeline.spec.kafka.security;
     if security.is_plaintext() {
-        return Ok(Cluster::of(spec));
+        return Ok(Cluster::of(pipeline));
     }
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let mut client = ClientSecurity {
@@ -565,7 +589,7 @@ async fn kafka_cluster(ctx: &Context, ns: &str, spec: &KafkaSpec) -> Result<Clus
             client.ca_pem = Some(secret_text(&secret, name, &tls.ca_key)?);
         }
     }
-    Ok(Cluster::of(spec).with_security(client))
+    Ok(Cluster::of(pipeline).with_security(client))
 }
 
 async fn read_secret(secrets: &Api<Secret>, name: &str) -> Result<Secret, String> {
@@ -666,8 +690,8 @@ async fn cleanup(pipeline: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<
         if publishers > 0 {
             return Err(Error::WriterModeWorkersLeft { pods: publishers });
         }
-        let topic = pipeline.spec.kafka.topics.results();
-        let lag = match kafka_cluster(ctx, ns, &pipeline.spec.kafka).await {
+        let topic = pipeline.queues().results_topic;
+        let lag = match kafka_cluster(ctx, ns, &pipeline).await {
             Ok(cluster) => ctx
                 .kafka
                 .results_lag(&cluster, &topic)
@@ -689,5 +713,89 @@ async fn cleanup(pipeline: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<
                 .await?;
         }
     }
+    if pipeline.spec.kafka.delete_topics {
+        delete_created_topics(&pipeline, ctx, ns).await?;
+    }
     Ok(Action::await_change())
+}
+
+/// `spec.kafka.deleteTopics`: once no pod of the pipeline is left (a pod
+/// still publishing could make the broker create a topic again), the topics
+/// the operator created go, except those another pipeline on the same
+/// brokers uses. A failure keeps the finalizer and is retried; turning
+/// `deleteTopics` off lets the deletion finish without it.
+async fn delete_created_topics(
+    pipeline: &OcrPipeline,
+    ctx: &Context,
+    ns: &str,
+) -> Result<(), Error> {
+    let name = pipeline.name_any();
+    let created = pipeline
+        .status
+        .as_ref()
+        .map(|s| s.created_topics.clone())
+        .unwrap_or_default();
+    if created.is_empty() {
+        return Ok(());
+    }
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let left = pods
+        .list(&ListParams::default().labels(&owned_selector(&name)))
+        .await?
+        .items
+        .len();
+    if left > 0 {
+        return Err(Error::PodsLeft { pods: left });
+    }
+    let others: Api<OcrPipeline> = Api::all(ctx.client.clone());
+    let others = others.list(&ListParams::default()).await?.items;
+    let doomed = topics_only_this_pipeline_uses(pipeline, &created, &others);
+    let cluster = kafka_cluster(ctx, ns, pipeline)
+        .await
+        .map_err(|reason| Error::TopicDeletion { reason })?;
+    if let Err(e) = ctx.kafka.delete_topics(&cluster, &doomed).await {
+        let reason = e.to_string();
+        publish(
+            ctx,
+            pipeline,
+            EventType::Warning,
+            "TopicDeletionFailed",
+            format!("{reason}; retrying (set spec.kafka.deleteTopics=false to delete the pipeline without its topics)"),
+        )
+        .await;
+        return Err(Error::TopicDeletion { reason });
+    }
+    info!(pipeline = %name, topics = ?doomed, "deleted topics");
+    Ok(())
+}
+
+/// The topics in `created` that no other pipeline in `all` on the same
+/// brokers names (an explicit topic name may be shared on purpose).
+pub fn topics_only_this_pipeline_uses(
+    pipeline: &OcrPipeline,
+    created: &[String],
+    all: &[OcrPipeline],
+) -> Vec<String> {
+    let same = |a: &OcrPipeline, b: &OcrPipeline| {
+        a.uid().is_some() && a.uid() == b.uid()
+            || (a.namespace() == b.namespace() && a.name_any() == b.name_any())
+    };
+    let in_use: BTreeSet<String> = all
+        .iter()
+        .filter(|other| !same(other, pipeline))
+        .filter(|other| other.spec.kafka.bootstrap_servers == pipeline.spec.kafka.bootstrap_servers)
+        .flat_map(|other| {
+            let queues = other.queues();
+            [
+                queues.jobs_topic,
+                queues.results_topic,
+                queues.dead_letter_topic,
+            ]
+        })
+        .collect();
+    created
+        .iter()
+        .filter(|topic| !in_use.contains(*topic))
+        .cloned()
+        .collect()
 }

@@ -52,16 +52,23 @@ pub struct OcrPipelineSpec {
     /// Topology. Changing it migrates the running pipeline without losing jobs.
     #[serde(default)]
     pub architecture: Architecture,
+    /// Container images of the pipeline's pods.
     #[serde(default)]
     pub images: Images,
+    /// The PP-OCR model the workers run, and where its files come from.
     pub model: ModelSpec,
+    /// The API pods: accept jobs over HTTP and gRPC, store them, publish them.
     #[serde(default)]
     pub api: ApiSpec,
+    /// The inference pods: consume jobs, run OCR, write or publish results.
     #[serde(default)]
     pub worker: WorkerSpec,
+    /// The result writers of the `writer` architecture.
     #[serde(default)]
     pub writer: WriterSpec,
+    /// The Kafka cluster, topics and consumer groups.
     pub kafka: KafkaSpec,
+    /// The MySQL/MariaDB database that holds every job (the source of truth).
     pub database: DatabaseSpec,
     /// Where uploaded images and result documents live. Required: the API and
     /// the workers run in different pods and must see the same store.
@@ -69,10 +76,14 @@ pub struct OcrPipelineSpec {
     /// Optional Redis for deduplication and rate limiting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisSpec>,
+    /// Optional autoscalers of the API and the workers; without them the
+    /// replica counts of `api`, `worker` and `writer` hold.
     #[serde(default)]
     pub autoscaling: AutoscalingSpec,
+    /// PodDisruptionBudgets and the spreading of pods across nodes.
     #[serde(default)]
     pub availability: AvailabilitySpec,
+    /// Metrics port and tracing.
     #[serde(default)]
     pub observability: ObservabilitySpec,
     /// How architecture migrations are supervised.
@@ -140,8 +151,10 @@ pub struct Images {
     #[serde(default = "default_fetcher_image")]
     #[schemars(length(min = 1))]
     pub model_fetcher: String,
+    /// `imagePullPolicy` of every container.
     #[serde(default)]
     pub pull_policy: PullPolicy,
+    /// Names of `kubernetes.io/dockerconfigjson` Secrets for private registries.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pull_secrets: Vec<String>,
 }
@@ -197,10 +210,15 @@ impl PullPolicy {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelSpec {
+    /// PP-OCR variant: `v6-small` (best accuracy), `v6-tiny` (fastest on CPU)
+    /// or `v5-mobile`.
     #[serde(default)]
     pub variant: ModelVariant,
+    /// `cuda` runs the workers on a GPU (`worker.gpusPerPod` each, the CUDA
+    /// image); `cpu` needs no GPU.
     #[serde(default)]
     pub device: Device,
+    /// Where the model files come from.
     pub source: ModelSource,
     /// How page images are sized for the detector; absent: the runtime's
     /// default (`Min`, 64: images run at their own scale).
@@ -216,6 +234,7 @@ pub struct DetectionSpec {
     /// `limitSideLen` (best recall on small text); `Max` only shrinks images
     /// whose long side exceeds it (much faster on small inputs).
     pub limit_type: DetLimitType,
+    /// The side length, in pixels, that `limitType` holds images to.
     #[schemars(range(min = 32, max = 4096))]
     pub limit_side_len: i32,
 }
@@ -269,6 +288,7 @@ pub enum Device {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.volume) != has(self.url)").message("set exactly one of volume or url"))]
 pub struct ModelSource {
+    /// A PersistentVolumeClaim that holds the model files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<ModelVolume>,
     /// A `.tar.gz` with the model files at its root, downloaded by an init container.
@@ -282,6 +302,7 @@ pub struct ModelSource {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.s3) != has(self.volume)").message("set exactly one of s3 or volume"))]
 pub struct BlobSpec {
+    /// An S3 bucket (or an S3-compatible store).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3: Option<S3BlobSpec>,
     /// A ReadWriteMany PersistentVolumeClaim, mounted into every API, worker
@@ -294,6 +315,7 @@ pub struct BlobSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct S3BlobSpec {
+    /// The bucket's name.
     #[schemars(
         length(min = 3, max = 63),
         regex(pattern = r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$")
@@ -308,6 +330,7 @@ pub struct S3BlobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("endpoint must be http(s)"))]
     pub endpoint: Option<String>,
+    /// The bucket's region; absent: the SDK's default chain (`AWS_REGION`, …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
     pub region: Option<String>,
@@ -333,8 +356,10 @@ impl S3BlobSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BlobVolume {
+    /// The claim's name, in the pipeline's namespace.
     #[schemars(length(min = 1))]
     pub claim_name: String,
+    /// Directory inside the volume; the volume root when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sub_path: Option<String>,
 }
@@ -343,6 +368,7 @@ pub struct BlobVolume {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelVolume {
+    /// The claim's name, in the pipeline's namespace.
     #[schemars(length(min = 1))]
     pub claim_name: String,
     /// Directory inside the volume; the volume root when empty.
@@ -570,8 +596,13 @@ fn default_webhook_secret_key() -> String {
     "secret".into()
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+/// Where the pipeline's jobs and results queue. Topic and consumer-group names
+/// left out are derived from the pipeline's namespace and name (see
+/// [`QueueNames`]), so two pipelines never share a queue unless told to; the
+/// names in use are shown in `status.queues`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(QUEUE_NAMES_IMMUTABLE).message("topic and consumer-group names cannot change on a live pipeline: jobs and results queued under the old names would be stranded. Create a new pipeline for new names").reason(Reason::FieldValueForbidden))]
 pub struct KafkaSpec {
     /// Comma-separated `host:port` list.
     #[schemars(length(min = 1))]
@@ -581,22 +612,45 @@ pub struct KafkaSpec {
     pub security: KafkaSecuritySpec,
     #[serde(default)]
     pub topics: TopicsSpec,
+    /// Partitions of the topics the operator creates; an existing topic with
+    /// fewer is reported in `Ready`, never repartitioned (that would move keys).
     #[serde(default = "default_partitions")]
     #[schemars(range(min = 1, max = 1000))]
     pub partitions: i32,
+    /// Replication factor of the topics the operator creates.
     #[serde(default = "default_replication_factor")]
     #[schemars(range(min = 1, max = 10))]
     pub replication_factor: i32,
-    /// The workers' consumer group on the jobs topic (`queue.consumer_group`).
-    #[serde(default = "default_consumer_group")]
-    #[schemars(length(min = 1))]
-    pub consumer_group: String,
-    /// The writers' consumer group on the results topic (`queue.writer_group`); its lag
-    /// gates removing the writer.
-    #[serde(default = "default_writer_group")]
-    #[schemars(length(min = 1))]
-    pub writer_group: String,
+    /// The workers' consumer group on the jobs topic. Absent:
+    /// `<namespace>.<name>.worker` (from the topic prefix when one is set).
+    /// Fixed once the pipeline exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
+    pub consumer_group: Option<String>,
+    /// The writers' consumer group on the results topic; its lag gates removing
+    /// the writer. Absent: `<namespace>.<name>.writer` (from the topic prefix
+    /// when one is set). Fixed once the pipeline exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
+    pub writer_group: Option<String>,
+    /// Delete the topics this operator created for the pipeline when the
+    /// pipeline is deleted (after its pods are gone). Off by default: queued
+    /// jobs and dead letters outlive the pipeline. Topics that existed before,
+    /// or that another pipeline on the same brokers uses, are never deleted.
+    #[serde(default)]
+    pub delete_topics: bool,
 }
+
+/// The transition rule behind "queue names are fixed": every name, set or
+/// left to its default, stays as it was (setting a defaulted name, or removing
+/// a set one, is a change too).
+const QUEUE_NAMES_IMMUTABLE: &str = "\
+(has(self.consumerGroup) ? self.consumerGroup : '') == (has(oldSelf.consumerGroup) ? oldSelf.consumerGroup : '') && \
+(has(self.writerGroup) ? self.writerGroup : '') == (has(oldSelf.writerGroup) ? oldSelf.writerGroup : '') && \
+(has(self.topics) && has(self.topics.prefix) ? self.topics.prefix : '') == (has(oldSelf.topics) && has(oldSelf.topics.prefix) ? oldSelf.topics.prefix : '') && \
+(has(self.topics) && has(self.topics.jobs) ? self.topics.jobs : '') == (has(oldSelf.topics) && has(oldSelf.topics.jobs) ? oldSelf.topics.jobs : '') && \
+(has(self.topics) && has(self.topics.results) ? self.topics.results : '') == (has(oldSelf.topics) && has(oldSelf.topics.results) ? oldSelf.topics.results : '') && \
+(has(self.topics) && has(self.topics.deadLetter) ? self.topics.deadLetter : '') == (has(oldSelf.topics) && has(oldSelf.topics.deadLetter) ? oldSelf.topics.deadLetter : '')";
 
 fn default_partitions() -> i32 {
     12
@@ -604,14 +658,6 @@ fn default_partitions() -> i32 {
 
 fn default_replication_factor() -> i32 {
     3
-}
-
-fn default_consumer_group() -> String {
-    "ocr-worker".into()
-}
-
-fn default_writer_group() -> String {
-    "ocr-writer".into()
 }
 
 /// How the runtime's pods, the KEDA scaler and the operator itself reach the
@@ -652,6 +698,7 @@ pub struct KafkaTlsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
     pub ca_secret: Option<String>,
+    /// The key of `caSecret` that holds the PEM.
     #[serde(default = "default_ca_key")]
     #[schemars(length(min = 1))]
     pub ca_key: String,
@@ -665,8 +712,10 @@ fn default_ca_key() -> String {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct KafkaSaslSpec {
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
     #[serde(default)]
     pub mechanism: SaslMechanism,
+    /// Secret with the credentials, in the pipeline's namespace.
     #[schemars(length(min = 1))]
     pub secret: String,
     /// The user name itself, for secrets that hold only the password (a
@@ -675,9 +724,11 @@ pub struct KafkaSaslSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
     pub username: Option<String>,
+    /// The key of `secret` that holds the user name.
     #[serde(default = "default_username_key")]
     #[schemars(length(min = 1))]
     pub username_key: String,
+    /// The key of `secret` that holds the password.
     #[serde(default = "default_password_key")]
     #[schemars(length(min = 1))]
     pub password_key: String,
@@ -721,56 +772,105 @@ impl SaslMechanism {
     }
 }
 
-/// Topic names; any name left out is `<prefix>.jobs`, `<prefix>.results` or `<prefix>.dead-letter`.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+/// Topic names; any name left out is `<prefix>.jobs`, `<prefix>.results` or
+/// `<prefix>.dead-letter`. Fixed once the pipeline exists.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TopicsSpec {
-    #[serde(default = "default_topic_prefix")]
-    #[schemars(length(min = 1), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
-    pub prefix: String,
+    /// Absent: `<namespace>.<name>` of the pipeline (shortened with a hash
+    /// where that would make a topic name longer than Kafka's 249 characters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
+    #[schemars(length(min = 1, max = 237), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
+    pub prefix: Option<String>,
+    /// The jobs topic the API publishes to and the workers consume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
     pub jobs: Option<String>,
+    /// The results topic of the writer architecture.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
+    #[schemars(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
     pub results: Option<String>,
+    /// Where jobs and results that cannot be processed end up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
+    #[schemars(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
     pub dead_letter: Option<String>,
 }
 
-impl Default for TopicsSpec {
-    fn default() -> Self {
-        TopicsSpec {
-            prefix: default_topic_prefix(),
-            jobs: None,
-            results: None,
-            dead_letter: None,
+/// Kafka refuses longer topic names.
+const MAX_TOPIC_NAME: usize = 249;
+/// The longest suffix a derived topic name gets.
+const LONGEST_TOPIC_SUFFIX: &str = ".dead-letter";
+
+/// The topics and consumer groups a pipeline's data flows through, resolved
+/// from `spec.kafka` and the pipeline's namespace and name.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueNames {
+    /// The API publishes jobs here; the workers consume them.
+    pub jobs_topic: String,
+    /// Writer-mode workers publish results here; the writers persist them.
+    pub results_topic: String,
+    /// Jobs and results that cannot be processed.
+    pub dead_letter_topic: String,
+    /// The workers' consumer group on the jobs topic.
+    pub consumer_group: String,
+    /// The writers' consumer group on the results topic.
+    pub writer_group: String,
+}
+
+impl QueueNames {
+    /// Names left out of `kafka` are derived from `namespace` and `name`: a
+    /// namespace is a DNS label (no dots), so `<namespace>.<name>` differs for
+    /// every pipeline.
+    pub fn resolve(kafka: &KafkaSpec, namespace: &str, name: &str) -> QueueNames {
+        let prefix = kafka
+            .topics
+            .prefix
+            .clone()
+            .unwrap_or_else(|| default_queue_prefix(namespace, name));
+        let or = |set: &Option<String>, suffix: &str| {
+            set.clone().unwrap_or_else(|| format!("{prefix}.{suffix}"))
+        };
+        QueueNames {
+            jobs_topic: or(&kafka.topics.jobs, "jobs"),
+            results_topic: or(&kafka.topics.results, "results"),
+            dead_letter_topic: or(&kafka.topics.dead_letter, "dead-letter"),
+            consumer_group: or(&kafka.consumer_group, "worker"),
+            writer_group: or(&kafka.writer_group, "writer"),
         }
     }
+
+    /// Every topic, jobs first.
+    pub fn topics(&self) -> [&str; 3] {
+        [
+            &self.jobs_topic,
+            &self.results_topic,
+            &self.dead_letter_topic,
+        ]
+    }
 }
 
-fn default_topic_prefix() -> String {
-    "ocr".into()
+/// `<namespace>.<name>`, or where a topic named after it would be too long
+/// for Kafka, its start and a hash of the whole (still one per pipeline).
+fn default_queue_prefix(namespace: &str, name: &str) -> String {
+    let full = format!("{namespace}.{name}");
+    let room = MAX_TOPIC_NAME - LONGEST_TOPIC_SUFFIX.len();
+    if full.len() <= room {
+        return full;
+    }
+    let hash = format!("{:016x}", crate::build::fnv1a64(full.as_bytes()));
+    let keep: String = full.chars().take(room - hash.len() - 1).collect();
+    format!("{keep}-{hash}")
 }
 
-impl TopicsSpec {
-    pub fn jobs(&self) -> String {
-        self.jobs
-            .clone()
-            .unwrap_or_else(|| format!("{}.jobs", self.prefix))
-    }
-
-    pub fn results(&self) -> String {
-        self.results
-            .clone()
-            .unwrap_or_else(|| format!("{}.results", self.prefix))
-    }
-
-    pub fn dead_letter(&self) -> String {
-        self.dead_letter
-            .clone()
-            .unwrap_or_else(|| format!("{}.dead-letter", self.prefix))
+impl OcrPipeline {
+    /// The pipeline's topics and consumer groups; see [`QueueNames::resolve`].
+    pub fn queues(&self) -> QueueNames {
+        QueueNames::resolve(
+            &self.spec.kafka,
+            self.metadata.namespace.as_deref().unwrap_or("default"),
+            self.metadata.name.as_deref().unwrap_or_default(),
+        )
     }
 }
 
@@ -795,8 +895,10 @@ pub struct RedisSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKey {
+    /// The Secret's name, in the pipeline's namespace.
     #[schemars(length(min = 1))]
     pub name: String,
+    /// The key that holds the URL.
     #[serde(default = "default_secret_key")]
     #[schemars(length(min = 1))]
     pub key: String,
@@ -856,8 +958,11 @@ fn default_lag_threshold() -> i32 {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AvailabilitySpec {
+    /// The PodDisruptionBudget of each role.
     #[serde(default)]
     pub disruption_budget: DisruptionBudget,
+    /// How the pods of one role spread over nodes: `Preferred` (where the
+    /// scheduler can), `Required` (never two on a node) or `None`.
     #[serde(default)]
     pub anti_affinity: AntiAffinity,
 }
@@ -867,8 +972,10 @@ pub struct AvailabilitySpec {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!(has(self.minAvailable) && has(self.maxUnavailable))").message("set at most one of minAvailable or maxUnavailable"))]
 pub struct DisruptionBudget {
+    /// Pods (or a percentage) of a role that voluntary disruptions leave running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_available: Option<IntOrString>,
+    /// Pods (or a percentage) of a role that voluntary disruptions may take at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_unavailable: Option<IntOrString>,
 }
@@ -944,8 +1051,10 @@ fn two() -> i32 {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OcrPipelineStatus {
+    /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// `Pending` (rolling out), `Running`, `Migrating` or `Degraded`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
     /// The architecture that is fully rolled out; during a migration, the
@@ -953,11 +1062,20 @@ pub struct OcrPipelineStatus {
     /// from the target it gave up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub architecture: Option<Architecture>,
+    /// The architecture migration in progress, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<Migration>,
     /// Topics the pipeline needs (jobs, results in writer architecture, dead letters).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub topics: Vec<String>,
+    /// The topic and consumer-group names in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<QueueNames>,
+    /// Topics this operator created for the pipeline (deleted with it when
+    /// `spec.kafka.deleteTopics` is set).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub created_topics: Vec<String>,
+    /// `Ready`, `Progressing`, `Degraded` and `Migrating`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
@@ -973,9 +1091,13 @@ pub enum Phase {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Migration {
+    /// The architecture being left.
     pub from: Architecture,
+    /// The architecture being migrated to.
     pub to: Architecture,
+    /// The step the migration waits in.
     pub phase: MigrationPhase,
+    /// When the migration began.
     pub started_at: Time,
     /// When the current phase began; a phase waiting longer than
     /// `spec.migration.phaseDeadlineSeconds` marks the pipeline `Degraded`.
@@ -1004,4 +1126,64 @@ pub enum MigrationPhase {
 /// The CRD as YAML, exactly as `ocr-operator crdgen` writes it.
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     serde_yaml::to_string(&OcrPipeline::crd())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kafka(extra: serde_json::Value) -> KafkaSpec {
+        let mut spec = serde_json::json!({"bootstrapServers": "kafka:9092"});
+        if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+            spec.extend(extra.clone());
+        }
+        serde_json::from_value(spec).expect("kafka spec")
+    }
+
+    #[test]
+    fn names_left_out_come_from_namespace_and_name() {
+        let queues = QueueNames::resolve(&kafka(serde_json::json!({})), "team-a", "invoices");
+        assert_eq!(queues.jobs_topic, "team-a.invoices.jobs");
+        assert_eq!(queues.results_topic, "team-a.invoices.results");
+        assert_eq!(queues.dead_letter_topic, "team-a.invoices.dead-letter");
+        assert_eq!(queues.consumer_group, "team-a.invoices.worker");
+        assert_eq!(queues.writer_group, "team-a.invoices.writer");
+        let other = QueueNames::resolve(&kafka(serde_json::json!({})), "team-b", "invoices");
+        assert_ne!(queues.jobs_topic, other.jobs_topic);
+        assert_ne!(queues.consumer_group, other.consumer_group);
+    }
+
+    #[test]
+    fn names_set_in_the_spec_win_and_the_prefix_applies_to_the_rest() {
+        let queues = QueueNames::resolve(
+            &kafka(serde_json::json!({
+                "topics": {"prefix": "shop", "jobs": "incoming"},
+                "writerGroup": "persisters",
+            })),
+            "ns",
+            "p",
+        );
+        assert_eq!(queues.jobs_topic, "incoming");
+        assert_eq!(queues.results_topic, "shop.results");
+        assert_eq!(queues.consumer_group, "shop.worker");
+        assert_eq!(queues.writer_group, "persisters");
+    }
+
+    #[test]
+    fn a_long_name_still_gives_valid_distinct_topics() {
+        let long = "n".repeat(253);
+        let a = QueueNames::resolve(&kafka(serde_json::json!({})), "ns", &long);
+        let b = QueueNames::resolve(
+            &kafka(serde_json::json!({})),
+            "ns",
+            &format!("{}m", &long[..252]),
+        );
+        for name in a.topics() {
+            assert!(name.len() <= MAX_TOPIC_NAME, "{} chars", name.len());
+            assert!(name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)));
+        }
+        assert_ne!(a.jobs_topic, b.jobs_topic);
+    }
 }

@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::crd::KafkaSpec;
+use crate::crd::OcrPipeline;
 
 mod rdkafka_admin;
 
@@ -27,11 +27,11 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// The cluster without credentials; see [`Cluster::with_security`].
-    pub fn of(spec: &KafkaSpec) -> Cluster {
+    /// The pipeline's cluster without credentials; see [`Cluster::with_security`].
+    pub fn of(pipeline: &OcrPipeline) -> Cluster {
         Cluster {
-            bootstrap_servers: spec.bootstrap_servers.clone(),
-            writer_group: spec.writer_group.clone(),
+            bootstrap_servers: pipeline.spec.kafka.bootstrap_servers.clone(),
+            writer_group: pipeline.queues().writer_group,
             security: ClientSecurity::default(),
         }
     }
@@ -133,6 +133,13 @@ pub trait KafkaAdmin: Send + Sync {
         cluster: &'a Cluster,
         topic: &'a str,
     ) -> BoxFuture<'a, Result<u64, KafkaError>>;
+
+    /// Deletes the topics; one that is gone already is not an error.
+    fn delete_topics<'a>(
+        &'a self,
+        cluster: &'a Cluster,
+        topics: &'a [String],
+    ) -> BoxFuture<'a, Result<(), KafkaError>>;
 }
 
 /// For clusters whose topics are provisioned outside the operator (Strimzi
@@ -166,6 +173,21 @@ impl KafkaAdmin for ExternallyProvisioned {
                 reason: "topics are provisioned externally (--kafka-admin=external) and no Kafka admin client is configured"
                     .into(),
             })
+        })
+    }
+
+    /// Never asked in practice: it creates nothing, so no pipeline lists
+    /// topics it created.
+    fn delete_topics<'a>(
+        &'a self,
+        _cluster: &'a Cluster,
+        topics: &'a [String],
+    ) -> BoxFuture<'a, Result<(), KafkaError>> {
+        Box::pin(async move {
+            Err(KafkaError::Admin(format!(
+                "cannot delete {}: topics are provisioned externally (--kafka-admin=external)",
+                topics.join(", ")
+            )))
         })
     }
 }

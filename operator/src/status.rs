@@ -5,7 +5,7 @@ use k8s_openapi::api::core::v1::{Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::build::WORKER_MODE_ENV;
-use crate::crd::{Architecture, OcrPipelineStatus, Phase};
+use crate::crd::{Architecture, OcrPipelineStatus, Phase, QueueNames};
 use crate::migration::{self, Plan};
 
 pub const READY: &str = "Ready";
@@ -120,6 +120,10 @@ pub struct Observation<'a> {
     pub writer: &'a RoleState,
     pub warnings: &'a [String],
     pub topics: Vec<String>,
+    /// The topic and consumer-group names in use.
+    pub queues: QueueNames,
+    /// Topics this round created.
+    pub created_topics: Vec<String>,
     /// Kafka could not be asked (topics or lag); `Degraded`, but not fatal.
     pub kafka_error: Option<String>,
     /// `spec.migration.phaseDeadlineSeconds`.
@@ -271,8 +275,22 @@ pub fn compute(
         architecture: Some(plan.architecture),
         migration: plan.migration.clone(),
         topics: seen.topics.clone(),
+        queues: Some(seen.queues.clone()),
+        created_topics: created_topics(previous, &seen.created_topics),
         conditions,
     }
+}
+
+/// Every topic the operator ever created for the pipeline, sorted: the ones
+/// listed before and the ones created now.
+fn created_topics(previous: Option<&OcrPipelineStatus>, now: &[String]) -> Vec<String> {
+    let mut all: Vec<String> = previous
+        .map(|s| s.created_topics.clone())
+        .unwrap_or_default();
+    all.extend(now.iter().cloned());
+    all.sort();
+    all.dedup();
+    all
 }
 
 /// The `Degraded` message when this status is the first to report the current
@@ -433,6 +451,8 @@ mod tests {
             writer: &RoleState::default(),
             warnings: &[],
             topics: vec![],
+            queues: queues(),
+            created_topics: vec![],
             kafka_error: None,
             phase_deadline_seconds: 600,
         };
@@ -470,6 +490,27 @@ mod tests {
             .unwrap_or_else(|| panic!("{type_} condition"))
     }
 
+    fn queues() -> QueueNames {
+        let kafka: crate::crd::KafkaSpec =
+            serde_json::from_value(serde_json::json!({"bootstrapServers": "kafka:9092"}))
+                .expect("kafka spec");
+        QueueNames::resolve(&kafka, "ns", "p")
+    }
+
+    #[test]
+    fn created_topics_are_remembered_across_rounds() {
+        let previous = OcrPipelineStatus {
+            created_topics: vec!["ns.p.jobs".into(), "ns.p.results".into()],
+            ..OcrPipelineStatus::default()
+        };
+        let merged = created_topics(
+            Some(&previous),
+            &["ns.p.dead-letter".into(), "ns.p.jobs".into()],
+        );
+        assert_eq!(merged, ["ns.p.dead-letter", "ns.p.jobs", "ns.p.results"]);
+        assert!(created_topics(None, &[]).is_empty());
+    }
+
     fn seen<'a>(role: &'a RoleState, kafka_error: Option<&str>) -> Observation<'a> {
         Observation {
             api: role,
@@ -477,6 +518,8 @@ mod tests {
             writer: role,
             warnings: &[],
             topics: vec![],
+            queues: queues(),
+            created_topics: vec![],
             kafka_error: kafka_error.map(str::to_string),
             phase_deadline_seconds: 600,
         }

@@ -88,7 +88,7 @@ fn autoscaled_roles_leave_replicas_to_the_autoscaler() {
     );
     assert_eq!(
         scaled["spec"]["triggers"][0]["metadata"]["topic"],
-        "ocr.jobs"
+        "ocr.demo.jobs"
     );
 }
 
@@ -170,7 +170,10 @@ fn runtime_config_uses_only_documented_keys() {
             );
         }
     }
-    assert_eq!(parsed["queue"]["writer_group"].as_str(), Some("ocr-writer"));
+    assert_eq!(
+        parsed["queue"]["writer_group"].as_str(),
+        Some("ocr.demo.writer")
+    );
     assert_eq!(parsed["worker"]["max_batch_size"].as_integer(), Some(16));
     assert_eq!(parsed["model"]["device"].as_str(), Some("cuda"));
     assert!(
@@ -199,7 +202,7 @@ fn the_example_parses_validates_and_renders() {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/ocrpipeline.yaml");
     let text = std::fs::read_to_string(path).expect("example exists");
     let mut p: OcrPipeline = serde_yaml::from_str(&text).expect("example parses");
-    ocr_operator::controller::validate(&p.spec).expect("example is valid");
+    ocr_operator::controller::validate(&p).expect("example is valid");
     p.metadata.uid = Some("00000000-0000-4000-8000-000000000003".into());
     let r = rendered(&p, true);
     let worker = object(&r, ManagedKind::Deployment, "ocr-worker").expect("worker");
@@ -228,7 +231,7 @@ fn writer_settings_are_env_of_the_writer_only() {
     p.spec.writer.retries = 7;
     p.spec.writer.retry_initial_ms = 50;
     p.spec.writer.retry_max_ms = 2_000;
-    p.spec.kafka.writer_group = "persisters".into();
+    p.spec.kafka.writer_group = Some("persisters".into());
     p.spec.writer.webhook = None;
     let plain = rendered(&p, true);
     let writer = object(&plain, ManagedKind::Deployment, "demo-writer").expect("writer");
@@ -289,10 +292,14 @@ fn writer_settings_are_env_of_the_writer_only() {
 #[test]
 fn workers_and_writers_need_different_groups() {
     let mut p = support::pipeline("writer");
-    ocr_operator::controller::validate(&p.spec).expect("defaults differ");
-    p.spec.kafka.writer_group = p.spec.kafka.consumer_group.clone();
-    let problem = ocr_operator::controller::validate(&p.spec).expect_err("same group");
+    ocr_operator::controller::validate(&p).expect("defaults differ");
+    p.spec.kafka.writer_group = Some("ocr.demo.worker".into());
+    let problem = ocr_operator::controller::validate(&p).expect_err("same as the derived group");
     assert!(problem.contains("writerGroup"), "{problem}");
+    p.spec.kafka.writer_group = None;
+    p.spec.kafka.topics.results = Some("ocr.demo.jobs".into());
+    let problem = ocr_operator::controller::validate(&p).expect_err("same topic");
+    assert!(problem.contains("three different topics"), "{problem}");
 }
 
 fn secured(mut json: Value) -> OcrPipeline {

@@ -275,6 +275,39 @@ async fn creates_missing_topics_on_a_real_broker() {
     assert_eq!(short.shortfalls[0].partitions, 3);
 }
 
+#[tokio::test]
+async fn deletes_topics_on_a_real_broker_and_a_missing_one_is_fine() {
+    let broker = real_broker::RealBroker::start();
+    let suffix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos();
+    let cluster = Cluster {
+        bootstrap_servers: broker.bootstrap_servers.clone(),
+        writer_group: "ocr-writer".into(),
+        security: Default::default(),
+    };
+    let doomed = format!("ocr-operator-test-{suffix}.doomed");
+    let kept = format!("ocr-operator-test-{suffix}.kept");
+    admin()
+        .ensure_topics(&cluster, &[topic(&doomed, 2), topic(&kept, 2)])
+        .await
+        .expect("creates");
+    admin()
+        .delete_topics(&cluster, &[doomed.clone(), format!("{doomed}.never-made")])
+        .await
+        .expect("deletes, and a topic that is not there counts as deleted");
+    let again = admin()
+        .ensure_topics(&cluster, &[topic(&doomed, 2), topic(&kept, 2)])
+        .await
+        .expect("ensures");
+    assert_eq!(
+        again.created,
+        [doomed],
+        "the deleted topic is made anew, the kept one is there"
+    );
+}
+
 /// The operator's own clients authenticate with the pipeline's credentials:
 /// topics are created on a broker that requires SCRAM-SHA-512, and the same
 /// call with a wrong password fails instead of reporting success.

@@ -31,6 +31,10 @@ struct FakeKafka {
     api: Mutex<Option<FakeApi>>,
     /// Per lag reading: whether this reconcile had listed the worker pods before it.
     lag_after_pod_listing: Mutex<Vec<bool>>,
+    /// The broker's topics: ensuring creates the missing ones, as a real broker does.
+    topics: Mutex<std::collections::BTreeSet<String>>,
+    /// Per delete call: the topics asked for.
+    deleted: Mutex<Vec<Vec<String>>>,
 }
 
 impl KafkaAdmin for FakeKafka {
@@ -45,8 +49,14 @@ impl KafkaAdmin for FakeKafka {
                 .lock()
                 .expect("lock")
                 .push(topics.iter().map(|t| t.name.clone()).collect());
+            let mut existing = self.topics.lock().expect("lock");
+            let created = topics
+                .iter()
+                .filter(|t| existing.insert(t.name.clone()))
+                .map(|t| t.name.clone())
+                .collect();
             Ok(TopicsReport {
-                created: Vec::new(),
+                created,
                 shortfalls: self.shortfalls.lock().expect("lock").clone(),
             })
         })
@@ -73,6 +83,21 @@ impl KafkaAdmin for FakeKafka {
                 topic: topic.into(),
                 reason: "test".into(),
             })
+        })
+    }
+
+    fn delete_topics<'a>(
+        &'a self,
+        _cluster: &'a Cluster,
+        topics: &'a [String],
+    ) -> BoxFuture<'a, Result<(), KafkaError>> {
+        Box::pin(async move {
+            self.deleted.lock().expect("lock").push(topics.to_vec());
+            let mut existing = self.topics.lock().expect("lock");
+            for topic in topics {
+                existing.remove(topic);
+            }
+            Ok(())
         })
     }
 }
@@ -232,7 +257,10 @@ async fn create_adds_finalizer_then_applies_every_object() {
     let status = h.status();
     assert_eq!(status["architecture"], "standard");
     assert_eq!(status["phase"], "Pending");
-    assert_eq!(status["topics"], json!(["ocr.jobs", "ocr.dead-letter"]));
+    assert_eq!(
+        status["topics"],
+        json!(["ocr.demo.jobs", "ocr.demo.dead-letter"])
+    );
 
     h.roll_out("api");
     h.roll_out("worker");
@@ -298,7 +326,7 @@ async fn migrates_to_writer_and_back_without_dropping_results() {
     let ensured = h.kafka.ensured.lock().expect("lock").clone();
     assert!(ensured
         .last()
-        .is_some_and(|t| t.contains(&"ocr.results".to_string())));
+        .is_some_and(|t| t.contains(&"ocr.demo.results".to_string())));
 
     h.reconcile().await.expect("writer not available yet");
     assert_eq!(h.worker_mode(), "standard");
@@ -361,7 +389,10 @@ async fn migrates_to_writer_and_back_without_dropping_results() {
     let status = h.status();
     assert_eq!(status["architecture"], "standard");
     assert!(status["migration"].is_null());
-    assert_eq!(status["topics"], json!(["ocr.jobs", "ocr.dead-letter"]));
+    assert_eq!(
+        status["topics"],
+        json!(["ocr.demo.jobs", "ocr.demo.dead-letter"])
+    );
 }
 
 #[tokio::test]
@@ -418,7 +449,15 @@ async fn invalid_spec_is_reported_and_nothing_is_applied() {
     let action = h.reconcile().await.expect("invalid spec is not an error");
     assert_eq!(action, Action::await_change());
     let log = summaries(&h.fake);
-    assert_eq!(log, ["PATCH ocrpipelines/demo/status", "POST events"]);
+    assert_eq!(
+        log,
+        [
+            "GET ocrpipelines/demo",
+            "PATCH ocrpipelines/demo/status",
+            "POST events"
+        ],
+        "the status is read fresh, written, and the spec problem published"
+    );
     let events = h.fake.get_all(&format!(
         "/apis/events.k8s.io/v1/namespaces/{NAMESPACE}/events"
     ));
@@ -469,7 +508,7 @@ async fn kafka_calls_name_the_pipelines_cluster_and_shortfalls_reach_the_status(
             cluster.bootstrap_servers,
             "kafka-0.kafka:9092,kafka-1.kafka:9092"
         );
-        assert_eq!(cluster.writer_group, "ocr-writer");
+        assert_eq!(cluster.writer_group, "ocr.demo.writer");
     }
     let status = h.status();
     let ready = status["conditions"]
@@ -822,4 +861,141 @@ async fn a_lost_status_next_to_a_writer_drains_before_removing_it() {
     h.reconcile().await.expect("drained");
     assert_eq!(h.phase(), "RemovingWriter");
     assert!(h.deployment("writer").is_none());
+}
+
+/// Pipelines do not share queues by default: the names come from namespace
+/// and name, and the status shows them and which topics the operator created.
+#[tokio::test]
+async fn queue_names_are_per_pipeline_and_shown_in_the_status() {
+    let h = Harness::new("writer");
+    h.kafka
+        .topics
+        .lock()
+        .expect("lock")
+        .insert("ocr.demo.dead-letter".into());
+    h.create_and_settle().await;
+    let status = h.status();
+    assert_eq!(
+        status["queues"],
+        json!({
+            "jobsTopic": "ocr.demo.jobs",
+            "resultsTopic": "ocr.demo.results",
+            "deadLetterTopic": "ocr.demo.dead-letter",
+            "consumerGroup": "ocr.demo.worker",
+            "writerGroup": "ocr.demo.writer",
+        })
+    );
+    assert_eq!(
+        status["createdTopics"],
+        json!(["ocr.demo.jobs", "ocr.demo.results"]),
+        "the dead-letter topic existed before: {status}"
+    );
+    let config = h
+        .fake
+        .get(
+            &format!("/api/v1/namespaces/{NAMESPACE}/configmaps"),
+            "demo-config",
+        )
+        .expect("config map");
+    let toml = config["data"]["ocr.toml"].as_str().expect("ocr.toml");
+    assert!(
+        toml.contains("consumer_group = \"ocr.demo.worker\""),
+        "{toml}"
+    );
+    assert!(toml.contains("jobs_topic = \"ocr.demo.jobs\""), "{toml}");
+    let clusters = h.kafka.clusters.lock().expect("lock");
+    assert!(clusters.iter().all(|c| c.writer_group == "ocr.demo.writer"));
+}
+
+fn delete_pipeline(h: &Harness) {
+    h.fake.update(&pipelines(NAMESPACE), NAME, |p| {
+        p["metadata"]["deletionTimestamp"] = json!("2026-11-27T21:00:00Z");
+    });
+}
+
+/// `spec.kafka.deleteTopics`: the topics the operator created go with the
+/// pipeline once its pods are gone; a topic another pipeline on the same
+/// brokers names stays, and one that existed before was never the operator's.
+#[tokio::test]
+async fn delete_topics_removes_only_created_unshared_topics_after_the_pods() {
+    let h = Harness::new("standard");
+    h.fake.update(&pipelines(NAMESPACE), NAME, |p| {
+        p["spec"]["kafka"]["deleteTopics"] = json!(true);
+    });
+    h.create_and_settle().await;
+    assert_eq!(
+        h.status()["createdTopics"],
+        json!(["ocr.demo.dead-letter", "ocr.demo.jobs"])
+    );
+    let mut other = support::pipeline_json("standard");
+    other["metadata"]["name"] = json!("other");
+    other["metadata"]["namespace"] = json!("elsewhere");
+    other["metadata"]["uid"] = json!("7a1c1f2e-0000-4000-8000-000000000002");
+    other["spec"]["kafka"]["topics"] = json!({"deadLetter": "ocr.demo.dead-letter"});
+    h.fake.insert(&pipelines("elsewhere"), other);
+    h.fake.insert(
+        &pods(NAMESPACE),
+        worker_pod("demo-worker-a", "standard", true),
+    );
+    delete_pipeline(&h);
+
+    let error = h.reconcile().await.expect_err("a pod is left");
+    assert_eq!(error.category(), "pods_left");
+    assert!(h.kafka.deleted.lock().expect("lock").is_empty());
+    let stored = h.fake.get(&pipelines(NAMESPACE), NAME).expect("pipeline");
+    assert_eq!(stored["metadata"]["finalizers"], json!([FINALIZER]));
+
+    h.fake.remove(&pods(NAMESPACE), "demo-worker-a");
+    h.reconcile().await.expect("cleanup completes");
+    assert_eq!(
+        *h.kafka.deleted.lock().expect("lock"),
+        [vec!["ocr.demo.jobs".to_string()]]
+    );
+    let stored = h.fake.get(&pipelines(NAMESPACE), NAME).expect("pipeline");
+    assert_eq!(stored["metadata"]["finalizers"], json!([]));
+}
+
+#[tokio::test]
+async fn topics_stay_unless_delete_topics_is_set() {
+    let h = Harness::new("standard");
+    h.create_and_settle().await;
+    delete_pipeline(&h);
+    h.reconcile().await.expect("cleanup completes");
+    assert!(h.kafka.deleted.lock().expect("lock").is_empty());
+    assert_eq!(h.kafka.topics.lock().expect("lock").len(), 2);
+}
+
+/// Found on the real control plane: an owned object's event can start the
+/// next round before the watch cache holds the operator's own last status
+/// write. A round computed from that stale copy must not undo the last one
+/// (here: forget the topics it created, or restart a migration).
+#[tokio::test]
+async fn a_stale_cached_copy_does_not_undo_the_last_status() {
+    let h = Harness::new("standard");
+    h.create_and_settle().await;
+    let api: Api<OcrPipeline> = Api::namespaced(h.ctx.client.clone(), NAMESPACE);
+    let before_migration = api.get(NAME).await.expect("pipeline");
+    h.set_architecture("writer");
+    h.reconcile().await.expect("starts the migration");
+    let status = h.status();
+    assert_eq!(status["migration"]["to"], "writer", "{status}");
+    let created = status["createdTopics"].clone();
+    assert!(
+        created
+            .as_array()
+            .is_some_and(|t| t.contains(&json!("ocr.demo.results"))),
+        "{status}"
+    );
+    let started_at = status["migration"]["startedAt"].clone();
+
+    // The cache still holds the copy from before this migration.
+    let mut stale = before_migration;
+    stale.spec.architecture = ocr_operator::crd::Architecture::Writer;
+    h.fake.clear_log();
+    reconcile(Arc::new(stale), h.ctx.clone())
+        .await
+        .expect("reconciles");
+    let status = h.status();
+    assert_eq!(status["createdTopics"], created, "{status}");
+    assert_eq!(status["migration"]["startedAt"], started_at, "{status}");
 }

@@ -77,6 +77,21 @@ impl KafkaAdmin for RdKafkaAdmin {
             })
         })
     }
+
+    fn delete_topics<'a>(
+        &'a self,
+        cluster: &'a Cluster,
+        topics: &'a [String],
+    ) -> BoxFuture<'a, Result<(), KafkaError>> {
+        let cluster = cluster.clone();
+        let topics = topics.to_vec();
+        let timeout = self.timeout;
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || delete_topics(&cluster, &topics, timeout))
+                .await
+                .map_err(|e| KafkaError::Admin(format!("the topic deletion did not finish: {e}")))?
+        })
+    }
 }
 
 fn client_config(cluster: &Cluster) -> ClientConfig {
@@ -188,6 +203,49 @@ fn ensure_topics(
     Ok(report)
 }
 
+fn delete_topics(
+    cluster: &Cluster,
+    topics: &[String],
+    timeout: Duration,
+) -> Result<(), KafkaError> {
+    if topics.is_empty() {
+        return Ok(());
+    }
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(cluster).create().map_err(|e| {
+            KafkaError::Admin(format!(
+                "creating a client for {}: {e}",
+                cluster.bootstrap_servers
+            ))
+        })?;
+    let options = AdminOptions::new()
+        .operation_timeout(Some(timeout))
+        .request_timeout(Some(timeout * 2));
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let results = futures::executor::block_on(admin.delete_topics(&names, &options))
+        .map_err(|e| KafkaError::Admin(format!("deleting topics {}: {e}", names.join(", "))))?;
+    let failures = deletion_failures(results);
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(KafkaError::Admin(format!(
+            "deleting topics: {}",
+            failures.join(", ")
+        )))
+    }
+}
+
+/// A topic that is already gone counts as deleted.
+fn deletion_failures(results: Vec<TopicResult>) -> Vec<String> {
+    results
+        .into_iter()
+        .filter_map(|result| match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => None,
+            Err((name, code)) => Some(format!("{name}: {code}")),
+        })
+        .collect()
+}
+
 /// Created topics and failures; a topic that exists already (created by
 /// someone else since the metadata lookup) is neither.
 fn creation_outcome(results: Vec<TopicResult>) -> (Vec<String>, Vec<String>) {
@@ -280,6 +338,23 @@ mod tests {
         assert_eq!(created, ["ocr.jobs"]);
         assert_eq!(failures.len(), 1);
         assert!(failures[0].starts_with("ocr.dead-letter: "), "{failures:?}");
+    }
+
+    #[test]
+    fn a_topic_gone_already_counts_as_deleted() {
+        let failures = deletion_failures(vec![
+            Ok("a.jobs".into()),
+            Err((
+                "a.results".into(),
+                RDKafkaErrorCode::UnknownTopicOrPartition,
+            )),
+            Err((
+                "a.dead-letter".into(),
+                RDKafkaErrorCode::TopicAuthorizationFailed,
+            )),
+        ]);
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert!(failures[0].starts_with("a.dead-letter: "), "{failures:?}");
     }
 
     #[test]
