@@ -18,7 +18,8 @@
 #   4. Consistency of the rendered chart: selectors match pod labels, named
 #      ports exist, bindings point at rendered roles and the ServiceAccount,
 #      the Lease rule names the --lease-name, the pod runs non-root with a
-#      read-only root filesystem and no capabilities, POD_NAMESPACE/POD_NAME
+#      read-only root filesystem, no capabilities and the RuntimeDefault
+#      seccomp profile (Pod Security restricted), POD_NAMESPACE/POD_NAME
 #      come from the downward API, and the RBAC rules are exactly the rights
 #      the operator's code uses (and within operator/deploy/rbac.yaml).
 #
@@ -152,7 +153,7 @@ LEASE_DEFAULT = "ocr-operator-leader"
 def rights(group, resources, verbs, names=(None,)):
     return {(group, r, v, n) for r in resources for v in verbs for n in names}
 EXPECTED_CLUSTER = (
-    rights("ocr.serving.dev", ["ocrpipelines"], ["list", "watch", "patch"])   # Controller watch; finalizer JSON patch
+    rights("ocr.serving.dev", ["ocrpipelines"], ["get", "list", "watch", "patch"])   # Controller watch; fresh status read; finalizer JSON patch
     | rights("ocr.serving.dev", ["ocrpipelines/status"], ["patch"])            # patch_status (server-side apply)
     | rights("", ["configmaps", "services"], ["list", "watch", "create", "patch", "delete"])
     | rights("apps", ["deployments"], ["list", "watch", "create", "patch", "delete"])
@@ -277,6 +278,9 @@ def check_chart(case, objects):
         fail(where, "allowPrivilegeEscalation must be false")
     if "ALL" not in ((csc.get("capabilities") or {}).get("drop") or []) or (csc.get("capabilities") or {}).get("add"):
         fail(where, "capabilities must drop ALL and add none")
+    seccomp = ((csc.get("seccompProfile") or psc.get("seccompProfile")) or {}).get("type")
+    if seccomp not in ("RuntimeDefault", "Localhost"):
+        fail(where, f"seccompProfile must be RuntimeDefault or Localhost (Pod Security restricted), got {seccomp!r}")
     if dep["spec"].get("replicas", 1) < 2:
         print(f"    note {where}: {dep['spec'].get('replicas', 1)} replica(s), no standby")
 

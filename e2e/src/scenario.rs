@@ -26,6 +26,9 @@ use serde_json::json;
 use crate::cluster::{render_chart, ControlPlane, NodeAgent, Tools};
 
 pub const OPERATOR_NS: &str = "ocr-system";
+/// Every namespace of the scenarios enforces Pod Security `restricted`, as a
+/// hardened cluster does: the API server refuses any pod that falls short.
+pub const RESTRICTED: &str = "pod-security.kubernetes.io/enforce: restricted";
 pub const HELLO: &[u8] = include_bytes!("../../runtime/tests/data/hello.png");
 pub const HELLO_TEXT: &str = "Hello OCR world";
 
@@ -127,8 +130,9 @@ impl Env {
     /// The chart, rendered with `helm template` and applied as is: the
     /// operator runs as a pod with the chart's ServiceAccount and RBAC.
     pub async fn install_operator(&self) -> Result<()> {
-        self.plane
-            .kubectl(&["create", "namespace", OPERATOR_NS], None)?;
+        self.plane.apply(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {OPERATOR_NS}\n  labels:\n    {RESTRICTED}\n"
+        ))?;
         let manifests = render_chart(
             &self.tools,
             OPERATOR_NS,
@@ -182,6 +186,7 @@ kind: Namespace
 metadata:
   name: {namespace}
   labels:
+    {RESTRICTED}
     pod-security.kubernetes.io/warn: restricted
 ---
 apiVersion: v1
@@ -545,6 +550,101 @@ spec:
         }
         bail!("the Service {service} has no ready endpoint")
     }
+}
+
+/// The pods the API server refused to create in `namespace` (the
+/// ReplicaSet controller's `FailedCreate` events, e.g. a Pod Security
+/// violation), as `object: message`.
+pub async fn refused_pods(client: &Client, namespace: &str) -> Result<Vec<String>> {
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), namespace);
+    let list = events
+        .list(&ListParams::default().fields("reason=FailedCreate"))
+        .await?;
+    Ok(list
+        .items
+        .into_iter()
+        .map(|e| {
+            format!(
+                "{}: {}",
+                e.involved_object.name.unwrap_or_default(),
+                e.message.unwrap_or_default()
+            )
+        })
+        .collect())
+}
+
+/// Waits until the pipeline runs `architecture` ([`PipelineRef::wait_settled`]),
+/// failing at once when the API server refuses one of its pods.
+pub async fn wait_settled_admitted(
+    client: &Client,
+    pipeline: &PipelineRef,
+    architecture: &str,
+    timeout: Duration,
+) -> Result<Duration> {
+    let refused = async {
+        loop {
+            let refused = refused_pods(client, &pipeline.namespace).await?;
+            if let Some(first) = refused.first() {
+                bail!(
+                    "the API server refused {} pod creation(s) in {}; first: {first}",
+                    refused.len(),
+                    pipeline.namespace
+                );
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    tokio::select! {
+        settled = pipeline.wait_settled(client, architecture, timeout) => settled,
+        refused = refused => refused,
+    }
+}
+
+/// Every ReplicaSet of the pipeline has created all its pods in a namespace
+/// that enforces Pod Security `restricted`, and none was refused. Returns
+/// what was checked.
+pub async fn check_pods_admitted(client: &Client, pipeline: &PipelineRef) -> Result<String> {
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let namespace = namespaces.get(&pipeline.namespace).await?;
+    let enforced = namespace
+        .metadata
+        .labels
+        .unwrap_or_default()
+        .get("pod-security.kubernetes.io/enforce")
+        .cloned();
+    anyhow::ensure!(
+        enforced.as_deref() == Some("restricted"),
+        "the namespace {} does not enforce restricted (enforce={enforced:?})",
+        pipeline.namespace
+    );
+    let refused = refused_pods(client, &pipeline.namespace).await?;
+    anyhow::ensure!(
+        refused.is_empty(),
+        "the API server refused pods: {refused:?}"
+    );
+    let sets: Api<k8s_openapi::api::apps::v1::ReplicaSet> =
+        Api::namespaced(client.clone(), &pipeline.namespace);
+    let selector = format!("app.kubernetes.io/instance={}", pipeline.name);
+    let mut counts = Vec::new();
+    for set in sets.list(&ListParams::default().labels(&selector)).await? {
+        let want = set.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        if want == 0 {
+            continue;
+        }
+        let name = set.metadata.name.clone().unwrap_or_default();
+        let have = set.status.as_ref().map(|s| s.replicas).unwrap_or(0);
+        anyhow::ensure!(
+            have == want,
+            "ReplicaSet {name} has created {have} of its {want} pods"
+        );
+        counts.push(format!("{name} {have}/{want}"));
+    }
+    anyhow::ensure!(!counts.is_empty(), "no ReplicaSet of {selector}");
+    Ok(format!(
+        "namespace {} enforces Pod Security restricted: no pod refused, every ReplicaSet created its pods ({})",
+        pipeline.namespace,
+        counts.join(", ")
+    ))
 }
 
 pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>

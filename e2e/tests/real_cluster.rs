@@ -12,15 +12,18 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use kube::api::DeleteParams;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::ResourceExt;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use ocr_e2e::scenario::{
-    check_queues, check_texts, committed_total, delete_pod, group_lag, messages_in,
-    operator_leader, settle_jobs, submit, topics_on, wait_until, BrokerKind, Env, Load,
-    PipelineRef, Report, Submitted, OPERATOR_NS,
+    check_pods_admitted, check_queues, check_texts, committed_total, delete_pod, group_lag,
+    messages_in, operator_leader, settle_jobs, submit, topics_on, wait_settled_admitted,
+    wait_until, BrokerKind, Env, Load, PipelineRef, Report, Submitted, OPERATOR_NS,
 };
+use serde_json::json;
 
 const NODE_AGENT: &str = env!("CARGO_BIN_EXE_ocr-e2e-node");
 const NS: &str = "ocr";
@@ -34,23 +37,34 @@ async fn environment(env: &Env) -> Result<PipelineRef> {
     Ok(pipeline)
 }
 
+/// Creates the pipeline in its namespace, which enforces Pod Security
+/// `restricted` (see `Env::prepare_namespace`): a pod the API server refuses
+/// fails the scenario at once.
 async fn create_pipeline(
     env: &Env,
     pipeline: &PipelineRef,
     architecture: &str,
     workers: u32,
+    report: &mut Report,
 ) -> Result<f64> {
     env.plane
         .apply(&pipeline.manifest(architecture, &env.bootstrap_servers(), workers))?;
-    let took = pipeline
-        .wait_settled(&env.client, architecture, Duration::from_secs(180))
-        .await?;
+    let took = wait_settled_admitted(
+        &env.client,
+        pipeline,
+        architecture,
+        Duration::from_secs(180),
+    )
+    .await?;
     pipeline.check_queue_names(&env.client).await?;
     env.say(&format!(
         "pipeline {} runs {architecture} ({:.1} s)",
         pipeline.name,
         took.as_secs_f64()
     ));
+    report
+        .checks
+        .push(check_pods_admitted(&env.client, pipeline).await?);
     Ok(took.as_secs_f64())
 }
 
@@ -146,7 +160,14 @@ async fn migrations_under_load(env: &Env, pipeline: &PipelineRef) -> Result<Repo
         scenario: format!("{} (e2e/scenarios/migrations.json)", scenario.name),
         ..Report::default()
     };
-    let took = create_pipeline(env, pipeline, &scenario.start, scenario.workers).await?;
+    let took = create_pipeline(
+        env,
+        pipeline,
+        &scenario.start,
+        scenario.workers,
+        &mut report,
+    )
+    .await?;
     report
         .migrations
         .push((format!("create ({})", scenario.start), took));
@@ -314,7 +335,7 @@ async fn drain_race(env: &Env, pipeline: &PipelineRef) -> Result<Report> {
                 .into(),
         ..Report::default()
     };
-    create_pipeline(env, pipeline, "writer", 1).await?;
+    create_pipeline(env, pipeline, "writer", 1, &mut report).await?;
     let http = reqwest::Client::new();
     let mut jobs = Vec::new();
     let warm_up = submit(&env.client, pipeline, &http, "warm-up").await?;
@@ -469,12 +490,81 @@ async fn deleting_a_pipeline_waits_for_its_results_then_removes_everything() {
     .await;
 }
 
+/// Two API replicas, then `autoscaling.api` switched on: the Deployment keeps
+/// its 2 replicas (the operator stops applying the count, the HPA has not
+/// acted: this cluster has no metrics API), not the default of 1.
+async fn switch_api_autoscaling_on(
+    env: &Env,
+    pipeline: &PipelineRef,
+    report: &mut Report,
+) -> Result<()> {
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &pipeline.namespace);
+    let api_name = format!("{}-api", pipeline.name);
+    let replicas = || async {
+        let d = deployments.get(&api_name).await?;
+        Ok::<_, anyhow::Error>(d.spec.and_then(|s| s.replicas))
+    };
+    let set = |spec: serde_json::Value| async move {
+        pipeline
+            .api(&env.client)
+            .patch(
+                &pipeline.name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({ "spec": spec })),
+            )
+            .await
+            .context("patching the pipeline")
+    };
+    set(json!({"api": {"replicas": 2}})).await?;
+    wait_until(
+        "the API Deployment to ask for 2 replicas",
+        Duration::from_secs(60),
+        || async { Ok(replicas().await? == Some(2)) },
+    )
+    .await?;
+    let patched =
+        set(json!({"autoscaling": {"api": {"minReplicas": 1, "maxReplicas": 3}}})).await?;
+    let generation = patched.metadata.generation;
+    let hpas: Api<HorizontalPodAutoscaler> =
+        Api::namespaced(env.client.clone(), &pipeline.namespace);
+    wait_until(
+        "the operator to apply autoscaling.api",
+        Duration::from_secs(60),
+        || async {
+            let observed = pipeline.status(&env.client).await?["observedGeneration"].as_i64();
+            Ok(observed >= generation && hpas.get_opt(&api_name).await?.is_some())
+        },
+    )
+    .await?;
+    // A few more reconciles (Deployment and HPA events trigger them).
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        seen.push(replicas().await?);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    anyhow::ensure!(
+        seen.iter().all(|r| *r == Some(2)),
+        "switching autoscaling.api on changed the API Deployment's replicas from 2: {seen:?}"
+    );
+    let pods = wait_settled_admitted(&env.client, pipeline, "writer", Duration::from_secs(60));
+    pods.await?;
+    report.checks.push(format!(
+        "autoscaling.api switched on with 2 API replicas: the HPA exists and the Deployment kept 2 replicas over 5 s ({} samples)",
+        seen.len()
+    ));
+    report
+        .checks
+        .push(check_pods_admitted(&env.client, pipeline).await?);
+    Ok(())
+}
+
 async fn deletion(env: &Env, pipeline: &PipelineRef) -> Result<Report> {
     let mut report = Report {
         scenario: "deleting a writer pipeline with results still lagging".into(),
         ..Report::default()
     };
-    create_pipeline(env, pipeline, "writer", 1).await?;
+    create_pipeline(env, pipeline, "writer", 1, &mut report).await?;
+    switch_api_autoscaling_on(env, pipeline, &mut report).await?;
     let writer = pipeline
         .pods(&env.client, "writer")
         .await?
@@ -584,9 +674,9 @@ async fn two_pipelines(env: &Env) -> Result<Report> {
             .apply(&pipeline.manifest("standard", &bootstrap, 1))?;
     }
     for pipeline in [&alpha, &beta] {
-        let took = pipeline
-            .wait_settled(&env.client, "standard", Duration::from_secs(180))
-            .await?;
+        let took =
+            wait_settled_admitted(&env.client, pipeline, "standard", Duration::from_secs(180))
+                .await?;
         pipeline.check_queue_names(&env.client).await?;
         let created = pipeline.status(&env.client).await?["createdTopics"].clone();
         let expected = serde_json::json!([pipeline.dead_letter_topic, pipeline.jobs_topic]);

@@ -12,11 +12,12 @@ use k8s_openapi::api::autoscaling::v2::{
     MetricTarget, ResourceMetricSource,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, EnvVarSource, HTTPGetAction, LocalObjectReference, PersistentVolumeClaimVolumeSource,
-    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec,
-    Volume, VolumeMount, WeightedPodAffinityTerm,
+    Affinity, Capabilities as LinuxCapabilities, ConfigMap, ConfigMapVolumeSource, Container,
+    ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, LocalObjectReference,
+    PersistentVolumeClaimVolumeSource, PodAffinityTerm, PodAntiAffinity, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
+    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -49,9 +50,15 @@ pub const CONFIG_PATH: &str = "/etc/ocr/ocr.toml";
 pub const MODEL_DIR: &str = "/models";
 /// Where `spec.blob.volume` is mounted in every role.
 pub const BLOB_DIR: &str = "/var/lib/ocr/blobs";
-/// The runtime image's user (see the Dockerfile); shared volumes are made
-/// writable for it through `fsGroup`.
+/// The runtime image's user and group (see the Dockerfile's `USER
+/// 65532:65532`); every container of a pipeline pod runs as them, and shared
+/// volumes are made writable for them through `fsGroup`.
 pub const RUNTIME_UID: i64 = 65532;
+/// An `emptyDir` in every runtime container: the root filesystem is read-only.
+pub const TMP_DIR: &str = "/tmp";
+/// The field manager that keeps a Deployment's `spec.replicas` while an
+/// autoscaler takes the count over (see [`replicas_handover`]).
+pub const REPLICAS_HANDOVER_MANAGER: &str = "ocr-operator-replicas-handover";
 pub const GRPC_PORT: i32 = 50051;
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 
@@ -640,17 +647,146 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
-fn worker_resources(ctx: &Ctx) -> Option<ResourceRequirements> {
+/// Holds liveness and readiness off until `/livez` answers: a worker serves
+/// HTTP only once its model is loaded (minutes for a large model on slow
+/// storage or a first CUDA initialisation), the API and the writer once
+/// their database is connected and migrated. Liveness alone would restart
+/// them after a minute.
+fn startup_probe(role: Role) -> Probe {
+    let failures = match role {
+        // 10 minutes.
+        Role::Worker => 120,
+        // 2 minutes.
+        Role::Api | Role::Writer => 24,
+    };
+    http_probe("/livez", 5, failures)
+}
+
+/// CPU and memory requests a role gets when its `resources` leave them out
+/// (documented on the CRD's `resources` fields).
+pub fn default_requests(role: Role, device: Device) -> [(&'static str, &'static str); 2] {
+    match (role, device) {
+        (Role::Api, _) => [("cpu", "250m"), ("memory", "256Mi")],
+        (Role::Worker, Device::Cpu) => [("cpu", "1"), ("memory", "1Gi")],
+        (Role::Worker, Device::Cuda) => [("cpu", "1"), ("memory", "2Gi")],
+        (Role::Writer, _) => [("cpu", "100m"), ("memory", "128Mi")],
+    }
+}
+
+/// Requests of the model download: curl piped into tar.
+const FETCHER_REQUESTS: [(&str, &str); 2] = [("cpu", "100m"), ("memory", "64Mi")];
+
+/// The user's resources with a request added for each of `defaults` that
+/// they neither request nor limit (a limit alone makes Kubernetes request
+/// the limit, and a lower default would change the pod's QoS class).
+fn with_default_requests(
+    resources: Option<&ResourceRequirements>,
+    defaults: &[(&str, &str)],
+) -> ResourceRequirements {
+    let mut out = resources.cloned().unwrap_or_default();
+    for (name, quantity) in defaults {
+        let limited = out.limits.as_ref().is_some_and(|l| l.contains_key(*name));
+        let requested = out.requests.as_ref().is_some_and(|r| r.contains_key(*name));
+        if !limited && !requested {
+            out.requests
+                .get_or_insert_with(BTreeMap::new)
+                .insert((*name).into(), Quantity((*quantity).into()));
+        }
+    }
+    out
+}
+
+fn role_resources(ctx: &Ctx, role: Role) -> ResourceRequirements {
     let spec = &ctx.p.spec;
-    let mut resources = spec.worker.resources.clone();
-    if spec.model.device == Device::Cuda {
-        let r = resources.get_or_insert_with(ResourceRequirements::default);
-        r.limits.get_or_insert_with(BTreeMap::new).insert(
+    let user = match role {
+        Role::Api => spec.api.resources.as_ref(),
+        Role::Worker => spec.worker.resources.as_ref(),
+        Role::Writer => spec.writer.resources.as_ref(),
+    };
+    let defaults = default_requests(role, spec.model.device);
+    let mut resources = with_default_requests(user, &defaults);
+    if role == Role::Worker && spec.model.device == Device::Cuda {
+        resources.limits.get_or_insert_with(BTreeMap::new).insert(
             GPU_RESOURCE.into(),
             Quantity(spec.worker.gpus_per_pod.to_string()),
         );
     }
     resources
+}
+
+/// Pod Security `restricted`, pod side: non-root as the image's user, the
+/// runtime's default seccomp profile.
+fn pod_security_context() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUNTIME_UID),
+        run_as_group: Some(RUNTIME_UID),
+        fs_group: Some(RUNTIME_UID),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..PodSecurityContext::default()
+    }
+}
+
+/// Pod Security `restricted`, container side, for every container (init
+/// containers included): no privilege escalation, no capabilities, and a
+/// read-only root filesystem (the containers write only to their volumes).
+fn container_security_context() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(LinuxCapabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        ..SecurityContext::default()
+    }
+}
+
+/// Whether `manager` owns the live object's `spec.replicas` through
+/// server-side apply.
+fn applies_replicas(live: &Deployment, manager: &str) -> bool {
+    live.metadata.managed_fields.iter().flatten().any(|entry| {
+        entry.manager.as_deref() == Some(manager)
+            && entry.operation.as_deref() == Some("Apply")
+            && entry.subresource.as_deref().unwrap_or("").is_empty()
+            && entry.fields_v1.as_ref().is_some_and(|f| {
+                f.0.get("f:spec")
+                    .and_then(|s| s.get("f:replicas"))
+                    .is_some()
+            })
+    })
+}
+
+/// The apply that keeps a Deployment's replica count when an autoscaler
+/// takes it over, to be sent (not forced) with [`REPLICAS_HANDOVER_MANAGER`]
+/// before `desired`.
+///
+/// `desired` leaves `spec.replicas` out once an autoscaler owns the count.
+/// While the operator's own apply still owns the field (autoscaling was just
+/// switched on), that apply alone would remove it, and the Deployment would
+/// fall back to the default of 1 replica until the autoscaler acts. Applying
+/// the live count under a second manager first keeps the field owned, at its
+/// value; the autoscaler's first scale takes it from that manager.
+/// `None` when there is nothing to hand over.
+pub fn replicas_handover(desired: &DesiredObject, live: Option<&Deployment>) -> Option<Value> {
+    if desired.kind != ManagedKind::Deployment || desired.body.pointer("/spec/replicas").is_some() {
+        return None;
+    }
+    let live = live?;
+    let replicas = live.spec.as_ref()?.replicas?;
+    if !applies_replicas(live, MANAGER) {
+        return None;
+    }
+    Some(json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": desired.name},
+        "spec": {"replicas": replicas},
+    }))
 }
 
 fn anti_affinity(ctx: &Ctx, role: Role) -> Option<Affinity> {
@@ -808,6 +944,8 @@ fn deployment(
                             mount_path: MODEL_DIR.into(),
                             ..VolumeMount::default()
                         }]),
+                        resources: Some(with_default_requests(None, &FETCHER_REQUESTS)),
+                        security_context: Some(container_security_context()),
                         ..Container::default()
                     });
                 }
@@ -815,10 +953,21 @@ fn deployment(
         }
     }
 
-    let (resources, replicas, grace) = match role {
-        Role::Api => (spec.api.resources.clone(), spec.api.replicas, 30),
-        Role::Worker => (worker_resources(ctx), spec.worker.replicas, 60),
-        Role::Writer => (spec.writer.resources.clone(), spec.writer.replicas, 60),
+    mounts.push(VolumeMount {
+        name: "tmp".into(),
+        mount_path: TMP_DIR.into(),
+        ..VolumeMount::default()
+    });
+    volumes.push(Volume {
+        name: "tmp".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    });
+
+    let (replicas, grace) = match role {
+        Role::Api => (spec.api.replicas, 30),
+        Role::Worker => (spec.worker.replicas, 60),
+        Role::Writer => (spec.writer.replicas, 60),
     };
 
     let container = Container {
@@ -831,17 +980,12 @@ fn deployment(
         args: Some(vec![component.into()]),
         env: Some(env_vars),
         ports: Some(ports),
+        startup_probe: Some(startup_probe(role)),
         liveness_probe: Some(http_probe("/livez", 10, 6)),
         readiness_probe: Some(http_probe("/readyz", 5, 3)),
-        resources,
+        resources: Some(role_resources(ctx, role)),
         volume_mounts: Some(mounts),
-        // The project's image runs as a numeric non-root USER; a custom
-        // image that runs as root is refused instead of silently allowed.
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            run_as_non_root: Some(true),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(container_security_context()),
         ..Container::default()
     };
 
@@ -880,7 +1024,8 @@ fn deployment(
     Ok(Deployment {
         metadata: ctx.meta(component, component),
         spec: Some(DeploymentSpec {
-            // Left out when an autoscaler owns the count, so applies do not fight it.
+            // Left out when an autoscaler owns the count, so applies do not
+            // fight it; `replicas_handover` keeps the count when it changes hands.
             replicas: set_replicas.then_some(replicas),
             selector: LabelSelector {
                 match_labels: Some(selector_labels(&ctx.name, component)),
@@ -908,10 +1053,7 @@ fn deployment(
                     tolerations,
                     image_pull_secrets: pull_secrets,
                     termination_grace_period_seconds: Some(grace),
-                    security_context: Some(PodSecurityContext {
-                        fs_group: Some(RUNTIME_UID),
-                        ..PodSecurityContext::default()
-                    }),
+                    security_context: Some(pod_security_context()),
                     ..PodSpec::default()
                 }),
             },
@@ -1093,6 +1235,457 @@ pub fn needs_results_topic(plan: &Plan) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::migration::{step, Observed};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry, Time};
+    use k8s_openapi::jiff::Timestamp;
+
+    /// A pipeline with every container kind: the model comes by URL, so
+    /// workers have the `fetch-model` init container.
+    fn pipeline(extra: Value) -> OcrPipeline {
+        let mut spec = json!({
+            "architecture": "writer",
+            "model": {"source": {"url": "https://models.example/v6.tar.gz"}},
+            "kafka": {"bootstrapServers": "kafka:9092"},
+            "database": {"secret": {"name": "db"}},
+            "blob": {"volume": {"claimName": "blobs"}},
+        });
+        merge(&mut spec, extra);
+        serde_json::from_value(json!({
+            "apiVersion": "ocr.serving.dev/v1alpha1",
+            "kind": "OcrPipeline",
+            "metadata": {"name": "demo", "namespace": "ocr", "uid": "u-1"},
+            "spec": spec,
+        }))
+        .expect("a valid pipeline")
+    }
+
+    fn merge(into: &mut Value, from: Value) {
+        match (into, from) {
+            (Value::Object(a), Value::Object(b)) => {
+                for (k, v) in b {
+                    merge(a.entry(k).or_insert(Value::Null), v);
+                }
+            }
+            (slot, v) => *slot = v,
+        }
+    }
+
+    fn rendered(p: &OcrPipeline) -> Rendered {
+        let now = Time(Timestamp::from_second(1_800_000_000).expect("a timestamp"));
+        let plan = step(None, None, p.spec.architecture, &Observed::default(), &now);
+        render(p, &plan, Capabilities { keda: true }).expect("renders")
+    }
+
+    fn deployment(r: &Rendered, role: Role) -> &Value {
+        let name = object_name("demo", role.as_str());
+        r.objects
+            .iter()
+            .find(|o| o.kind == ManagedKind::Deployment && o.name == name)
+            .map(|o| &o.body)
+            .unwrap_or_else(|| panic!("no Deployment {name}"))
+    }
+
+    fn container<'a>(d: &'a Value, name: &str) -> &'a Value {
+        d["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no container {name}"))
+    }
+
+    /// The checks of Pod Security Standards `restricted` (Kubernetes 1.36,
+    /// "restricted:latest") that a pod template can fail; the reasons are the
+    /// admission plugin's.
+    fn restricted_violations(pod: &Value) -> Vec<String> {
+        let mut out = Vec::new();
+        let psc = &pod["securityContext"];
+        for host in ["hostNetwork", "hostPID", "hostIPC"] {
+            if pod[host] == true {
+                out.push(format!("host namespaces ({host})"));
+            }
+        }
+        let allowed_volumes = [
+            "configMap",
+            "csi",
+            "downwardAPI",
+            "emptyDir",
+            "ephemeral",
+            "persistentVolumeClaim",
+            "projected",
+            "secret",
+        ];
+        for volume in pod["volumes"].as_array().into_iter().flatten() {
+            for key in volume.as_object().into_iter().flatten().map(|(k, _)| k) {
+                if key != "name" && !allowed_volumes.contains(&key.as_str()) {
+                    out.push(format!("restricted volume types ({key})"));
+                }
+            }
+        }
+        if psc["runAsUser"] == 0 {
+            out.push("runAsUser=0 (pod)".into());
+        }
+        let pod_seccomp = psc["seccompProfile"]["type"].as_str();
+        if pod_seccomp == Some("Unconfined") {
+            out.push("seccompProfile (pod Unconfined)".into());
+        }
+        let containers = ["initContainers", "containers"]
+            .iter()
+            .flat_map(|k| pod[*k].as_array().cloned().unwrap_or_default());
+        for c in containers {
+            let name = c["name"].as_str().unwrap_or("?").to_owned();
+            let sc = &c["securityContext"];
+            if sc["privileged"] == true {
+                out.push(format!("privileged ({name})"));
+            }
+            if sc["allowPrivilegeEscalation"] != false {
+                out.push(format!("allowPrivilegeEscalation != false ({name})"));
+            }
+            let drop = sc["capabilities"]["drop"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if !drop.iter().any(|d| d == "ALL") {
+                out.push(format!(
+                    "unrestricted capabilities: not dropping ALL ({name})"
+                ));
+            }
+            for add in sc["capabilities"]["add"].as_array().into_iter().flatten() {
+                if add != "NET_BIND_SERVICE" {
+                    out.push(format!("unrestricted capabilities: adds {add} ({name})"));
+                }
+            }
+            let non_root = match sc["runAsNonRoot"].as_bool() {
+                Some(v) => v,
+                None => psc["runAsNonRoot"] == true,
+            };
+            if !non_root {
+                out.push(format!("runAsNonRoot != true ({name})"));
+            }
+            if sc["runAsUser"] == 0 {
+                out.push(format!("runAsUser=0 ({name})"));
+            }
+            let seccomp = sc["seccompProfile"]["type"].as_str().or(pod_seccomp);
+            if !matches!(seccomp, Some("RuntimeDefault" | "Localhost")) {
+                out.push(format!("seccompProfile ({name})"));
+            }
+            for port in c["ports"].as_array().into_iter().flatten() {
+                if port["hostPort"].as_i64().unwrap_or(0) != 0 {
+                    out.push(format!("hostPort ({name})"));
+                }
+            }
+        }
+        out
+    }
+
+    fn every_deployment(r: &Rendered) -> impl Iterator<Item = &DesiredObject> {
+        r.objects
+            .iter()
+            .filter(|o| o.kind == ManagedKind::Deployment)
+    }
+
+    #[test]
+    fn every_container_of_every_pipeline_pod_passes_pod_security_restricted() {
+        for extra in [
+            json!({}),
+            json!({"model": {"device": "cuda"}}),
+            json!({"model": {"source": {"url": null, "volume": {"claimName": "models"}}}}),
+            json!({"blob": {"volume": null, "s3": {"bucket": "ocr"}}}),
+        ] {
+            let r = rendered(&pipeline(extra.clone()));
+            let mut roles = 0;
+            for d in every_deployment(&r) {
+                roles += 1;
+                let pod = &d.body["spec"]["template"]["spec"];
+                assert_eq!(
+                    restricted_violations(pod),
+                    Vec::<String>::new(),
+                    "{} with {extra}",
+                    d.name
+                );
+                let psc = &pod["securityContext"];
+                for id in ["runAsUser", "runAsGroup", "fsGroup"] {
+                    assert_eq!(psc[id], RUNTIME_UID, "{} {id}: the image's USER", d.name);
+                }
+                for c in ["initContainers", "containers"]
+                    .iter()
+                    .flat_map(|k| pod[*k].as_array().cloned().unwrap_or_default())
+                {
+                    assert_eq!(
+                        c["securityContext"]["readOnlyRootFilesystem"], true,
+                        "{} {}",
+                        d.name, c["name"]
+                    );
+                }
+            }
+            assert_eq!(roles, 3, "api, worker and writer rendered");
+        }
+        let r = rendered(&pipeline(json!({})));
+        let init = &deployment(&r, Role::Worker)["spec"]["template"]["spec"]["initContainers"];
+        assert_eq!(
+            init[0]["name"], "fetch-model",
+            "the init container is checked too"
+        );
+    }
+
+    #[test]
+    fn the_checker_catches_what_the_api_server_refused() {
+        // The pod template the operator rendered before: fsGroup only, no
+        // seccomp, capabilities kept, the init container without any context.
+        let pod = json!({
+            "securityContext": {"fsGroup": 65532},
+            "initContainers": [{"name": "fetch-model"}],
+            "containers": [{"name": "worker", "securityContext": {
+                "allowPrivilegeEscalation": false, "runAsNonRoot": true}}],
+            "volumes": [{"name": "h", "hostPath": {"path": "/"}}],
+        });
+        let found = restricted_violations(&pod);
+        for expected in [
+            "unrestricted capabilities: not dropping ALL (worker)",
+            "seccompProfile (worker)",
+            "allowPrivilegeEscalation != false (fetch-model)",
+            "runAsNonRoot != true (fetch-model)",
+            "restricted volume types (hostPath)",
+        ] {
+            assert!(
+                found.iter().any(|f| f == expected),
+                "{expected} in {found:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn runtime_containers_write_only_to_volumes() {
+        let r = rendered(&pipeline(json!({})));
+        for role in [Role::Api, Role::Worker, Role::Writer] {
+            let d = deployment(&r, role);
+            let mounts = container(d, role.as_str())["volumeMounts"].clone();
+            let tmp = mounts
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|m| m["mountPath"] == TMP_DIR)
+                .unwrap_or_else(|| panic!("{role:?} mounts no /tmp"));
+            let volume = d["spec"]["template"]["spec"]["volumes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|v| v["name"] == tmp["name"])
+                .expect("the /tmp volume");
+            assert!(
+                volume["emptyDir"].is_object(),
+                "{role:?}: /tmp is an emptyDir"
+            );
+            let blobs = mounts
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|m| m["mountPath"] == BLOB_DIR)
+                .expect("the blob volume");
+            assert_ne!(blobs["readOnly"], true, "{role:?} writes blobs");
+        }
+        let worker = deployment(&r, Role::Worker);
+        let init = &worker["spec"]["template"]["spec"]["initContainers"][0];
+        assert_eq!(init["volumeMounts"][0]["mountPath"], MODEL_DIR);
+        assert_ne!(
+            init["volumeMounts"][0]["readOnly"], true,
+            "it unpacks the model there"
+        );
+    }
+
+    #[test]
+    fn roles_get_default_requests_and_keep_what_the_user_set() {
+        let requests = |r: &Rendered, role: Role| {
+            container(deployment(r, role), role.as_str())["resources"].clone()
+        };
+        let r = rendered(&pipeline(json!({})));
+        assert_eq!(
+            requests(&r, Role::Api),
+            json!({"requests": {"cpu": "250m", "memory": "256Mi"}})
+        );
+        assert_eq!(
+            requests(&r, Role::Worker),
+            json!({"requests": {"cpu": "1", "memory": "1Gi"}})
+        );
+        assert_eq!(
+            requests(&r, Role::Writer),
+            json!({"requests": {"cpu": "100m", "memory": "128Mi"}})
+        );
+        let init = &deployment(&r, Role::Worker)["spec"]["template"]["spec"]["initContainers"][0];
+        assert_eq!(
+            init["resources"],
+            json!({"requests": {"cpu": "100m", "memory": "64Mi"}})
+        );
+
+        let gpu = rendered(&pipeline(
+            json!({"model": {"device": "cuda"}, "worker": {"gpusPerPod": 2}}),
+        ));
+        assert_eq!(
+            requests(&gpu, Role::Worker),
+            json!({"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"nvidia.com/gpu": "2"}})
+        );
+
+        let user = rendered(&pipeline(json!({
+            "model": {"device": "cuda"},
+            "api": {"resources": {"requests": {"memory": "1Gi"}}},
+            "worker": {"resources": {"requests": {"cpu": "4"}, "limits": {"memory": "8Gi"}}},
+            "writer": {"resources": {"limits": {"cpu": "2", "memory": "1Gi"}}},
+        })));
+        assert_eq!(
+            requests(&user, Role::Api),
+            json!({"requests": {"cpu": "250m", "memory": "1Gi"}}),
+            "the user's memory request kept, the missing CPU request defaulted"
+        );
+        assert_eq!(
+            requests(&user, Role::Worker),
+            json!({"requests": {"cpu": "4"}, "limits": {"memory": "8Gi", "nvidia.com/gpu": "1"}}),
+            "a limited resource keeps its limit as request (Kubernetes' rule); the GPU limit stays"
+        );
+        assert_eq!(
+            requests(&user, Role::Writer),
+            json!({"limits": {"cpu": "2", "memory": "1Gi"}}),
+            "limits alone: Guaranteed QoS stays"
+        );
+    }
+
+    #[test]
+    fn the_api_autoscaler_always_has_a_cpu_request_to_compute_from() {
+        for resources in [
+            json!(null),
+            json!({"requests": {"memory": "512Mi"}}),
+            json!({"limits": {"memory": "512Mi"}}),
+        ] {
+            let r = rendered(&pipeline(json!({
+                "api": {"resources": resources},
+                "autoscaling": {"api": {"minReplicas": 2, "maxReplicas": 5}},
+            })));
+            assert!(r
+                .objects
+                .iter()
+                .any(|o| o.kind == ManagedKind::HorizontalPodAutoscaler));
+            let api = container(deployment(&r, Role::Api), "api");
+            assert_eq!(
+                api["resources"]["requests"]["cpu"], "250m",
+                "with resources {resources}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_slow_start_is_covered_by_a_startup_probe_before_liveness_applies() {
+        let r = rendered(&pipeline(json!({})));
+        for (role, budget) in [(Role::Worker, 600), (Role::Api, 120), (Role::Writer, 120)] {
+            let c = container(deployment(&r, role), role.as_str());
+            let startup = &c["startupProbe"];
+            assert_eq!(startup["httpGet"]["path"], "/livez", "{role:?}");
+            assert_eq!(startup["httpGet"]["port"], "http", "{role:?}");
+            let period = startup["periodSeconds"].as_i64().expect("period");
+            let failures = startup["failureThreshold"].as_i64().expect("failures");
+            assert_eq!(period * failures, budget, "{role:?}: seconds to come up");
+            let liveness = &c["livenessProbe"];
+            let liveness_budget = liveness["periodSeconds"].as_i64().expect("period")
+                * liveness["failureThreshold"].as_i64().expect("failures");
+            assert!(
+                period * failures > liveness_budget,
+                "{role:?}: the startup probe gives more time than liveness would"
+            );
+        }
+    }
+
+    fn live_deployment(replicas: Option<i32>, owners: &[(&str, &str, Value)]) -> Deployment {
+        Deployment {
+            metadata: ObjectMeta {
+                name: Some("demo-api".into()),
+                managed_fields: Some(
+                    owners
+                        .iter()
+                        .map(|(manager, operation, fields)| ManagedFieldsEntry {
+                            manager: Some((*manager).into()),
+                            operation: Some((*operation).into()),
+                            api_version: Some("apps/v1".into()),
+                            fields_type: Some("FieldsV1".into()),
+                            fields_v1: Some(FieldsV1(fields.clone())),
+                            ..ManagedFieldsEntry::default()
+                        })
+                        .collect(),
+                ),
+                ..ObjectMeta::default()
+            },
+            spec: Some(DeploymentSpec {
+                replicas,
+                ..DeploymentSpec::default()
+            }),
+            ..Deployment::default()
+        }
+    }
+
+    fn api_object(r: &Rendered) -> &DesiredObject {
+        r.objects
+            .iter()
+            .find(|o| o.kind == ManagedKind::Deployment && o.name == "demo-api")
+            .expect("the API Deployment")
+    }
+
+    #[test]
+    fn switching_autoscaling_on_hands_the_live_replica_count_over() {
+        let ours = json!({"f:spec": {"f:replicas": {}, "f:template": {}}});
+        let autoscaled = rendered(&pipeline(json!({
+            "api": {"replicas": 4},
+            "autoscaling": {"api": {"minReplicas": 1, "maxReplicas": 8}},
+        })));
+        let desired = api_object(&autoscaled);
+        assert!(desired.body.pointer("/spec/replicas").is_none());
+
+        // The operator applied `replicas: 4` until now: its apply without the
+        // field would drop it and the Deployment would fall back to 1.
+        let live = live_deployment(Some(4), &[(MANAGER, "Apply", ours.clone())]);
+        assert_eq!(
+            replicas_handover(desired, Some(&live)),
+            Some(json!({
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": "demo-api"},
+                "spec": {"replicas": 4},
+            }))
+        );
+
+        // Already handed over, or the autoscaler has scaled: nothing to do.
+        let scaled = live_deployment(
+            Some(6),
+            &[
+                (MANAGER, "Apply", json!({"f:spec": {"f:template": {}}})),
+                (
+                    REPLICAS_HANDOVER_MANAGER,
+                    "Apply",
+                    json!({"f:spec": {"f:replicas": {}}}),
+                ),
+                (
+                    "kube-controller-manager",
+                    "Update",
+                    json!({"f:spec": {"f:replicas": {}}}),
+                ),
+            ],
+        );
+        assert_eq!(replicas_handover(desired, Some(&scaled)), None);
+        // An Update by this manager's name is not its apply.
+        let updated = live_deployment(Some(4), &[(MANAGER, "Update", ours.clone())]);
+        assert_eq!(replicas_handover(desired, Some(&updated)), None);
+        // Nothing live yet: the autoscaler starts from the default.
+        assert_eq!(replicas_handover(desired, None), None);
+
+        // Without an autoscaler the operator applies the count itself.
+        let fixed = rendered(&pipeline(json!({"api": {"replicas": 4}})));
+        let desired = api_object(&fixed);
+        assert_eq!(desired.body["spec"]["replicas"], 4);
+        assert_eq!(replicas_handover(desired, Some(&live)), None);
+        // Only Deployments have replicas to hand over.
+        let hpa = autoscaled
+            .objects
+            .iter()
+            .find(|o| o.kind == ManagedKind::HorizontalPodAutoscaler)
+            .expect("the HPA");
+        assert_eq!(replicas_handover(hpa, Some(&live)), None);
+    }
 
     #[test]
     fn fnv_matches_the_reference_vectors() {

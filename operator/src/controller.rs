@@ -436,7 +436,7 @@ async fn apply(cached: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<Acti
     }
 
     let rendered = build::render(&pipeline, &plan, ctx.capabilities)?;
-    apply_objects(ctx, ns, &rendered).await?;
+    apply_objects(ctx, ns, &rendered, &existing).await?;
     delete_orphans(ctx, ns, &name, &existing, &rendered).await?;
 
     let mut warnings = rendered.warnings.clone();
@@ -615,14 +615,64 @@ fn dynamic_api(ctx: &Context, ns: &str, kind: ManagedKind) -> Api<DynamicObject>
 
 /// Server-side apply with one field manager; `force` takes over fields another
 /// manager (e.g. a `kubectl edit`) changed, so the spec stays the source of truth.
-async fn apply_objects(ctx: &Context, ns: &str, rendered: &build::Rendered) -> Result<(), Error> {
+/// A Deployment whose replica count an autoscaler has just been given keeps
+/// its count through [`build::replicas_handover`] first.
+async fn apply_objects(
+    ctx: &Context,
+    ns: &str,
+    rendered: &build::Rendered,
+    existing: &[(ManagedKind, DynamicObject)],
+) -> Result<(), Error> {
     let params = PatchParams::apply(MANAGER).force();
     for object in &rendered.objects {
-        dynamic_api(ctx, ns, object.kind)
-            .patch(&object.name, &params, &Patch::Apply(&object.body))
+        let api = dynamic_api(ctx, ns, object.kind);
+        if object.kind == ManagedKind::Deployment {
+            let live = live_deployment(existing, &object.name)?;
+            if let Some(handover) = build::replicas_handover(object, live.as_ref()) {
+                hand_over_replicas(&api, &object.name, &handover).await?;
+            }
+        }
+        api.patch(&object.name, &params, &Patch::Apply(&object.body))
             .await?;
     }
     Ok(())
+}
+
+fn live_deployment(
+    existing: &[(ManagedKind, DynamicObject)],
+    name: &str,
+) -> Result<Option<Deployment>, Error> {
+    existing
+        .iter()
+        .find(|(kind, o)| *kind == ManagedKind::Deployment && o.name_any() == name)
+        .map(|(_, o)| {
+            o.clone()
+                .try_parse::<Deployment>()
+                .map_err(|source| Error::Parse {
+                    kind: "Deployment",
+                    name: name.to_owned(),
+                    source,
+                })
+        })
+        .transpose()
+}
+
+/// Not forced: an autoscaler that changed the count since it was listed owns
+/// the field now, the apply conflicts, and nothing is left to hand over.
+async fn hand_over_replicas(
+    api: &Api<DynamicObject>,
+    name: &str,
+    body: &serde_json::Value,
+) -> Result<(), Error> {
+    let params = PatchParams::apply(build::REPLICAS_HANDOVER_MANAGER);
+    match api.patch(name, &params, &Patch::Apply(body)).await {
+        Ok(_) => {
+            info!(deployment = %name, replicas = %body["spec"]["replicas"], "replica count handed over to the autoscaler");
+            Ok(())
+        }
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Deletes what this operator made earlier and no longer renders (the writer

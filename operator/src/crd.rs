@@ -382,6 +382,11 @@ pub struct ApiSpec {
     #[serde(default = "two")]
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: i32,
+    /// The API container's resources. A CPU or memory request left out (and
+    /// not limited either, which makes Kubernetes request the limit) defaults
+    /// to `cpu: 250m`, `memory: 256Mi`, so the scheduler reserves room for the
+    /// pod and `autoscaling.api` always has a CPU request to compute
+    /// utilisation from. No limits are set by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     #[serde(default)]
@@ -449,6 +454,11 @@ pub struct WorkerSpec {
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 16))]
     pub gpus_per_pod: i32,
+    /// The worker container's resources. A CPU or memory request left out
+    /// (and not limited either) defaults to `cpu: 1`, `memory: 1Gi` on `cpu`
+    /// and `cpu: 1`, `memory: 2Gi` on `cuda` (the CUDA runtime's host memory);
+    /// on `cuda` the `nvidia.com/gpu` limit is always `gpusPerPod`. No CPU or
+    /// memory limits are set by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -518,6 +528,9 @@ pub struct WriterSpec {
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 1000))]
     pub replicas: i32,
+    /// The writer container's resources. A CPU or memory request left out
+    /// (and not limited either) defaults to `cpu: 100m`, `memory: 128Mi`. No
+    /// limits are set by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// Tries of the result-document upload and of the webhook before the result is
@@ -911,10 +924,14 @@ fn default_secret_key() -> String {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AutoscalingSpec {
-    /// API pods, on CPU utilisation (HorizontalPodAutoscaler).
+    /// API pods, on CPU utilisation (HorizontalPodAutoscaler). Utilisation is
+    /// measured against the API container's CPU request, which is therefore
+    /// always set (see `api.resources`). Switching autoscaling on keeps the
+    /// running replica count: the autoscaler takes it from there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api: Option<CpuScaling>,
-    /// Workers, on jobs-topic lag (KEDA ScaledObject, only where KEDA is installed).
+    /// Workers, on jobs-topic lag (KEDA ScaledObject, only where KEDA is
+    /// installed). Switching it on keeps the running replica count, as for `api`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<LagScaling>,
 }

@@ -736,12 +736,18 @@ impl Supervisor {
             std::fs::set_permissions(&workdir, std::fs::Permissions::from_mode(0o777))
                 .map_err(|e| format!("{}: {e}", workdir.display()))?;
         }
+        let read_only_root = container
+            .security_context
+            .as_ref()
+            .and_then(|c| c.read_only_root_filesystem)
+            == Some(true);
         Ok(LaunchSpec {
             argv,
             env: environment,
             mounts,
             workdir,
             user,
+            read_only_root,
         })
     }
 
