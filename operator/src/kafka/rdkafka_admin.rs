@@ -142,18 +142,21 @@ fn partition_count<C: ClientContext>(
     }
 }
 
+fn admin_client(cluster: &Cluster) -> Result<AdminClient<DefaultClientContext>, KafkaError> {
+    client_config(cluster).create().map_err(|e| {
+        KafkaError::Admin(format!(
+            "creating a client for {}: {e}",
+            cluster.bootstrap_servers
+        ))
+    })
+}
+
 fn ensure_topics(
     cluster: &Cluster,
     topics: &[TopicSpec],
     timeout: Duration,
 ) -> Result<TopicsReport, KafkaError> {
-    let admin: AdminClient<DefaultClientContext> =
-        client_config(cluster).create().map_err(|e| {
-            KafkaError::Admin(format!(
-                "creating a client for {}: {e}",
-                cluster.bootstrap_servers
-            ))
-        })?;
+    let admin = admin_client(cluster)?;
     let mut report = TopicsReport::default();
     let mut missing = Vec::new();
     for topic in topics {
@@ -211,13 +214,7 @@ fn delete_topics(
     if topics.is_empty() {
         return Ok(());
     }
-    let admin: AdminClient<DefaultClientContext> =
-        client_config(cluster).create().map_err(|e| {
-            KafkaError::Admin(format!(
-                "creating a client for {}: {e}",
-                cluster.bootstrap_servers
-            ))
-        })?;
+    let admin = admin_client(cluster)?;
     let options = AdminOptions::new()
         .operation_timeout(Some(timeout))
         .request_timeout(Some(timeout * 2));
