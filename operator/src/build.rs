@@ -455,6 +455,7 @@ struct WorkerToml {
     max_attempts: i32,
     max_batch_size: i32,
     max_wait_ms: i32,
+    batches_in_flight: i32,
 }
 
 #[derive(Serialize)]
@@ -466,6 +467,7 @@ struct ModelToml {
     det_limit_type: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     det_limit_side_len: Option<i32>,
+    precision: &'static str,
 }
 
 /// The URL comes from a secret (`OCR_REDIS__URL`), never from the ConfigMap.
@@ -511,6 +513,10 @@ pub fn runtime_config(p: &OcrPipeline) -> Result<String, toml::ser::Error> {
             max_attempts: s.worker.max_attempts,
             max_batch_size: s.worker.batching.max_batch_size,
             max_wait_ms: s.worker.batching.max_wait_ms,
+            batches_in_flight: s.worker.batching.in_flight.unwrap_or(match s.model.device {
+                Device::Cuda => 2,
+                Device::Cpu => 1,
+            }),
         },
         model: ModelToml {
             dir: MODEL_DIR,
@@ -521,6 +527,7 @@ pub fn runtime_config(p: &OcrPipeline) -> Result<String, toml::ser::Error> {
             },
             det_limit_type: s.model.detection.as_ref().map(|d| d.limit_type.as_str()),
             det_limit_side_len: s.model.detection.as_ref().map(|d| d.limit_side_len),
+            precision: s.model.effective_precision().as_str(),
         },
         redis: s.redis.as_ref().map(|r| RedisToml {
             requests_per_minute: r.requests_per_minute,

@@ -140,6 +140,13 @@ pub fn validate(pipeline: &OcrPipeline) -> Result<(), String> {
     if spec.kafka.bootstrap_servers.trim().is_empty() {
         return Err("spec.kafka.bootstrapServers is empty".into());
     }
+    if spec.model.device == crate::crd::Device::Cpu
+        && spec.model.precision == Some(crate::crd::Precision::Bf16)
+    {
+        return Err(
+            "spec.model.precision bf16 needs device cuda (the CPU has no bf16 matmul)".into(),
+        );
+    }
     if let Some(api) = &spec.autoscaling.api {
         if api.min_replicas < 1 || api.max_replicas < api.min_replicas {
             return Err("spec.autoscaling.api: need 1 <= minReplicas <= maxReplicas".into());

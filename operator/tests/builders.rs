@@ -143,7 +143,12 @@ fn runtime_config_uses_only_documented_keys() {
         ),
         (
             "worker",
-            &["max_attempts", "max_batch_size", "max_wait_ms"][..],
+            &[
+                "max_attempts",
+                "max_batch_size",
+                "max_wait_ms",
+                "batches_in_flight",
+            ][..],
         ),
         (
             "model",
@@ -153,6 +158,7 @@ fn runtime_config_uses_only_documented_keys() {
                 "device",
                 "det_limit_type",
                 "det_limit_side_len",
+                "precision",
             ][..],
         ),
         ("redis", &["requests_per_minute"][..]),
@@ -176,6 +182,9 @@ fn runtime_config_uses_only_documented_keys() {
     );
     assert_eq!(parsed["worker"]["max_batch_size"].as_integer(), Some(16));
     assert_eq!(parsed["model"]["device"].as_str(), Some("cuda"));
+    // A GPU pipeline without a word on it: half precision, two batches in flight.
+    assert_eq!(parsed["model"]["precision"].as_str(), Some("f16"));
+    assert_eq!(parsed["worker"]["batches_in_flight"].as_integer(), Some(2));
     assert!(
         !toml.contains("mysql"),
         "secrets never land in the ConfigMap"
@@ -486,4 +495,24 @@ fn gpu_workers_get_the_cuda_image_unless_one_is_named() {
             "registry.local/ocr:dev"
         );
     }
+}
+
+#[test]
+fn precision_and_batches_in_flight_follow_the_device_unless_set() {
+    let mut p = support::pipeline("batched");
+    p.spec.model.device = ocr_operator::crd::Device::Cpu;
+    let parsed: toml::Table = runtime_config(&p).expect("renders").parse().expect("TOML");
+    assert_eq!(parsed["model"]["precision"].as_str(), Some("f32"));
+    assert_eq!(parsed["worker"]["batches_in_flight"].as_integer(), Some(1));
+
+    p.spec.model.precision = Some(ocr_operator::crd::Precision::Bf16);
+    let problem = ocr_operator::controller::validate(&p).expect_err("bf16 on a CPU");
+    assert!(problem.contains("bf16 needs device cuda"), "{problem}");
+
+    p.spec.model.device = ocr_operator::crd::Device::Cuda;
+    p.spec.worker.batching.in_flight = Some(3);
+    ocr_operator::controller::validate(&p).expect("bf16 on a GPU is fine");
+    let parsed: toml::Table = runtime_config(&p).expect("renders").parse().expect("TOML");
+    assert_eq!(parsed["model"]["precision"].as_str(), Some("bf16"));
+    assert_eq!(parsed["worker"]["batches_in_flight"].as_integer(), Some(3));
 }

@@ -1,12 +1,18 @@
-//! Worker throughput, standard vs batched, on this machine's CPU: the same
-//! backlog of jobs goes through the real worker loop (claim in MariaDB, read
-//! the input, recognise with the Candle engine, record the result, commit),
-//! once one message at a time and once in micro-batches of each size asked.
+//! Worker throughput, standard vs batched: the same backlog of jobs goes
+//! through the real worker loop (claim in the database, read the input,
+//! recognise with the Candle engine, record the result, commit), once one
+//! message at a time and once in micro-batches of each size asked.
 //!
 //!     cargo bench -p ocr-runtime --bench worker_modes [-- JOBS [BATCH_SIZES]]
 //!
-//! Defaults: 48 jobs, batch sizes 4,8,16. Needs MariaDB at 127.0.0.1:3306
-//! (or `OCR_TEST_MYSQL_URL`) and the PP-OCR weights (`scripts/fetch-models.sh`).
+//! Defaults: 48 jobs, batch sizes 4,8,16 (`NxK`: batches of N, K of them in
+//! flight, see `worker.batches_in_flight`). Needs MariaDB at 127.0.0.1:3306
+//! (or `OCR_TEST_MYSQL_URL`; `OCR_BENCH_DATABASE=sqlite` uses a SQLite file
+//! instead, for a GPU machine without MariaDB) and the PP-OCR weights
+//! (`scripts/fetch-models.sh`). `OCR_BENCH_DEVICE` (`cpu`, `cuda`) and
+//! `OCR_BENCH_PRECISION` (`f32`, `f16`, `bf16`) pick where the engine runs.
+//! Each run prints a `window` line (label, start and end in Unix ms) that
+//! `scripts/gpu-check.sh` matches with `nvidia-smi` samples.
 //! Two workloads from the tests' images, each run standard then batched: a
 //! one-line label (640×96) and a three-line invoice (640×208). The detector
 //! runs with `det_limit_type = max` (no upscaling of small pages).
@@ -33,22 +39,39 @@ struct Run {
     max_batch: usize,
 }
 
+/// Where each run's jobs live: a fresh MariaDB database, or a fresh SQLite file.
+enum Database {
+    MySql(String),
+    Sqlite,
+}
+
 async fn run_mode(
-    mysql_server: &str,
+    database: &Database,
     engine: Arc<CandleRecognizer>,
     image: &'static [u8],
     jobs: usize,
     policy: BatchPolicy,
+    label: &str,
 ) -> anyhow::Result<Run> {
     use sqlx::Connection;
     let name = format!("ocr_bench_{}", uuid::Uuid::now_v7().simple());
-    let mut admin = sqlx::MySqlConnection::connect(mysql_server).await?;
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await?;
-    let store = JobStore::connect(&format!("{mysql_server}/{name}"), 16).await?;
-    store.migrate().await?;
     let blob_dir = tempfile::tempdir()?;
+    let (store, mut admin) = match database {
+        Database::MySql(server) => {
+            let mut admin = sqlx::MySqlConnection::connect(server).await?;
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&mut admin)
+                .await?;
+            let store = JobStore::connect(&format!("{server}/{name}"), 16).await?;
+            (store, Some(admin))
+        }
+        Database::Sqlite => {
+            let file = blob_dir.path().join("jobs.db");
+            let url = format!("sqlite://{}?mode=rwc", file.display());
+            (JobStore::connect(&url, 16).await?, None)
+        }
+    };
+    store.migrate().await?;
     let blobs = BlobStore::from_url(&blob_dir.path().display().to_string())?;
     let metrics = Metrics::new();
     let (publisher, consumer) = memory::channel();
@@ -89,22 +112,33 @@ async fn run_mode(
         metrics: metrics.clone(),
     };
     let started = Instant::now();
+    let started_unix = unix_ms();
     let running = tokio::spawn(worker.run(shutdown.clone()));
     while (store.count_in_status(JobStatus::Succeeded).await? as usize) < jobs {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = started.elapsed();
+    println!("window {label} {started_unix} {}", unix_ms());
     shutdown.cancel();
     running.await?;
     let (sum, count, max) = batch_sizes(&metrics.render());
-    sqlx::query(&format!("DROP DATABASE {name}"))
-        .execute(&mut admin)
-        .await?;
+    if let Some(admin) = admin.as_mut() {
+        sqlx::query(&format!("DROP DATABASE {name}"))
+            .execute(admin)
+            .await?;
+    }
     Ok(Run {
         jobs_per_s: jobs as f64 / elapsed.as_secs_f64(),
         mean_batch: if count > 0.0 { sum / count } else { 0.0 },
         max_batch: max,
     })
+}
+
+fn unix_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
 }
 
 /// Sum, count and the largest occupied bucket bound of `ocr_batch_size`.
@@ -137,15 +171,36 @@ fn main() -> anyhow::Result<()> {
         .filter(|a| !a.starts_with("--"))
         .collect();
     let jobs: usize = args.first().map(|a| a.parse()).transpose()?.unwrap_or(48);
-    let sizes: Vec<usize> = match args.get(1) {
-        Some(list) => list.split(',').map(str::parse).collect::<Result<_, _>>()?,
-        None => vec![4, 8, 16],
+    // `N` or `NxK`: batches of at most N, K of them in flight.
+    let sizes: Vec<(usize, usize)> = match args.get(1) {
+        Some(list) => list
+            .split(',')
+            .map(|item| -> anyhow::Result<(usize, usize)> {
+                Ok(match item.split_once('x') {
+                    Some((n, k)) => (n.parse()?, k.parse()?),
+                    None => (item.parse()?, 1),
+                })
+            })
+            .collect::<anyhow::Result<_>>()?,
+        None => vec![(4, 1), (8, 1), (16, 1)],
     };
-    let mysql = std::env::var("OCR_TEST_MYSQL_URL")
-        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
+    let database = match std::env::var("OCR_BENCH_DATABASE").as_deref() {
+        Ok("sqlite") => Database::Sqlite,
+        _ => Database::MySql(
+            std::env::var("OCR_TEST_MYSQL_URL")
+                .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into()),
+        ),
+    };
     let mut model = Config::default().model;
     model.det_limit_type = DetLimitType::Max;
     model.det_limit_side_len = 960;
+    if let Ok(device) = std::env::var("OCR_BENCH_DEVICE") {
+        model.device = device;
+    }
+    if let Ok(precision) = std::env::var("OCR_BENCH_PRECISION") {
+        model.precision = precision.parse().map_err(anyhow::Error::msg)?;
+    }
+    println!("engine on {} in {}", model.device, model.precision);
     let engine = Arc::new(CandleRecognizer::load(&model)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -153,23 +208,47 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         // Warm-up: first calls allocate and fault in the weights.
-        run_mode(&mysql, engine.clone(), INVOICE, 4, BatchPolicy::STANDARD).await?;
-        for (workload, image) in [("one-line label", LINE), ("invoice page", INVOICE)] {
+        run_mode(
+            &database,
+            engine.clone(),
+            INVOICE,
+            4,
+            BatchPolicy::STANDARD,
+            "warm-up",
+        )
+        .await?;
+        for (workload, image) in [("one-line-label", LINE), ("invoice-page", INVOICE)] {
             println!("{workload}, {jobs} jobs:");
-            let standard =
-                run_mode(&mysql, engine.clone(), image, jobs, BatchPolicy::STANDARD).await?;
+            let standard = run_mode(
+                &database,
+                engine.clone(),
+                image,
+                jobs,
+                BatchPolicy::STANDARD,
+                &format!("{workload}/standard"),
+            )
+            .await?;
             println!(
                 "  standard          {:6.2} jobs/s  (batch 1)",
                 standard.jobs_per_s
             );
-            for size in &sizes {
+            for &(size, in_flight) in &sizes {
                 let policy = BatchPolicy {
-                    max_size: *size,
+                    max_size: size,
                     max_wait: Duration::from_millis(20),
+                    in_flight,
                 };
-                let batched = run_mode(&mysql, engine.clone(), image, jobs, policy).await?;
+                let batched = run_mode(
+                    &database,
+                    engine.clone(),
+                    image,
+                    jobs,
+                    policy,
+                    &format!("{workload}/batched-{size}x{in_flight}"),
+                )
+                .await?;
                 println!(
-                    "  batched max {:<3}   {:6.2} jobs/s  mean batch {:.1}, largest <= {}  -> {:.2}x standard",
+                    "  batched max {:<3} x{in_flight} {:6.2} jobs/s  mean batch {:.1}, largest <= {}  -> {:.2}x standard",
                     size,
                     batched.jobs_per_s,
                     batched.mean_batch,

@@ -197,6 +197,10 @@ pub struct WorkerConfig {
     pub max_attempts: u32,
     pub max_batch_size: usize,
     pub max_wait_ms: u64,
+    /// Micro-batches handled at once (batched and writer modes). 2 lets a GPU
+    /// infer one batch while the next is claimed, decoded and recorded; 1
+    /// (the default) suits a CPU, where the engine already uses every core.
+    pub batches_in_flight: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -244,6 +248,9 @@ pub struct ModelConfig {
     /// 3.5× (3.2 s and 600 MB instead of 0.3 s and 90 MB, the same text).
     pub det_limit_type: DetLimitType,
     pub det_limit_side_len: u32,
+    /// What the networks compute in: `f32`, `f16` or `bf16`. Half precision pays on a GPU
+    /// (tensor cores, half the memory traffic); on the CPU only f32 has the fast kernels.
+    pub precision: ocr_engine::engine::Precision,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -315,6 +322,7 @@ impl Default for WorkerConfig {
             max_attempts: 5,
             max_batch_size: 8,
             max_wait_ms: 20,
+            batches_in_flight: 1,
         }
     }
 }
@@ -335,16 +343,14 @@ impl Default for WriterConfig {
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        let cache = std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("."))
-            .join(".cache/ocr-models");
         ModelConfig {
-            dir: cache,
+            // $OCR_MODEL_DIR, else ~/.cache/ocr-models: where fetch-models.sh puts them.
+            dir: ocr_engine::engine::default_model_dir(),
             variant: "v6-small".into(),
             device: "cpu".into(),
             det_limit_type: DetLimitType::Min,
             det_limit_side_len: 64,
+            precision: ocr_engine::engine::Precision::F32,
         }
     }
 }
@@ -355,7 +361,9 @@ pub struct ConfigError(#[from] Box<figment::Error>);
 
 /// `OCR_*` variables that are not configuration keys (they would otherwise be
 /// rejected as unknown fields); `OCR_TEST_*` variables are skipped too.
-const NOT_CONFIG_KEYS: [&str; 3] = ["config", "log_format", "fault"];
+/// `OCR_MODEL_DIR` is the engine's and `scripts/fetch-models.sh`'s variable
+/// for the weights folder: it sets `model.dir`'s default, not a config key.
+const NOT_CONFIG_KEYS: [&str; 4] = ["config", "log_format", "fault", "model_dir"];
 
 /// Keys whose environment values are taken verbatim. figment parses the
 /// others as TOML-like values, which would turn a password `12345` into a
@@ -425,6 +433,21 @@ mod tests {
             assert_eq!(config.worker.max_batch_size, 32);
             assert_eq!(config.queue.kind, QueueKind::Memory);
             assert_eq!(config.worker.max_wait_ms, 20);
+            Ok(())
+        });
+    }
+
+    /// `OCR_MODEL_DIR` (what fetch-models.sh fills) is where the runtime looks
+    /// by default, and is not refused as an unknown config key.
+    #[test]
+    fn ocr_model_dir_sets_the_default_model_folder() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("OCR_MODEL_DIR", "/models/ppocr");
+            let config = Config::load(None).expect("OCR_MODEL_DIR is not a config key");
+            assert_eq!(config.model.dir, Path::new("/models/ppocr"));
+            jail.set_env("OCR_MODEL__DIR", "/elsewhere");
+            let config = Config::load(None).expect("valid config");
+            assert_eq!(config.model.dir, Path::new("/elsewhere"));
             Ok(())
         });
     }

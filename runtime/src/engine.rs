@@ -17,13 +17,15 @@ impl CandleRecognizer {
             .parse()
             .map_err(|e: String| anyhow::anyhow!("model variant: {e}"))?;
         let device = parse_device(&model.device)?;
-        let engine = OcrEngine::load(variant, &model.dir, &device).with_context(|| {
-            format!(
-                "loading {} weights from {} (run scripts/fetch-models.sh to fetch them)",
-                model.variant,
-                model.dir.display()
-            )
-        })?;
+        let engine = OcrEngine::load_as(variant, &model.dir, &device, model.precision)
+            .with_context(|| {
+                format!(
+                    "loading {} weights from {} in {} (run scripts/fetch-models.sh to fetch them)",
+                    model.variant,
+                    model.dir.display(),
+                    model.precision
+                )
+            })?;
         let mut pipeline = engine.config().clone();
         pipeline.det.limit_side_len = model.det_limit_side_len;
         pipeline.det.limit_type = match model.det_limit_type {
@@ -44,11 +46,42 @@ impl CandleRecognizer {
 pub fn parse_device(spec: &str) -> anyhow::Result<candle_core::Device> {
     match spec {
         "cpu" => Ok(candle_core::Device::Cpu),
-        "cuda" => Ok(candle_core::Device::new_cuda(0)?),
+        "cuda" => open_cuda(0),
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(ordinal)) => Ok(candle_core::Device::new_cuda(ordinal)?),
+            Some(Ok(ordinal)) => open_cuda(ordinal),
             _ => anyhow::bail!("device {other:?} is not cpu, cuda or cuda:N"),
         },
+    }
+}
+
+/// The CUDA build loads the driver and cuBLAS at run time, and cudarc panics (with a list of
+/// library names) where they are missing; this turns that into an error that says what to fix.
+fn open_cuda(ordinal: usize) -> anyhow::Result<candle_core::Device> {
+    if !cfg!(feature = "cuda") {
+        anyhow::bail!(
+            "model.device = cuda:{ordinal}, but this binary was built without CUDA \
+             (build with `--features cuda`, or use the runtime-cuda image)"
+        );
+    }
+    let previous_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let opened = std::panic::catch_unwind(|| candle_core::Device::new_cuda(ordinal));
+    std::panic::set_hook(previous_hook);
+    match opened {
+        Ok(device) => device.with_context(|| format!("opening CUDA device {ordinal}")),
+        Err(panic) => {
+            let detail = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("no detail");
+            anyhow::bail!(
+                "model.device = cuda:{ordinal}, but the CUDA libraries could not be loaded \
+                 (is the NVIDIA driver installed and are libcuda.so.1 and libcublas.so.13 on \
+                 the library path?): {}",
+                detail.lines().next().unwrap_or(detail)
+            )
+        }
     }
 }
 

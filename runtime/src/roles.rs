@@ -266,6 +266,7 @@ pub fn batch_policy(config: &Config) -> BatchPolicy {
         WorkerMode::Batched | WorkerMode::Writer => BatchPolicy {
             max_size: config.worker.max_batch_size.max(1),
             max_wait: Duration::from_millis(config.worker.max_wait_ms),
+            in_flight: config.worker.batches_in_flight.max(1),
         },
     }
 }

@@ -44,6 +44,9 @@ impl Topology {
             ("OCR_WORKER__MODE", mode.to_owned()),
             ("OCR_WORKER__MAX_BATCH_SIZE", "8".into()),
             ("OCR_WORKER__MAX_WAIT_MS", "20".into()),
+            // Two batches in hand at once in batched and writer modes: kills and
+            // rolls then land while batches overlap (standard mode ignores it).
+            ("OCR_WORKER__BATCHES_IN_FLIGHT", "2".into()),
             // The scenario is about the data plane, not accuracy: the tiny
             // model on small one-line pages (not blown up for the detector)
             // keeps 2,000 real recognitions within minutes on two cores.

@@ -38,8 +38,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let det = DetModel::load(&dir.join("ppocrv6_small_det.onnx"), &device)?;
     let rec = RecModel::load(&dir.join("ppocrv6_small_rec.onnx"), &device)?;
 
-    let det_in = Tensor::rand(-1f32, 1f32, (1, 3, det_h, det_w), &device)?;
-    let rec_in = Tensor::rand(-1f32, 1f32, (rec_n, 3, 48, rec_w), &device)?;
+    // Drawn on the CPU: random GPU tensors would need cuRAND, which the CUDA build leaves out.
+    let det_in =
+        Tensor::rand(-1f32, 1f32, (1, 3, det_h, det_w), &Device::Cpu)?.to_device(&device)?;
+    let rec_in =
+        Tensor::rand(-1f32, 1f32, (rec_n, 3, 48, rec_w), &Device::Cpu)?.to_device(&device)?;
 
     for (name, run) in [
         (

@@ -115,6 +115,58 @@ impl FromStr for ModelVariant {
     }
 }
 
+/// What the networks compute in. Half precision halves the memory traffic and runs the matmuls
+/// on a GPU's tensor cores; layer norms, the softmax and everything the post-processing reads
+/// stay f32. On the CPU only f32 has the engine's own kernels (half runs, slowly, on candle's
+/// generic ops).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Precision {
+    pub const ALL: [Precision; 3] = [Self::F32, Self::F16, Self::Bf16];
+
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.as_str().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| format!("unknown precision {s:?} (expected f32, f16 or bf16)"))
+    }
+}
+
 /// `$OCR_MODEL_DIR`, else `~/.cache/ocr-models`.
 pub fn default_model_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("OCR_MODEL_DIR").filter(|d| !d.is_empty()) {
@@ -232,6 +284,24 @@ pub struct OcrEngine<D = DetModel, R = RecModel> {
 impl OcrEngine<DetModel, RecModel> {
     /// Loads `variant` from `model_dir` (see [`ModelVariant::det_file`]).
     pub fn load(variant: ModelVariant, model_dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_as(variant, model_dir, device, Precision::F32)
+    }
+
+    /// [`Self::load`] with the networks computing in `precision`.
+    pub fn load_as(
+        variant: ModelVariant,
+        model_dir: &Path,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<Self> {
+        if device.is_cpu() && precision == Precision::Bf16 {
+            return Err(Error::UnsupportedPrecision {
+                precision,
+                device: "the CPU".into(),
+                hint: "candle has no bf16 matmul there; use f32 (or f16)",
+            });
+        }
+        let dtype = precision.dtype();
         let det_path = model_dir.join(variant.det_file());
         let rec_path = model_dir.join(variant.rec_file());
         for p in [&det_path, &rec_path] {
@@ -239,14 +309,14 @@ impl OcrEngine<DetModel, RecModel> {
                 return Err(Error::ModelNotFound(p.clone()));
             }
         }
-        let det = DetModel::load(&det_path, device)?;
+        let det = DetModel::load_as(&det_path, device, dtype)?;
         let dict_path = model_dir.join(variant.dict_file());
         // Prefer the list embedded in the ONNX file; older exports only have a sidecar file.
-        let rec = match RecModel::load(&rec_path, device) {
+        let rec = match RecModel::load_as(&rec_path, device, dtype) {
             Ok(rec) => rec,
             Err(embedded_err) if dict_path.is_file() => {
                 tracing::debug!(%embedded_err, "no embedded dictionary, using {}", dict_path.display());
-                RecModel::load_with_dictionary(&rec_path, &dict_path, device)?
+                RecModel::load_with_dictionary_as(&rec_path, &dict_path, device, dtype)?
             }
             Err(e) => return Err(e),
         };

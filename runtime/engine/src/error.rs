@@ -46,6 +46,14 @@ pub enum Error {
     /// recogniser's class count differs from its dictionary).
     #[error("invalid model: {0}")]
     InvalidModel(String),
+
+    /// The device cannot compute in the precision asked for (bf16 matmuls are GPU-only).
+    #[error("{precision} is not supported on {device}: {hint}")]
+    UnsupportedPrecision {
+        precision: crate::engine::Precision,
+        device: String,
+        hint: &'static str,
+    },
 }
 
 impl Error {

@@ -13,7 +13,9 @@
 use std::path::Path;
 
 use candle_core::Device;
-use ocr_engine::engine::{default_model_dir, ModelVariant, OcrEngine, Page, PipelineConfig};
+use ocr_engine::engine::{
+    default_model_dir, ModelVariant, OcrEngine, Page, PipelineConfig, Precision,
+};
 use ocr_engine::preprocess::{DetParams, LimitType};
 
 /// What the invoice says, one entry per text line, top to bottom.
@@ -104,4 +106,63 @@ fn v5_mobile_finds_the_lines_at_native_scale() {
     };
     let page = read_invoice(ModelVariant::V5Mobile, config);
     assert_lines(ModelVariant::V5Mobile, &page);
+}
+
+/// Half precision runs the layers through candle's generic ops, the code path every
+/// accelerator takes (the CPU's own kernels are f32 only), so this also checks, without a GPU,
+/// that the CUDA build's layer plumbing reads the page: same lines, same words, boxes within
+/// a pixel or two of f32's. (It found the phase-split conv failing off the CPU.)
+#[test]
+fn half_precision_reads_the_invoice_like_f32() {
+    let dir = default_model_dir();
+    let config = PipelineConfig {
+        det: DetParams {
+            limit_type: LimitType::Max,
+            limit_side_len: 960,
+            ..DetParams::default()
+        },
+        ..PipelineConfig::default()
+    };
+    let f32_page = OcrEngine::load(ModelVariant::V6Small, &dir, &Device::Cpu)
+        .expect("f32 loads")
+        .with_config(config.clone())
+        .recognize(&invoice())
+        .expect("f32 reads the invoice");
+    for precision in [Precision::F16] {
+        let page = OcrEngine::load_as(ModelVariant::V6Small, &dir, &Device::Cpu, precision)
+            .unwrap_or_else(|e| panic!("{precision} fails to load: {e}"))
+            .with_config(config.clone())
+            .recognize(&invoice())
+            .unwrap_or_else(|e| panic!("{precision} fails on the invoice: {e}"));
+        println!("{precision}: {:?}", page.text);
+        assert_lines(ModelVariant::V6Small, &page);
+        assert_eq!(page.lines.len(), f32_page.lines.len());
+        for (half, full) in page.lines.iter().zip(&f32_page.lines) {
+            assert!(
+                (half.confidence - full.confidence).abs() < 0.02,
+                "{precision}: confidence {} vs f32 {} for {:?}",
+                half.confidence,
+                full.confidence,
+                full.text
+            );
+            for (a, b) in half.polygon.iter().zip(&full.polygon) {
+                let moved = (a[0] - b[0]).abs().max((a[1] - b[1]).abs());
+                assert!(
+                    moved <= 2.0,
+                    "{precision}: a corner of {:?} moved {moved} px",
+                    full.text
+                );
+            }
+        }
+    }
+    // candle has no bf16 matmul on the CPU: refused at load, with the reason.
+    let refused = OcrEngine::load_as(ModelVariant::V6Small, &dir, &Device::Cpu, Precision::Bf16)
+        .err()
+        .expect("bf16 on the CPU is refused");
+    assert!(
+        refused
+            .to_string()
+            .contains("bf16 is not supported on the CPU"),
+        "{refused}"
+    );
 }

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 
 use super::graph::GraphWalker;
 use super::layers::{scale_channels_into, upsample_nearest, Conv2d};
@@ -225,6 +225,7 @@ pub struct DetModel {
     neck: RepLkFpn,
     head: DbHead,
     device: Device,
+    dtype: DType,
 }
 
 impl DetModel {
@@ -234,12 +235,17 @@ impl DetModel {
     /// Loads a PP-OCRv6 or PP-OCRv5 mobile detection ONNX export (weights only; the graph
     /// layout is checked).
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let onnx = OnnxModel::read(path)?;
-        Self::from_onnx(&onnx, device)
+        Self::load_as(path, device, DType::F32)
     }
 
-    pub fn from_onnx(onnx: &OnnxModel, device: &Device) -> Result<Self> {
-        let mut g = GraphWalker::new(onnx);
+    /// [`Self::load`] computing in `dtype`: inputs are cast to it, the map comes back as f32.
+    pub fn load_as(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let onnx = OnnxModel::read(path)?;
+        Self::from_onnx(&onnx, device, dtype)
+    }
+
+    pub fn from_onnx(onnx: &OnnxModel, device: &Device, dtype: DType) -> Result<Self> {
+        let mut g = GraphWalker::new(onnx).with_dtype(dtype);
         let backbone = PpLcNet::load(&mut g, device)?;
         let stages = backbone.stage_channels();
         if stages.len() != 4 {
@@ -262,11 +268,16 @@ impl DetModel {
             neck,
             head,
             device: device.clone(),
+            dtype,
         })
     }
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// `x`: `[n, 3, h, w]` f32, normalised like PP-OCR's detector preprocessing, with `h` and
@@ -285,11 +296,11 @@ impl DetModel {
                 x.dims()
             )));
         }
-        let mut stages = self.backbone.forward_stages(x)?;
+        let mut stages = self.backbone.forward_stages(&x.to_dtype(self.dtype)?)?;
         if let Some(p) = &self.projections {
             stages = p.forward(stages)?;
         }
         let levels = self.neck.forward(&stages)?;
-        Ok(self.head.forward(&levels)?)
+        Ok(self.head.forward(&levels)?.to_dtype(DType::F32)?)
     }
 }

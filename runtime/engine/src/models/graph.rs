@@ -64,6 +64,8 @@ pub struct ConvSpec {
     pub input: String,
     /// Resolved name of the tensor the layer produces, after everything fused into it.
     pub output: String,
+    /// What the layer computes in (see [`GraphWalker::with_dtype`]); `weight` stays f32.
+    pub dtype: DType,
 }
 
 impl ConvSpec {
@@ -109,6 +111,8 @@ pub struct LinearSpec {
     pub activation: Activation,
     /// Resolved name of the tensor the layer produces (after bias, before activation).
     pub output: String,
+    /// What the layer computes in (see [`GraphWalker::with_dtype`]); `weight` stays f32.
+    pub dtype: DType,
 }
 
 /// A layer norm over the last axis, decomposed in the graph into
@@ -137,9 +141,18 @@ pub struct GraphWalker<'a> {
     next_norm: usize,
     batch_norms_total: usize,
     batch_norms_folded: usize,
+    dtype: DType,
 }
 
 impl<'a> GraphWalker<'a> {
+    /// Layers built from this walker's specs compute in `dtype` (f16/bf16 halve the memory
+    /// traffic and use the GPU's tensor cores); folding happens in f32 (or f64) first, so only
+    /// the final weights are rounded. Layer norms stay f32 (see [`super::layers::LayerNorm`]).
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
     pub fn new(model: &'a OnnxModel) -> Self {
         let mut alias = HashMap::new();
         for n in &model.nodes {
@@ -162,6 +175,7 @@ impl<'a> GraphWalker<'a> {
             next_norm: 0,
             batch_norms_total: 0,
             batch_norms_folded: 0,
+            dtype: DType::F32,
         };
         for (idx, n) in model.nodes.iter().enumerate() {
             if is_passthrough(n) {
@@ -608,6 +622,7 @@ impl<'a> GraphWalker<'a> {
             post_affine,
             input_op,
             input: self.resolve(input).to_string(),
+            dtype: self.dtype,
             output: out.to_string(),
         })
     }
@@ -719,6 +734,7 @@ impl<'a> GraphWalker<'a> {
             bias,
             activation: self.activation_of(out).0,
             output: out.to_string(),
+            dtype: self.dtype,
         }))
     }
 

