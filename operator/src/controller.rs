@@ -22,10 +22,11 @@ use crate::build::{
     COMPONENT_LABEL, MANAGER,
 };
 use crate::crd::{Architecture, Migration, OcrPipeline, OcrPipelineStatus, GROUP, KIND, VERSION};
-use crate::kafka::{ClientSecurity, Cluster, KafkaAdmin, SaslCredentials, TopicSpec};
+use crate::kafka::{Cluster, KafkaAdmin, TopicSpec};
 use crate::metrics::Metrics;
 use crate::migration::{self, Observed};
 use crate::status::{self, role_state, Observation};
+use crate::validate::{validate, InvalidSpec};
 
 pub const FINALIZER: &str = "ocr.serving.dev/cleanup";
 /// While something is moving, look again soon; Deployment events also trigger reconciles.
@@ -115,89 +116,6 @@ pub fn error_policy(pipeline: Arc<OcrPipeline>, error: &Error, ctx: Arc<Context>
     warn!(pipeline = %pipeline.name_any(), %error, "reconcile failed");
     ctx.metrics.reconcile_failed(error.category());
     Action::requeue(BUSY_REQUEUE)
-}
-
-/// Checks the schema cannot express or that an old CRD version may not have enforced.
-pub fn validate(pipeline: &OcrPipeline) -> Result<(), String> {
-    let spec = &pipeline.spec;
-    let source = &spec.model.source;
-    if source.volume.is_some() == source.url.is_some() {
-        return Err("spec.model.source: set exactly one of volume or url".into());
-    }
-    if let Some(url) = &source.url {
-        if !(url.starts_with("https://") || url.starts_with("http://")) {
-            return Err("spec.model.source.url must be http(s)".into());
-        }
-    }
-    if spec.blob.s3.is_some() == spec.blob.volume.is_some() {
-        return Err("spec.blob: set exactly one of s3 or volume".into());
-    }
-    if let Some(endpoint) = spec.blob.s3.as_ref().and_then(|s3| s3.endpoint.as_ref()) {
-        if !(endpoint.starts_with("https://") || endpoint.starts_with("http://")) {
-            return Err("spec.blob.s3.endpoint must be http(s)".into());
-        }
-    }
-    if spec.kafka.bootstrap_servers.trim().is_empty() {
-        return Err("spec.kafka.bootstrapServers is empty".into());
-    }
-    if spec.model.device == crate::crd::Device::Cpu
-        && spec.model.precision == Some(crate::crd::Precision::Bf16)
-    {
-        return Err(
-            "spec.model.precision bf16 needs device cuda (the CPU has no bf16 matmul)".into(),
-        );
-    }
-    if let Some(api) = &spec.autoscaling.api {
-        if api.min_replicas < 1 || api.max_replicas < api.min_replicas {
-            return Err("spec.autoscaling.api: need 1 <= minReplicas <= maxReplicas".into());
-        }
-    }
-    if let Some(worker) = &spec.autoscaling.worker {
-        if worker.min_replicas < 0 || worker.max_replicas < worker.min_replicas.max(1) {
-            return Err("spec.autoscaling.worker: need 0 <= minReplicas <= maxReplicas".into());
-        }
-    }
-    let budget = &spec.availability.disruption_budget;
-    if budget.min_available.is_some() && budget.max_unavailable.is_some() {
-        return Err(
-            "spec.availability.disruptionBudget: set at most one of minAvailable or maxUnavailable"
-                .into(),
-        );
-    }
-    for (field, value) in [
-        ("api.replicas", spec.api.replicas),
-        ("worker.replicas", spec.worker.replicas),
-    ] {
-        if value < 0 {
-            return Err(format!("spec.{field} must not be negative"));
-        }
-    }
-    if spec.writer.replicas < 1 {
-        return Err("spec.writer.replicas must be at least 1".into());
-    }
-    if spec.writer.retry_initial_ms < 1 || spec.writer.retry_max_ms < spec.writer.retry_initial_ms {
-        return Err("spec.writer: need 1 <= retryInitialMs <= retryMaxMs".into());
-    }
-    let queues = pipeline.queues();
-    if queues.consumer_group == queues.writer_group {
-        return Err(format!(
-            "spec.kafka: writerGroup must differ from consumerGroup (workers and writers consume different topics); both are {}",
-            queues.consumer_group
-        ));
-    }
-    let [jobs, results, dead_letter] = queues.topics();
-    if jobs == results || jobs == dead_letter || results == dead_letter {
-        return Err(format!(
-            "spec.kafka.topics: jobs ({jobs}), results ({results}) and dead letters ({dead_letter}) need three different topics"
-        ));
-    }
-    if spec.kafka.partitions < 1 || spec.kafka.replication_factor < 1 {
-        return Err("spec.kafka: partitions and replicationFactor must be at least 1".into());
-    }
-    if spec.migration.phase_deadline_seconds < 1 {
-        return Err("spec.migration.phaseDeadlineSeconds must be at least 1".into());
-    }
-    Ok(())
 }
 
 /// Objects this operator made for the pipeline, as found before this round's apply.
@@ -378,15 +296,18 @@ async fn apply(cached: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<Acti
     let generation = pipeline.metadata.generation;
     let previous = pipeline.status.as_ref();
 
-    if let Err(problem) = validate(&pipeline) {
-        warn!(pipeline = %name, %problem, "invalid spec; waiting for a change");
-        ctx.metrics.reconcile_failed("invalid_spec");
-        let status = status::invalid(previous, &problem, generation, &now);
-        patch_status(&pipelines, &name, &status).await?;
-        publish(ctx, &pipeline, EventType::Warning, "InvalidSpec", problem).await;
-        // Retrying cannot fix the spec; the next edit triggers a reconcile.
-        return Ok(Action::await_change());
-    }
+    let valid = match validate(&pipeline) {
+        Ok(valid) => valid,
+        Err(InvalidSpec(problem)) => {
+            warn!(pipeline = %name, %problem, "invalid spec; waiting for a change");
+            ctx.metrics.reconcile_failed("invalid_spec");
+            let status = status::invalid(previous, &problem, generation, &now);
+            patch_status(&pipelines, &name, &status).await?;
+            publish(ctx, &pipeline, EventType::Warning, "InvalidSpec", problem).await;
+            // Retrying cannot fix the spec; the next edit triggers a reconcile.
+            return Ok(Action::await_change());
+        }
+    };
 
     let existing = list_owned(ctx, ns, &name).await?;
     let api_deployment = deployment_of(&existing, &name, Role::Api)?;
@@ -442,7 +363,7 @@ async fn apply(cached: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<Acti
         info!(pipeline = %name, from = %given_up.from, to = %given_up.to, phase = ?given_up.phase, %desired, "migration turned back");
     }
 
-    let rendered = build::render(&pipeline, &plan, ctx.capabilities)?;
+    let rendered = build::render(&valid, &plan, ctx.capabilities)?;
     apply_objects(ctx, ns, &rendered, &existing).await?;
     delete_orphans(ctx, ns, &name, &existing, &rendered).await?;
 
@@ -574,9 +495,9 @@ async fn kafka_cluster(ctx: &Context, ns: &str, pipeline: &OcrPipeline) -> Resul
         return Ok(Cluster::of(pipeline));
     }
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let mut client = ClientSecurity {
-        protocol: security.protocol().into(),
-        ..ClientSecurity::default()
+    let mut client = ocr_contract::KafkaSecurityConfig {
+        protocol: security.protocol(),
+        ..ocr_contract::KafkaSecurityConfig::default()
     };
     if let Some(sasl) = &security.sasl {
         let secret = read_secret(&secrets, &sasl.secret).await?;
@@ -584,16 +505,14 @@ async fn kafka_cluster(ctx: &Context, ns: &str, pipeline: &OcrPipeline) -> Resul
             Some(username) => username.clone(),
             None => secret_text(&secret, &sasl.secret, &sasl.username_key)?,
         };
-        client.sasl = Some(SaslCredentials {
-            mechanism: sasl.mechanism.as_str().into(),
-            username,
-            password: secret_text(&secret, &sasl.secret, &sasl.password_key)?,
-        });
+        client.sasl_mechanism = sasl.mechanism;
+        client.sasl_username = username;
+        client.sasl_password = secret_text(&secret, &sasl.secret, &sasl.password_key)?.into();
     }
     if let Some(tls) = &security.tls {
         if let Some(name) = &tls.ca_secret {
             let secret = read_secret(&secrets, name).await?;
-            client.ca_pem = Some(secret_text(&secret, name, &tls.ca_key)?);
+            client.ssl_ca_pem = secret_text(&secret, name, &tls.ca_key)?.into();
         }
     }
     Ok(Cluster::of(pipeline).with_security(client))

@@ -13,6 +13,10 @@ use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// The pipeline's topology is the workers' mode: one enum for both sides.
+pub use ocr_contract::WorkerMode as Architecture;
+pub use ocr_contract::{ModelVariant, Precision, SaslMechanism};
+
 pub const GROUP: &str = "ocr.serving.dev";
 pub const VERSION: &str = "v1alpha1";
 pub const KIND: &str = "OcrPipeline";
@@ -89,53 +93,6 @@ pub struct OcrPipelineSpec {
     /// How architecture migrations are supervised.
     #[serde(default)]
     pub migration: MigrationSpec,
-}
-
-#[derive(
-    Serialize,
-    Deserialize,
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    Hash,
-    Default,
-    JsonSchema,
-    PartialOrd,
-    Ord,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Architecture {
-    /// Workers infer one job at a time and write results to the database.
-    #[default]
-    Standard,
-    /// Workers infer micro-batches and write results to the database.
-    Batched,
-    /// Workers publish results to a topic; writer pods persist them.
-    Writer,
-}
-
-impl Architecture {
-    pub const ALL: [Architecture; 3] = [
-        Architecture::Standard,
-        Architecture::Batched,
-        Architecture::Writer,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Architecture::Standard => "standard",
-            Architecture::Batched => "batched",
-            Architecture::Writer => "writer",
-        }
-    }
-}
-
-impl std::fmt::Display for Architecture {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -242,25 +199,6 @@ impl ModelSpec {
     }
 }
 
-/// The runtime's `model.precision`.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl Precision {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Precision::F32 => "f32",
-            Precision::F16 => "f16",
-            Precision::Bf16 => "bf16",
-        }
-    }
-}
-
 /// The runtime's `model.det_limit_type` and `model.det_limit_side_len`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -280,32 +218,13 @@ pub enum DetLimitType {
     Max,
 }
 
-impl DetLimitType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DetLimitType::Min => "min",
-            DetLimitType::Max => "max",
-        }
-    }
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
-pub enum ModelVariant {
-    #[default]
-    #[serde(rename = "v6-small")]
-    V6Small,
-    #[serde(rename = "v6-tiny")]
-    V6Tiny,
-    #[serde(rename = "v5-mobile")]
-    V5Mobile,
-}
-
-impl ModelVariant {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ModelVariant::V6Small => "v6-small",
-            ModelVariant::V6Tiny => "v6-tiny",
-            ModelVariant::V5Mobile => "v5-mobile",
+/// The CRD spells the values as Kubernetes enums are spelled (`Min`), the
+/// runtime's file in lower case; this is the one mapping between them.
+impl From<DetLimitType> for ocr_contract::DetLimitType {
+    fn from(limit: DetLimitType) -> Self {
+        match limit {
+            DetLimitType::Min => ocr_contract::DetLimitType::Min,
+            DetLimitType::Max => ocr_contract::DetLimitType::Max,
         }
     }
 }
@@ -523,7 +442,7 @@ impl Default for WorkerSpec {
 }
 
 fn default_max_attempts() -> i32 {
-    5
+    runtime_default(ocr_contract::WorkerConfig::default().max_attempts)
 }
 
 /// Used by the `batched` architecture only.
@@ -556,11 +475,11 @@ impl Default for BatchingSpec {
 }
 
 fn default_max_batch_size() -> i32 {
-    8
+    runtime_default(ocr_contract::WorkerConfig::default().max_batch_size)
 }
 
 fn default_max_wait_ms() -> i32 {
-    20
+    runtime_default(ocr_contract::WorkerConfig::default().max_wait_ms)
 }
 
 /// Result writers; deployed only in the `writer` architecture.
@@ -608,15 +527,15 @@ impl Default for WriterSpec {
 }
 
 fn default_writer_retries() -> i32 {
-    3
+    runtime_default(ocr_contract::WriterConfig::default().retries)
 }
 
 fn default_retry_initial_ms() -> i32 {
-    200
+    runtime_default(ocr_contract::WriterConfig::default().retry_initial_ms)
 }
 
 fn default_retry_max_ms() -> i32 {
-    10_000
+    runtime_default(ocr_contract::WriterConfig::default().retry_max_ms)
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
@@ -635,7 +554,14 @@ pub struct WebhookSpec {
 }
 
 fn default_webhook_timeout_ms() -> i32 {
-    10_000
+    runtime_default(ocr_contract::WriterConfig::default().webhook_timeout_ms)
+}
+
+/// A runtime default as the CRD's integer type: the CRD defaults what the
+/// runtime would, so an object without the field and one with the default
+/// run the same (they were 3 and 5 writer retries once).
+fn runtime_default<T: TryInto<i32>>(value: T) -> i32 {
+    value.try_into().unwrap_or(i32::MAX)
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -733,15 +659,8 @@ impl KafkaSecuritySpec {
         self.tls.is_none() && self.sasl.is_none()
     }
 
-    /// librdkafka's `security.protocol` (lower case, as the runtime's
-    /// `queue.security.protocol` takes it).
-    pub fn protocol(&self) -> &'static str {
-        match (self.tls.is_some(), self.sasl.is_some()) {
-            (false, false) => "plaintext",
-            (true, false) => "ssl",
-            (false, true) => "sasl_plaintext",
-            (true, true) => "sasl_ssl",
-        }
+    pub fn protocol(&self) -> ocr_contract::SecurityProtocol {
+        ocr_contract::SecurityProtocol::from_parts(self.tls.is_some(), self.sasl.is_some())
     }
 }
 
@@ -796,36 +715,6 @@ fn default_username_key() -> String {
 
 fn default_password_key() -> String {
     "password".into()
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-pub enum SaslMechanism {
-    #[serde(rename = "PLAIN")]
-    Plain,
-    #[serde(rename = "SCRAM-SHA-256")]
-    ScramSha256,
-    #[default]
-    #[serde(rename = "SCRAM-SHA-512")]
-    ScramSha512,
-}
-
-impl SaslMechanism {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SaslMechanism::Plain => "PLAIN",
-            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
-            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
-        }
-    }
-
-    /// The name KEDA's Kafka scaler uses for it.
-    pub fn keda_name(self) -> &'static str {
-        match self {
-            SaslMechanism::Plain => "plaintext",
-            SaslMechanism::ScramSha256 => "scram_sha256",
-            SaslMechanism::ScramSha512 => "scram_sha512",
-        }
-    }
 }
 
 /// Topic names; any name left out is `<prefix>.jobs`, `<prefix>.results` or

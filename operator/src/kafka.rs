@@ -10,6 +10,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 use crate::crd::OcrPipeline;
+use ocr_contract::KafkaSecurityConfig;
 
 mod rdkafka_admin;
 
@@ -22,8 +23,9 @@ pub struct Cluster {
     pub bootstrap_servers: String,
     /// The writers' consumer group on the results topic (`queue.writer_group`).
     pub writer_group: String,
-    /// `spec.kafka.security` with its Secrets read.
-    pub security: ClientSecurity,
+    /// `spec.kafka.security` with its Secrets read: the same protocol,
+    /// mechanism and credentials the pipeline's pods get.
+    pub security: KafkaSecurityConfig,
 }
 
 impl Cluster {
@@ -32,42 +34,13 @@ impl Cluster {
         Cluster {
             bootstrap_servers: pipeline.spec.kafka.bootstrap_servers.clone(),
             writer_group: pipeline.queues().writer_group,
-            security: ClientSecurity::default(),
+            security: KafkaSecurityConfig::default(),
         }
     }
 
-    pub fn with_security(mut self, security: ClientSecurity) -> Cluster {
+    pub fn with_security(mut self, security: KafkaSecurityConfig) -> Cluster {
         self.security = security;
         self
-    }
-}
-
-/// How the operator's own clients authenticate: the same protocol, mechanism
-/// and credentials the pipeline's pods get.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ClientSecurity {
-    /// librdkafka's `security.protocol`; empty means plaintext.
-    pub protocol: String,
-    pub sasl: Option<SaslCredentials>,
-    /// PEM of the brokers' CA; `None`: the system CAs.
-    pub ca_pem: Option<String>,
-}
-
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct SaslCredentials {
-    pub mechanism: String,
-    pub username: String,
-    pub password: String,
-}
-
-/// Never prints the password: clusters end up in logs and test failures.
-impl std::fmt::Debug for SaslCredentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SaslCredentials")
-            .field("mechanism", &self.mechanism)
-            .field("username", &self.username)
-            .field("password", &"***")
-            .finish()
     }
 }
 

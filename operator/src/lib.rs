@@ -1,9 +1,13 @@
 //! Kubernetes operator for OCR pipelines (`OcrPipeline`, `ocr.serving.dev/v1alpha1`).
 //!
-//! Layout follows "pure core, thin shell": `crd` (types), `migration` (state
-//! machine), `build` (spec → objects) and `status` are pure and unit-tested;
-//! `controller` wires them to the API server; `leader`, `metrics` and `run`
-//! make the binary.
+//! Layout follows "pure core, thin shell", in the order of a reconcile:
+//! `controller` dereferences (reads the pipeline, its objects and Secrets),
+//! `validate` turns the spec into a `ValidPipeline`, `migration` plans the
+//! step, `build` renders the desired objects (one module per object kind;
+//! the runtime's configuration comes typed from `ocr-contract`), `controller`
+//! applies them and deletes orphans, and `status` computes what to report.
+//! Everything but `controller`, `kafka`, `leader` and `run` is pure and
+//! unit-tested; `metrics` and `run` make the binary.
 
 pub mod build;
 pub mod controller;
@@ -14,3 +18,4 @@ pub mod metrics;
 pub mod migration;
 pub mod run;
 pub mod status;
+pub mod validate;

@@ -4,9 +4,9 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::build::WORKER_MODE_ENV;
 use crate::crd::{Architecture, OcrPipelineStatus, Phase, QueueNames};
 use crate::migration::{self, Plan};
+use ocr_contract::env::{env_name, keys};
 
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
@@ -63,7 +63,7 @@ pub fn pod_spec_mode(spec: &PodSpec) -> Option<Architecture> {
         .iter()
         .filter_map(|c| c.env.as_ref())
         .flatten()
-        .find(|e| e.name == WORKER_MODE_ENV)?
+        .find(|e| e.name == env_name(keys::WORKER_MODE))?
         .value
         .as_deref()?;
     Architecture::ALL.into_iter().find(|a| a.as_str() == value)
@@ -661,7 +661,7 @@ mod tests {
                     name: "worker".into(),
                     env: mode.map(|m| {
                         vec![EnvVar {
-                            name: WORKER_MODE_ENV.into(),
+                            name: env_name(keys::WORKER_MODE),
                             value: Some(m.into()),
                             ..EnvVar::default()
                         }]

@@ -4,15 +4,20 @@ mod support;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use ocr_operator::build::{render, runtime_config, Capabilities, ManagedKind, Rendered};
+use ocr_contract::{Config, WorkerMode, WriterConfig};
+use ocr_operator::build::{
+    pipeline_config, render, runtime_config, Capabilities, ManagedKind, Rendered,
+};
 use ocr_operator::crd::OcrPipeline;
 use ocr_operator::migration::{step, Observed};
+use ocr_operator::validate::validate;
 use serde_json::Value;
 
 fn rendered(p: &OcrPipeline, keda: bool) -> Rendered {
     let now = Time(Timestamp::from_second(1_800_000_000).expect("valid timestamp"));
     let plan = step(None, None, p.spec.architecture, &Observed::default(), &now);
-    render(p, &plan, Capabilities { keda }).expect("renders")
+    let valid = validate(p).expect("valid");
+    render(&valid, &plan, Capabilities { keda }).expect("renders")
 }
 
 fn object<'a>(r: &'a Rendered, kind: ManagedKind, name: &str) -> Option<&'a Value> {
@@ -120,75 +125,111 @@ fn every_object_is_labelled_and_owned() {
     }
 }
 
+/// Variables a Deployment's runtime container gets: plain values as they
+/// are, Secret references as a marker naming the Secret and key.
+fn container_env(deployment: &Value) -> Vec<(String, String)> {
+    deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|var| {
+            let name = var["name"].as_str().expect("named").to_owned();
+            let value = match var["value"].as_str() {
+                Some(value) => value.to_owned(),
+                None => {
+                    let secret = &var["valueFrom"]["secretKeyRef"];
+                    format!("from-secret {} {}", secret["name"], secret["key"])
+                }
+            };
+            (name, value)
+        })
+        .collect()
+}
+
+/// The keys a configuration gets from Secrets, cleared: the loaded side holds
+/// the markers of [`container_env`], the built side nothing.
+fn without_secrets(mut config: Config) -> Config {
+    config.database.url = String::new();
+    config.redis.url = String::new();
+    config.queue.security.sasl_username = String::new();
+    config.queue.security.sasl_password = Default::default();
+    config.queue.security.ssl_ca_pem = Default::default();
+    config.writer.webhook_secret = Default::default();
+    config
+}
+
+// figment's test jail returns its (large) error type by value.
+#[allow(clippy::result_large_err)]
+/// What the operator renders (the ConfigMap and each Deployment's
+/// environment) is loaded by the runtime's own loader, for every topology
+/// and role, and yields exactly the configuration the operator built: no
+/// unknown key, no value lost between the two sides.
 #[test]
-fn runtime_config_uses_only_documented_keys() {
-    let toml = runtime_config(&support::pipeline("batched")).expect("renders");
-    let parsed: toml::Table = toml.parse().expect("valid TOML");
-    // docs/configuration.md: the runtime rejects unknown keys, so every one must be listed there.
-    let allowed = [
-        ("server", &["http_addr", "grpc_addr"][..]),
-        ("blob", &["url"][..]),
-        (
-            "queue",
-            &[
-                "kind",
-                "brokers",
-                "jobs_topic",
-                "results_topic",
-                "dead_letter_topic",
-                "consumer_group",
-                "writer_group",
-                "security",
-            ][..],
-        ),
-        (
-            "worker",
-            &[
-                "max_attempts",
-                "max_batch_size",
-                "max_wait_ms",
-                "batches_in_flight",
-            ][..],
-        ),
-        (
-            "model",
-            &[
-                "dir",
-                "variant",
-                "device",
-                "det_limit_type",
-                "det_limit_side_len",
-                "precision",
-            ][..],
-        ),
-        ("redis", &["requests_per_minute"][..]),
-    ];
-    for (section, values) in &parsed {
-        let keys = allowed
-            .iter()
-            .find(|(s, _)| s == section)
-            .unwrap_or_else(|| panic!("undocumented section {section}"))
-            .1;
-        for key in values.as_table().expect("sections are tables").keys() {
-            assert!(
-                keys.contains(&key.as_str()),
-                "undocumented key {section}.{key}"
-            );
+fn every_role_of_every_topology_loads_with_the_runtimes_loader() {
+    let mut secured = support::pipeline_json("writer");
+    secured["spec"]["kafka"]["security"] = serde_json::json!({
+        "tls": {"caSecret": "kafka-ca"},
+        "sasl": {"mechanism": "SCRAM-SHA-256", "secret": "kafka-user"},
+    });
+    secured["spec"]["writer"]["webhook"] =
+        serde_json::json!({"url": "https://hooks.example/done", "secret": {"name": "hooks"}});
+    secured["spec"]["redis"] = serde_json::json!({"secret": {"name": "redis"}});
+    let secured: OcrPipeline = serde_json::from_value(secured).expect("parses");
+    let pipelines = ["standard", "batched", "writer"]
+        .map(support::pipeline)
+        .into_iter()
+        .chain([secured]);
+    for p in pipelines {
+        let arch = p.spec.architecture;
+        let r = rendered(&p, true);
+        let config_map = object(&r, ManagedKind::ConfigMap, "demo-config").expect("config");
+        let shared = config_map["data"]["ocr.toml"]
+            .as_str()
+            .expect("ocr.toml")
+            .to_owned();
+        let built = pipeline_config(&p, arch);
+        for role in ["api", "worker", "writer"] {
+            let Some(d) = object(&r, ManagedKind::Deployment, &format!("demo-{role}")) else {
+                continue;
+            };
+            let variables = container_env(d);
+            let mut expected = built.clone();
+            if role != "worker" {
+                expected.worker.mode = WorkerMode::default();
+            }
+            if role != "writer" {
+                expected.writer = WriterConfig::default();
+            }
+            figment::Jail::expect_with(|jail| {
+                jail.create_file("ocr.toml", &shared)?;
+                for (name, value) in &variables {
+                    jail.set_env(name, value);
+                }
+                let path = variables
+                    .iter()
+                    .find(|(name, _)| name == "OCR_CONFIG")
+                    .map(|_| std::path::Path::new("ocr.toml"));
+                let loaded = Config::load(path).unwrap_or_else(|e| {
+                    panic!("{arch} {role}: the runtime refuses what the operator rendered: {e}")
+                });
+                assert!(
+                    loaded.database.url.starts_with("from-secret"),
+                    "{arch} {role}: database URL from its Secret"
+                );
+                loaded
+                    .queue
+                    .security
+                    .validate()
+                    .unwrap_or_else(|e| panic!("{arch} {role}: {e}"));
+                assert_eq!(
+                    without_secrets(loaded),
+                    without_secrets(expected.clone()),
+                    "{arch} {role}"
+                );
+                Ok(())
+            });
         }
     }
-    assert_eq!(
-        parsed["queue"]["writer_group"].as_str(),
-        Some("ocr.demo.writer")
-    );
-    assert_eq!(parsed["worker"]["max_batch_size"].as_integer(), Some(16));
-    assert_eq!(parsed["model"]["device"].as_str(), Some("cuda"));
-    // A GPU pipeline without a word on it: half precision, two batches in flight.
-    assert_eq!(parsed["model"]["precision"].as_str(), Some("f16"));
-    assert_eq!(parsed["worker"]["batches_in_flight"].as_integer(), Some(2));
-    assert!(
-        !toml.contains("mysql"),
-        "secrets never land in the ConfigMap"
-    );
 }
 
 #[test]
@@ -211,7 +252,7 @@ fn the_example_parses_validates_and_renders() {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/ocrpipeline.yaml");
     let text = std::fs::read_to_string(path).expect("example exists");
     let mut p: OcrPipeline = serde_yaml::from_str(&text).expect("example parses");
-    ocr_operator::controller::validate(&p).expect("example is valid");
+    validate(&p).expect("example is valid");
     p.metadata.uid = Some("00000000-0000-4000-8000-000000000003".into());
     let r = rendered(&p, true);
     let worker = object(&r, ManagedKind::Deployment, "ocr-worker").expect("worker");
@@ -301,13 +342,13 @@ fn writer_settings_are_env_of_the_writer_only() {
 #[test]
 fn workers_and_writers_need_different_groups() {
     let mut p = support::pipeline("writer");
-    ocr_operator::controller::validate(&p).expect("defaults differ");
+    validate(&p).expect("defaults differ");
     p.spec.kafka.writer_group = Some("ocr.demo.worker".into());
-    let problem = ocr_operator::controller::validate(&p).expect_err("same as the derived group");
+    let problem = validate(&p).expect_err("same as the derived group").0;
     assert!(problem.contains("writerGroup"), "{problem}");
     p.spec.kafka.writer_group = None;
     p.spec.kafka.topics.results = Some("ocr.demo.jobs".into());
-    let problem = ocr_operator::controller::validate(&p).expect_err("same topic");
+    let problem = validate(&p).expect_err("same topic").0;
     assert!(problem.contains("three different topics"), "{problem}");
 }
 
@@ -373,9 +414,16 @@ fn kafka_credentials_reach_every_role_from_secrets_and_never_the_configmap() {
     assert!(object(&plain, ManagedKind::TriggerAuthentication, "demo-worker").is_none());
     let worker = object(&plain, ManagedKind::Deployment, "demo-worker").expect("worker");
     assert!(env(worker, "OCR_QUEUE__SECURITY__SASL_PASSWORD").is_none());
-    assert!(!runtime_config(&support::pipeline("writer"))
+    let parsed: toml::Table = runtime_config(&support::pipeline("writer"))
         .expect("renders")
-        .contains("security"));
+        .parse()
+        .expect("valid TOML");
+    let security = parsed["queue"]["security"].as_table().expect("stated");
+    assert_eq!(security["protocol"].as_str(), Some("plaintext"));
+    assert!(
+        !security.contains_key("sasl_username") && !security.contains_key("sasl_password"),
+        "{security:?}"
+    );
 }
 
 #[test]
@@ -440,16 +488,19 @@ fn every_role_shares_one_blob_store() {
 }
 
 #[test]
-fn detector_sizing_reaches_the_runtime_only_when_set() {
+fn detector_sizing_reaches_the_runtime_and_defaults_to_the_runtimes() {
     let mut json = support::pipeline_json("batched");
     let parsed: toml::Table =
         runtime_config(&serde_json::from_value(json.clone()).expect("parses"))
             .expect("renders")
             .parse()
             .expect("valid TOML");
-    assert!(
-        parsed["model"].get("det_limit_type").is_none(),
-        "runtime default"
+    // Unset: the runtime's own default, written out so the ConfigMap shows what runs.
+    let runtime = ocr_contract::ModelConfig::default();
+    assert_eq!(parsed["model"]["det_limit_type"].as_str(), Some("min"));
+    assert_eq!(
+        parsed["model"]["det_limit_side_len"].as_integer(),
+        Some(i64::from(runtime.det_limit_side_len))
     );
     json["spec"]["model"]["detection"] =
         serde_json::json!({"limitType": "Max", "limitSideLen": 960});
@@ -506,12 +557,12 @@ fn precision_and_batches_in_flight_follow_the_device_unless_set() {
     assert_eq!(parsed["worker"]["batches_in_flight"].as_integer(), Some(1));
 
     p.spec.model.precision = Some(ocr_operator::crd::Precision::Bf16);
-    let problem = ocr_operator::controller::validate(&p).expect_err("bf16 on a CPU");
+    let problem = validate(&p).expect_err("bf16 on a CPU").0;
     assert!(problem.contains("bf16 needs device cuda"), "{problem}");
 
     p.spec.model.device = ocr_operator::crd::Device::Cuda;
     p.spec.worker.batching.in_flight = Some(3);
-    ocr_operator::controller::validate(&p).expect("bf16 on a GPU is fine");
+    validate(&p).expect("bf16 on a GPU is fine");
     let parsed: toml::Table = runtime_config(&p).expect("renders").parse().expect("TOML");
     assert_eq!(parsed["model"]["precision"].as_str(), Some("bf16"));
     assert_eq!(parsed["worker"]["batches_in_flight"].as_integer(), Some(3));

@@ -313,19 +313,17 @@ async fn deletes_topics_on_a_real_broker_and_a_missing_one_is_fine() {
 /// call with a wrong password fails instead of reporting success.
 #[tokio::test]
 async fn creates_topics_on_a_broker_that_requires_scram() {
-    use ocr_operator::kafka::{ClientSecurity, SaslCredentials};
+    use ocr_contract::{KafkaSecurityConfig, SaslMechanism, Secret, SecurityProtocol};
     let broker = real_broker::RealBroker::start_with_scram_user("operator", "pa55-word");
     let cluster = |password: &str| Cluster {
         bootstrap_servers: broker.bootstrap_servers.clone(),
         writer_group: "ocr-writer".into(),
-        security: ClientSecurity {
-            protocol: "sasl_plaintext".into(),
-            sasl: Some(SaslCredentials {
-                mechanism: "SCRAM-SHA-512".into(),
-                username: "operator".into(),
-                password: password.into(),
-            }),
-            ca_pem: None,
+        security: KafkaSecurityConfig {
+            protocol: SecurityProtocol::SaslPlaintext,
+            sasl_mechanism: SaslMechanism::ScramSha512,
+            sasl_username: "operator".into(),
+            sasl_password: Secret::new(password),
+            ..KafkaSecurityConfig::default()
         },
     };
     let topics = [topic(JOBS, 3)];

@@ -574,19 +574,18 @@ async fn the_operator_reaches_a_secured_kafka_with_the_pipelines_secrets() {
     assert!(!clusters.is_empty());
     for cluster in &clusters {
         let security = &cluster.security;
-        assert_eq!(security.protocol, "sasl_ssl");
-        let sasl = security.sasl.as_ref().expect("credentials");
+        assert_eq!(security.protocol.as_str(), "sasl_ssl");
         assert_eq!(
             (
-                sasl.mechanism.as_str(),
-                sasl.username.as_str(),
-                sasl.password.as_str()
+                security.sasl_mechanism.as_str(),
+                security.sasl_username.as_str(),
+                security.sasl_password.expose()
             ),
             ("SCRAM-SHA-256", "ocr", "p4ss")
         );
         assert_eq!(
-            security.ca_pem.as_deref(),
-            Some("-----BEGIN CERTIFICATE-----\n")
+            security.ssl_ca_pem.expose(),
+            "-----BEGIN CERTIFICATE-----\n"
         );
     }
 }

@@ -10,6 +10,7 @@ use k8s_openapi::jiff::Timestamp;
 use ocr_operator::build::{render, Capabilities};
 use ocr_operator::crd::{Architecture, Migration, MigrationPhase, OcrPipeline};
 use ocr_operator::migration::{step, Observed};
+use ocr_operator::validate::validate;
 use serde_json::json;
 
 fn snapshot(name: &str, actual: &str) {
@@ -47,7 +48,8 @@ fn steady(p: &OcrPipeline, keda: bool) -> String {
         &Observed::default(),
         &time(),
     );
-    render(p, &plan, Capabilities { keda })
+    let valid = validate(p).expect("valid");
+    render(&valid, &plan, Capabilities { keda })
         .expect("renders")
         .to_yaml()
         .expect("yaml")
@@ -112,7 +114,8 @@ fn starting_writer_during_migration() {
         &observed,
         &time(),
     );
-    let yaml = render(&p, &plan, Capabilities { keda: true })
+    let valid = validate(&p).expect("valid");
+    let yaml = render(&valid, &plan, Capabilities { keda: true })
         .expect("renders")
         .to_yaml()
         .expect("yaml");

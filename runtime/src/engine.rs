@@ -1,10 +1,9 @@
 //! The Candle OCR engine behind the worker's [`Recognize`] port.
 
 use crate::app::process::{Recognize, RecognizeFailure};
-use crate::config::{DetLimitType, ModelConfig};
+use crate::config::ModelConfig;
 use anyhow::Context;
-use ocr_engine::preprocess::LimitType;
-use ocr_engine::{ModelVariant, OcrEngine, Page};
+use ocr_engine::{OcrEngine, Page};
 
 pub struct CandleRecognizer {
     engine: OcrEngine,
@@ -12,10 +11,7 @@ pub struct CandleRecognizer {
 
 impl CandleRecognizer {
     pub fn load(model: &ModelConfig) -> anyhow::Result<Self> {
-        let variant: ModelVariant = model
-            .variant
-            .parse()
-            .map_err(|e: String| anyhow::anyhow!("model variant: {e}"))?;
+        let variant = model.variant;
         let device = parse_device(&model.device)?;
         let engine = OcrEngine::load_as(variant, &model.dir, &device, model.precision)
             .with_context(|| {
@@ -28,10 +24,7 @@ impl CandleRecognizer {
             })?;
         let mut pipeline = engine.config().clone();
         pipeline.det.limit_side_len = model.det_limit_side_len;
-        pipeline.det.limit_type = match model.det_limit_type {
-            DetLimitType::Min => LimitType::Min,
-            DetLimitType::Max => LimitType::Max,
-        };
+        pipeline.det.limit_type = model.det_limit_type;
         Ok(CandleRecognizer {
             engine: engine.with_config(pipeline),
         })

@@ -57,7 +57,7 @@ enum Command {
         json: bool,
         /// v6-small, v6-tiny or v5-mobile.
         #[arg(long)]
-        model: Option<String>,
+        model: Option<ocr_contract::ModelVariant>,
     },
     /// Apply database migrations and exit.
     Migrate,
@@ -97,7 +97,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Migrate => {
             let store = JobStore::connect(&config.database.url, 1).await?;
             store.migrate().await?;
-            println!("migrations applied to {}", config.database.url);
+            println!(
+                "migrations applied to {}",
+                roles::redact(&config.database.url)
+            );
             Ok(())
         }
     }

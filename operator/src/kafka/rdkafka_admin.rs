@@ -101,18 +101,8 @@ fn client_config(cluster: &Cluster) -> ClientConfig {
         .set("client.id", "ocr-operator")
         // A metadata lookup must never create a topic with the broker's defaults.
         .set("allow.auto.create.topics", "false");
-    let security = &cluster.security;
-    if !security.protocol.is_empty() {
-        config.set("security.protocol", &security.protocol);
-    }
-    if let Some(sasl) = &security.sasl {
-        config
-            .set("sasl.mechanism", &sasl.mechanism)
-            .set("sasl.username", &sasl.username)
-            .set("sasl.password", &sasl.password);
-    }
-    if let Some(ca) = &security.ca_pem {
-        config.set("ssl.ca.pem", ca);
+    for (key, value) in cluster.security.client_settings() {
+        config.set(key, value);
     }
     config
 }
@@ -309,7 +299,7 @@ fn group_lag(cluster: &Cluster, topic: &str, timeout: Duration) -> Result<u64, S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kafka::{ClientSecurity, SaslCredentials};
+    use ocr_contract::{KafkaSecurityConfig, SaslMechanism, Secret, SecurityProtocol};
 
     #[test]
     fn an_uncommitted_partition_counts_its_retained_range() {
@@ -359,14 +349,13 @@ mod tests {
         let cluster = Cluster {
             bootstrap_servers: "kafka:9093".into(),
             writer_group: "ocr-writer".into(),
-            security: ClientSecurity {
-                protocol: "sasl_ssl".into(),
-                sasl: Some(SaslCredentials {
-                    mechanism: "SCRAM-SHA-512".into(),
-                    username: "ocr".into(),
-                    password: "s3cret".into(),
-                }),
-                ca_pem: Some("-----BEGIN CERTIFICATE-----".into()),
+            security: KafkaSecurityConfig {
+                protocol: SecurityProtocol::SaslSsl,
+                sasl_mechanism: SaslMechanism::ScramSha512,
+                sasl_username: "ocr".into(),
+                sasl_password: Secret::new("s3cret"),
+                ssl_ca_pem: Secret::new("-----BEGIN CERTIFICATE-----"),
+                ssl_ca_location: String::new(),
             },
         };
         let config = client_config(&cluster);
@@ -381,10 +370,10 @@ mod tests {
         assert!(!format!("{cluster:?}").contains("s3cret"));
 
         let plain = client_config(&Cluster {
-            security: ClientSecurity::default(),
+            security: KafkaSecurityConfig::default(),
             ..cluster
         });
-        assert_eq!(plain.get("security.protocol"), None);
+        assert_eq!(plain.get("security.protocol"), Some("plaintext"));
         assert_eq!(plain.get("sasl.username"), None);
     }
 }

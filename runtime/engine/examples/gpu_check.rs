@@ -116,7 +116,7 @@ fn check_logits(dir: &Path, gpu: &Device) -> Result<()> {
     ];
     for (label, precision, custom) in runs {
         set_custom_kernels(custom);
-        let dtype = precision.dtype();
+        let dtype = ocr_engine::engine::dtype(precision);
         let outcome = (|| -> Result<(f32, f64, f32)> {
             let rec = RecModel::load_as(&rec_path, gpu, dtype)?;
             let logits = rec.forward_logits(&rec_in.to_device(gpu)?)?;
@@ -264,7 +264,7 @@ fn check_throughput(dir: &Path, gpu: &Device) -> Result<()> {
             "f16"
         };
         let outcome = (|| -> Result<()> {
-            let dtype = precision.dtype();
+            let dtype = ocr_engine::engine::dtype(precision);
             let det = DetModel::load_as(&det_path, gpu, dtype)?;
             for batch in [1, 8, 32] {
                 let x = pseudo_random(&[batch, 3, 960, 736], 3)?.to_device(gpu)?;

@@ -4,9 +4,7 @@
 //! the lines of all pages together, batched by width, so a request with many small images keeps
 //! the accelerator busy. Each image carries its own result: a bad image never fails the others.
 
-use std::fmt;
-use std::path::{Path, PathBuf};
-use std::str::FromStr;
+use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -42,140 +40,15 @@ pub struct Page {
     pub text: String,
 }
 
-/// The shipped model pairs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub enum ModelVariant {
-    /// PP-OCRv6 small (rapidocr 3.10): the most accurate.
-    #[serde(rename = "v6-small")]
-    V6Small,
-    /// PP-OCRv6 tiny: about 4× faster, weaker on small text.
-    #[serde(rename = "v6-tiny")]
-    V6Tiny,
-    /// PP-OCRv5 mobile.
-    #[serde(rename = "v5-mobile")]
-    V5Mobile,
-}
+pub use ocr_contract::model::{default_model_dir, ModelVariant, Precision};
 
-impl ModelVariant {
-    pub const ALL: [ModelVariant; 3] = [Self::V6Small, Self::V6Tiny, Self::V5Mobile];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::V6Small => "v6-small",
-            Self::V6Tiny => "v6-tiny",
-            Self::V5Mobile => "v5-mobile",
-        }
+/// The candle type a [`Precision`] computes in.
+pub fn dtype(precision: Precision) -> DType {
+    match precision {
+        Precision::F32 => DType::F32,
+        Precision::F16 => DType::F16,
+        Precision::Bf16 => DType::BF16,
     }
-
-    fn stem(self) -> &'static str {
-        match self {
-            Self::V6Small => "ppocrv6_small",
-            Self::V6Tiny => "ppocrv6_tiny",
-            Self::V5Mobile => "ppocrv5_mobile",
-        }
-    }
-
-    /// File name of the detector in the model directory, e.g. `ppocrv6_small_det.onnx`.
-    pub fn det_file(self) -> String {
-        format!("{}_det.onnx", self.stem())
-    }
-
-    /// File name of the recogniser in the model directory, e.g. `ppocrv6_small_rec.onnx`.
-    pub fn rec_file(self) -> String {
-        format!("{}_rec.onnx", self.stem())
-    }
-
-    /// Dictionary file used when the recogniser does not embed its character list,
-    /// as `scripts/fetch-models.sh` names them (PP-OCRv6 small embeds its list).
-    pub fn dict_file(self) -> &'static str {
-        match self {
-            Self::V6Small => "ppocrv6_small_dict.txt",
-            Self::V6Tiny => "ppocrv6_tiny_dict.txt",
-            Self::V5Mobile => "ppocrv5_dict.txt",
-        }
-    }
-}
-
-impl fmt::Display for ModelVariant {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for ModelVariant {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|v| v.as_str().eq_ignore_ascii_case(s.trim()))
-            .ok_or_else(|| {
-                format!("unknown model variant {s:?} (expected v6-small, v6-tiny or v5-mobile)")
-            })
-    }
-}
-
-/// What the networks compute in. Half precision halves the memory traffic and runs the matmuls
-/// on a GPU's tensor cores; layer norms, the softmax and everything the post-processing reads
-/// stay f32. On the CPU only f32 has the engine's own kernels (half runs, slowly, on candle's
-/// generic ops).
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    #[default]
-    F32,
-    F16,
-    Bf16,
-}
-
-impl Precision {
-    pub const ALL: [Precision; 3] = [Self::F32, Self::F16, Self::Bf16];
-
-    pub fn dtype(self) -> DType {
-        match self {
-            Self::F32 => DType::F32,
-            Self::F16 => DType::F16,
-            Self::Bf16 => DType::BF16,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::F32 => "f32",
-            Self::F16 => "f16",
-            Self::Bf16 => "bf16",
-        }
-    }
-}
-
-impl fmt::Display for Precision {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Precision {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|p| p.as_str().eq_ignore_ascii_case(s.trim()))
-            .ok_or_else(|| format!("unknown precision {s:?} (expected f32, f16 or bf16)"))
-    }
-}
-
-/// `$OCR_MODEL_DIR`, else `~/.cache/ocr-models`.
-pub fn default_model_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("OCR_MODEL_DIR").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir);
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
-    home.join(".cache").join("ocr-models")
 }
 
 /// Every knob of the pipeline; the defaults reproduce rapidocr 3.10 (except the batch sizes,
@@ -301,7 +174,7 @@ impl OcrEngine<DetModel, RecModel> {
                 hint: "candle has no bf16 matmul there; use f32 (or f16)",
             });
         }
-        let dtype = precision.dtype();
+        let dtype = dtype(precision);
         let det_path = model_dir.join(variant.det_file());
         let rec_path = model_dir.join(variant.rec_file());
         for p in [&det_path, &rec_path] {

@@ -216,15 +216,8 @@ pub fn prepare_page(img: &RgbImage, params: &PageParams) -> Result<PreparedPage>
     })
 }
 
-/// How the detector's input size is chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LimitType {
-    /// Grow the image until its short side reaches the limit (rapidocr's default).
-    Min,
-    /// Shrink the image until its long side fits the limit.
-    Max,
-}
+/// How the detector's input size is chosen: the runtime configuration's `model.det_limit_type`.
+pub use ocr_contract::model::DetLimitType as LimitType;
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]

@@ -47,22 +47,9 @@ impl KafkaConnection {
     /// Checks that the settings belong together, so a half-configured
     /// secret fails at start-up instead of as an endless reconnect loop.
     pub fn new(brokers: &str, security: &KafkaSecurityConfig) -> Result<Self, QueueError> {
-        let invalid = |reason: &str| Err(QueueError::Config(format!("queue.security: {reason}")));
-        let protocol = security.protocol;
-        if protocol.uses_sasl() {
-            if security.sasl_username.is_empty() || security.sasl_password.is_empty() {
-                return invalid("the sasl_* protocols need sasl_username and sasl_password");
-            }
-        } else if !security.sasl_username.is_empty() || !security.sasl_password.is_empty() {
-            return invalid("SASL credentials are set but the protocol does not use SASL");
-        }
-        let has_ca = !security.ssl_ca_pem.is_empty() || !security.ssl_ca_location.is_empty();
-        if has_ca && !protocol.uses_tls() {
-            return invalid("a CA is set but the protocol does not use TLS");
-        }
-        if !security.ssl_ca_pem.is_empty() && !security.ssl_ca_location.is_empty() {
-            return invalid("set ssl_ca_pem or ssl_ca_location, not both");
-        }
+        security
+            .validate()
+            .map_err(|e| QueueError::Config(e.to_string()))?;
         Ok(KafkaConnection {
             brokers: brokers.to_owned(),
             security: security.clone(),
@@ -80,21 +67,9 @@ impl KafkaConnection {
     /// The client settings every producer and consumer shares.
     pub fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
-        let security = &self.security;
-        config
-            .set("bootstrap.servers", &self.brokers)
-            .set("security.protocol", security.protocol.as_str());
-        if security.protocol.uses_sasl() {
-            config
-                .set("sasl.mechanism", security.sasl_mechanism.as_str())
-                .set("sasl.username", &security.sasl_username)
-                .set("sasl.password", security.sasl_password.expose());
-        }
-        if !security.ssl_ca_pem.is_empty() {
-            config.set("ssl.ca.pem", security.ssl_ca_pem.expose());
-        }
-        if !security.ssl_ca_location.is_empty() {
-            config.set("ssl.ca.location", &security.ssl_ca_location);
+        config.set("bootstrap.servers", &self.brokers);
+        for (key, value) in self.security.client_settings() {
+            config.set(key, value);
         }
         config
     }

@@ -1,0 +1,30 @@
+//! The API's Service.
+
+use super::*;
+
+pub(super) fn api_service(ctx: &Ctx) -> Service {
+    let spec = &ctx.p.spec.api.service;
+    Service {
+        metadata: ctx.meta("api", "api"),
+        spec: Some(ServiceSpec {
+            type_: Some(spec.type_.as_str().into()),
+            selector: Some(selector_labels(&ctx.name, "api")),
+            ports: Some(vec![
+                ServicePort {
+                    name: Some("http".into()),
+                    port: spec.port,
+                    target_port: Some(IntOrString::String("http".into())),
+                    ..ServicePort::default()
+                },
+                ServicePort {
+                    name: Some("grpc".into()),
+                    port: GRPC_PORT,
+                    target_port: Some(IntOrString::String("grpc".into())),
+                    ..ServicePort::default()
+                },
+            ]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
