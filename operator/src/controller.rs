@@ -1,7 +1,7 @@
 //! Reconcile: observe → plan (migration state machine) → build → apply →
 //! delete orphans → write status, inside kube's finalizer helper.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,17 @@ const IDLE_REQUEUE: Duration = Duration::from_secs(300);
 pub enum Error {
     #[error("kubernetes API: {0}")]
     Kube(#[source] kube::Error),
+    /// The API server refused (or could not take) an object this round
+    /// renders, or the deletion of one it no longer renders.
+    #[error("{verb} {kind} {name}: {detail}")]
+    Apply {
+        verb: &'static str,
+        kind: &'static str,
+        name: String,
+        detail: String,
+        #[source]
+        source: Box<kube::Error>,
+    },
     #[error(transparent)]
     Build(#[from] build::BuildError),
     #[error("the OcrPipeline has no namespace")]
@@ -66,6 +77,7 @@ impl Error {
     pub fn category(&self) -> &'static str {
         match self {
             Error::Kube(_) => "kube",
+            Error::Apply { .. } => "apply",
             Error::Build(_) => "build",
             Error::NoNamespace => "no_namespace",
             Error::Parse { .. } => "parse",
@@ -85,6 +97,26 @@ impl Error {
 impl From<kube::Error> for Error {
     fn from(e: kube::Error) -> Self {
         Error::Kube(e)
+    }
+}
+
+/// What the API server said, without the debug dump `kube::Error` prints.
+fn api_message(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => {
+            format!("{} ({}): {}", status.reason, status.code, status.message)
+        }
+        other => other.to_string(),
+    }
+}
+
+fn apply_error(verb: &'static str, kind: ManagedKind, name: &str, source: kube::Error) -> Error {
+    Error::Apply {
+        verb,
+        kind: kind.name(),
+        name: name.to_string(),
+        detail: api_message(&source),
+        source: Box::new(source),
     }
 }
 
@@ -251,6 +283,129 @@ fn migration_event(
     }
 }
 
+/// The migration this round completed: it had run before and was neither
+/// turned back nor is it still running.
+fn finished_migration<'a>(
+    before: Option<&'a Migration>,
+    after: Option<&Migration>,
+    plan: &migration::Plan,
+) -> Option<&'a Migration> {
+    let before = before?;
+    if plan.reverted.is_some() {
+        return None;
+    }
+    let still_running = after.is_some_and(|a| {
+        a.from == before.from && a.to == before.to && a.started_at == before.started_at
+    });
+    (!still_running).then_some(before)
+}
+
+/// One Warning event when the pipeline turns `Degraded`, or when the reason
+/// changes: each new failure is announced once, not at every round it lasts.
+async fn publish_degraded(
+    ctx: &Context,
+    pipeline: &OcrPipeline,
+    previous: Option<&OcrPipelineStatus>,
+    current: &OcrPipelineStatus,
+) {
+    if let Some((reason, note)) = status::newly_degraded(previous, current) {
+        warn!(pipeline = %pipeline.name_any(), %reason, %note, "pipeline degraded");
+        publish(ctx, pipeline, EventType::Warning, &reason, note).await;
+    }
+}
+
+/// The Secrets the rendered pods read through `secretKeyRef` (all required),
+/// by name, with the keys they read. Kafka's Secrets are left out: the
+/// operator reads those itself for its Kafka clients and reports them as
+/// Kafka failures.
+pub fn required_secrets(
+    pipeline: &OcrPipeline,
+    rendered: &build::Rendered,
+) -> BTreeMap<String, BTreeSet<String>> {
+    let security = &pipeline.spec.kafka.security;
+    let kafka_secrets: BTreeSet<&str> = security
+        .sasl
+        .as_ref()
+        .map(|sasl| sasl.secret.as_str())
+        .into_iter()
+        .chain(
+            security
+                .tls
+                .as_ref()
+                .and_then(|tls| tls.ca_secret.as_deref()),
+        )
+        .collect();
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for object in rendered
+        .objects
+        .iter()
+        .filter(|o| o.kind == ManagedKind::Deployment)
+    {
+        let pod = &object.body["spec"]["template"]["spec"];
+        let containers = ["initContainers", "containers"]
+            .into_iter()
+            .filter_map(|field| pod[field].as_array())
+            .flatten();
+        let references = containers
+            .filter_map(|c| c["env"].as_array())
+            .flatten()
+            .map(|env| &env["valueFrom"]["secretKeyRef"])
+            .filter(|r| r["optional"] != serde_json::Value::Bool(true));
+        for reference in references {
+            if let (Some(name), Some(key)) = (reference["name"].as_str(), reference["key"].as_str())
+            {
+                if !kafka_secrets.contains(name) {
+                    out.entry(name.to_string())
+                        .or_default()
+                        .insert(key.to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Why the pods of this round cannot get their Secrets, if they cannot: a
+/// pod whose Secret or key is missing never starts, and its Deployment
+/// reports that only after its progress deadline (10 minutes).
+async fn check_secrets(
+    ctx: &Context,
+    ns: &str,
+    pipeline: &OcrPipeline,
+    rendered: &build::Rendered,
+) -> Vec<String> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let mut problems = Vec::new();
+    for (name, keys) in required_secrets(pipeline, rendered) {
+        let secret = match secrets.get_opt(&name).await {
+            Ok(Some(secret)) => secret,
+            Ok(None) => {
+                problems.push(format!(
+                    "Secret {name} not found; the pods that read it cannot start"
+                ));
+                continue;
+            }
+            Err(error) => {
+                problems.push(format!("reading Secret {name}: {}", api_message(&error)));
+                continue;
+            }
+        };
+        let present = |key: &String| secret.data.as_ref().is_some_and(|d| d.contains_key(key));
+        let missing: Vec<&str> = keys
+            .iter()
+            .filter(|key| !present(key))
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            problems.push(format!(
+                "Secret {name} has no key {}; the pods that read it cannot start",
+                missing.join(", ")
+            ));
+        }
+    }
+    problems
+}
+
 /// Events are for people reading `kubectl describe`; failing to publish one
 /// must not fail the reconcile.
 async fn publish(
@@ -291,7 +446,10 @@ async fn apply(cached: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<Acti
     // answers with what was written.
     let pipeline = match pipelines.get_opt(&name).await? {
         Some(fresh) => fresh,
-        None => return Ok(Action::await_change()),
+        None => {
+            ctx.metrics.forget_pipeline(ns, &name);
+            return Ok(Action::await_change());
+        }
     };
     let generation = pipeline.metadata.generation;
     let previous = pipeline.status.as_ref();
@@ -301,9 +459,18 @@ async fn apply(cached: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<Acti
         Err(InvalidSpec(problem)) => {
             warn!(pipeline = %name, %problem, "invalid spec; waiting for a change");
             ctx.metrics.reconcile_failed("invalid_spec");
-            let status = status::invalid(previous, &problem, generation, &now);
+            let status =
+                status::failed(previous, status::INVALID_SPEC, &problem, generation, &now);
             patch_status(&pipelines, &name, &status).await?;
-            publish(ctx, &pipeline, EventType::Warning, "InvalidSpec", problem).await;
+            ctx.metrics.record_pipeline(ns, &name, &status, None, &now);
+            publish(
+                ctx,
+                &pipeline,
+                EventType::Warning,
+                status::INVALID_SPEC,
+                problem,
+            )
+            .await;
             // Retrying cannot fix the spec; the next edit triggers a reconcile.
             return Ok(Action::await_change());
         }
@@ -364,8 +531,32 @@ async fn apply(cached: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<Acti
     }
 
     let rendered = build::render(&valid, &plan, ctx.capabilities)?;
-    apply_objects(ctx, ns, &rendered, &existing).await?;
-    delete_orphans(ctx, ns, &name, &existing, &rendered).await?;
+    let outcome = match apply_objects(ctx, ns, &rendered, &existing).await {
+        Ok(()) => delete_orphans(ctx, ns, &name, &existing, &rendered).await,
+        Err(error) => Err(error),
+    };
+    if let Err(error) = outcome {
+        // The status keeps the last round that was acted on (its migration
+        // step above all); only `Degraded` says what the API server refused.
+        let status = status::failed(
+            previous,
+            status::APPLY_FAILED,
+            &error.to_string(),
+            generation,
+            &now,
+        );
+        match patch_status(&pipelines, &name, &status).await {
+            Ok(()) => {
+                ctx.metrics.record_pipeline(ns, &name, &status, None, &now);
+                publish_degraded(ctx, &pipeline, previous, &status).await;
+            }
+            Err(write) => {
+                warn!(pipeline = %name, error = %write, "writing the status of a failed apply")
+            }
+        }
+        return Err(error);
+    }
+    let secret_problems = check_secrets(ctx, ns, &pipeline, &rendered).await;
 
     let mut warnings = rendered.warnings.clone();
     warnings.extend(kafka.warnings);
@@ -379,25 +570,22 @@ async fn apply(cached: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<Acti
         queues: pipeline.queues(),
         created_topics: kafka.created,
         kafka_error: (!kafka.errors.is_empty()).then(|| kafka.errors.join("; ")),
+        secret_problems,
         phase_deadline_seconds: pipeline.spec.migration.phase_deadline_seconds,
+        url: build::api_url(&name, ns, &pipeline),
     };
     let new_status = status::compute(previous, &plan, &seen, generation, &now);
     let settled = new_status.phase == Some(crate::crd::Phase::Running);
     patch_status(&pipelines, &name, &new_status).await?;
+    ctx.metrics
+        .record_pipeline(ns, &name, &new_status, kafka.results_lag, &now);
+    if let Some(finished) = finished_migration(migration, plan.migration.as_ref(), &plan) {
+        ctx.metrics.migration_finished(finished, &now);
+    }
     if let Some((reason, note)) = migration_event(migration, plan.migration.as_ref(), &plan) {
         publish(ctx, &pipeline, EventType::Normal, reason, note).await;
     }
-    if let Some(note) = status::newly_stuck(previous, &new_status) {
-        warn!(pipeline = %name, %note, "migration phase past its deadline");
-        publish(
-            ctx,
-            &pipeline,
-            EventType::Warning,
-            status::MIGRATION_STUCK,
-            note,
-        )
-        .await;
-    }
+    publish_degraded(ctx, &pipeline, previous, &new_status).await;
     Ok(Action::requeue(if settled {
         IDLE_REQUEUE
     } else {
@@ -555,11 +743,16 @@ async fn apply_objects(
         if object.kind == ManagedKind::Deployment {
             let live = live_deployment(existing, &object.name)?;
             if let Some(handover) = build::replicas_handover(object, live.as_ref()) {
-                hand_over_replicas(&api, &object.name, &handover).await?;
+                hand_over_replicas(&api, &object.name, &handover)
+                    .await
+                    .map_err(|e| {
+                        apply_error("handing over the replicas of", object.kind, &object.name, e)
+                    })?;
             }
         }
         api.patch(&object.name, &params, &Patch::Apply(&object.body))
-            .await?;
+            .await
+            .map_err(|e| apply_error("applying", object.kind, &object.name, e))?;
     }
     Ok(())
 }
@@ -589,7 +782,7 @@ async fn hand_over_replicas(
     api: &Api<DynamicObject>,
     name: &str,
     body: &serde_json::Value,
-) -> Result<(), Error> {
+) -> Result<(), kube::Error> {
     let params = PatchParams::apply(build::REPLICAS_HANDOVER_MANAGER);
     match api.patch(name, &params, &Patch::Apply(body)).await {
         Ok(_) => {
@@ -597,7 +790,7 @@ async fn hand_over_replicas(
             Ok(())
         }
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e),
     }
 }
 
@@ -623,7 +816,8 @@ async fn delete_orphans(
         info!(pipeline, kind = kind.name(), object = %object_name, "deleting object that is no longer desired");
         dynamic_api(ctx, ns, *kind)
             .delete(&object_name, &DeleteParams::background())
-            .await?;
+            .await
+            .map_err(|e| apply_error("deleting", *kind, &object_name, e))?;
     }
     Ok(())
 }
@@ -692,6 +886,8 @@ async fn cleanup(pipeline: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<
     if pipeline.spec.kafka.delete_topics {
         delete_created_topics(&pipeline, ctx, ns).await?;
     }
+    // The finalizer goes next: the pipeline's series go with it.
+    ctx.metrics.forget_pipeline(ns, &name);
     Ok(Action::await_change())
 }
 

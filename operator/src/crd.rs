@@ -21,6 +21,11 @@ pub const GROUP: &str = "ocr.serving.dev";
 pub const VERSION: &str = "v1alpha1";
 pub const KIND: &str = "OcrPipeline";
 
+/// The desired pipeline. The operator renders it into a runtime ConfigMap, the
+/// API, worker and (in the `writer` architecture) writer Deployments, the API
+/// Service, autoscalers and disruption budgets, and applies every change at
+/// its next reconcile: pods roll only where their configuration changed.
+//
 // Each printcolumn repeats `type_ = "string"`, which clippy mistakes for a repeated attribute.
 #[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -35,15 +40,41 @@ pub const KIND: &str = "OcrPipeline";
     category = "ocr",
     doc = "An OCR serving pipeline: API, GPU workers and (in writer architecture) result writers",
     printcolumn(
-        name = "Architecture",
+        name = "Desired",
         type_ = "string",
+        description = "The architecture the spec asks for",
         json_path = ".spec.architecture"
     ),
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Running",
+        type_ = "string",
+        description = "The architecture fully rolled out; during a migration, the one being left",
+        json_path = ".status.architecture"
+    ),
+    printcolumn(
+        name = "Migration",
+        type_ = "string",
+        description = "The step an architecture migration waits in; empty when none runs",
+        json_path = ".status.migration.phase"
+    ),
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        description = "Pending, Running, Migrating or Degraded",
+        json_path = ".status.phase"
+    ),
     printcolumn(
         name = "Ready",
         type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+        description = "Roles (api, worker, writer) with every desired pod ready and rolled out, of all roles",
+        json_path = ".status.readyRoles"
+    ),
+    printcolumn(
+        name = "URL",
+        type_ = "string",
+        description = "In-cluster address of the API Service",
+        json_path = ".status.url",
+        priority = 1
     ),
     printcolumn(
         name = "Age",
@@ -53,31 +84,46 @@ pub const KIND: &str = "OcrPipeline";
 )]
 #[serde(rename_all = "camelCase")]
 pub struct OcrPipelineSpec {
-    /// Topology. Changing it migrates the running pipeline without losing jobs.
+    /// The topology: `standard` (workers infer one job at a time and write
+    /// results to the database; the default), `batched` (workers infer
+    /// micro-batches, see `worker.batching`) or `writer` (workers publish
+    /// results to Kafka and writer pods persist them, which shields a slow
+    /// database). Changing it migrates the running pipeline step by step
+    /// without losing a job; `status.migration` shows the step.
     #[serde(default)]
     pub architecture: Architecture,
-    /// Container images of the pipeline's pods.
+    /// Container images of the pipeline's pods and how they are pulled.
+    /// Changing an image rolls the pods that use it.
     #[serde(default)]
     pub images: Images,
-    /// The PP-OCR model the workers run, and where its files come from.
+    /// The PP-OCR model the workers run, on which device and precision, and
+    /// where its files come from. Changing it rolls the workers.
     pub model: ModelSpec,
-    /// The API pods: accept jobs over HTTP and gRPC, store them, publish them.
+    /// The API pods, which accept jobs over HTTP and gRPC, store them in the
+    /// database and publish them to the jobs topic, and their Service.
     #[serde(default)]
     pub api: ApiSpec,
-    /// The inference pods: consume jobs, run OCR, write or publish results.
+    /// The inference pods, which consume the jobs topic, run OCR and write
+    /// the results to the database (or, in the `writer` architecture,
+    /// publish them to the results topic).
     #[serde(default)]
     pub worker: WorkerSpec,
-    /// The result writers of the `writer` architecture.
+    /// The result writers of the `writer` architecture, which persist the
+    /// results topic to the database and call the completion webhook.
+    /// Ignored (and no writer runs) in the other architectures.
     #[serde(default)]
     pub writer: WriterSpec,
-    /// The Kafka cluster, topics and consumer groups.
+    /// The Kafka cluster the jobs and results queue on, its security, and
+    /// the topic and consumer-group names (fixed once the pipeline exists).
     pub kafka: KafkaSpec,
-    /// The MySQL/MariaDB database that holds every job (the source of truth).
+    /// The MySQL/MariaDB database that holds every job (the source of
+    /// truth); every role connects to it.
     pub database: DatabaseSpec,
     /// Where uploaded images and result documents live. Required: the API and
     /// the workers run in different pods and must see the same store.
     pub blob: BlobSpec,
-    /// Optional Redis for deduplication and rate limiting.
+    /// Optional Redis, used by the API to deduplicate submissions and to
+    /// rate-limit clients. Absent: no deduplication, no rate limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisSpec>,
     /// Optional autoscalers of the API and the workers; without them the
@@ -87,14 +133,17 @@ pub struct OcrPipelineSpec {
     /// PodDisruptionBudgets and the spreading of pods across nodes.
     #[serde(default)]
     pub availability: AvailabilitySpec,
-    /// Metrics port and tracing.
+    /// The runtime's HTTP (and metrics) port and where traces go. Changing
+    /// it rolls every role.
     #[serde(default)]
     pub observability: ObservabilitySpec,
-    /// How architecture migrations are supervised.
+    /// How architecture migrations are supervised: how long one step may
+    /// wait before the pipeline is reported `Degraded`.
     #[serde(default)]
     pub migration: MigrationSpec,
 }
 
+/// Container images of the pipeline's pods and how they are pulled.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Images {
@@ -108,10 +157,12 @@ pub struct Images {
     #[serde(default = "default_fetcher_image")]
     #[schemars(length(min = 1))]
     pub model_fetcher: String,
-    /// `imagePullPolicy` of every container.
+    /// `imagePullPolicy` of every container: `Always`, `IfNotPresent` (the
+    /// default) or `Never`.
     #[serde(default)]
     pub pull_policy: PullPolicy,
-    /// Names of `kubernetes.io/dockerconfigjson` Secrets for private registries.
+    /// Names of `kubernetes.io/dockerconfigjson` Secrets, in the pipeline's
+    /// namespace, that every pod pulls its images with (private registries).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pull_secrets: Vec<String>,
 }
@@ -146,6 +197,7 @@ fn default_fetcher_image() -> String {
     "curlimages/curl:8.11.1".into()
 }
 
+/// When the kubelet pulls an image (a container's `imagePullPolicy`).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
 pub enum PullPolicy {
     Always,
@@ -164,18 +216,21 @@ impl PullPolicy {
     }
 }
 
+/// The PP-OCR model the workers run and where its files come from.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelSpec {
-    /// PP-OCR variant: `v6-small` (best accuracy), `v6-tiny` (fastest on CPU)
-    /// or `v5-mobile`.
+    /// PP-OCR variant: `v6-small` (best accuracy; the default), `v6-tiny`
+    /// (fastest on CPU) or `v5-mobile`. The files in `source` must be this
+    /// variant's.
     #[serde(default)]
     pub variant: ModelVariant,
     /// `cuda` runs the workers on a GPU (`worker.gpusPerPod` each, the CUDA
-    /// image); `cpu` needs no GPU.
+    /// image); `cpu` (the default) needs no GPU.
     #[serde(default)]
     pub device: Device,
-    /// Where the model files come from.
+    /// Where the model files come from: a PersistentVolumeClaim (`volume`)
+    /// or a tarball downloaded when each worker starts (`url`).
     pub source: ModelSource,
     /// How page images are sized for the detector; absent: the runtime's
     /// default (`Min`, 64: images run at their own scale).
@@ -212,6 +267,7 @@ pub struct DetectionSpec {
     pub limit_side_len: i32,
 }
 
+/// How `limitSideLen` bounds page images before detection: `Min` or `Max`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum DetLimitType {
     Min,
@@ -229,6 +285,7 @@ impl From<DetLimitType> for ocr_contract::DetLimitType {
     }
 }
 
+/// Where the workers run the model: `cpu` or `cuda` (the runtime's `model.device`).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Device {
@@ -242,10 +299,13 @@ pub enum Device {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.volume) != has(self.url)").message("set exactly one of volume or url"))]
 pub struct ModelSource {
-    /// A PersistentVolumeClaim that holds the model files.
+    /// A PersistentVolumeClaim that holds the model files, mounted read-only
+    /// into every worker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<ModelVolume>,
-    /// A `.tar.gz` with the model files at its root, downloaded by an init container.
+    /// An `http(s)://` URL of a `.tar.gz` with the model files at its root,
+    /// downloaded by an init container (`images.modelFetcher`) into an
+    /// `emptyDir` each time a worker pod starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("url must be http(s)"))]
     pub url: Option<String>,
@@ -256,7 +316,7 @@ pub struct ModelSource {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.s3) != has(self.volume)").message("set exactly one of s3 or volume"))]
 pub struct BlobSpec {
-    /// An S3 bucket (or an S3-compatible store).
+    /// An S3 bucket (or an S3-compatible store such as MinIO or Ceph RGW).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3: Option<S3BlobSpec>,
     /// A ReadWriteMany PersistentVolumeClaim, mounted into every API, worker
@@ -269,13 +329,14 @@ pub struct BlobSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct S3BlobSpec {
-    /// The bucket's name.
+    /// The bucket's name; it must exist, the operator does not create it.
     #[schemars(
         length(min = 3, max = 63),
         regex(pattern = r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$")
     )]
     pub bucket: String,
-    /// Key prefix inside the bucket, without a leading slash.
+    /// Key prefix inside the bucket, without a leading slash, so that
+    /// several pipelines can share a bucket. Absent: the bucket's root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[^/].*$"))]
     pub prefix: Option<String>,
@@ -307,13 +368,17 @@ impl S3BlobSpec {
     }
 }
 
+/// A ReadWriteMany PersistentVolumeClaim shared by every role, mounted at
+/// `/var/lib/ocr/blobs`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BlobVolume {
-    /// The claim's name, in the pipeline's namespace.
+    /// The claim's name, in the pipeline's namespace. ReadWriteMany, so that
+    /// pods on different nodes share it (ReadWriteOnce works on one node).
     #[schemars(length(min = 1))]
     pub claim_name: String,
-    /// Directory inside the volume; the volume root when absent.
+    /// Directory inside the volume that holds the blobs; the volume root
+    /// when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sub_path: Option<String>,
 }
@@ -325,14 +390,18 @@ pub struct ModelVolume {
     /// The claim's name, in the pipeline's namespace.
     #[schemars(length(min = 1))]
     pub claim_name: String,
-    /// Directory inside the volume; the volume root when empty.
+    /// Directory inside the volume that holds the model files; the volume
+    /// root when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sub_path: Option<String>,
 }
 
+/// The API role: its pods and its Service.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ApiSpec {
+    /// Number of API pods (default 2). Ignored while `autoscaling.api` is
+    /// set: the HorizontalPodAutoscaler sets the count then.
     #[serde(default = "two")]
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: i32,
@@ -343,6 +412,8 @@ pub struct ApiSpec {
     /// utilisation from. No limits are set by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// The Service `<name>-api` in front of the API pods (HTTP, and gRPC on
+    /// port 50051); `status.url` shows its in-cluster address.
     #[serde(default)]
     pub service: ServiceSpec,
 }
@@ -357,11 +428,16 @@ impl Default for ApiSpec {
     }
 }
 
+/// The API's Service.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceSpec {
+    /// `ClusterIP` (the default: reachable inside the cluster only),
+    /// `NodePort` or `LoadBalancer` (reachable from outside the cluster).
     #[serde(default, rename = "type")]
     pub type_: ServiceType,
+    /// The Service's HTTP port (default 80), which clients and `status.url`
+    /// use; the pods keep listening on `observability.metricsPort`.
     #[serde(default = "default_service_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
@@ -380,6 +456,7 @@ fn default_service_port() -> i32 {
     80
 }
 
+/// A Kubernetes Service type.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
 pub enum ServiceType {
     #[default]
@@ -398,13 +475,17 @@ impl ServiceType {
     }
 }
 
+/// The worker role: the pods that run OCR.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerSpec {
+    /// Number of worker pods (default 1). Ignored while `autoscaling.worker`
+    /// is set and KEDA is installed: KEDA sets the count from the jobs lag then.
     #[serde(default = "one")]
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: i32,
-    /// `nvidia.com/gpu` limit per pod when `model.device` is `cuda`.
+    /// `nvidia.com/gpu` limit per worker pod when `model.device` is `cuda`
+    /// (default 1); ignored on `cpu`.
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 16))]
     pub gpus_per_pod: i32,
@@ -415,13 +496,20 @@ pub struct WorkerSpec {
     /// memory limits are set by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Node labels a worker pod needs to be scheduled, e.g.
+    /// `nvidia.com/gpu.present: "true"` to keep workers on GPU nodes.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
+    /// Taints the worker pods tolerate, e.g. `nvidia.com/gpu` with
+    /// `operator: Exists` for tainted GPU nodes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,
+    /// Micro-batching of the `batched` and `writer` architectures (in
+    /// `standard`, workers take one job at a time).
     #[serde(default)]
     pub batching: BatchingSpec,
-    /// Claims of one job before it is dead-lettered.
+    /// How often one job may be claimed (or, in the `writer` architecture,
+    /// inferred) before it is dead-lettered and fails (default 5).
     #[serde(default = "default_max_attempts")]
     #[schemars(range(min = 1, max = 100))]
     pub max_attempts: i32,
@@ -445,13 +533,18 @@ fn default_max_attempts() -> i32 {
     runtime_default(ocr_contract::WorkerConfig::default().max_attempts)
 }
 
-/// Used by the `batched` architecture only.
+/// Micro-batching of the workers, used by the `batched` and `writer`
+/// architectures (in `standard`, workers take one job at a time).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BatchingSpec {
+    /// Most jobs one engine call infers together (default 8). Larger
+    /// batches use a GPU better and need more memory per worker.
     #[serde(default = "default_max_batch_size")]
     #[schemars(range(min = 1, max = 256))]
     pub max_batch_size: i32,
+    /// Milliseconds a batch waits to fill after its first job (default 20):
+    /// the latency a job may lose for the sake of a fuller batch.
     #[serde(default = "default_max_wait_ms")]
     #[schemars(range(min = 0, max = 10000))]
     pub max_wait_ms: i32,
@@ -487,6 +580,8 @@ fn default_max_wait_ms() -> i32 {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.retryMaxMs >= self.retryInitialMs").message("retryMaxMs must be at least retryInitialMs"))]
 pub struct WriterSpec {
+    /// Number of writer pods (default 1); more than the results topic's
+    /// partitions sit idle.
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 1000))]
     pub replicas: i32,
@@ -501,14 +596,17 @@ pub struct WriterSpec {
     #[serde(default = "default_writer_retries")]
     #[schemars(range(min = 0, max = 100))]
     pub retries: i32,
-    /// First pause between tries, doubling per failure up to `retryMaxMs`.
+    /// First pause between tries, in milliseconds (default 200), doubling
+    /// per failure up to `retryMaxMs`.
     #[serde(default = "default_retry_initial_ms")]
     #[schemars(range(min = 1, max = 600000))]
     pub retry_initial_ms: i32,
+    /// Longest pause between tries, in milliseconds (default 10000).
     #[serde(default = "default_retry_max_ms")]
     #[schemars(range(min = 1, max = 600000))]
     pub retry_max_ms: i32,
     /// Completion webhook, POSTed by the writer once per finished job.
+    /// Absent: no webhook.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<WebhookSpec>,
 }
@@ -538,16 +636,19 @@ fn default_retry_max_ms() -> i32 {
     runtime_default(ocr_contract::WriterConfig::default().retry_max_ms)
 }
 
+/// A completion webhook the writers call once per finished job.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WebhookSpec {
+    /// The `http(s)://` URL the writer POSTs each finished job's result to.
     #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("url must be http(s)"))]
     pub url: String,
     /// Secret with the HMAC-SHA256 key of the `ocr-signature` header. Without it the
     /// signature is keyed with an empty key and proves nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<WebhookSecret>,
-    /// Limit of one webhook call.
+    /// Limit of one webhook call, in milliseconds (default 10000); a call
+    /// that takes longer counts as a failed try (see `retries`).
     #[serde(default = "default_webhook_timeout_ms")]
     #[schemars(range(min = 1, max = 600000))]
     pub timeout_ms: i32,
@@ -564,11 +665,14 @@ fn runtime_default<T: TryInto<i32>>(value: T) -> i32 {
     value.try_into().unwrap_or(i32::MAX)
 }
 
+/// The Secret that holds the webhook's signing key.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WebhookSecret {
+    /// The Secret's name, in the pipeline's namespace.
     #[schemars(length(min = 1))]
     pub name: String,
+    /// The key of the Secret that holds the HMAC key (default `secret`).
     #[serde(default = "default_webhook_secret_key")]
     #[schemars(length(min = 1))]
     pub key: String,
@@ -586,20 +690,24 @@ fn default_webhook_secret_key() -> String {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new(QUEUE_NAMES_IMMUTABLE).message("topic and consumer-group names cannot change on a live pipeline: jobs and results queued under the old names would be stranded. Create a new pipeline for new names").reason(Reason::FieldValueForbidden))]
 pub struct KafkaSpec {
-    /// Comma-separated `host:port` list.
+    /// Comma-separated `host:port` list of brokers, used by every role, by
+    /// the KEDA scaler and by the operator itself.
     #[schemars(length(min = 1))]
     pub bootstrap_servers: String,
     /// TLS and SASL; both absent: plaintext without authentication.
     #[serde(default, skip_serializing_if = "KafkaSecuritySpec::is_plaintext")]
     pub security: KafkaSecuritySpec,
+    /// Topic names; absent ones derive from the pipeline's namespace and name.
     #[serde(default)]
     pub topics: TopicsSpec,
-    /// Partitions of the topics the operator creates; an existing topic with
+    /// Partitions of the topics the operator creates (default 12), which
+    /// caps how many workers consume in parallel; an existing topic with
     /// fewer is reported in `Ready`, never repartitioned (that would move keys).
     #[serde(default = "default_partitions")]
     #[schemars(range(min = 1, max = 1000))]
     pub partitions: i32,
-    /// Replication factor of the topics the operator creates.
+    /// Replication factor of the topics the operator creates (default 3; at
+    /// most the number of brokers).
     #[serde(default = "default_replication_factor")]
     #[schemars(range(min = 1, max = 10))]
     pub replication_factor: i32,
@@ -648,8 +756,10 @@ fn default_replication_factor() -> i32 {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct KafkaSecuritySpec {
+    /// TLS to the brokers. Absent: plaintext connections.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<KafkaTlsSpec>,
+    /// SASL authentication. Absent: no authentication.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sasl: Option<KafkaSaslSpec>,
 }
@@ -673,7 +783,7 @@ pub struct KafkaTlsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
     pub ca_secret: Option<String>,
-    /// The key of `caSecret` that holds the PEM.
+    /// The key of `caSecret` that holds the PEM (default `ca.crt`).
     #[serde(default = "default_ca_key")]
     #[schemars(length(min = 1))]
     pub ca_key: String,
@@ -687,7 +797,7 @@ fn default_ca_key() -> String {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct KafkaSaslSpec {
-    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512` (the default).
     #[serde(default)]
     pub mechanism: SaslMechanism,
     /// Secret with the credentials, in the pipeline's namespace.
@@ -699,11 +809,11 @@ pub struct KafkaSaslSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
     pub username: Option<String>,
-    /// The key of `secret` that holds the user name.
+    /// The key of `secret` that holds the user name (default `username`).
     #[serde(default = "default_username_key")]
     #[schemars(length(min = 1))]
     pub username_key: String,
-    /// The key of `secret` that holds the password.
+    /// The key of `secret` that holds the password (default `password`).
     #[serde(default = "default_password_key")]
     #[schemars(length(min = 1))]
     pub password_key: String,
@@ -722,7 +832,9 @@ fn default_password_key() -> String {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TopicsSpec {
-    /// Absent: `<namespace>.<name>` of the pipeline (shortened with a hash
+    /// Prefix of every topic and consumer-group name left out
+    /// (`<prefix>.jobs`, `<prefix>.worker`, …). Absent: `<namespace>.<name>`
+    /// of the pipeline (shortened with a hash
     /// where that would make a topic name longer than Kafka's 249 characters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 237), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
@@ -731,11 +843,13 @@ pub struct TopicsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
     pub jobs: Option<String>,
-    /// The results topic of the writer architecture.
+    /// The results topic of the writer architecture: writer-mode workers
+    /// publish to it, the writers consume it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
     pub results: Option<String>,
-    /// Where jobs and results that cannot be processed end up.
+    /// Where jobs and results that cannot be processed end up, for
+    /// inspection or replay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
     pub dead_letter: Option<String>,
@@ -819,31 +933,38 @@ impl OcrPipeline {
     }
 }
 
+/// The MySQL/MariaDB database of the pipeline.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DatabaseSpec {
-    /// Secret with the MySQL URL (`mysql://user:pass@host:3306/db`).
+    /// Secret with the MySQL URL (`mysql://user:pass@host:3306/db`), given
+    /// to every role as `OCR_DATABASE__URL`. A missing Secret or key marks
+    /// the pipeline `Degraded` (the pods cannot start without it).
     pub secret: SecretKey,
 }
 
+/// Redis for deduplication and rate limiting.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RedisSpec {
-    /// Secret with the Redis URL.
+    /// Secret with the Redis URL (`redis://host:6379`), given to the pods as
+    /// `OCR_REDIS__URL`.
     pub secret: SecretKey,
-    /// Per client; 0 turns rate limiting off.
+    /// Jobs one client may submit per minute; 0 (the default) turns rate
+    /// limiting off.
     #[serde(default)]
     #[schemars(range(min = 0))]
     pub requests_per_minute: i32,
 }
 
+/// A key of a Secret in the pipeline's namespace that holds a connection URL.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKey {
     /// The Secret's name, in the pipeline's namespace.
     #[schemars(length(min = 1))]
     pub name: String,
-    /// The key that holds the URL.
+    /// The key that holds the URL (default `url`).
     #[serde(default = "default_secret_key")]
     #[schemars(length(min = 1))]
     pub key: String,
@@ -853,6 +974,7 @@ fn default_secret_key() -> String {
     "url".into()
 }
 
+/// Autoscalers of the API and the workers.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AutoscalingSpec {
@@ -868,14 +990,19 @@ pub struct AutoscalingSpec {
     pub worker: Option<LagScaling>,
 }
 
+/// A HorizontalPodAutoscaler on CPU utilisation.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.maxReplicas >= self.minReplicas").message("maxReplicas must be at least minReplicas"))]
 pub struct CpuScaling {
+    /// Fewest API pods the autoscaler keeps.
     #[schemars(range(min = 1, max = 1000))]
     pub min_replicas: i32,
+    /// Most API pods the autoscaler starts.
     #[schemars(range(min = 1, max = 1000))]
     pub max_replicas: i32,
+    /// Average CPU use, in percent of the API container's CPU request, that
+    /// the autoscaler holds the pods at (default 70).
     #[serde(default = "default_cpu_target")]
     #[schemars(range(min = 1, max = 100))]
     pub target_cpu_utilization: i32,
@@ -885,16 +1012,21 @@ fn default_cpu_target() -> i32 {
     70
 }
 
+/// A KEDA ScaledObject on the workers' lag on the jobs topic.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.maxReplicas >= self.minReplicas").message("maxReplicas must be at least minReplicas"))]
 pub struct LagScaling {
+    /// Fewest worker pods KEDA keeps; 0 lets an idle pipeline run no worker
+    /// (the first job then waits for a worker to start and load the model).
     #[schemars(range(min = 0, max = 1000))]
     pub min_replicas: i32,
-    /// Capped at `kafka.partitions`: more consumers than partitions sit idle.
+    /// Most worker pods KEDA starts, capped at `kafka.partitions`: more
+    /// consumers than partitions sit idle.
     #[schemars(range(min = 1, max = 1000))]
     pub max_replicas: i32,
-    /// Messages of lag per replica.
+    /// Unconsumed jobs per worker pod that KEDA aims at (default 10): the
+    /// lag divided by this is the desired worker count.
     #[serde(default = "default_lag_threshold")]
     #[schemars(range(min = 1))]
     pub lag_threshold: i32,
@@ -904,10 +1036,12 @@ fn default_lag_threshold() -> i32 {
     10
 }
 
+/// Disruption budgets and the spreading of pods across nodes.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AvailabilitySpec {
-    /// The PodDisruptionBudget of each role.
+    /// The PodDisruptionBudget of each role, which limits how many of its
+    /// pods a node drain may take at once. Neither field: `maxUnavailable: 1`.
     #[serde(default)]
     pub disruption_budget: DisruptionBudget,
     /// How the pods of one role spread over nodes: `Preferred` (where the
@@ -929,6 +1063,7 @@ pub struct DisruptionBudget {
     pub max_unavailable: Option<IntOrString>,
 }
 
+/// How the pods of one role spread over nodes.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
 pub enum AntiAffinity {
     /// Spread pods of one role across nodes where the scheduler can.
@@ -936,17 +1071,21 @@ pub enum AntiAffinity {
     Preferred,
     /// Never two pods of one role on a node.
     Required,
+    /// No spreading rule.
     None,
 }
 
+/// The runtime's HTTP port and tracing.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ObservabilitySpec {
-    /// The runtime's HTTP port, which serves the API, `/livez`, `/readyz` and `/metrics`.
+    /// The runtime's HTTP port (default 8080), which serves the API,
+    /// `/livez`, `/readyz` and `/metrics` in every role.
     #[serde(default = "default_metrics_port")]
     #[schemars(range(min = 1024, max = 65535))]
     pub metrics_port: i32,
-    /// OTLP collector, e.g. `http://otel-collector:4317`.
+    /// OTLP collector every role sends traces to, e.g.
+    /// `http://otel-collector:4317`. Absent: no traces are exported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
 }
@@ -964,10 +1103,11 @@ fn default_metrics_port() -> i32 {
     8080
 }
 
+/// Supervision of architecture migrations.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MigrationSpec {
-    /// How long one migration phase may wait (for the results topic, the
+    /// Seconds (default 600) one migration phase may wait (for the results topic, the
     /// writer, the worker rollout including terminating pods, the results lag,
     /// the writer's removal) before the pipeline is marked `Degraded` (reason
     /// `MigrationStuck`) and a Warning event is published. The migration keeps
@@ -997,46 +1137,128 @@ fn two() -> i32 {
     2
 }
 
+/// What the operator last observed and did; written by the operator only.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OcrPipelineStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Pending` (rolling out), `Running`, `Migrating` or `Degraded`.
+    /// `Pending` (rolling out), `Running` (every role ready, no migration),
+    /// `Migrating` (an architecture migration runs) or `Degraded` (something
+    /// the pipeline needs fails; the `Degraded` condition says what).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = field_description_wins)]
     pub phase: Option<Phase>,
     /// The architecture that is fully rolled out; during a migration, the
     /// migration's `from` (a migration that a spec change turned around starts
     /// from the target it gave up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = field_description_wins)]
     pub architecture: Option<Architecture>,
     /// The architecture migration in progress, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<Migration>,
+    /// In-cluster address of the API Service, where clients submit jobs:
+    /// `http://<name>-api.<namespace>.svc:<api.service.port>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Roles whose Deployment has every desired pod ready and running the
+    /// current template, of all roles the pipeline runs, e.g. `2/3` (api,
+    /// worker and, while it runs, writer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_roles: Option<String>,
+    /// Ready and desired pods of each role, from its Deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<RoleReplicas>,
     /// Topics the pipeline needs (jobs, results in writer architecture, dead letters).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub topics: Vec<String>,
-    /// The topic and consumer-group names in use.
+    /// The topic and consumer-group names in use (from `spec.kafka`, or
+    /// derived from the pipeline's namespace and name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queues: Option<QueueNames>,
     /// Topics this operator created for the pipeline (deleted with it when
     /// `spec.kafka.deleteTopics` is set).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub created_topics: Vec<String>,
-    /// `Ready`, `Progressing`, `Degraded` and `Migrating`.
+    /// `Ready` (every role available, no migration), `Progressing` (a
+    /// rollout or migration is under way), `Degraded` (something the pipeline
+    /// needs fails: Kafka, a Secret, an apply, a stuck rollout or migration
+    /// phase) and `Migrating`; one entry per type.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+/// For an optional enum whose variants are documented, kube's schema rewrite
+/// lifts the enum's schema, description included, over the field's, so
+/// `kubectl explain` would describe the type instead of the field. Dropping
+/// the enum's own description inside the `anyOf` keeps the field's.
+fn field_description_wins(schema: &mut schemars::Schema) {
+    if let Some(variants) = schema.get_mut("anyOf").and_then(|v| v.as_array_mut()) {
+        for variant in variants.iter_mut().filter_map(|v| v.as_object_mut()) {
+            variant.remove("description");
+        }
+    }
+}
+
+/// Pod counts per role.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoleReplicas {
+    /// The API Deployment's pods.
+    pub api: ReplicaCounts,
+    /// The worker Deployment's pods.
+    pub worker: ReplicaCounts,
+    /// The writer Deployment's pods; absent while no writer runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<ReplicaCounts>,
+}
+
+/// Ready and desired pods of one Deployment.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaCounts {
+    /// Pods that pass their readiness probe.
+    pub ready: i32,
+    /// Pods the Deployment asks for (an autoscaler's choice when one is on);
+    /// 0 until the Deployment exists.
+    pub desired: i32,
+}
+
+/// The pipeline's overall state (`status.phase`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
 pub enum Phase {
+    /// Roles are still rolling out.
     Pending,
+    /// Every role is ready and no migration runs.
     Running,
+    /// An architecture migration runs.
     Migrating,
+    /// Something the pipeline needs fails; see the `Degraded` condition.
     Degraded,
 }
 
+impl Phase {
+    pub const ALL: [Phase; 4] = [
+        Phase::Pending,
+        Phase::Running,
+        Phase::Migrating,
+        Phase::Degraded,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Running => "Running",
+            Phase::Migrating => "Migrating",
+            Phase::Degraded => "Degraded",
+        }
+    }
+}
+
+/// An architecture migration in progress.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Migration {
@@ -1044,7 +1266,9 @@ pub struct Migration {
     pub from: Architecture,
     /// The architecture being migrated to.
     pub to: Architecture,
-    /// The step the migration waits in.
+    /// The step the migration waits in: `EnsuringResultsTopic`,
+    /// `StartingWriter`, `RollingWorkers`, `DrainingResults` or
+    /// `RemovingWriter` (see the operator's README for each path's steps).
     pub phase: MigrationPhase,
     /// When the migration began.
     pub started_at: Time,

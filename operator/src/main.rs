@@ -43,6 +43,11 @@ enum Command {
         /// DrainingResults.
         #[arg(long, env = "OCR_OPERATOR_KAFKA_ADMIN", value_enum, default_value_t = KafkaAdminKind::Rdkafka)]
         kafka_admin: KafkaAdminKind,
+        /// Reconcile only the pipelines of these namespaces (comma-separated);
+        /// it then lists and watches nothing at cluster scope, so Roles in
+        /// those namespaces suffice. Absent: every namespace.
+        #[arg(long, env = "OCR_OPERATOR_WATCH_NAMESPACES", value_delimiter = ',')]
+        watch_namespaces: Vec<String>,
     },
 }
 
@@ -56,6 +61,7 @@ fn main() -> ExitCode {
             lease_name,
             identity,
             kafka_admin,
+            watch_namespaces,
         } => run::init_tracing().and_then(|()| {
             run::runtime()?.block_on(run::run(RunOptions {
                 http_addr,
@@ -63,6 +69,7 @@ fn main() -> ExitCode {
                 lease_name,
                 identity,
                 kafka_admin,
+                watch_namespaces,
             }))
         }),
     };

@@ -11,14 +11,16 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::core::NamespaceResourceScope;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{watcher, Controller};
-use kube::{Api, Client};
+use kube::{Api, Client, Resource};
 use tracing::{info, warn};
 
 use crate::build::{Capabilities, MANAGED_BY_LABEL, MANAGER};
@@ -85,6 +87,40 @@ pub struct RunOptions {
     pub lease_name: String,
     pub identity: Option<String>,
     pub kafka_admin: KafkaAdminKind,
+    /// Namespaces whose pipelines this operator reconciles; empty: every
+    /// namespace. See [`watch_scopes`].
+    pub watch_namespaces: Vec<String>,
+}
+
+/// The scopes the controllers watch: `None` is the whole cluster (no
+/// namespace listed), otherwise one namespace each. With namespaces listed
+/// the operator never lists or watches at cluster scope, so namespaced
+/// Roles in those namespaces are all the rights its controllers need.
+/// Blank entries (from `a,,b` or an empty variable) and repeats are dropped.
+pub fn watch_scopes(namespaces: &[String]) -> Vec<Option<String>> {
+    let mut listed: Vec<String> = namespaces
+        .iter()
+        .map(|ns| ns.trim().to_string())
+        .filter(|ns| !ns.is_empty())
+        .collect();
+    listed.sort();
+    listed.dedup();
+    if listed.is_empty() {
+        vec![None]
+    } else {
+        listed.into_iter().map(Some).collect()
+    }
+}
+
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    }
 }
 
 /// How the operator reaches each pipeline's Kafka (`--kafka-admin`).
@@ -272,25 +308,38 @@ pub async fn run_with(
         metrics: metrics.clone(),
     });
 
-    let owned = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"));
-    Controller::new(
-        Api::<OcrPipeline>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .owns(Api::<Deployment>::all(client.clone()), owned.clone())
-    .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
-    .owns(Api::<Service>::all(client.clone()), owned)
-    .graceful_shutdown_on(shutdown)
-    .graceful_shutdown_on(async move {
-        let _ = lost_rx.await;
-    })
-    .run(reconcile, error_policy, ctx)
-    .for_each(|result| async move {
-        if let Err(error) = result {
-            warn!(%error, "controller");
+    // Every controller stops on shutdown or when the lease is lost.
+    let stop: futures::future::Shared<BoxFuture<'static, ()>> = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = lost_rx => {}
         }
-    })
-    .await;
+    }
+    .boxed()
+    .shared();
+    let scopes = watch_scopes(&options.watch_namespaces);
+    info!(namespaces = ?scopes.iter().flatten().collect::<Vec<_>>(), "watching (empty: every namespace)");
+    let owned = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGER}"));
+    let controllers = scopes.iter().map(|scope| {
+        let namespace = scope.as_deref();
+        Controller::new(
+            scoped::<OcrPipeline>(&client, namespace),
+            watcher::Config::default(),
+        )
+        .owns(scoped::<Deployment>(&client, namespace), owned.clone())
+        .owns(scoped::<ConfigMap>(&client, namespace), owned.clone())
+        .owns(scoped::<Service>(&client, namespace), owned.clone())
+        .graceful_shutdown_on(stop.clone())
+        .run(reconcile, error_policy, ctx.clone())
+        .boxed()
+    });
+    futures::stream::select_all(controllers)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                warn!(%error, "controller");
+            }
+        })
+        .await;
 
     renewal.abort();
     if lost.load(Ordering::SeqCst) {
@@ -337,6 +386,17 @@ mod tests {
 
         let missing = get(addr, "/nope").await;
         assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+    }
+
+    #[test]
+    fn watch_scopes_are_the_cluster_or_each_listed_namespace() {
+        assert_eq!(watch_scopes(&[]), [None]);
+        assert_eq!(watch_scopes(&[" ".into(), String::new()]), [None]);
+        let listed = watch_scopes(&["team-b".into(), " team-a".into(), "team-b".into()]);
+        assert_eq!(
+            listed,
+            [Some("team-a".to_string()), Some("team-b".to_string())]
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::crd::{Architecture, OcrPipelineStatus, Phase, QueueNames};
+use crate::crd::{Architecture, OcrPipelineStatus, Phase, QueueNames, ReplicaCounts, RoleReplicas};
 use crate::migration::{self, Plan};
 use ocr_contract::env::{env_name, keys};
 
@@ -14,6 +14,16 @@ pub const DEGRADED: &str = "Degraded";
 pub const MIGRATING: &str = "Migrating";
 /// `Degraded` reason of a migration phase that waited past its deadline.
 pub const MIGRATION_STUCK: &str = "MigrationStuck";
+/// `Degraded` reason of a Secret the pods need that is missing, unreadable or lacks a key.
+pub const SECRET_UNAVAILABLE: &str = "SecretUnavailable";
+/// `Degraded` reason of an object the API server refused to apply (or delete).
+pub const APPLY_FAILED: &str = "ApplyFailed";
+/// `Degraded` reason of a Deployment that reports it cannot progress.
+pub const ROLLOUT_STUCK: &str = "RolloutStuck";
+/// `Degraded` reason of a Kafka cluster the operator cannot ask (topics, lag, credentials).
+pub const KAFKA_UNAVAILABLE: &str = "KafkaUnavailable";
+/// `Degraded` reason of a spec the operator refuses to act on.
+pub const INVALID_SPEC: &str = "InvalidSpec";
 
 /// One role's Deployment as last seen.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -22,8 +32,21 @@ pub struct RoleState {
     /// The controller saw the latest template and every replica runs it and is available.
     pub rolled_out: bool,
     pub available_replicas: i32,
+    /// Pods that pass their readiness probe.
+    pub ready_replicas: i32,
+    /// `spec.replicas` of the live Deployment (set by an autoscaler when one is on).
+    pub desired_replicas: i32,
     /// Why the Deployment is stuck, from its own conditions.
     pub failure: Option<String>,
+}
+
+impl RoleState {
+    fn counts(&self) -> ReplicaCounts {
+        ReplicaCounts {
+            ready: self.ready_replicas,
+            desired: self.desired_replicas,
+        }
+    }
 }
 
 pub fn role_state(deployment: Option<&Deployment>) -> RoleState {
@@ -52,6 +75,8 @@ pub fn role_state(deployment: Option<&Deployment>) -> RoleState {
         present: true,
         rolled_out,
         available_replicas: status.available_replicas.unwrap_or(0),
+        ready_replicas: status.ready_replicas.unwrap_or(0),
+        desired_replicas: desired,
         failure,
     }
 }
@@ -126,8 +151,13 @@ pub struct Observation<'a> {
     pub created_topics: Vec<String>,
     /// Kafka could not be asked (topics or lag); `Degraded`, but not fatal.
     pub kafka_error: Option<String>,
+    /// Secrets the pods need that are missing, unreadable or lack a key;
+    /// `Degraded`: the pods that need them cannot start.
+    pub secret_problems: Vec<String>,
     /// `spec.migration.phaseDeadlineSeconds`.
     pub phase_deadline_seconds: i64,
+    /// The API Service's in-cluster address.
+    pub url: String,
 }
 
 pub fn compute(
@@ -152,6 +182,7 @@ pub fn compute(
         .iter()
         .filter_map(|(name, s)| s.failure.as_ref().map(|f| format!("{name}: {f}")))
         .collect();
+    let ready_roles = format!("{}/{}", roles.len() - not_ready.len(), roles.len());
 
     let ready = not_ready.is_empty() && plan.migration.is_none();
     let mut ready_message = if not_ready.is_empty() {
@@ -204,16 +235,21 @@ pub fn compute(
         ))
     });
     let mut degraded_messages: Vec<String> = stuck.iter().cloned().collect();
+    degraded_messages.extend(seen.secret_problems.iter().cloned());
     degraded_messages.extend(failures.iter().cloned());
     if let Some(error) = &seen.kafka_error {
         degraded_messages.push(format!("kafka: {error}"));
     }
+    // The reason names the failure a user should look at first: a missing
+    // Secret, for one, is why a rollout gets stuck, not the other way round.
     let degraded_reason = if stuck.is_some() {
         MIGRATION_STUCK
+    } else if !seen.secret_problems.is_empty() {
+        SECRET_UNAVAILABLE
     } else if !failures.is_empty() {
-        "RolloutStuck"
+        ROLLOUT_STUCK
     } else if seen.kafka_error.is_some() {
-        "KafkaUnavailable"
+        KAFKA_UNAVAILABLE
     } else {
         "AsExpected"
     };
@@ -274,6 +310,13 @@ pub fn compute(
         phase: Some(phase),
         architecture: Some(plan.architecture),
         migration: plan.migration.clone(),
+        url: Some(seen.url.clone()),
+        ready_roles: Some(ready_roles),
+        replicas: Some(RoleReplicas {
+            api: seen.api.counts(),
+            worker: seen.worker.counts(),
+            writer: (plan.writer || seen.writer.present).then(|| seen.writer.counts()),
+        }),
         topics: seen.topics.clone(),
         queues: Some(seen.queues.clone()),
         created_topics: created_topics(previous, &seen.created_topics),
@@ -293,30 +336,34 @@ fn created_topics(previous: Option<&OcrPipelineStatus>, now: &[String]) -> Vec<S
     all
 }
 
-/// The `Degraded` message when this status is the first to report the current
-/// migration phase past its deadline: the note of the one Warning event per
-/// stuck phase (a later phase, or the same phase after a recovery, reports anew).
-pub fn newly_stuck(
+/// `(reason, message)` of the `Degraded` condition when this status is the
+/// first to report it `True` for that reason: the note of the one Warning
+/// event per failure (a failure that clears and comes back, or a different
+/// failure, such as the next migration phase getting stuck, reports anew).
+pub fn newly_degraded(
     previous: Option<&OcrPipelineStatus>,
     current: &OcrPipelineStatus,
-) -> Option<String> {
-    let stuck = |status: &OcrPipelineStatus| {
+) -> Option<(String, String)> {
+    let degraded = |status: &OcrPipelineStatus| {
         status
             .conditions
             .iter()
-            .find(|c| c.type_ == DEGRADED && c.status == "True" && c.reason == MIGRATION_STUCK)
-            .map(|c| c.message.clone())
+            .find(|c| c.type_ == DEGRADED && c.status == "True")
+            .map(|c| (c.reason.clone(), c.message.clone()))
     };
-    let message = stuck(current)?;
-    match previous.and_then(stuck) {
-        Some(_) => None,
-        None => Some(message),
+    let (reason, message) = degraded(current)?;
+    match previous.and_then(degraded) {
+        Some((before, _)) if before == reason => None,
+        _ => Some((reason, message)),
     }
 }
 
-/// The status of a spec the operator refuses to act on: the topology stays as it was.
-pub fn invalid(
+/// The status of a round that could not act: the spec is invalid, or the API
+/// server refused an object. Everything else (the migration above all) stays
+/// as it was, so the next round resumes from the last state that was acted on.
+pub fn failed(
     previous: Option<&OcrPipelineStatus>,
+    reason: &str,
     problem: &str,
     generation: Option<i64>,
     now: &Time,
@@ -326,7 +373,7 @@ pub fn invalid(
         &mut status.conditions,
         DEGRADED,
         true,
-        "InvalidSpec",
+        reason,
         problem.to_string(),
         generation,
         now,
@@ -432,12 +479,7 @@ mod tests {
         };
         let worker = role_state(Some(&stuck));
         assert!(worker.failure.is_some());
-        let healthy = RoleState {
-            present: true,
-            rolled_out: true,
-            available_replicas: 1,
-            failure: None,
-        };
+        let healthy = healthy();
         let plan = crate::migration::step(
             None,
             None,
@@ -454,7 +496,9 @@ mod tests {
             queues: queues(),
             created_topics: vec![],
             kafka_error: None,
+            secret_problems: vec![],
             phase_deadline_seconds: 600,
+            url: "http://p-api.ns.svc:80".into(),
         };
         let status = compute(None, &plan, &seen, Some(1), &at(2));
         assert_eq!(status.phase, Some(Phase::Degraded));
@@ -478,6 +522,8 @@ mod tests {
             present: true,
             rolled_out: true,
             available_replicas: 1,
+            ready_replicas: 1,
+            desired_replicas: 1,
             failure: None,
         }
     }
@@ -521,7 +567,9 @@ mod tests {
             queues: queues(),
             created_topics: vec![],
             kafka_error: kafka_error.map(str::to_string),
+            secret_problems: vec![],
             phase_deadline_seconds: 600,
+            url: "http://p-api.ns.svc:80".into(),
         }
     }
 
@@ -596,7 +644,7 @@ mod tests {
             "600 s is within the deadline"
         );
         assert_eq!(waiting.phase, Some(Phase::Migrating));
-        assert_eq!(newly_stuck(None, &waiting), None);
+        assert_eq!(newly_degraded(None, &waiting), None);
 
         let stuck = compute(
             Some(&waiting),
@@ -634,11 +682,12 @@ mod tests {
         assert_eq!(stuck.migration, plan.migration, "the wait goes on");
         assert_eq!(stuck.phase, Some(Phase::Degraded));
 
-        let note = newly_stuck(Some(&waiting), &stuck).expect("one Warning event");
+        let (reason, note) = newly_degraded(Some(&waiting), &stuck).expect("one Warning event");
+        assert_eq!(reason, MIGRATION_STUCK);
         assert!(note.contains("DrainingResults"), "{note}");
         let still = compute(Some(&stuck), &plan, &seen(&role, None), Some(1), &at(760));
         assert_eq!(
-            newly_stuck(Some(&stuck), &still),
+            newly_degraded(Some(&stuck), &still),
             None,
             "not again while it stays stuck"
         );
@@ -648,7 +697,7 @@ mod tests {
         let moved = compute(Some(&still), &next, &seen(&role, None), Some(1), &at(800));
         assert_eq!(condition(&moved, DEGRADED).status, "False");
         let stuck_again = compute(Some(&moved), &next, &seen(&role, None), Some(1), &at(1401));
-        assert!(newly_stuck(Some(&moved), &stuck_again).is_some());
+        assert!(newly_degraded(Some(&moved), &stuck_again).is_some());
     }
 
     // ---- issue 11, bug 1: terminating pods count
@@ -697,5 +746,152 @@ mod tests {
             worker_pod_modes(&pods),
             [Some(Standard), Some(Writer), None, None]
         );
+    }
+
+    // ---- issue 11, item 5: what `kubectl get ocrp` and the status show
+
+    fn standard_plan() -> Plan {
+        crate::migration::step(
+            None,
+            None,
+            crate::crd::Architecture::Standard,
+            &crate::migration::Observed::default(),
+            &at(1),
+        )
+    }
+
+    #[test]
+    fn role_state_reads_ready_and_desired_pods_from_the_deployment() {
+        let mut d = Deployment {
+            spec: Some(DeploymentSpec {
+                replicas: Some(3),
+                ..DeploymentSpec::default()
+            }),
+            status: Some(DeploymentStatus {
+                replicas: Some(3),
+                ready_replicas: Some(1),
+                available_replicas: Some(1),
+                ..DeploymentStatus::default()
+            }),
+            ..Deployment::default()
+        };
+        let state = role_state(Some(&d));
+        assert_eq!((state.ready_replicas, state.desired_replicas), (1, 3));
+        d.status = None;
+        assert_eq!(role_state(Some(&d)).ready_replicas, 0);
+        assert_eq!(role_state(None).desired_replicas, 0, "no Deployment yet");
+    }
+
+    #[test]
+    fn ready_roles_replicas_and_url_reach_the_status() {
+        let api = RoleState {
+            ready_replicas: 2,
+            desired_replicas: 2,
+            ..healthy()
+        };
+        let worker = RoleState {
+            rolled_out: false,
+            ready_replicas: 1,
+            desired_replicas: 3,
+            ..healthy()
+        };
+        let no_writer = RoleState::default();
+        let observed = Observation {
+            api: &api,
+            worker: &worker,
+            writer: &no_writer,
+            ..seen(&api, None)
+        };
+        let status = compute(None, &standard_plan(), &observed, Some(1), &at(2));
+        assert_eq!(status.ready_roles.as_deref(), Some("1/2"));
+        assert_eq!(status.url.as_deref(), Some("http://p-api.ns.svc:80"));
+        let replicas = status.replicas.expect("replica counts");
+        assert_eq!(
+            (replicas.api, replicas.worker, replicas.writer),
+            (
+                ReplicaCounts {
+                    ready: 2,
+                    desired: 2
+                },
+                ReplicaCounts {
+                    ready: 1,
+                    desired: 3
+                },
+                None
+            ),
+            "no writer in the standard architecture"
+        );
+
+        let all = compute(None, &standard_plan(), &seen(&api, None), Some(1), &at(2));
+        assert_eq!(all.ready_roles.as_deref(), Some("2/2"));
+    }
+
+    #[test]
+    fn a_missing_secret_is_degraded_and_named_before_the_rollout_it_blocks() {
+        let api = healthy();
+        let worker = RoleState {
+            rolled_out: false,
+            failure: Some("ReplicaSet has timed out progressing".into()),
+            ..healthy()
+        };
+        let problems = vec!["secret ocr-mysql (spec.database.secret) not found".to_string()];
+        let observed = Observation {
+            api: &api,
+            worker: &worker,
+            secret_problems: problems,
+            ..seen(&api, None)
+        };
+        let status = compute(None, &standard_plan(), &observed, Some(1), &at(2));
+        let degraded = condition(&status, DEGRADED);
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", SECRET_UNAVAILABLE)
+        );
+        assert!(
+            degraded.message.contains("ocr-mysql"),
+            "{}",
+            degraded.message
+        );
+        assert!(
+            degraded
+                .message
+                .contains("worker: ReplicaSet has timed out"),
+            "{}",
+            degraded.message
+        );
+        assert_eq!(status.phase, Some(Phase::Degraded));
+    }
+
+    #[test]
+    fn each_new_degraded_reason_is_reported_once() {
+        let role = healthy();
+        let plan = standard_plan();
+        let fine = compute(None, &plan, &seen(&role, None), Some(1), &at(2));
+        let kafka = compute(
+            Some(&fine),
+            &plan,
+            &seen(&role, Some("down")),
+            Some(1),
+            &at(3),
+        );
+        let (reason, message) = newly_degraded(Some(&fine), &kafka).expect("reported");
+        assert_eq!(reason, KAFKA_UNAVAILABLE);
+        assert!(message.contains("down"), "{message}");
+        let still = compute(
+            Some(&kafka),
+            &plan,
+            &seen(&role, Some("down")),
+            Some(1),
+            &at(4),
+        );
+        assert_eq!(newly_degraded(Some(&kafka), &still), None, "same failure");
+
+        let refused = failed(Some(&still), APPLY_FAILED, "forbidden", Some(1), &at(5));
+        assert_eq!(
+            newly_degraded(Some(&still), &refused).map(|(reason, _)| reason),
+            Some(APPLY_FAILED.to_string()),
+            "a different failure"
+        );
+        assert_eq!(refused.phase, Some(Phase::Degraded));
     }
 }

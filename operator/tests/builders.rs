@@ -567,3 +567,40 @@ fn precision_and_batches_in_flight_follow_the_device_unless_set() {
     assert_eq!(parsed["model"]["precision"].as_str(), Some("bf16"));
     assert_eq!(parsed["worker"]["batches_in_flight"].as_integer(), Some(3));
 }
+
+/// The Secrets the operator checks before the pods would get stuck on them
+/// are exactly those the rendered pods read: the writer's webhook key only
+/// where a writer runs, Kafka's credentials never (the Kafka client setup
+/// reports those).
+#[test]
+fn required_secrets_are_the_ones_the_rendered_pods_read() {
+    use ocr_operator::controller::required_secrets;
+    let keys = |names: &[&str]| -> std::collections::BTreeSet<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    };
+    let standard = support::pipeline("standard");
+    let needed = required_secrets(&standard, &rendered(&standard, true));
+    assert_eq!(
+        needed.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["ocr-mysql", "ocr-redis", "ocr-s3"]
+    );
+    assert_eq!(needed["ocr-mysql"], keys(&["url"]));
+    assert_eq!(needed["ocr-redis"], keys(&["redis-url"]));
+    assert_eq!(
+        needed["ocr-s3"],
+        keys(&["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
+    );
+
+    let mut writer = support::pipeline_json("writer");
+    writer["spec"]["kafka"]["security"] = serde_json::json!({
+        "sasl": {"secret": "kafka-user"},
+        "tls": {"caSecret": "kafka-ca"},
+    });
+    let writer: OcrPipeline = serde_json::from_value(writer).expect("parses");
+    let needed = required_secrets(&writer, &rendered(&writer, true));
+    assert_eq!(needed["ocr-webhook"], keys(&["secret"]));
+    assert!(
+        !needed.contains_key("kafka-user") && !needed.contains_key("kafka-ca"),
+        "{needed:?}"
+    );
+}

@@ -112,6 +112,26 @@ impl Harness {
     fn new(architecture: &str) -> Harness {
         let fake = FakeApi::default();
         fake.insert(&pipelines(NAMESPACE), support::pipeline_json(architecture));
+        // The Secrets the sample pipeline's pods read.
+        fake.insert(
+            SECRETS,
+            secret("ocr-mysql", &[("url", "mysql://ocr@db/ocr")]),
+        );
+        fake.insert(
+            SECRETS,
+            secret("ocr-redis", &[("redis-url", "redis://redis:6379")]),
+        );
+        fake.insert(
+            SECRETS,
+            secret(
+                "ocr-s3",
+                &[
+                    ("AWS_ACCESS_KEY_ID", "id"),
+                    ("AWS_SECRET_ACCESS_KEY", "key"),
+                ],
+            ),
+        );
+        fake.insert(SECRETS, secret("ocr-webhook", &[("secret", "hmac")]));
         let kafka = Arc::new(FakeKafka::default());
         *kafka.api.lock().expect("lock") = Some(fake.clone());
         let client = fake.client();
@@ -997,4 +1017,213 @@ async fn a_stale_cached_copy_does_not_undo_the_last_status() {
     let status = h.status();
     assert_eq!(status["createdTopics"], created, "{status}");
     assert_eq!(status["migration"]["startedAt"], started_at, "{status}");
+}
+
+/// Without autoscalers the Deployments hold the spec's replica counts (in
+/// this fake API no autoscaler would set them).
+fn without_autoscaling(h: &Harness) {
+    h.fake.update(&pipelines(NAMESPACE), NAME, |p| {
+        if let Some(spec) = p["spec"].as_object_mut() {
+            spec.remove("autoscaling");
+        }
+    });
+}
+
+fn event_requests(fake: &FakeApi) -> Vec<String> {
+    summaries(fake)
+        .into_iter()
+        .filter(|s| s.contains("events"))
+        .collect()
+}
+
+fn warnings(fake: &FakeApi, reason: &str) -> usize {
+    fake.get_all(&format!(
+        "/apis/events.k8s.io/v1/namespaces/{NAMESPACE}/events"
+    ))
+    .iter()
+    .filter(|e| e["reason"] == reason && e["type"] == "Warning")
+    .count()
+}
+
+/// Issue 11, item 5: `kubectl get ocrp` and `status` show where to submit
+/// jobs and how many of each role's pods are ready.
+#[tokio::test]
+async fn the_status_shows_the_url_and_ready_pods_per_role() {
+    let h = Harness::new("writer");
+    without_autoscaling(&h);
+    h.reconcile().await.expect("adds the finalizer");
+    h.reconcile().await.expect("applies");
+    h.roll_out("api");
+    h.reconcile().await.expect("observes");
+    let status = h.status();
+    assert_eq!(status["url"], "http://demo-api.ocr.svc:80");
+    assert_eq!(status["readyRoles"], "1/3", "{status}");
+    assert_eq!(status["replicas"]["api"], json!({"ready": 2, "desired": 2}));
+    assert_eq!(
+        status["replicas"]["worker"],
+        json!({"ready": 0, "desired": 3})
+    );
+    assert_eq!(
+        status["replicas"]["writer"],
+        json!({"ready": 0, "desired": 2})
+    );
+
+    h.roll_out("worker");
+    h.roll_out("writer");
+    h.reconcile().await.expect("settles");
+    let status = h.status();
+    assert_eq!(status["readyRoles"], "3/3", "{status}");
+    assert_eq!(
+        status["replicas"]["writer"],
+        json!({"ready": 2, "desired": 2})
+    );
+}
+
+/// Issue 11, item 5: a Secret the pods read that is missing (or lacks its
+/// key) is `Degraded` at once, with one Warning event; the pods would only
+/// sit in CreateContainerConfigError otherwise.
+#[tokio::test]
+async fn a_missing_secret_the_pods_need_is_degraded_with_one_warning() {
+    let h = Harness::new("standard");
+    h.fake.remove(SECRETS, "ocr-mysql");
+    h.fake
+        .insert(SECRETS, secret("ocr-s3", &[("AWS_ACCESS_KEY_ID", "id")]));
+    h.reconcile().await.expect("adds the finalizer");
+    h.reconcile().await.expect("applies anyway");
+    assert!(h.deployment("worker").is_some(), "the rollout goes on");
+    let degraded = condition(&h.status(), "Degraded");
+    assert_eq!(degraded["status"], "True", "{degraded}");
+    assert_eq!(degraded["reason"], "SecretUnavailable");
+    let message = degraded["message"].as_str().expect("message");
+    assert!(message.contains("Secret ocr-mysql not found"), "{message}");
+    assert!(
+        message.contains("Secret ocr-s3 has no key AWS_SECRET_ACCESS_KEY"),
+        "{message}"
+    );
+    assert_eq!(h.status()["phase"], "Degraded");
+    assert_eq!(warnings(&h.fake, "SecretUnavailable"), 1);
+
+    h.reconcile().await.expect("still missing");
+    assert_eq!(
+        event_requests(&h.fake),
+        Vec::<String>::new(),
+        "once per failure"
+    );
+
+    h.fake.insert(
+        SECRETS,
+        secret("ocr-mysql", &[("url", "mysql://ocr@db/ocr")]),
+    );
+    h.fake.insert(
+        SECRETS,
+        secret(
+            "ocr-s3",
+            &[
+                ("AWS_ACCESS_KEY_ID", "id"),
+                ("AWS_SECRET_ACCESS_KEY", "key"),
+            ],
+        ),
+    );
+    h.roll_out("api");
+    h.roll_out("worker");
+    h.reconcile().await.expect("recovers");
+    assert_eq!(condition(&h.status(), "Degraded")["status"], "False");
+    assert_eq!(h.status()["phase"], "Running");
+}
+
+/// Issue 11, item 5: an object the API server refuses (an admission policy,
+/// a quota) is `Degraded` with the server's message and one Warning event;
+/// the migration state is kept as it was and the round is retried.
+#[tokio::test]
+async fn an_apply_the_api_server_refuses_is_degraded_with_one_warning() {
+    let h = Harness::new("standard");
+    h.create_and_settle().await;
+    let before = h.status();
+    h.fake.refuse_applies(
+        &deployments(NAMESPACE),
+        "demo-worker",
+        403,
+        "Forbidden",
+        "admission webhook \"policy.example.com\" denied the request: GPUs need a priority class",
+    );
+    h.set_architecture("batched");
+    let error = h.reconcile().await.expect_err("the apply fails");
+    assert_eq!(error.category(), "apply");
+    let status = h.status();
+    let degraded = condition(&status, "Degraded");
+    assert_eq!(degraded["status"], "True", "{status}");
+    assert_eq!(degraded["reason"], "ApplyFailed");
+    let message = degraded["message"].as_str().expect("message");
+    assert!(
+        message.contains("applying Deployment demo-worker")
+            && message.contains("GPUs need a priority class"),
+        "{message}"
+    );
+    assert_eq!(status["phase"], "Degraded");
+    assert_eq!(
+        status["migration"], before["migration"],
+        "no migration step is recorded for a round that could not act"
+    );
+    assert_eq!(warnings(&h.fake, "ApplyFailed"), 1);
+
+    h.reconcile().await.expect_err("still refused");
+    assert_eq!(
+        event_requests(&h.fake),
+        Vec::<String>::new(),
+        "once per failure"
+    );
+
+    h.fake.accept_applies();
+    h.reconcile().await.expect("applies");
+    let status = h.status();
+    assert_eq!(
+        condition(&status, "Degraded")["status"],
+        "False",
+        "{status}"
+    );
+    assert_eq!(status["migration"]["phase"], "RollingWorkers");
+    assert_eq!(h.worker_mode(), "batched");
+}
+
+/// Issue 11, item 5: the operator's /metrics show each pipeline's phase and
+/// pods, and forget a pipeline once it is deleted.
+#[tokio::test]
+async fn pipeline_metrics_follow_the_status_and_go_with_the_pipeline() {
+    let h = Harness::new("standard");
+    without_autoscaling(&h);
+    h.create_and_settle().await;
+    let text = h.ctx.metrics.render().expect("encodes");
+    for line in [
+        r#"ocr_operator_pipeline_phase{namespace="ocr",pipeline="demo",phase="Running"} 1"#,
+        r#"ocr_operator_pipeline_phase{namespace="ocr",pipeline="demo",phase="Pending"} 0"#,
+        r#"ocr_operator_pipeline_ready_replicas{namespace="ocr",pipeline="demo",role="worker"} 3"#,
+        r#"ocr_operator_pipeline_desired_replicas{namespace="ocr",pipeline="demo",role="api"} 2"#,
+        r#"ocr_operator_pipeline_migration_seconds{namespace="ocr",pipeline="demo"} 0"#,
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
+
+    h.set_architecture("batched");
+    h.reconcile().await.expect("starts the migration");
+    let text = h.ctx.metrics.render().expect("encodes");
+    assert!(
+        text.contains(
+            r#"ocr_operator_pipeline_phase{namespace="ocr",pipeline="demo",phase="Migrating"} 1"#
+        ),
+        "{text}"
+    );
+    h.roll_out("worker");
+    h.reconcile().await.expect("completes");
+    let text = h.ctx.metrics.render().expect("encodes");
+    assert!(
+        text.contains(
+            r#"ocr_operator_migration_duration_seconds_count{from="standard",to="batched"} 1"#
+        ),
+        "{text}"
+    );
+
+    delete_pipeline(&h);
+    h.reconcile().await.expect("cleanup completes");
+    let text = h.ctx.metrics.render().expect("encodes");
+    assert!(!text.contains(r#"pipeline="demo""#), "{text}");
 }

@@ -28,6 +28,7 @@ async fn run_takes_the_lease_and_reconciles_existing_pipelines() {
             identity: Some("test-replica".into()),
             // No Kafka here: the rdkafka adapter would wait for the brokers on every reconcile.
             kafka_admin: KafkaAdminKind::External,
+            watch_namespaces: Vec::new(),
         },
         async move {
             let _ = stopped.await;
@@ -55,6 +56,79 @@ async fn run_takes_the_lease_and_reconciles_existing_pipelines() {
     }
     let lease = fake.get(LEASES, "ocr-operator-leader").expect("lease");
     assert_eq!(lease["spec"]["holderIdentity"], "test-replica");
+
+    let _ = stop.send(());
+    let result = tokio::time::timeout(Duration::from_secs(10), operator)
+        .await
+        .expect("shuts down")
+        .expect("task");
+    assert!(result.is_ok(), "{result:?}");
+}
+
+/// `--watch-namespaces`: only the listed namespaces' pipelines are
+/// reconciled, and nothing is listed at cluster scope (where the operator
+/// then has no rights: the chart grants them per namespace).
+#[tokio::test]
+async fn watch_namespaces_confines_the_operator_to_the_listed_namespaces() {
+    let fake = FakeApi::default();
+    fake.insert(&pipelines(NAMESPACE), support::pipeline_json("standard"));
+    let mut elsewhere = support::pipeline_json("standard");
+    elsewhere["metadata"]["namespace"] = serde_json::json!("elsewhere");
+    elsewhere["metadata"]["uid"] = serde_json::json!("7a1c1f2e-0000-4000-8000-000000000009");
+    fake.insert(&pipelines("elsewhere"), elsewhere);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binds");
+    let (stop, stopped) = futures::channel::oneshot::channel::<()>();
+    let operator = tokio::spawn(run_with(
+        fake.client(),
+        listener,
+        RunOptions {
+            http_addr: "127.0.0.1:0".parse().expect("address"),
+            lease_namespace: "ops".into(),
+            lease_name: "ocr-operator-leader".into(),
+            identity: Some("test-replica".into()),
+            kafka_admin: KafkaAdminKind::External,
+            watch_namespaces: vec![NAMESPACE.into()],
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while fake
+        .get(&pipelines(NAMESPACE), NAME)
+        .map(|p| p["status"]["architecture"].clone())
+        .is_none_or(|a| a != "standard")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the listed namespace was not reconciled: {:?}",
+            fake.log().iter().map(|r| r.summary()).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Unconfined, the other pipeline would have been reconciled by now too.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        fake.get_all(&deployments("elsewhere")).is_empty(),
+        "a pipeline outside --watch-namespaces got objects"
+    );
+    let other = fake.get(&pipelines("elsewhere"), NAME).expect("pipeline");
+    assert!(other["status"].is_null(), "{other}");
+    assert!(other["metadata"]["finalizers"].is_null(), "{other}");
+    let cluster_wide: Vec<String> = fake
+        .log()
+        .iter()
+        .filter(|r| r.method == "GET" && !r.path.contains("/namespaces/"))
+        .filter(|r| !r.path.contains("customresourcedefinitions"))
+        .map(|r| r.summary())
+        .collect();
+    assert!(
+        cluster_wide.is_empty(),
+        "listed at cluster scope: {cluster_wide:?}"
+    );
 
     let _ = stop.send(());
     let result = tokio::time::timeout(Duration::from_secs(10), operator)

@@ -50,6 +50,7 @@ use deployment::deployment;
 pub use deployment::{default_requests, replicas_handover};
 use pdb::pdb;
 use service::api_service;
+pub use service::api_url;
 
 pub const MANAGER: &str = "ocr-operator";
 pub const PIPELINE_LABEL: &str = "ocr.serving.dev/pipeline";
@@ -476,6 +477,29 @@ mod tests {
             .find(|o| o.kind == ManagedKind::Deployment && o.name == name)
             .map(|o| &o.body)
             .unwrap_or_else(|| panic!("no Deployment {name}"))
+    }
+
+    /// `status.url` must name the Service the pipeline really gets, on its HTTP port.
+    #[test]
+    fn api_url_is_the_rendered_services_address() {
+        let p = pipeline(json!({"api": {"service": {"port": 8081}}}));
+        let r = rendered(&p);
+        let service = r
+            .objects
+            .iter()
+            .find(|o| o.kind == ManagedKind::Service)
+            .expect("the API Service");
+        let http = service.body["spec"]["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|port| port["name"] == "http")
+            .expect("an http port");
+        assert_eq!(http["port"], 8081);
+        assert_eq!(
+            api_url("demo", "ocr", &p),
+            format!("http://{}.ocr.svc:8081", service.name)
+        );
     }
 
     fn container<'a>(d: &'a Value, name: &str) -> &'a Value {

@@ -2,6 +2,16 @@
 
 use super::*;
 
+/// The in-cluster address of the API Service that [`api_service`] renders
+/// (`status.url`): its DNS name, which resolves in every namespace, and its HTTP port.
+pub fn api_url(pipeline_name: &str, namespace: &str, p: &OcrPipeline) -> String {
+    format!(
+        "http://{}.{namespace}.svc:{}",
+        object_name(pipeline_name, Role::Api.as_str()),
+        p.spec.api.service.port
+    )
+}
+
 pub(super) fn api_service(ctx: &Ctx) -> Service {
     let spec = &ctx.p.spec.api.service;
     Service {

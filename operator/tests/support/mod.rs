@@ -43,6 +43,9 @@ struct State {
     next_version: u64,
     /// (collection, name): right after the next GET of it, another client updates it.
     race: Option<(String, String)>,
+    /// (collection, name) → (code, reason, message): server-side applies of
+    /// that object are refused, as an admission webhook or a quota would.
+    refused: BTreeMap<(String, String), (u16, String, String)>,
 }
 
 #[derive(Clone, Default)]
@@ -349,6 +352,14 @@ impl FakeApi {
                 (200, patched)
             }
             ("PATCH", Some(name)) if r.content_type.contains("apply-patch") => {
+                if target.subresource.is_none() {
+                    if let Some((code, reason, message)) = state
+                        .refused
+                        .get(&(target.collection.clone(), name.clone()))
+                    {
+                        return status_response(*code, reason, message);
+                    }
+                }
                 let body = r.body.clone().unwrap_or(Value::Null);
                 if target.subresource.as_deref() == Some("status") {
                     let Some(existing) = collection.get_mut(&name) else {
@@ -452,6 +463,25 @@ impl FakeApi {
                 "availableReplicas": replicas,
             });
         });
+    }
+
+    /// Server-side applies of `collection/name` fail with `code` until [`Self::accept_applies`].
+    pub fn refuse_applies(
+        &self,
+        collection: &str,
+        name: &str,
+        code: u16,
+        reason: &str,
+        message: &str,
+    ) {
+        self.state.lock().expect("fake state").refused.insert(
+            (collection.to_string(), name.to_string()),
+            (code, reason.to_string(), message.to_string()),
+        );
+    }
+
+    pub fn accept_applies(&self) {
+        self.state.lock().expect("fake state").refused.clear();
     }
 
     /// Another client writes `name` between our next GET of it and whatever follows.
