@@ -4,8 +4,9 @@
 #   1. charts/ocr-operator/crds/ocrpipeline.yaml is byte-identical to
 #      crds/ocrpipeline.yaml (the generated CRD).
 #   2. `helm lint --strict` and `helm template` with Helm 4 and Helm 3, for each
-#      values case: defaults, ci/all-on-values.yaml (every option on), and an
-#      external ServiceAccount with rbac/service off. Both Helm majors must
+#      values case: defaults, ci/all-on-values.yaml (every option on, the
+#      operator confined to two namespaces), an external ServiceAccount with
+#      rbac/service off, and watchNamespaces naming the release namespace. Both Helm majors must
 #      render the same manifests. Misconfigurations the chart refuses must fail.
 #      `helm package` must ship crds/ and leave ci/ out; NOTES.txt must render.
 #   3. Every rendered object, crds/*.yaml and examples/*.yaml against the
@@ -21,7 +22,12 @@
 #      read-only root filesystem, no capabilities and the RuntimeDefault
 #      seccomp profile (Pod Security restricted), POD_NAMESPACE/POD_NAME
 #      come from the downward API, and the RBAC rules are exactly the rights
-#      the operator's code uses (and within operator/deploy/rbac.yaml).
+#      the operator's code uses (and within operator/deploy/rbac.yaml): all
+#      in the ClusterRole, or with watchNamespaces (--watch-namespaces) in a
+#      Role per listed namespace, the ClusterRole keeping only what must stay
+#      cluster-wide (no secrets). The aggregated <fullname>-view/-edit
+#      ClusterRoles grant exactly their OcrPipeline verbs and carry the
+#      aggregate-to-view / aggregate-to-edit+admin labels.
 #
 # Not checked here: a ServiceMonitor against the prometheus-operator CRD
 # schema (not available offline; its fields are checked by hand below), and
@@ -69,7 +75,7 @@ done
 echo "    identical"
 
 # ---------------------------------------------------------------- 2. helm
-CASES=(default all-on external-sa)
+CASES=(default all-on external-sa watch-namespaces)
 case_args() { # values case -> CASE_ARGS
   CASE_ARGS=()
   case $1 in
@@ -77,6 +83,8 @@ case_args() { # values case -> CASE_ARGS
     all-on) CASE_ARGS=(--values "$CHART/ci/all-on-values.yaml") ;;
     external-sa) CASE_ARGS=(--set serviceAccount.create=false --set serviceAccount.name=preexisting-sa
       --set rbac.create=false --set metrics.service.enabled=false) ;;
+    # The release namespace among them: its Role for the pipelines sits next to the Lease's.
+    watch-namespaces) CASE_ARGS=(--set "watchNamespaces={$NAMESPACE,team-c}") ;;
     *) die "unknown values case $1" ;;
   esac
 }
@@ -114,6 +122,7 @@ refuse() { # description, helm args...
 refuse "serviceAccount.create=false without a name" --set serviceAccount.create=false
 refuse "serviceMonitor without the metrics Service" --set metrics.serviceMonitor.enabled=true --set metrics.service.enabled=false
 refuse "kubeVersion below the chart's minimum" --kube-version 1.28.0
+refuse "watchNamespaces entry that is not a namespace name" --set "watchNamespaces={Team_A}"
 
 say "NOTES.txt renders (helm 4 install --dry-run=client)"
 for case in "${CASES[@]}"; do
@@ -152,7 +161,9 @@ LEASE_DEFAULT = "ocr-operator-leader"
 # ---- the rights `ocr-operator run` uses (operator/src): (group, resource, verb, resourceName or None)
 def rights(group, resources, verbs, names=(None,)):
     return {(group, r, v, n) for r in resources for v in verbs for n in names}
-EXPECTED_CLUSTER = (
+# In every namespace the operator reconciles (the ClusterRole, or with
+# --watch-namespaces a Role in each listed namespace):
+EXPECTED_NAMESPACED = (
     rights("ocr.serving.dev", ["ocrpipelines"], ["get", "list", "watch", "patch"])   # Controller watch; fresh status read; finalizer JSON patch
     | rights("ocr.serving.dev", ["ocrpipelines/status"], ["patch"])            # patch_status (server-side apply)
     | rights("", ["configmaps", "services"], ["list", "watch", "create", "patch", "delete"])
@@ -160,11 +171,25 @@ EXPECTED_CLUSTER = (
     | rights("policy", ["poddisruptionbudgets"], ["list", "create", "patch", "delete"])
     | rights("autoscaling", ["horizontalpodautoscalers"], ["list", "create", "patch", "delete"])
     | rights("keda.sh", ["scaledobjects", "triggerauthentications"], ["list", "create", "patch", "delete"])
-    | rights("", ["secrets"], ["get"])                                           # spec.kafka.security credentials
+    | rights("", ["secrets"], ["get"])                                           # spec.kafka.security credentials; the pods' Secrets checked
     | rights("", ["pods"], ["list"])                                             # worker pods, terminating ones included (migration/finalizer drain gate)
     | rights("events.k8s.io", ["events"], ["create", "patch"])                 # kube-runtime Recorder
-    | rights("apiextensions.k8s.io", ["customresourcedefinitions"], ["get"], ["scaledobjects.keda.sh"])
 )
+KEDA_CRD = rights("apiextensions.k8s.io", ["customresourcedefinitions"], ["get"], ["scaledobjects.keda.sh"])
+EXPECTED_CLUSTER = EXPECTED_NAMESPACED | KEDA_CRD
+# With --watch-namespaces, all that stays cluster-wide: KEDA detection, and
+# listing pipelines everywhere so deleteTopics spares topics others use.
+EXPECTED_CLUSTER_WATCHING = rights("ocr.serving.dev", ["ocrpipelines"], ["list"]) | KEDA_CRD
+# What each values case passes as --watch-namespaces (scripts/check-chart.sh CASES).
+EXPECTED_WATCH = {"default": [], "all-on": ["team-a", "team-b"], "external-sa": [],
+                  "watch-namespaces": ["ocr-system", "team-c"]}
+AGGREGATE = "rbac.authorization.k8s.io/aggregate-to-"
+# Aggregated ClusterRoles for people: name suffix -> (labels set to "true", rights)
+EXPECTED_AGGREGATED = {
+    "view": ({AGGREGATE + "view"}, rights("ocr.serving.dev", ["ocrpipelines"], ["get", "list", "watch"])),
+    "edit": ({AGGREGATE + "edit", AGGREGATE + "admin"},
+             rights("ocr.serving.dev", ["ocrpipelines"], ["get", "list", "watch", "create", "update", "patch", "delete"])),
+}
 def expected_lease(name):
     return rights("coordination.k8s.io", ["leases"], ["create"]) | rights("coordination.k8s.io", ["leases"], ["get", "update"], [name])
 
@@ -263,6 +288,9 @@ def check_chart(case, objects):
     if not args or args[0] != "run":
         fail(where, f"container args must start with the `run` subcommand, got {args}")
     lease = next((a.split("=", 1)[1] for a in args if a.startswith("--lease-name=")), LEASE_DEFAULT)
+    watched = next((a.split("=", 1)[1].split(",") for a in args if a.startswith("--watch-namespaces=")), [])
+    if case in EXPECTED_WATCH and watched != EXPECTED_WATCH[case]:
+        fail(where, f"--watch-namespaces is {watched}, expected {EXPECTED_WATCH[case]}")
     for probe in ("livenessProbe", "readinessProbe"):
         get = (c.get(probe) or {}).get("httpGet")
         if not get or get.get("path") != "/healthz":
@@ -302,7 +330,11 @@ def check_chart(case, objects):
     for sm in by_kind("ServiceMonitor"):
         check_servicemonitor(f"{where} {ident(sm)}", sm, objects)
 
-    roles = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in by_kind("ClusterRole") + by_kind("Role")}
+    is_aggregated = lambda o: any(k.startswith(AGGREGATE) for k in (o["metadata"].get("labels") or {}))
+    aggregated = [o for o in by_kind("ClusterRole") if is_aggregated(o)]
+    cluster_roles = [o for o in by_kind("ClusterRole") if not is_aggregated(o)]
+    # The operator's own roles; a binding to an aggregated role fails below.
+    roles = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in cluster_roles + by_kind("Role")}
     bindings = by_kind("ClusterRoleBinding") + by_kind("RoleBinding")
     for b in bindings:
         ref = b["roleRef"]
@@ -312,28 +344,61 @@ def check_chart(case, objects):
         for s in b["subjects"]:
             if (s["kind"], s["name"], s.get("namespace")) != ("ServiceAccount", sa_name, ns):
                 fail(where, f"{ident(b)} binds {s}, not the operator's ServiceAccount {ns}/{sa_name}")
+    if not roles and aggregated:
+        fail(where, "aggregated ClusterRoles without the operator's RBAC (rbac.create=false)")
     if roles:
         reference = reference_rights()
-        for o in roles.values():
+        for o in list(roles.values()) + aggregated:
             for r in o.get("rules", []):
                 if "*" in r.get("verbs", []) + r.get("resources", []) + r.get("apiGroups", []):
                     fail(where, f"{ident(o)} has a wildcard rule {r}")
-        cluster = set().union(*[granted(o["rules"]) for o in by_kind("ClusterRole")]) if by_kind("ClusterRole") else set()
-        if cluster != EXPECTED_CLUSTER:
-            for x in sorted(EXPECTED_CLUSTER - cluster, key=str):
-                fail(where, f"ClusterRole lacks {x}, which the operator uses")
-            for x in sorted(cluster - EXPECTED_CLUSTER, key=str):
-                fail(where, f"ClusterRole grants {x}, which the operator does not use")
-        leases = set().union(*[granted(o["rules"]) for o in by_kind("Role") if o["metadata"]["namespace"] == ns]) if by_kind("Role") else set()
-        if leases != expected_lease(lease):
-            fail(where, f"the Role in {ns} must grant exactly create leases and get/update lease {lease!r}; grants {sorted(leases, key=str)}")
-        for x in sorted(cluster | leases, key=str):
+        cluster = set().union(set(), *[granted(o["rules"]) for o in cluster_roles])
+        expected_cluster = EXPECTED_CLUSTER_WATCHING if watched else EXPECTED_CLUSTER
+        scope = f"with --watch-namespaces={','.join(watched)}" if watched else "cluster-wide"
+        for x in sorted(expected_cluster - cluster, key=str):
+            fail(where, f"ClusterRole ({scope}) lacks {x}, which the operator uses")
+        for x in sorted(cluster - expected_cluster, key=str):
+            fail(where, f"ClusterRole ({scope}) grants {x}, which it must not")
+        if watched and any(x[1] == "secrets" for x in cluster):
+            fail(where, "the ClusterRole grants secrets although watchNamespaces confines the operator")
+        # Per namespace: the Lease in the release namespace, the pipelines' rights in each watched one.
+        per_ns = {}
+        for o in by_kind("Role"):
+            per_ns.setdefault(o["metadata"]["namespace"], set()).update(granted(o["rules"]))
+        expected_ns = {n: set(EXPECTED_NAMESPACED) for n in watched}
+        expected_ns.setdefault(ns, set()).update(expected_lease(lease))
+        for n in sorted(set(per_ns) | set(expected_ns)):
+            got, want = per_ns.get(n, set()), expected_ns.get(n, set())
+            for x in sorted(want - got, key=str):
+                fail(where, f"the Roles in namespace {n} lack {x} (leases: exactly create and get/update {lease!r})")
+            for x in sorted(got - want, key=str):
+                fail(where, f"the Roles in namespace {n} grant {x}, which the operator does not use there")
+        for x in sorted(cluster.union(*per_ns.values()), key=str):
             if not covered_by(x, reference):
                 fail(where, f"{x} is not in operator/deploy/rbac.yaml")
         bound = {b["roleRef"]["name"] for b in bindings}
         for key in roles:
             if key[2] not in bound:
                 fail(where, f"{key[0]} {key[2]} is not bound")
+        # Aggregated roles: for people (kubectl as a namespace viewer/editor), never bound here.
+        by_name = {o["metadata"]["name"]: o for o in aggregated}
+        fullname = dep["metadata"]["name"]
+        expected_names = {f"{fullname}-{suffix}" for suffix in EXPECTED_AGGREGATED}
+        for name in sorted(set(by_name) - expected_names):
+            fail(where, f"unexpected aggregated ClusterRole {name}")
+        for suffix, (labels, want) in EXPECTED_AGGREGATED.items():
+            o = by_name.get(f"{fullname}-{suffix}")
+            if o is None:
+                fail(where, f"no aggregated ClusterRole {fullname}-{suffix}")
+                continue
+            got_labels = {k for k, v in (o["metadata"].get("labels") or {}).items() if k.startswith(AGGREGATE) and v == "true"}
+            if got_labels != labels:
+                fail(where, f"{ident(o)} must carry exactly {sorted(labels)}=\"true\", has {sorted(got_labels)}")
+            got = granted(o["rules"])
+            if got != want:
+                fail(where, f"{ident(o)} grants {sorted(got, key=str)}, expected {sorted(want, key=str)}")
+            if o["metadata"]["name"] in bound:
+                fail(where, f"{ident(o)} is bound to the operator; it is for people")
 
 # ---- main
 inputs = [a.split(":", 2) for a in sys.argv[1:]]

@@ -55,3 +55,61 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
 {{- end }}
 {{- end }}
+
+{{/*
+The rights `ocr-operator run` uses on the objects of the namespaces it
+reconciles (see clusterrole.yaml for why each is needed). Granted
+cluster-wide by the ClusterRole, or with watchNamespaces by a Role in each
+listed namespace.
+*/}}
+{{- define "ocr-operator.pipelineRules" -}}
+- apiGroups: ["ocr.serving.dev"]
+  resources: ["ocrpipelines"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["ocr.serving.dev"]
+  resources: ["ocrpipelines/status"]
+  verbs: ["patch"]
+- apiGroups: [""]
+  resources: ["configmaps", "services"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["list", "create", "patch", "delete"]
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["list", "create", "patch", "delete"]
+- apiGroups: ["keda.sh"]
+  resources: ["scaledobjects", "triggerauthentications"]
+  verbs: ["list", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}
+
+{{/*
+watchNamespaces as "a,b" (empty: every namespace). A list, or a
+comma-separated string from `--set watchNamespaces=a`; each entry must be a
+namespace name (a DNS label).
+*/}}
+{{- define "ocr-operator.watchNamespaces" -}}
+{{- $namespaces := .Values.watchNamespaces | default list }}
+{{- if kindIs "string" $namespaces }}
+{{- $namespaces = splitList "," $namespaces }}
+{{- end }}
+{{- $namespaces = $namespaces | compact | uniq }}
+{{- range $namespaces }}
+{{- if not (regexMatch "^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$" (toString .)) }}
+{{- fail (printf "watchNamespaces: %q is not a namespace name (a DNS label)" (toString .)) }}
+{{- end }}
+{{- end }}
+{{- join "," $namespaces }}
+{{- end }}
