@@ -65,8 +65,29 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    ocr_runtime::telemetry::init();
     let cli = Cli::parse();
+    let telemetry = ocr_runtime::telemetry::init(cli.command.role());
+    let outcome = run(cli).await;
+    telemetry.shutdown().await;
+    outcome
+}
+
+impl Command {
+    /// The service name in traces: `ocr-<role>`.
+    fn role(&self) -> &'static str {
+        match self {
+            Command::Standalone => "standalone",
+            Command::Api => "api",
+            Command::Worker => "worker",
+            Command::Writer { .. } => "writer",
+            Command::Lag { .. } => "lag",
+            Command::Recognize { .. } => "recognize",
+            Command::Migrate => "migrate",
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut config = Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::Standalone => {

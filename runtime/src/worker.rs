@@ -8,7 +8,7 @@
 //! Shutdown is graceful: gathering stops, the batches in hand finish and are
 //! completed; what is still retrying stays uncommitted and is redelivered.
 
-use crate::app::process::{HandleJobs, Handled};
+use crate::app::process::{HandleJobs, Handled, JobInHand};
 use crate::domain::message::JobMessage;
 use crate::domain::retry::Backoff;
 use crate::metrics::Metrics;
@@ -16,8 +16,10 @@ use crate::queue::{
     Delivery, MessageConsumer, MessageSink, Receipt, HEADER_DEAD_LETTER_KIND, HEADER_ERROR,
     HEADER_JOB_ID,
 };
+use crate::telemetry;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -52,7 +54,7 @@ pub struct JobLoop {
 
 /// One job of a batch and every delivery of it (a batch may hold duplicates).
 struct Pending {
-    message: JobMessage,
+    job: JobInHand,
     receipts: Vec<Receipt>,
 }
 
@@ -81,21 +83,29 @@ impl JobLoop {
                 }
                 Gathered::Stopped => break,
             };
-            let (jobs, skipped) = decode(batch);
+            let batch_span = tracing::info_span!(
+                parent: None,
+                "ocr.batch",
+                ocr.batch.messages = batch.len()
+            );
+            let (jobs, skipped) = decode(batch, &batch_span);
             in_flight_jobs += jobs.len();
             self.metrics.set_in_flight(in_flight_jobs);
             let handling = handling.clone();
             let shutdown = shutdown.clone();
-            running.spawn(async move {
-                let jobs_count = jobs.len();
-                let (mut done, interrupted) = handling.process(jobs, &shutdown).await;
-                done.extend(skipped);
-                Outcome {
-                    done,
-                    jobs: jobs_count,
-                    interrupted,
+            running.spawn(
+                async move {
+                    let jobs_count = jobs.len();
+                    let (mut done, interrupted) = handling.process(jobs, &shutdown).await;
+                    done.extend(skipped);
+                    Outcome {
+                        done,
+                        jobs: jobs_count,
+                        interrupted,
+                    }
                 }
-            });
+                .instrument(batch_span),
+            );
         }
         // Whatever is still being handled finishes and is completed.
         while let Some(outcome) = running.join_next().await {
@@ -212,24 +222,26 @@ impl Handling {
         let mut finished = Vec::new();
         let mut failures = 0;
         while !pending.is_empty() {
-            let messages: Vec<JobMessage> = pending.iter().map(|p| p.message.clone()).collect();
-            let outcomes = self.handler.handle(&messages).await;
+            let jobs: Vec<JobInHand> = pending.iter().map(|p| p.job.clone()).collect();
+            let outcomes = self.handler.handle(&jobs).await;
             let mut retry = Vec::new();
             for (job, outcome) in pending.into_iter().zip(outcomes) {
+                let id = job.job.message.job_id;
+                job.job.span.record("ocr.outcome", outcome.label());
                 match outcome {
                     Handled::Retry(reason) => {
-                        tracing::warn!(job = %job.message.job_id, %reason, "transient failure; retrying");
+                        tracing::warn!(job = %id, %reason, "transient failure; retrying");
                         retry.push(job);
                     }
                     Handled::DeadLettered(reason) => {
-                        tracing::error!(job = %job.message.job_id, %reason, "job dead-lettered");
-                        if !self.dead_letter(&job.message, &reason, shutdown).await {
+                        tracing::error!(job = %id, %reason, "job dead-lettered");
+                        if !self.dead_letter(&job.job.message, &reason, shutdown).await {
                             return (finished, true);
                         }
                         finished.extend(job.receipts);
                     }
                     other => {
-                        tracing::debug!(job = %job.message.job_id, outcome = ?other, "job handled");
+                        tracing::debug!(job = %id, outcome = ?other, "job handled");
                         finished.extend(job.receipts);
                     }
                 }
@@ -284,17 +296,32 @@ impl Handling {
 
 /// Splits a batch into jobs (one entry per job id) and the receipts of
 /// messages that are not job messages, which are done as soon as seen.
-fn decode(batch: Vec<Delivery>) -> (Vec<Pending>, Vec<Receipt>) {
+/// Each job gets a span in the trace its message carries, linked to the
+/// batch's span.
+fn decode(batch: Vec<Delivery>, batch_span: &tracing::Span) -> (Vec<Pending>, Vec<Receipt>) {
     let mut jobs: Vec<Pending> = Vec::with_capacity(batch.len());
     let mut skipped = Vec::new();
     for delivery in batch {
         match JobMessage::decode(&delivery.payload) {
-            Ok(message) => match jobs.iter_mut().find(|p| p.message.job_id == message.job_id) {
+            Ok(message) => match jobs
+                .iter_mut()
+                .find(|p| p.job.message.job_id == message.job_id)
+            {
                 Some(existing) => existing.receipts.push(delivery.receipt),
-                None => jobs.push(Pending {
-                    message,
-                    receipts: vec![delivery.receipt],
-                }),
+                None => {
+                    let span = tracing::info_span!(
+                        parent: None,
+                        "ocr.job",
+                        ocr.job.id = %message.job_id,
+                        ocr.outcome = tracing::field::Empty,
+                    );
+                    telemetry::continue_trace(&span, delivery.traceparent.as_deref());
+                    telemetry::link(&span, batch_span);
+                    jobs.push(Pending {
+                        job: JobInHand { message, span },
+                        receipts: vec![delivery.receipt],
+                    })
+                }
             },
             Err(err) => {
                 tracing::warn!(error = %err, "skipping a message that is not a job message");
@@ -355,7 +382,7 @@ mod tests {
 
     #[async_trait]
     impl HandleJobs for SlowHandler {
-        async fn handle(&self, jobs: &[JobMessage]) -> Vec<Handled> {
+        async fn handle(&self, jobs: &[JobInHand]) -> Vec<Handled> {
             let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
             self.most_at_once.fetch_max(now, Ordering::SeqCst);
             tokio::time::sleep(self.delay).await;

@@ -6,10 +6,12 @@
 use crate::app::persist::{ResultWriter, Written};
 use crate::domain::message::ResultEvent;
 use crate::queue::MessageConsumer;
+use crate::telemetry;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Asks whether the group's lag on the results topic is zero.
 pub type LagProbe = Box<dyn Fn() -> LagFuture + Send + Sync>;
@@ -54,20 +56,31 @@ impl ResultLoop {
                 Some(Some(Ok(delivery))) => delivery,
             };
             match ResultEvent::decode(&delivery.payload) {
-                Ok(event) => match self.writer.write(&event, &shutdown).await {
-                    Ok(written) => {
-                        if written != Written::Duplicate {
-                            tracing::info!(
-                                job = %event.job_id,
-                                traceparent = delivery.traceparent.as_deref().unwrap_or(""),
-                                outcome = ?written,
-                                "result written"
-                            );
+                Ok(event) => {
+                    let span = tracing::info_span!(
+                        parent: None,
+                        "ocr.persist",
+                        ocr.job.id = %event.job_id,
+                        ocr.outcome = tracing::field::Empty,
+                    );
+                    telemetry::continue_trace(&span, delivery.traceparent.as_deref());
+                    let writing = self.writer.write(&event, &shutdown);
+                    match writing.instrument(span.clone()).await {
+                        Ok(written) => {
+                            span.record("ocr.outcome", tracing::field::debug(&written));
+                            if written != Written::Duplicate {
+                                tracing::info!(
+                                    job = %event.job_id,
+                                    traceparent = delivery.traceparent.as_deref().unwrap_or(""),
+                                    outcome = ?written,
+                                    "result written"
+                                );
+                            }
                         }
+                        // Uncommitted: the next writer writes it.
+                        Err(_interrupted) => break,
                     }
-                    // Uncommitted: the next writer writes it.
-                    Err(_interrupted) => break,
-                },
+                }
                 Err(err) => {
                     tracing::warn!(error = %err, "skipping a message that is not a result event");
                 }

@@ -2,7 +2,7 @@
 //! touch the database, so inference keeps going while it is slow or down.
 //! The writer role persists the events.
 
-use super::process::{infer, HandleJobs, Handled, RecognizeFailure};
+use super::process::{infer, HandleJobs, Handled, JobInHand, RecognizeFailure};
 use crate::domain::message::{traceparent, InferenceOutcome, JobMessage, ResultEvent};
 use crate::domain::JobId;
 use crate::metrics::Metrics;
@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use futures::future::join_all;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use tracing::Instrument;
 
 use super::process::Recognize;
 
@@ -107,7 +108,9 @@ impl InferAndPublish {
             Err(err) => return Handled::Retry(format!("encoding the result: {err}")),
         };
         let id = event.job_id.to_string();
-        let trace = traceparent(event.job_id, rand_span());
+        // Within the job's span: the writer continues the job's trace.
+        let trace = crate::telemetry::current_traceparent()
+            .unwrap_or_else(|| traceparent(event.job_id, rand_span()));
         let attempt = event.attempt.to_string();
         let headers = [
             (HEADER_JOB_ID, id.as_str()),
@@ -134,8 +137,12 @@ impl InferAndPublish {
 
 #[async_trait]
 impl HandleJobs for InferAndPublish {
-    async fn handle(&self, jobs: &[JobMessage]) -> Vec<Handled> {
-        let inputs = join_all(jobs.iter().map(|m| self.read_input(m))).await;
+    async fn handle(&self, jobs: &[JobInHand]) -> Vec<Handled> {
+        let inputs = join_all(jobs.iter().map(|job| {
+            self.read_input(&job.message)
+                .instrument(tracing::info_span!(parent: &job.span, "ocr.read_input"))
+        }))
+        .await;
         let mut prepared: Vec<Option<Prepared>> = Vec::with_capacity(jobs.len());
         let mut to_infer = Vec::new();
         let mut bytes = Vec::new();
@@ -151,7 +158,7 @@ impl HandleJobs for InferAndPublish {
         }
         let results = infer(&self.engine, bytes, &self.metrics).await;
         for (slot, result) in to_infer.into_iter().zip(results) {
-            let job_id = jobs[slot].job_id;
+            let job_id = jobs[slot].message.job_id;
             let attempt = self.attempt(job_id);
             prepared[slot] = Some(match result {
                 Ok(page) => Prepared::Publish(ResultEvent {
@@ -167,9 +174,12 @@ impl HandleJobs for InferAndPublish {
                 Err(RecognizeFailure::Engine(reason)) => self.transient(job_id, reason),
             });
         }
-        join_all(prepared.into_iter().map(|p| async move {
+        join_all(prepared.into_iter().zip(jobs).map(|(p, job)| async move {
             match p {
-                Some(Prepared::Publish(event)) => self.publish(&event).await,
+                Some(Prepared::Publish(event)) => {
+                    let span = tracing::info_span!(parent: &job.span, "ocr.publish_result");
+                    self.publish(&event).instrument(span).await
+                }
                 Some(Prepared::Done(handled)) => handled,
                 None => Handled::Skipped("not handled"),
             }

@@ -12,6 +12,7 @@ use futures::future::join_all;
 use ocr_engine::Page;
 use std::sync::Arc;
 use std::time::Instant;
+use tracing::Instrument;
 
 /// Why recognition of one image failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,11 +29,19 @@ pub trait Recognize: Send + Sync {
     fn recognize_batch(&self, images: &[&[u8]]) -> Vec<Result<Page, RecognizeFailure>>;
 }
 
+/// A job message being handled, and the span its work is recorded under
+/// (in the job's trace; see [`crate::telemetry`]).
+#[derive(Debug, Clone)]
+pub struct JobInHand {
+    pub message: JobMessage,
+    pub span: tracing::Span,
+}
+
 /// What a worker does with a micro-batch of job messages: one outcome per
 /// message, in order.
 #[async_trait]
 pub trait HandleJobs: Send + Sync {
-    async fn handle(&self, jobs: &[JobMessage]) -> Vec<Handled>;
+    async fn handle(&self, jobs: &[JobInHand]) -> Vec<Handled>;
 }
 
 /// Runs the engine on a thread that may block, timing the batch. A panic or a
@@ -52,6 +61,7 @@ pub async fn infer(
         let views: Vec<&[u8]> = inputs.iter().map(|b| b.as_ref()).collect();
         engine.recognize_batch(&views)
     })
+    .instrument(tracing::info_span!("ocr.infer", ocr.batch.size = count))
     .await;
     metrics.observe_inference(count, started.elapsed());
     match results {
@@ -83,6 +93,19 @@ pub enum Handled {
     Retry(String),
 }
 
+impl Handled {
+    /// For the job's span.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Handled::Succeeded => "succeeded",
+            Handled::Failed(_) => "failed",
+            Handled::DeadLettered(_) => "dead_lettered",
+            Handled::Skipped(_) => "skipped",
+            Handled::Retry(_) => "retry",
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Processor {
     pub store: JobStore,
@@ -97,20 +120,17 @@ enum Claim {
     Done(Handled),
 }
 
+/// Handles a batch; the result has one entry per job, in order. The
+/// database round trips of a batch run concurrently.
 #[async_trait]
 impl HandleJobs for Processor {
-    async fn handle(&self, jobs: &[JobMessage]) -> Vec<Handled> {
-        let ids: Vec<JobId> = jobs.iter().map(|m| m.job_id).collect();
-        self.handle_ids(&ids).await
-    }
-}
-
-impl Processor {
-    /// Handles a batch of job ids; the result has one entry per id, in order.
-    /// The database round trips of a batch run concurrently.
-    pub async fn handle_ids(&self, ids: &[JobId]) -> Vec<Handled> {
-        let mut outcomes: Vec<Option<Handled>> = vec![None; ids.len()];
-        let claims = join_all(ids.iter().map(|id| self.claim_with_input(*id))).await;
+    async fn handle(&self, jobs: &[JobInHand]) -> Vec<Handled> {
+        let mut outcomes: Vec<Option<Handled>> = vec![None; jobs.len()];
+        let claims = join_all(jobs.iter().map(|job| {
+            self.claim_with_input(job.message.job_id)
+                .instrument(tracing::info_span!(parent: &job.span, "ocr.claim"))
+        }))
+        .await;
         let mut claimed: Vec<(usize, Job)> = Vec::new();
         let mut inputs = Vec::new();
         for (slot, claim) in claims.into_iter().enumerate() {
@@ -123,12 +143,10 @@ impl Processor {
             }
         }
         let results = infer(&self.engine, inputs, &self.metrics).await;
-        let finished = join_all(
-            claimed
-                .iter()
-                .zip(results)
-                .map(|((_, job), result)| self.finish(job, result)),
-        )
+        let finished = join_all(claimed.iter().zip(results).map(|((slot, job), result)| {
+            self.finish(job, result)
+                .instrument(tracing::info_span!(parent: &jobs[*slot].span, "ocr.record"))
+        }))
         .await;
         for ((slot, _), outcome) in claimed.iter().zip(finished) {
             outcomes[*slot] = Some(outcome);
@@ -138,7 +156,9 @@ impl Processor {
             .map(|o| o.unwrap_or(Handled::Skipped("not handled")))
             .collect()
     }
+}
 
+impl Processor {
     /// Claims the job and reads its input; `Err` is the job's outcome when
     /// there is nothing to recognise.
     async fn claim_with_input(&self, id: JobId) -> Result<(Job, bytes::Bytes), Handled> {

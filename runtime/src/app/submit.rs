@@ -15,6 +15,8 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::Instant;
+use tracing::field::{display, Empty};
+use tracing::Instrument;
 
 /// A key whose first request has not finished after this long belongs to a
 /// request that died; a retry may take it over.
@@ -94,7 +96,26 @@ pub struct Submitter {
 }
 
 impl Submitter {
+    /// Accepts a job; its span is the root of the job's trace (see
+    /// [`crate::telemetry`]).
     pub async fn submit(&self, submission: Submission) -> Result<Submitted, SubmitError> {
+        let span = tracing::info_span!(
+            parent: None,
+            "ocr.accept",
+            ocr.job.id = Empty,
+            ocr.client = %submission.client_id,
+            ocr.input.bytes = submission.body.len(),
+            ocr.replayed = Empty,
+        );
+        let submitted = self.accept(submission).instrument(span.clone()).await;
+        if let Ok(Submitted::Replayed(job)) = &submitted {
+            span.record("ocr.job.id", display(job.id));
+            span.record("ocr.replayed", true);
+        }
+        submitted
+    }
+
+    async fn accept(&self, submission: Submission) -> Result<Submitted, SubmitError> {
         if let Some(guard) = &self.guard {
             if let Some(retry_after) = guard.over_limit(&submission.client_id, now_ms()).await {
                 return Err(SubmitError::RateLimited { retry_after });
@@ -212,6 +233,7 @@ impl Submitter {
         sha256: &str,
     ) -> Result<Job, SubmitError> {
         let id = JobId::new();
+        tracing::Span::current().record("ocr.job.id", display(id));
         let key = input_key(id);
         let new_job = NewJob {
             id,
@@ -245,13 +267,15 @@ impl Submitter {
 
     async fn timed<T>(&self, stage: SubmitStage, work: impl std::future::Future<Output = T>) -> T {
         let started = Instant::now();
-        let output = work.await;
+        let span = tracing::info_span!("ocr.accept.stage", otel.name = stage_span_name(stage));
+        let output = work.instrument(span).await;
         self.metrics.observe_stage(stage, started.elapsed());
         output
     }
 
     /// Publishes and records `Queued`. A failed publish is not the client's
     /// problem: the job is durable and the sweeper republishes it.
+    /// Called within the accept span, the message carries its trace.
     pub async fn publish(&self, id: JobId, input_key: &str) {
         let message = JobMessage::new(id, input_key);
         let published = self.timed(SubmitStage::Publish, self.publisher.publish(&message));
@@ -276,5 +300,15 @@ impl Submitter {
                 tracing::warn!(job = %id, error = %err, "publish failed; the sweeper will republish");
             }
         }
+    }
+}
+
+/// Span names of the accept path's stages, as in `ocr_submit_stage_seconds`.
+fn stage_span_name(stage: SubmitStage) -> &'static str {
+    match stage {
+        SubmitStage::Check => "ocr.check",
+        SubmitStage::Blob => "ocr.blob.put",
+        SubmitStage::Database => "ocr.db",
+        SubmitStage::Publish => "ocr.publish",
     }
 }

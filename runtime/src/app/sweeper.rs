@@ -6,6 +6,7 @@ use super::submit::Submitter;
 use crate::domain::JobStatus;
 use crate::storage::now_ms;
 use std::time::Duration;
+use tracing::Instrument;
 use tokio_util::sync::CancellationToken;
 
 pub async fn sweep_once(submitter: &Submitter, older_than: Duration) -> usize {
@@ -18,7 +19,15 @@ pub async fn sweep_once(submitter: &Submitter, older_than: Duration) -> usize {
         Ok(ids) => {
             for id in &ids {
                 match submitter.store.get(*id).await {
-                    Ok(Some(job)) => submitter.publish(job.id, &job.input_key).await,
+                    Ok(Some(job)) => {
+                        // The accept span is long gone: the republished
+                        // message starts a trace of its own.
+                        let span = tracing::info_span!(parent: None, "ocr.republish", ocr.job.id = %job.id);
+                        submitter
+                            .publish(job.id, &job.input_key)
+                            .instrument(span)
+                            .await
+                    }
                     Ok(None) => {}
                     Err(err) => {
                         tracing::warn!(job = %id, error = %err, "sweeper could not read a job")

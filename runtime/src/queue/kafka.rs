@@ -144,7 +144,8 @@ impl MessageSink for KafkaPublisher {
 impl JobPublisher for KafkaPublisher {
     async fn publish(&self, message: &JobMessage) -> Result<(), QueueError> {
         let id = message.job_id.to_string();
-        let trace = traceparent(message.job_id, rand_span());
+        let trace = crate::telemetry::current_traceparent()
+            .unwrap_or_else(|| traceparent(message.job_id, rand_span()));
         self.send(
             &id,
             &message.encode(),

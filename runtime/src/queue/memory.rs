@@ -8,6 +8,9 @@ use crate::domain::message::JobMessage;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
+/// A message in the channel: the payload and the publisher's `traceparent`.
+type Message = (Vec<u8>, Option<String>);
+
 pub fn channel() -> (MemoryPublisher, MemoryConsumer) {
     let (tx, rx) = mpsc::unbounded_channel();
     (MemoryPublisher { tx }, MemoryConsumer { rx, received: 0 })
@@ -15,11 +18,11 @@ pub fn channel() -> (MemoryPublisher, MemoryConsumer) {
 
 #[derive(Clone)]
 pub struct MemoryPublisher {
-    tx: mpsc::UnboundedSender<Vec<u8>>,
+    tx: mpsc::UnboundedSender<Message>,
 }
 
 pub struct MemoryConsumer {
-    rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    rx: mpsc::UnboundedReceiver<Message>,
     received: i64,
 }
 
@@ -27,7 +30,7 @@ pub struct MemoryConsumer {
 impl JobPublisher for MemoryPublisher {
     async fn publish(&self, message: &JobMessage) -> Result<(), QueueError> {
         self.tx
-            .send(message.encode())
+            .send((message.encode(), crate::telemetry::current_traceparent()))
             .map_err(|_| QueueError::Closed)
     }
 
@@ -43,7 +46,7 @@ impl JobPublisher for MemoryPublisher {
 #[async_trait]
 impl MessageConsumer for MemoryConsumer {
     async fn next(&mut self) -> Option<Result<Delivery, QueueError>> {
-        let payload = self.rx.recv().await?;
+        let (payload, traceparent) = self.rx.recv().await?;
         let receipt = Receipt {
             partition: 0,
             offset: self.received,
@@ -51,7 +54,7 @@ impl MessageConsumer for MemoryConsumer {
         self.received += 1;
         Some(Ok(Delivery {
             payload,
-            traceparent: None,
+            traceparent,
             receipt,
         }))
     }
