@@ -41,6 +41,9 @@ pub struct DatabaseConfig {
     /// `mysql://user:pass@host:3306/db` or `sqlite://path?mode=rwc`.
     pub url: String,
     pub max_connections: u32,
+    /// How long an operation waits for a connection before it fails: while
+    /// the database is down, the API answers 503 after this long.
+    pub acquire_timeout_ms: u64,
     /// Apply pending migrations at start-up (the `migrate` command does it explicitly).
     pub migrate_on_start: bool,
 }
@@ -75,6 +78,10 @@ pub struct QueueConfig {
     /// Accepted jobs older than this are republished by the sweeper (the API
     /// may have died between the database write and the publish).
     pub republish_after_ms: u64,
+    /// How long the API waits for the broker to acknowledge a job before it
+    /// answers anyway: the job is durable in the database, the publish goes
+    /// on in the background, and the sweeper republishes it if that fails.
+    pub publish_wait_ms: u64,
     /// TLS and SASL towards the brokers (`[queue.security]`).
     pub security: KafkaSecurityConfig,
 }
@@ -196,11 +203,18 @@ impl Default for ServerConfig {
     }
 }
 
+impl DatabaseConfig {
+    pub fn acquire_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.acquire_timeout_ms)
+    }
+}
+
 impl Default for DatabaseConfig {
     fn default() -> Self {
         DatabaseConfig {
             url: "sqlite://ocr-data/ocr.db?mode=rwc".into(),
             max_connections: 16,
+            acquire_timeout_ms: 500,
             migrate_on_start: true,
         }
     }
@@ -211,6 +225,12 @@ impl Default for BlobConfig {
         BlobConfig {
             url: "ocr-data/blobs".into(),
         }
+    }
+}
+
+impl QueueConfig {
+    pub fn publish_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.publish_wait_ms)
     }
 }
 
@@ -225,6 +245,7 @@ impl Default for QueueConfig {
             consumer_group: "ocr-worker".into(),
             writer_group: "ocr-writer".into(),
             republish_after_ms: 30_000,
+            publish_wait_ms: 500,
             security: KafkaSecurityConfig::default(),
         }
     }

@@ -70,6 +70,7 @@ async fn run_load(
         publisher,
         limits: LimitsConfig::default(),
         fault: Fault::None,
+        publish_wait: ocr_runtime::config::QueueConfig::default().publish_wait(),
         guard: None,
         metrics: metrics.clone(),
     };

@@ -81,6 +81,7 @@ async fn run_mode(
         publisher: Arc::new(publisher),
         limits: LimitsConfig::default(),
         fault: Fault::None,
+        publish_wait: ocr_runtime::config::QueueConfig::default().publish_wait(),
         guard: None,
         metrics: metrics.clone(),
     };

@@ -82,8 +82,12 @@ pub async fn open_storage(config: &Config) -> anyhow::Result<(JobStore, BlobStor
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("creating database directory {}", dir.display()))?;
     }
-    let store = JobStore::connect(&config.database.url, config.database.max_connections)
-        .await
+    let store = JobStore::connect_with(
+        &config.database.url,
+        config.database.max_connections,
+        config.database.acquire_timeout(),
+    )
+    .await
         .with_context(|| format!("opening database {}", redact(&config.database.url)))?;
     if config.database.migrate_on_start {
         store.migrate().await.context("migrating the database")?;
@@ -204,6 +208,7 @@ pub async fn start_api(config: &Config) -> anyhow::Result<Running> {
         publisher,
         limits: config.limits.clone(),
         fault: Fault::from_env(),
+        publish_wait: config.queue.publish_wait(),
         guard: connect_redis(config).await,
         metrics: metrics.clone(),
     };
@@ -351,7 +356,7 @@ pub async fn start_worker(config: &Config, engine: Arc<dyn Recognize>) -> anyhow
         WorkerMode::Writer => {
             // The database is only a fallback for old messages without
             // an input key; the worker must start while it is down.
-            let store = JobStore::connect_lazy(&config.database.url, 2).context("database URL")?;
+            let store = JobStore::connect_lazy(&config.database.url, 2, config.database.acquire_timeout()).context("database URL")?;
             let blobs = BlobStore::from_url(&config.blob.url).context("opening the blob store")?;
             let results: Arc<dyn MessageSink> =
                 Arc::new(KafkaPublisher::new(&kafka, &config.queue.results_topic)?);
@@ -399,7 +404,11 @@ pub async fn start_writer(config: &Config) -> anyhow::Result<Running> {
     let kafka = require_kafka(config, "writer")?;
     // Lazy: the writer starts (and reports ready) while the database is
     // down, and waits for it per event.
-    let store = JobStore::connect_lazy(&config.database.url, config.database.max_connections)
+    let store = JobStore::connect_lazy(
+        &config.database.url,
+        config.database.max_connections,
+        config.database.acquire_timeout(),
+    )
         .context("database URL")?;
     let blobs = BlobStore::from_url(&config.blob.url).context("opening the blob store")?;
     let metrics = Metrics::new();

@@ -104,7 +104,7 @@ impl JobLoop {
                         interrupted,
                     }
                 }
-                .instrument(batch_span),
+                .instrument(batch_span)
             );
         }
         // Whatever is still being handled finishes and is completed.
@@ -313,7 +313,7 @@ fn decode(batch: Vec<Delivery>, batch_span: &tracing::Span) -> (Vec<Pending>, Ve
                         parent: None,
                         "ocr.job",
                         ocr.job.id = %message.job_id,
-                        ocr.outcome = tracing::field::Empty,
+                        ocr.outcome = tracing::field::Empty
                     );
                     telemetry::continue_trace(&span, delivery.traceparent.as_deref());
                     telemetry::link(&span, batch_span);

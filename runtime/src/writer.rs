@@ -61,7 +61,7 @@ impl ResultLoop {
                         parent: None,
                         "ocr.persist",
                         ocr.job.id = %event.job_id,
-                        ocr.outcome = tracing::field::Empty,
+                        ocr.outcome = tracing::field::Empty
                     );
                     telemetry::continue_trace(&span, delivery.traceparent.as_deref());
                     let writing = self.writer.write(&event, &shutdown);

@@ -45,6 +45,7 @@ async fn start_api_with(guard: Option<RedisGuard>) -> Api {
             max_side: 10_000,
         },
         fault: Fault::None,
+        publish_wait: ocr_runtime::config::QueueConfig::default().publish_wait(),
         guard,
         metrics: Metrics::new(),
     };

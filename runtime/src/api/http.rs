@@ -114,11 +114,11 @@ impl IntoResponse for SubmitError {
             }
             SubmitError::Store(_) | SubmitError::Blob(_) | SubmitError::Internal(_) => {
                 tracing::error!(error = %self, "submission failed");
-                error(
+                retry_soon(error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "unavailable",
                     "the job could not be stored; retry later",
-                )
+                ))
             }
         }
     }
@@ -308,11 +308,19 @@ fn not_found(id: JobId) -> Response {
 
 fn unavailable(err: impl std::fmt::Display) -> Response {
     tracing::error!(error = %err, "reading a job failed");
-    error(
+    retry_soon(error(
         StatusCode::SERVICE_UNAVAILABLE,
         "unavailable",
         "the job store is unavailable; retry later",
-    )
+    ))
+}
+
+/// Adds `Retry-After: 1`: an outage answer a client should retry.
+fn retry_soon(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
 }
 
 /// A job's status.
@@ -375,39 +383,30 @@ async fn get_result(State(state): State<HttpState>, Path(id): Path<String>) -> R
                 job.error.unwrap_or_else(|| "no reason recorded".into())
             ),
         ),
-        (status, _) => {
-            let mut response = error(
-                StatusCode::CONFLICT,
-                "not_finished",
-                format!("job is {status}; retry later"),
-            );
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            response
-        }
+        (status, _) => retry_soon(error(
+            StatusCode::CONFLICT,
+            "not_finished",
+            format!("job is {status}; retry later"),
+        )),
     }
 }
 
+/// Ready when the database answers: it is the source of truth, so the API
+/// accepts jobs and answers reads while the broker is down (the jobs are
+/// published once it is back). The broker's state is in the body.
 async fn ready(State(state): State<HttpState>) -> Response {
     let db = state.submitter.store.ping().await;
-    let queue = state.submitter.publisher.check().await;
-    match (db, queue) {
-        (Ok(()), Ok(())) => "ready".into_response(),
-        (db, queue) => {
-            let mut problems = Vec::new();
-            if let Err(err) = db {
-                problems.push(format!("database: {err}"));
-            }
-            if let Err(err) = queue {
-                problems.push(format!("queue: {err}"));
-            }
-            error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not_ready",
-                problems.join("; "),
-            )
-        }
+    let queue = match state.submitter.publisher.check().await {
+        Ok(()) => "queue: reachable".to_owned(),
+        Err(err) => format!("queue: {err}; accepted jobs are published once it is back"),
+    };
+    match db {
+        Ok(()) => format!("ready ({queue})").into_response(),
+        Err(err) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            format!("database: {err}; {queue}"),
+        ),
     }
 }
 

@@ -90,6 +90,8 @@ pub struct Submitter {
     pub publisher: Arc<dyn JobPublisher>,
     pub limits: LimitsConfig,
     pub fault: Fault,
+    /// How long a request waits for the broker (`queue.publish_wait_ms`).
+    pub publish_wait: std::time::Duration,
     /// Optional Redis: rate limiting and the idempotency fast path.
     pub guard: Option<RedisGuard>,
     pub metrics: Metrics,
@@ -105,7 +107,7 @@ impl Submitter {
             ocr.job.id = Empty,
             ocr.client = %submission.client_id,
             ocr.input.bytes = submission.body.len(),
-            ocr.replayed = Empty,
+            ocr.replayed = Empty
         );
         let submitted = self.accept(submission).instrument(span.clone()).await;
         if let Ok(Submitted::Replayed(job)) = &submitted {
@@ -259,7 +261,7 @@ impl Submitter {
             tracing::warn!(job = %id, "fault injection: exiting between the database write and the publish");
             std::process::exit(86);
         }
-        self.publish(id, &key).await;
+        self.publish_within_wait(id, &key).await;
         self.timed(SubmitStage::Database, self.store.get(id))
             .await?
             .ok_or_else(|| SubmitError::Store(StoreError::Corrupt(format!("job {id} vanished"))))
@@ -271,6 +273,25 @@ impl Submitter {
         let output = work.instrument(span).await;
         self.metrics.observe_stage(stage, started.elapsed());
         output
+    }
+
+    /// Publishes, waiting at most `publish_wait`: past it the client gets
+    /// its answer (the job is durable) while the publish goes on; if that
+    /// fails, the sweeper republishes. A broker outage thus never holds a
+    /// request longer than `publish_wait`.
+    async fn publish_within_wait(&self, id: JobId, input_key: &str) {
+        let submitter = self.clone();
+        let input_key = input_key.to_owned();
+        let mut publishing = tokio::spawn(
+            async move { submitter.publish(id, &input_key).await }.in_current_span()
+        );
+        if tokio::time::timeout(self.publish_wait, &mut publishing)
+            .await
+            .is_err()
+        {
+            // Dropping the handle detaches the task; it still records `Queued`.
+            tracing::warn!(job = %id, wait = ?self.publish_wait, "the broker has not acknowledged the job yet; answering before it does");
+        }
     }
 
     /// Publishes and records `Queued`. A failed publish is not the client's
@@ -290,7 +311,7 @@ impl Submitter {
                         None,
                         Changes::default(),
                         now_ms(),
-                    ),
+                    )
                 );
                 if let Err(err) = queued.await {
                     tracing::warn!(job = %id, error = %err, "recording Queued failed; the worker does not depend on it");

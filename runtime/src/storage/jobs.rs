@@ -72,8 +72,33 @@ pub struct JobStore {
 const JOB_COLUMNS: &str = "id, client_id, status, attempts, input_key, content_type, \
     input_sha256, input_bytes, idempotency_key, result, error, created_at, updated_at";
 
+/// How long an operation waits for a pooled connection. SQLite's single
+/// connection is shared by every request and cannot be down, so it gets at
+/// least [`SQLITE_ACQUIRE_TIMEOUT`] whatever is configured.
+const SQLITE_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn acquire_timeout(dialect: Dialect, configured: Duration) -> Duration {
+    match dialect {
+        Dialect::MySql => configured,
+        Dialect::Sqlite => configured.max(SQLITE_ACQUIRE_TIMEOUT),
+    }
+}
+
 impl JobStore {
+    /// A pool with the default acquire timeout (tests, tools).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let configured = ocr_contract::DatabaseConfig::default().acquire_timeout_ms;
+        Self::connect_with(url, max_connections, Duration::from_millis(configured)).await
+    }
+
+    /// A pool whose operations fail after waiting `acquire` for a connection
+    /// (`database.acquire_timeout_ms`): a database outage becomes an error
+    /// within that bound instead of a hung request.
+    pub async fn connect_with(
+        url: &str,
+        max_connections: u32,
+        acquire: Duration,
+    ) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let dialect = Dialect::of_url(url)?;
         let url = match dialect {
@@ -88,7 +113,7 @@ impl JobStore {
         };
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(acquire_timeout(dialect, acquire))
             .connect(&url)
             .await
             .map_err(StoreError::Connect)?;
@@ -97,7 +122,11 @@ impl JobStore {
 
     /// A pool that connects on first use, for roles that must start while
     /// the database is down (the writer waits for it per event).
-    pub fn connect_lazy(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+    pub fn connect_lazy(
+        url: &str,
+        max_connections: u32,
+        acquire: Duration,
+    ) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let dialect = Dialect::of_url(url)?;
         let url = match dialect {
@@ -106,7 +135,7 @@ impl JobStore {
         };
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections.max(1))
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(acquire_timeout(dialect, acquire))
             .connect_lazy(&url)
             .map_err(StoreError::Connect)?;
         Ok(JobStore { pool, dialect })

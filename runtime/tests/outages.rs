@@ -1,0 +1,235 @@
+//! Outages of the broker and of the database under real `ocr-runtime api`
+//! and `ocr-runtime worker` processes: a real Tansu broker killed and
+//! restarted on its storage, a private MariaDB stopped and started again,
+//! each for [`OUTAGE`]. The API must keep answering within a second, and
+//! every job must still finish exactly once.
+
+mod common;
+
+use common::real_broker::RealBroker;
+use common::{
+    free_port, spawn_role, terminate, wait_for_status, wait_http_ok, MysqlDatabase,
+    PrivateMariaDb, INVOICE,
+};
+use ocr_runtime::config::{Config, QueueKind};
+use ocr_runtime::domain::{JobId, JobStatus};
+use ocr_runtime::storage::JobStore;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::ClientConfig;
+use std::time::{Duration, Instant};
+
+/// How long each outage lasts.
+const OUTAGE: Duration = Duration::from_secs(30);
+/// The most any request may take during an outage.
+const ANSWER_WITHIN: Duration = Duration::from_secs(1);
+
+fn config(database_url: &str, brokers: &str, blobs: &std::path::Path) -> Config {
+    let mut config = Config::default();
+    config.database.url = database_url.to_owned();
+    config.blob.url = blobs.display().to_string();
+    config.queue.kind = QueueKind::Kafka;
+    config.queue.brokers = brokers.to_owned();
+    config.queue.republish_after_ms = 2_000;
+    config
+}
+
+async fn create_topics(brokers: &str) {
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin client");
+    let created = admin
+        .create_topics(
+            &[
+                NewTopic::new("ocr.jobs", 3, TopicReplication::Fixed(1)),
+                NewTopic::new("ocr.dead-letter", 1, TopicReplication::Fixed(1)),
+            ],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("CreateTopics answered");
+    for result in created {
+        result.unwrap_or_else(|(topic, e)| panic!("creating {topic}: {e}"));
+    }
+}
+
+/// One timed request: its status, `Retry-After`, body and duration.
+struct Answer {
+    status: u16,
+    retry_after: Option<String>,
+    body: serde_json::Value,
+    took: Duration,
+}
+
+async fn timed(request: reqwest::RequestBuilder) -> Answer {
+    let started = Instant::now();
+    let response = request
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .expect("the API answers");
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = response.json().await.unwrap_or(serde_json::Value::Null);
+    Answer {
+        status,
+        retry_after,
+        body,
+        took: started.elapsed(),
+    }
+}
+
+fn submission(client: &reqwest::Client, base: &str) -> reqwest::RequestBuilder {
+    client
+        .post(format!("{base}/v1/jobs"))
+        .header("content-type", "image/png")
+        .body(INVOICE.to_vec())
+}
+
+fn job_id(answer: &Answer) -> JobId {
+    answer.body["id"]
+        .as_str()
+        .expect("an id in the answer")
+        .parse()
+        .expect("a job id")
+}
+
+/// Every job ends `succeeded`, and the database holds exactly these jobs.
+async fn assert_all_succeeded_once(store: &JobStore, ids: &[JobId]) {
+    for id in ids {
+        let job = wait_for_status(store, *id, JobStatus::Succeeded, Duration::from_secs(240)).await;
+        assert!(
+            job.result.is_some_and(|r| r.contains("Total: 1,234.50 EUR")),
+            "{id} has no result"
+        );
+    }
+    let listed = store
+        .ids_in_status(JobStatus::Succeeded, i64::MAX, 10_000)
+        .await
+        .expect("listing jobs");
+    assert_eq!(
+        listed.len(),
+        ids.len(),
+        "one job per accepted submission, no more"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_neither_blocks_submissions_nor_loses_a_job() {
+    let mut broker = RealBroker::start_persistent();
+    create_topics(&broker.bootstrap_servers).await;
+    let db = MysqlDatabase::create().await;
+    let store = db.store().await;
+    let blobs = tempfile::tempdir().expect("a blob directory");
+    let config = config(&db.url, &broker.bootstrap_servers, blobs.path());
+    let api_port = free_port();
+    let api = spawn_role(&["api"], &config, api_port, &[]);
+    let worker = spawn_role(&["worker"], &config, free_port(), &[]);
+    let base = format!("http://127.0.0.1:{api_port}");
+    wait_http_ok(&base, "/readyz", Duration::from_secs(60)).await;
+    let client = reqwest::Client::new();
+
+    let before = timed(submission(&client, &base)).await;
+    assert_eq!(before.status, 202);
+    let mut ids = vec![job_id(&before)];
+    wait_for_status(&store, ids[0], JobStatus::Succeeded, Duration::from_secs(120)).await;
+
+    broker.kill();
+    let outage = Instant::now();
+    let mut slowest = Duration::ZERO;
+    while outage.elapsed() < OUTAGE {
+        let accepted = timed(submission(&client, &base)).await;
+        assert_eq!(accepted.status, 202, "{}", accepted.body);
+        assert!(
+            accepted.took < ANSWER_WITHIN,
+            "POST took {:?} with the broker down",
+            accepted.took
+        );
+        let id = job_id(&accepted);
+        let read = timed(client.get(format!("{base}/v1/jobs/{id}"))).await;
+        assert_eq!(read.status, 200, "GET with the broker down: {}", read.body);
+        assert!(read.took < ANSWER_WITHIN, "GET took {:?}", read.took);
+        let ready = timed(client.get(format!("{base}/readyz"))).await;
+        assert_eq!(ready.status, 200, "the API stays ready without the broker");
+        slowest = slowest.max(accepted.took);
+        ids.push(id);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    println!(
+        "broker down {:?}: {} submissions accepted, slowest {slowest:?}",
+        outage.elapsed(),
+        ids.len() - 1
+    );
+    broker.restart();
+
+    assert_all_succeeded_once(&store, &ids).await;
+    for id in &ids {
+        let job = store.get(*id).await.expect("reading").expect("the job");
+        assert_eq!(job.attempts, 1, "{id} was inferred more than once");
+    }
+    for role in [api, worker] {
+        let exit = terminate(role).await;
+        assert!(exit.success(), "a role exited with {exit}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_is_answered_at_once_and_loses_no_job() {
+    let kafka = rdkafka::mocking::MockCluster::new(1).expect("mock Kafka cluster");
+    kafka.create_topic("ocr.jobs", 3, 1).expect("jobs topic");
+    kafka
+        .create_topic("ocr.dead-letter", 1, 1)
+        .expect("dead-letter topic");
+    let mut db = PrivateMariaDb::start().await;
+    let blobs = tempfile::tempdir().expect("a blob directory");
+    let config = config(&db.url(), &kafka.bootstrap_servers(), blobs.path());
+    let store = JobStore::connect(&db.url(), 4).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    let api_port = free_port();
+    let api = spawn_role(&["api"], &config, api_port, &[]);
+    let worker = spawn_role(&["worker"], &config, free_port(), &[]);
+    let base = format!("http://127.0.0.1:{api_port}");
+    wait_http_ok(&base, "/readyz", Duration::from_secs(60)).await;
+    let client = reqwest::Client::new();
+
+    // Jobs in every state when the database goes: some queued, one in hand.
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let accepted = timed(submission(&client, &base)).await;
+        assert_eq!(accepted.status, 202, "{}", accepted.body);
+        ids.push(job_id(&accepted));
+    }
+    db.stop().await;
+    let outage = Instant::now();
+    let mut answers = 0;
+    while outage.elapsed() < OUTAGE {
+        let refused = timed(submission(&client, &base)).await;
+        assert_eq!(refused.status, 503, "POST without a database: {}", refused.body);
+        assert_eq!(refused.retry_after.as_deref(), Some("1"));
+        assert!(
+            refused.took < ANSWER_WITHIN,
+            "POST took {:?} with the database down",
+            refused.took
+        );
+        let read = timed(client.get(format!("{base}/v1/jobs/{}", ids[0]))).await;
+        assert_eq!(read.status, 503, "GET without a database: {}", read.body);
+        assert!(read.took < ANSWER_WITHIN, "GET took {:?}", read.took);
+        answers += 1;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    println!(
+        "database down {:?}: {answers} POST and GET pairs answered 503",
+        outage.elapsed()
+    );
+    db.resume().await;
+
+    assert_all_succeeded_once(&store, &ids).await;
+    for role in [api, worker] {
+        let exit = terminate(role).await;
+        assert!(exit.success(), "a role exited with {exit}");
+    }
+}
