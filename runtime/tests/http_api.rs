@@ -441,3 +441,80 @@ async fn submissions_work_when_redis_is_down() {
         );
     }
 }
+
+/// A `redis-server` of the test's own on a free port, without persistence.
+struct PrivateRedis {
+    port: u16,
+    server: std::process::Child,
+}
+
+impl PrivateRedis {
+    async fn start() -> PrivateRedis {
+        let port = common::free_port();
+        let server = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed");
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return PrivateRedis { port, server };
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("redis-server did not listen on {port}");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: the connection drops, the port refuses.
+    fn kill(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Redis is an optimisation, never a dependency: when it dies under a
+/// running API, rate limiting and the idempotency cache fail open and every
+/// submission is still answered at once, with idempotency kept by the
+/// database.
+#[tokio::test]
+async fn submissions_go_on_when_redis_dies_mid_run() {
+    let mut redis = PrivateRedis::start().await;
+    let guard = RedisGuard::connect(&redis.url(), 1000)
+        .await
+        .expect("the private Redis");
+    let api = start_api_with(Some(guard)).await;
+    let key = format!("key-{}", uuid::Uuid::now_v7().simple());
+    let first = api.post(png(50, 20), "image/png", Some(&key)).await;
+    assert_eq!(first.status(), 202);
+    let first: serde_json::Value = first.json().await.unwrap();
+
+    redis.kill();
+    for i in 0..5 {
+        let started = std::time::Instant::now();
+        let response = api.post(png(51 + i, 20), "image/png", None).await;
+        assert_eq!(response.status(), 202, "submission {i} without Redis");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "submission {i} took {:?} without Redis",
+            started.elapsed()
+        );
+    }
+    // The cache is gone; the database still replays the key.
+    let replay = api.post(png(50, 20), "image/png", Some(&key)).await;
+    assert_eq!(replay.status(), 202);
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    let replay: serde_json::Value = replay.json().await.unwrap();
+    assert_eq!(replay["id"], first["id"]);
+    assert_eq!(api.total_jobs().await, 6);
+}
