@@ -10,30 +10,53 @@ use support::{deployments, pipelines, FakeApi, NAME, NAMESPACE};
 
 const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/ops/leases";
 
+/// `run_with` on the fake API server, in a task, until [`Running::stop`].
+struct Running {
+    stop: futures::channel::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), ocr_operator::run::RunError>>,
+}
+
+impl Running {
+    async fn start(fake: &FakeApi, watch_namespaces: Vec<String>) -> Running {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binds");
+        let (stop, stopped) = futures::channel::oneshot::channel::<()>();
+        let task = tokio::spawn(run_with(
+            fake.client(),
+            listener,
+            RunOptions {
+                http_addr: "127.0.0.1:0".parse().expect("address"),
+                lease_namespace: "ops".into(),
+                lease_name: "ocr-operator-leader".into(),
+                identity: Some("test-replica".into()),
+                // No Kafka here: the rdkafka adapter would wait for the brokers on every reconcile.
+                kafka_admin: KafkaAdminKind::External,
+                watch_namespaces,
+            },
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Running { stop, task }
+    }
+
+    /// Stops the operator and checks that it shut down cleanly.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let result = tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("shuts down")
+            .expect("task");
+        assert!(result.is_ok(), "{result:?}");
+    }
+}
+
 #[tokio::test]
 async fn run_takes_the_lease_and_reconciles_existing_pipelines() {
     let fake = FakeApi::default();
     fake.insert(&pipelines(NAMESPACE), support::pipeline_json("writer"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("binds");
-    let (stop, stopped) = futures::channel::oneshot::channel::<()>();
-    let operator = tokio::spawn(run_with(
-        fake.client(),
-        listener,
-        RunOptions {
-            http_addr: "127.0.0.1:0".parse().expect("address"),
-            lease_namespace: "ops".into(),
-            lease_name: "ocr-operator-leader".into(),
-            identity: Some("test-replica".into()),
-            // No Kafka here: the rdkafka adapter would wait for the brokers on every reconcile.
-            kafka_admin: KafkaAdminKind::External,
-            watch_namespaces: Vec::new(),
-        },
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let operator = Running::start(&fake, Vec::new()).await;
 
     // The controller re-reconciles after the finalizer patch; wait for the objects.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -57,12 +80,7 @@ async fn run_takes_the_lease_and_reconciles_existing_pipelines() {
     let lease = fake.get(LEASES, "ocr-operator-leader").expect("lease");
     assert_eq!(lease["spec"]["holderIdentity"], "test-replica");
 
-    let _ = stop.send(());
-    let result = tokio::time::timeout(Duration::from_secs(10), operator)
-        .await
-        .expect("shuts down")
-        .expect("task");
-    assert!(result.is_ok(), "{result:?}");
+    operator.stop().await;
 }
 
 /// `--watch-namespaces`: only the listed namespaces' pipelines are
@@ -76,25 +94,7 @@ async fn watch_namespaces_confines_the_operator_to_the_listed_namespaces() {
     elsewhere["metadata"]["namespace"] = serde_json::json!("elsewhere");
     elsewhere["metadata"]["uid"] = serde_json::json!("7a1c1f2e-0000-4000-8000-000000000009");
     fake.insert(&pipelines("elsewhere"), elsewhere);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("binds");
-    let (stop, stopped) = futures::channel::oneshot::channel::<()>();
-    let operator = tokio::spawn(run_with(
-        fake.client(),
-        listener,
-        RunOptions {
-            http_addr: "127.0.0.1:0".parse().expect("address"),
-            lease_namespace: "ops".into(),
-            lease_name: "ocr-operator-leader".into(),
-            identity: Some("test-replica".into()),
-            kafka_admin: KafkaAdminKind::External,
-            watch_namespaces: vec![NAMESPACE.into()],
-        },
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let operator = Running::start(&fake, vec![NAMESPACE.into()]).await;
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while fake
@@ -130,10 +130,5 @@ async fn watch_namespaces_confines_the_operator_to_the_listed_namespaces() {
         "listed at cluster scope: {cluster_wide:?}"
     );
 
-    let _ = stop.send(());
-    let result = tokio::time::timeout(Duration::from_secs(10), operator)
-        .await
-        .expect("shuts down")
-        .expect("task");
-    assert!(result.is_ok(), "{result:?}");
+    operator.stop().await;
 }

@@ -53,6 +53,24 @@ async fn create_topics(brokers: &str) {
     }
 }
 
+/// `ocr-runtime api` and `ocr-runtime worker` processes, the API ready.
+struct Roles {
+    api: std::process::Child,
+    worker: std::process::Child,
+    base: String,
+}
+
+impl Roles {
+    async fn start(config: &Config) -> Roles {
+        let api_port = free_port();
+        let api = spawn_role(&["api"], config, api_port, &[]);
+        let worker = spawn_role(&["worker"], config, free_port(), &[]);
+        let base = format!("http://127.0.0.1:{api_port}");
+        wait_http_ok(&base, "/readyz", Duration::from_secs(60)).await;
+        Roles { api, worker, base }
+    }
+}
+
 /// One timed request: its status, `Retry-After`, body and duration.
 struct Answer {
     status: u16,
@@ -126,11 +144,7 @@ async fn a_broker_outage_neither_blocks_submissions_nor_loses_a_job() {
     let store = db.store().await;
     let blobs = tempfile::tempdir().expect("a blob directory");
     let config = config(&db.url, &broker.bootstrap_servers, blobs.path());
-    let api_port = free_port();
-    let api = spawn_role(&["api"], &config, api_port, &[]);
-    let worker = spawn_role(&["worker"], &config, free_port(), &[]);
-    let base = format!("http://127.0.0.1:{api_port}");
-    wait_http_ok(&base, "/readyz", Duration::from_secs(60)).await;
+    let Roles { api, worker, base } = Roles::start(&config).await;
     let client = reqwest::Client::new();
 
     let before = timed(submission(&client, &base)).await;
@@ -189,11 +203,7 @@ async fn a_database_outage_is_answered_at_once_and_loses_no_job() {
     let config = config(&db.url(), &kafka.bootstrap_servers(), blobs.path());
     let store = JobStore::connect(&db.url(), 4).await.expect("connect");
     store.migrate().await.expect("migrate");
-    let api_port = free_port();
-    let api = spawn_role(&["api"], &config, api_port, &[]);
-    let worker = spawn_role(&["worker"], &config, free_port(), &[]);
-    let base = format!("http://127.0.0.1:{api_port}");
-    wait_http_ok(&base, "/readyz", Duration::from_secs(60)).await;
+    let Roles { api, worker, base } = Roles::start(&config).await;
     let client = reqwest::Client::new();
 
     // Jobs in every state when the database goes: some queued, one in hand.
