@@ -459,8 +459,7 @@ async fn apply(cached: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<Acti
         Err(InvalidSpec(problem)) => {
             warn!(pipeline = %name, %problem, "invalid spec; waiting for a change");
             ctx.metrics.reconcile_failed("invalid_spec");
-            let status =
-                status::failed(previous, status::INVALID_SPEC, &problem, generation, &now);
+            let status = status::failed(previous, status::INVALID_SPEC, &problem, generation, &now);
             patch_status(&pipelines, &name, &status).await?;
             ctx.metrics.record_pipeline(ns, &name, &status, None, &now);
             publish(

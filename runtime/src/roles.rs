@@ -88,7 +88,7 @@ pub async fn open_storage(config: &Config) -> anyhow::Result<(JobStore, BlobStor
         config.database.acquire_timeout(),
     )
     .await
-        .with_context(|| format!("opening database {}", redact(&config.database.url)))?;
+    .with_context(|| format!("opening database {}", redact(&config.database.url)))?;
     if config.database.migrate_on_start {
         store.migrate().await.context("migrating the database")?;
     }
@@ -356,7 +356,9 @@ pub async fn start_worker(config: &Config, engine: Arc<dyn Recognize>) -> anyhow
         WorkerMode::Writer => {
             // The database is only a fallback for old messages without
             // an input key; the worker must start while it is down.
-            let store = JobStore::connect_lazy(&config.database.url, 2, config.database.acquire_timeout()).context("database URL")?;
+            let store =
+                JobStore::connect_lazy(&config.database.url, 2, config.database.acquire_timeout())
+                    .context("database URL")?;
             let blobs = BlobStore::from_url(&config.blob.url).context("opening the blob store")?;
             let results: Arc<dyn MessageSink> =
                 Arc::new(KafkaPublisher::new(&kafka, &config.queue.results_topic)?);
@@ -409,7 +411,7 @@ pub async fn start_writer(config: &Config) -> anyhow::Result<Running> {
         config.database.max_connections,
         config.database.acquire_timeout(),
     )
-        .context("database URL")?;
+    .context("database URL")?;
     let blobs = BlobStore::from_url(&config.blob.url).context("opening the blob store")?;
     let metrics = Metrics::new();
     let writer_config = &config.writer;

@@ -19,9 +19,9 @@ use crate::queue::{
 use crate::telemetry;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tracing::Instrument;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 const RETRY_BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
 
@@ -104,7 +104,7 @@ impl JobLoop {
                         interrupted,
                     }
                 }
-                .instrument(batch_span)
+                .instrument(batch_span),
             );
         }
         // Whatever is still being handled finishes and is completed.

@@ -457,9 +457,14 @@ impl PrivateRedis {
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server must be installed");
+        // Owned at once, so a panic below still kills it (Drop).
+        let redis = PrivateRedis { port, server };
         for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                return PrivateRedis { port, server };
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return redis;
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }

@@ -8,8 +8,8 @@ mod common;
 
 use common::real_broker::RealBroker;
 use common::{
-    free_port, spawn_role, terminate, wait_for_status, wait_http_ok, MysqlDatabase,
-    PrivateMariaDb, INVOICE,
+    free_port, spawn_role, terminate, wait_for_status, wait_http_ok, MysqlDatabase, PrivateMariaDb,
+    INVOICE,
 };
 use ocr_runtime::config::{Config, QueueKind};
 use ocr_runtime::domain::{JobId, JobStatus};
@@ -121,7 +121,8 @@ async fn assert_all_succeeded_once(store: &JobStore, ids: &[JobId]) {
     for id in ids {
         let job = wait_for_status(store, *id, JobStatus::Succeeded, Duration::from_secs(240)).await;
         assert!(
-            job.result.is_some_and(|r| r.contains("Total: 1,234.50 EUR")),
+            job.result
+                .is_some_and(|r| r.contains("Total: 1,234.50 EUR")),
             "{id} has no result"
         );
     }
@@ -150,7 +151,13 @@ async fn a_broker_outage_neither_blocks_submissions_nor_loses_a_job() {
     let before = timed(submission(&client, &base)).await;
     assert_eq!(before.status, 202);
     let mut ids = vec![job_id(&before)];
-    wait_for_status(&store, ids[0], JobStatus::Succeeded, Duration::from_secs(120)).await;
+    wait_for_status(
+        &store,
+        ids[0],
+        JobStatus::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
 
     broker.kill();
     let outage = Instant::now();
@@ -218,7 +225,11 @@ async fn a_database_outage_is_answered_at_once_and_loses_no_job() {
     let mut answers = 0;
     while outage.elapsed() < OUTAGE {
         let refused = timed(submission(&client, &base)).await;
-        assert_eq!(refused.status, 503, "POST without a database: {}", refused.body);
+        assert_eq!(
+            refused.status, 503,
+            "POST without a database: {}",
+            refused.body
+        );
         assert_eq!(refused.retry_after.as_deref(), Some("1"));
         assert!(
             refused.took < ANSWER_WITHIN,

@@ -120,9 +120,10 @@ impl Receiver {
 
     /// Waits for the span named `name` that `service` exported in `trace`.
     async fn in_trace(&self, service: &str, name: &str, trace: &[u8]) -> Received {
-        self.wait_for(&format!("{name} span from {service} in the job's trace"), |r| {
-            r.service == service && r.span.name == name && r.span.trace_id == trace
-        })
+        self.wait_for(
+            &format!("{name} span from {service} in the job's trace"),
+            |r| r.service == service && r.span.name == name && r.span.trace_id == trace,
+        )
         .await
     }
 }

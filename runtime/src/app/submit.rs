@@ -282,9 +282,8 @@ impl Submitter {
     async fn publish_within_wait(&self, id: JobId, input_key: &str) {
         let submitter = self.clone();
         let input_key = input_key.to_owned();
-        let mut publishing = tokio::spawn(
-            async move { submitter.publish(id, &input_key).await }.in_current_span()
-        );
+        let mut publishing =
+            tokio::spawn(async move { submitter.publish(id, &input_key).await }.in_current_span());
         if tokio::time::timeout(self.publish_wait, &mut publishing)
             .await
             .is_err()
@@ -311,7 +310,7 @@ impl Submitter {
                         None,
                         Changes::default(),
                         now_ms(),
-                    )
+                    ),
                 );
                 if let Err(err) = queued.await {
                     tracing::warn!(job = %id, error = %err, "recording Queued failed; the worker does not depend on it");

@@ -6,8 +6,8 @@ use super::submit::Submitter;
 use crate::domain::JobStatus;
 use crate::storage::now_ms;
 use std::time::Duration;
-use tracing::Instrument;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 pub async fn sweep_once(submitter: &Submitter, older_than: Duration) -> usize {
     let cutoff = now_ms() - older_than.as_millis() as i64;
