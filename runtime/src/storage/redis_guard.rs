@@ -5,10 +5,14 @@
 use crate::domain::JobId;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Commands against a sick Redis must not hold up submissions for long.
 const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+/// After a failed command Redis is skipped for this long, so that while it
+/// is down requests do not each wait [`REDIS_TIMEOUT`] (or a reconnect).
+const SKIP_AFTER_FAILURE: Duration = Duration::from_secs(5);
 /// Idempotency entries expire with the keys' useful life.
 const KEY_TTL_SECS: u64 = 24 * 3600;
 
@@ -16,6 +20,8 @@ const KEY_TTL_SECS: u64 = 24 * 3600;
 pub struct RedisGuard {
     connection: ConnectionManager,
     requests_per_minute: u32,
+    /// Until when Redis is skipped after a failure (see [`SKIP_AFTER_FAILURE`]).
+    skip_until: Arc<Mutex<Option<Instant>>>,
 }
 
 /// What Redis remembers about an idempotency key.
@@ -50,7 +56,32 @@ impl RedisGuard {
         Ok(RedisGuard {
             connection,
             requests_per_minute,
+            skip_until: Arc::new(Mutex::new(None)),
         })
+    }
+
+    /// Runs a command within [`REDIS_TIMEOUT`]; `None` (fail open) when it
+    /// fails, times out, or Redis failed less than [`SKIP_AFTER_FAILURE`] ago.
+    async fn run<T>(
+        &self,
+        what: &str,
+        command: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Option<T> {
+        let skip_until = *self.skip_until.lock().unwrap_or_else(|p| p.into_inner());
+        if skip_until.is_some_and(|until| Instant::now() < until) {
+            return None;
+        }
+        let failure = match tokio::time::timeout(REDIS_TIMEOUT, command).await {
+            Ok(Ok(value)) => return Some(value),
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => format!("no answer within {REDIS_TIMEOUT:?}"),
+        };
+        let mut skip_until = self.skip_until.lock().unwrap_or_else(|p| p.into_inner());
+        if skip_until.is_none_or(|until| Instant::now() >= until) {
+            tracing::warn!(error = %failure, "Redis unavailable ({what}); going on without it for {SKIP_AFTER_FAILURE:?}");
+        }
+        *skip_until = Some(Instant::now() + SKIP_AFTER_FAILURE);
+        None
     }
 
     /// `Some(wait)` when `client_id` has used up this minute's requests.
@@ -63,37 +94,28 @@ impl RedisGuard {
         let window = now_ms.div_euclid(60_000);
         let key = format!("ocr:rate:{client_id}:{window}");
         let mut connection = self.connection.clone();
-        let counted: redis::RedisResult<(u64,)> = redis::pipe()
-            .atomic()
-            .incr(&key, 1u64)
-            .expire(&key, 120)
-            .ignore()
-            .query_async(&mut connection)
-            .await;
-        match counted {
-            Ok((count,)) if count > u64::from(self.requests_per_minute) => {
-                let left_ms = 60_000 - now_ms.rem_euclid(60_000);
-                Some(Duration::from_millis(left_ms as u64))
-            }
-            Ok(_) => None,
-            Err(err) => {
-                tracing::warn!(error = %err, "rate limiter unavailable; allowing the request");
-                None
-            }
-        }
+        let counting = async move {
+            redis::pipe()
+                .atomic()
+                .incr(&key, 1u64)
+                .expire(&key, 120)
+                .ignore()
+                .query_async::<(u64,)>(&mut connection)
+                .await
+        };
+        // Unavailable: the request is allowed.
+        let (count,) = self.run("rate limit", counting).await?;
+        (count > u64::from(self.requests_per_minute)).then(|| {
+            let left_ms = 60_000 - now_ms.rem_euclid(60_000);
+            Duration::from_millis(left_ms as u64)
+        })
     }
 
     pub async fn cached_key(&self, client_id: &str, key: &str) -> Option<CachedKey> {
         let mut connection = self.connection.clone();
-        let value: redis::RedisResult<Option<String>> =
-            connection.get(idempotency_key(client_id, key)).await;
-        let value = match value {
-            Ok(value) => value?,
-            Err(err) => {
-                tracing::warn!(error = %err, "idempotency cache unavailable");
-                return None;
-            }
-        };
+        let key = idempotency_key(client_id, key);
+        let reading = async move { connection.get::<_, Option<String>>(key).await };
+        let value = self.run("idempotency cache", reading).await??;
         let (sha, job) = value.split_once(':')?;
         Some(CachedKey {
             request_sha256: sha.to_owned(),
@@ -103,16 +125,11 @@ impl RedisGuard {
 
     pub async fn remember_key(&self, client_id: &str, key: &str, cached: &CachedKey) {
         let mut connection = self.connection.clone();
-        let stored: redis::RedisResult<()> = connection
-            .set_ex(
-                idempotency_key(client_id, key),
-                format!("{}:{}", cached.request_sha256, cached.job_id),
-                KEY_TTL_SECS,
-            )
-            .await;
-        if let Err(err) = stored {
-            tracing::warn!(error = %err, "could not cache an idempotency key");
-        }
+        let key = idempotency_key(client_id, key);
+        let value = format!("{}:{}", cached.request_sha256, cached.job_id);
+        let storing = async move { connection.set_ex::<_, _, ()>(key, value, KEY_TTL_SECS).await };
+        // Not cached: a repeat of the key is decided by the database.
+        let _ = self.run("idempotency cache", storing).await;
     }
 }
 
