@@ -88,7 +88,12 @@ impl KafkaPublisher {
             .client_config()
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("message.timeout.ms", "30000")
+            // No request waits for delivery (the API answers after
+            // `queue.publish_wait_ms`), so librdkafka may keep retrying
+            // through a long broker outage instead of failing the publish to
+            // the sweeper; it also spares the idempotent producer the epoch
+            // bump that expired messages force.
+            .set("message.timeout.ms", "120000")
             .set("linger.ms", "2")
             .create()
             .map_err(|e| {

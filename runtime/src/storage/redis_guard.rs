@@ -127,7 +127,11 @@ impl RedisGuard {
         let mut connection = self.connection.clone();
         let key = idempotency_key(client_id, key);
         let value = format!("{}:{}", cached.request_sha256, cached.job_id);
-        let storing = async move { connection.set_ex::<_, _, ()>(key, value, KEY_TTL_SECS).await };
+        let storing = async move {
+            connection
+                .set_ex::<_, _, ()>(key, value, KEY_TTL_SECS)
+                .await
+        };
         // Not cached: a repeat of the key is decided by the database.
         let _ = self.run("idempotency cache", storing).await;
     }

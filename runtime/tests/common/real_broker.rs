@@ -14,14 +14,6 @@ pub struct RealBroker {
     pub bootstrap_servers: String,
     tansu: Option<std::process::Child>,
     _storage: Option<TempDir>,
-    /// How to start the same broker again (see [`RealBroker::kill`]).
-    restart: Option<Restart>,
-}
-
-struct Restart {
-    port: u16,
-    args: Vec<&'static str>,
-    dir: std::path::PathBuf,
 }
 
 impl RealBroker {
@@ -32,64 +24,36 @@ impl RealBroker {
                 bootstrap_servers: brokers,
                 tansu: None,
                 _storage: None,
-                restart: None,
             };
         }
         let (child, port) = spawn_tansu(
             &tansu_binary(),
             &["--storage-engine", "memory://tansu/"],
             None,
-            None,
         );
         RealBroker {
             bootstrap_servers: format!("127.0.0.1:{port}"),
             tansu: Some(child),
             _storage: None,
-            restart: None,
         }
     }
 
-    /// Plaintext, with its topics, messages and committed offsets in an
-    /// SQLite file, so that [`RealBroker::kill`] and [`RealBroker::restart`]
-    /// make a broker outage that loses nothing, as a restarted Kafka would.
-    pub fn start_persistent() -> RealBroker {
-        let storage = storage_dir();
-        let args = vec!["--storage-engine", "sqlite://tansu.db"];
-        let (child, port) = spawn_tansu(&tansu_binary(), &args, Some(&storage), None);
+    /// Plaintext, telling clients to connect to `advertised` (`host:port`)
+    /// rather than to where it listens (`bootstrap_servers`): for a proxy in
+    /// front of it that a test can cut, so the broker is unreachable while
+    /// its process and its state live on.
+    pub fn start_advertising(advertised: &str) -> RealBroker {
+        let (child, port) = spawn_tansu_advertising(
+            &tansu_binary(),
+            &["--storage-engine", "memory://tansu/"],
+            None,
+            Some(advertised),
+        );
         RealBroker {
             bootstrap_servers: format!("127.0.0.1:{port}"),
             tansu: Some(child),
-            restart: Some(Restart {
-                port,
-                args,
-                dir: storage.clone(),
-            }),
-            _storage: Some(TempDir(storage)),
+            _storage: None,
         }
-    }
-
-    /// SIGKILLs the broker process: connections drop, the port refuses.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.tansu.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts a broker killed by [`RealBroker::kill`] again, on the same
-    /// port and storage.
-    pub fn restart(&mut self) {
-        let restart = self
-            .restart
-            .as_ref()
-            .expect("only a broker from start_persistent restarts");
-        let (child, _) = spawn_tansu(
-            &tansu_binary(),
-            &restart.args,
-            Some(&restart.dir),
-            Some(restart.port),
-        );
-        self.tansu = Some(child);
     }
 
     /// SASL_PLAINTEXT that requires SCRAM-SHA-512 authentication, with one
@@ -99,9 +63,17 @@ impl RealBroker {
     /// authenticating broker then starts on that file.
     pub fn start_with_scram_user(user: &str, password: &str) -> RealBroker {
         let tansu = tansu_binary();
-        let storage = storage_dir();
+        let storage = std::env::temp_dir().join(format!(
+            "ocr-tansu-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        ));
+        std::fs::create_dir_all(&storage).expect("tansu storage directory");
         let sqlite = ["--storage-engine", "sqlite://tansu.db"];
-        let (mut open, port) = spawn_tansu(&tansu, &sqlite, Some(&storage), None);
+        let (mut open, port) = spawn_tansu(&tansu, &sqlite, Some(&storage));
         let status = std::process::Command::new(&tansu)
             .args(["user", "create", "--mechanism", "scram512", "--broker"])
             .arg(format!("tcp://127.0.0.1:{port}"))
@@ -114,12 +86,11 @@ impl RealBroker {
         assert!(status.success(), "tansu user create failed: {status}");
         let mut args = sqlite.to_vec();
         args.push("--authentication");
-        let (child, port) = spawn_tansu(&tansu, &args, Some(&storage), None);
+        let (child, port) = spawn_tansu(&tansu, &args, Some(&storage));
         RealBroker {
             bootstrap_servers: format!("127.0.0.1:{port}"),
             tansu: Some(child),
             _storage: Some(TempDir(storage)),
-            restart: None,
         }
     }
 }
@@ -131,35 +102,29 @@ fn tansu_binary() -> String {
     )
 }
 
-/// A new directory for a broker's SQLite storage.
-fn storage_dir() -> std::path::PathBuf {
-    let storage = std::env::temp_dir().join(format!(
-        "ocr-tansu-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default()
-    ));
-    std::fs::create_dir_all(&storage).expect("tansu storage directory");
-    storage
-}
-
-/// Starts `tansu broker` on `port` (default: a free loopback port) and
-/// waits until it listens.
+/// Starts `tansu broker` on a free loopback port and waits until it listens.
 fn spawn_tansu(
     tansu: &str,
     args: &[&str],
     dir: Option<&std::path::Path>,
-    port: Option<u16>,
 ) -> (std::process::Child, u16) {
-    let port = port.unwrap_or_else(|| {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port()
-    });
+    spawn_tansu_advertising(tansu, args, dir, None)
+}
+
+/// [`spawn_tansu`], advertising `advertised` (`host:port`) instead of the
+/// address it listens on.
+fn spawn_tansu_advertising(
+    tansu: &str,
+    args: &[&str],
+    dir: Option<&std::path::Path>,
+    advertised: Option<&str>,
+) -> (std::process::Child, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
     let url = format!("tcp://127.0.0.1:{port}");
+    let advertised = advertised.map_or_else(|| url.clone(), |a| format!("tcp://{a}"));
     let mut command = std::process::Command::new(tansu);
     command
         .args([
@@ -168,7 +133,7 @@ fn spawn_tansu(
             "--listener-url",
             &url,
             "--advertised-listener-url",
-            &url,
+            &advertised,
         ])
         .args(args)
         .stdout(std::process::Stdio::null());
