@@ -22,4 +22,4 @@ pub use config::{
 };
 pub use kafka::{KafkaSecurityConfig, SaslMechanism, SecurityProtocol};
 pub use model::{default_model_dir, DetLimitType, ModelVariant, Precision};
-pub use secret::Secret;
+pub use secret::{redact_url, Secret};

@@ -32,9 +32,53 @@ impl From<String> for Secret {
     }
 }
 
+/// A connection URL fit for logs and error messages: its password replaced
+/// by `***`. A URL that does not parse loses everything between the scheme
+/// and its last `@`, where credentials would be.
+pub fn redact_url(url: &str) -> String {
+    if let Ok(mut parsed) = url::Url::parse(url) {
+        if parsed.password().is_none() {
+            return url.to_owned();
+        }
+        if parsed.set_password(Some("***")).is_ok() {
+            return parsed.to_string();
+        }
+    }
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme + 3 => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_lose_their_passwords_and_keep_the_rest() {
+        assert_eq!(
+            redact_url("mysql://ocr:hunter2@db:3306/ocr"),
+            "mysql://ocr:***@db:3306/ocr"
+        );
+        assert_eq!(
+            redact_url("redis://:hunter2@cache:6379/0"),
+            "redis://:***@cache:6379/0"
+        );
+        assert_eq!(
+            redact_url("mysql://root@127.0.0.1:3306/ocr"),
+            "mysql://root@127.0.0.1:3306/ocr"
+        );
+        assert_eq!(
+            redact_url("sqlite://ocr.db?mode=rwc"),
+            "sqlite://ocr.db?mode=rwc"
+        );
+        // Not a valid URL (a space in the host): the credentials still go.
+        let broken = redact_url("mysql://ocr:hun ter2@db host/ocr");
+        assert!(!broken.contains("hun ter2"), "{broken}");
+        assert!(broken.ends_with("@db host/ocr"), "{broken}");
+    }
 
     #[test]
     fn debug_output_hides_the_value_but_shows_emptiness() {

@@ -120,7 +120,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             store.migrate().await?;
             println!(
                 "migrations applied to {}",
-                roles::redact(&config.database.url)
+                ocr_contract::redact_url(&config.database.url)
             );
             Ok(())
         }

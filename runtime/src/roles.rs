@@ -88,7 +88,12 @@ pub async fn open_storage(config: &Config) -> anyhow::Result<(JobStore, BlobStor
         config.database.acquire_timeout(),
     )
     .await
-    .with_context(|| format!("opening database {}", redact(&config.database.url)))?;
+    .with_context(|| {
+        format!(
+            "opening database {}",
+            ocr_contract::redact_url(&config.database.url)
+        )
+    })?;
     if config.database.migrate_on_start {
         store.migrate().await.context("migrating the database")?;
     }
@@ -503,15 +508,4 @@ fn sqlite_parent_dir(url: &str) -> Option<std::path::PathBuf> {
         return None;
     }
     std::path::Path::new(path).parent().map(|p| p.to_path_buf())
-}
-
-/// A database URL without its password, for logs and errors.
-pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        _ => url.to_owned(),
-    }
 }

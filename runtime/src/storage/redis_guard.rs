@@ -42,7 +42,7 @@ pub struct RedisConnectError {
 impl RedisGuard {
     pub async fn connect(url: &str, requests_per_minute: u32) -> Result<Self, RedisConnectError> {
         let error = |source| RedisConnectError {
-            url: url.to_owned(),
+            url: ocr_contract::redact_url(url),
             source,
         };
         let client = redis::Client::open(url).map_err(error)?;
