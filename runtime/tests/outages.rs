@@ -259,6 +259,11 @@ async fn a_broker_outage_neither_blocks_submissions_nor_loses_a_job() {
         assert!(read.took < ANSWER_WITHIN, "GET took {:?}", read.took);
         let ready = timed(client.get(format!("{base}/readyz"))).await;
         assert_eq!(ready.status, 200, "the API stays ready without the broker");
+        assert!(
+            ready.took < ANSWER_WITHIN,
+            "/readyz took {:?}: a probe would time out",
+            ready.took
+        );
         slowest = slowest.max(accepted.took);
         ids.push(id);
         tokio::time::sleep(Duration::from_secs(2)).await;

@@ -391,14 +391,21 @@ async fn get_result(State(state): State<HttpState>, Path(id): Path<String>) -> R
     }
 }
 
+/// How long `/readyz` asks the broker: probes time out after 1 s by
+/// default, and a metadata request to a broker that is down can take 3 s.
+const QUEUE_CHECK: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Ready when the database answers: it is the source of truth, so the API
 /// accepts jobs and answers reads while the broker is down (the jobs are
 /// published once it is back). The broker's state is in the body.
 async fn ready(State(state): State<HttpState>) -> Response {
     let db = state.submitter.store.ping().await;
-    let queue = match state.submitter.publisher.check().await {
-        Ok(()) => "queue: reachable".to_owned(),
-        Err(err) => format!("queue: {err}; accepted jobs are published once it is back"),
+    let queue = match tokio::time::timeout(QUEUE_CHECK, state.submitter.publisher.check()).await {
+        Ok(Ok(())) => "queue: reachable".to_owned(),
+        Ok(Err(err)) => format!("queue: {err}; accepted jobs are published once it is back"),
+        Err(_) => format!(
+            "queue: no answer within {QUEUE_CHECK:?}; accepted jobs are published once it is back"
+        ),
     };
     match db {
         Ok(()) => format!("ready ({queue})").into_response(),
