@@ -4,7 +4,8 @@
 //! into a ConfigMap ([`Config::to_shared_toml`]) and the per-role and secret
 //! parts into environment variables named by [`env`]; the runtime reads both
 //! back with [`Config::load`]. Both sides use the same enums, defaults and
-//! Kafka client settings ([`kafka`]), so they cannot drift apart.
+//! Kafka client settings ([`kafka`]), so they cannot drift apart. The metrics
+//! the operator's advisor reads from the pods are named in [`signals`].
 //!
 //! The enums the CRD takes as they are (with the `schema` feature) describe
 //! themselves in plain `//` comments at type level: schemars would put a doc
@@ -15,6 +16,7 @@ pub mod env;
 pub mod kafka;
 pub mod model;
 mod secret;
+pub mod signals;
 
 pub use config::{
     BlobConfig, Config, ConfigError, DatabaseConfig, LimitsConfig, ModelConfig, QueueConfig,

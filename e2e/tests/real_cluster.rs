@@ -803,3 +803,191 @@ async fn two_pipelines(env: &Env) -> Result<Report> {
         .push("alpha still serves after beta is gone".into());
     Ok(report)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_advisor_switches_on_measured_signals_and_loses_nothing() {
+    run_on("automatic switches", BrokerKind::Mock, |env| async move {
+        let outcome = automatic_switches(&env).await;
+        (env, outcome)
+    })
+    .await;
+}
+
+/// `url` with its `host:port` replaced by `127.0.0.1:port`, and the
+/// `host:port` it named.
+fn through_port(url: &str, port: u16) -> Result<(String, String)> {
+    let (scheme, rest) = url.split_once("://").context("a URL")?;
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (credentials, address) = match authority.rsplit_once('@') {
+        Some((credentials, address)) => (format!("{credentials}@"), address),
+        None => (String::new(), authority),
+    };
+    Ok((
+        format!("{scheme}://{credentials}127.0.0.1:{port}/{path}"),
+        address.to_owned(),
+    ))
+}
+
+/// The pipeline's advice and spec, as `(advice, spec, reason)`.
+async fn advice_of(env: &Env, pipeline: &PipelineRef) -> Result<(String, String, String)> {
+    let object = pipeline.api(&env.client).get(&pipeline.name).await?;
+    let advice = &object.data["status"]["advice"];
+    Ok((
+        advice["architecture"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        object.data["spec"]["architecture"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        advice["reason"].as_str().unwrap_or_default().to_owned(),
+    ))
+}
+
+/// Waits until the advisor has switched the spec to `architecture` and the
+/// migration to it is over; returns the reason the advice gave.
+async fn switched_to(
+    env: &Env,
+    pipeline: &PipelineRef,
+    architecture: &str,
+    timeout: Duration,
+) -> Result<(String, f64)> {
+    let started = Instant::now();
+    let reason = std::sync::Mutex::new(String::new());
+    wait_until(
+        &format!("the advisor to switch to {architecture}"),
+        timeout,
+        || async {
+            let (advice, spec, why) = advice_of(env, pipeline).await?;
+            if advice == architecture {
+                if let Ok(mut reason) = reason.lock() {
+                    if reason.is_empty() {
+                        *reason = why;
+                    }
+                }
+            }
+            Ok(spec == architecture)
+        },
+    )
+    .await?;
+    pipeline
+        .wait_settled(&env.client, architecture, Duration::from_secs(300))
+        .await?;
+    let reason = reason.into_inner().unwrap_or_default();
+    env.say(&format!(
+        "the advisor switched to {architecture} ({:.0} s): {reason}",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok((reason, started.elapsed().as_secs_f64()))
+}
+
+/// Issue 15's proof: `autoArchitecture: Apply` on a real control plane. A
+/// CPU-saturated worker with a growing lag makes the advisor switch to
+/// batched; once the load stops it returns to standard; a database slowed on
+/// purpose (a latency-adding proxy in front of MariaDB) with a growing lag
+/// makes it switch to writer; and back to standard when the load stops.
+/// Every job submitted across the four automatic switches succeeds exactly once.
+async fn automatic_switches(env: &Env) -> Result<Report> {
+    let mut report = Report {
+        scenario: "automatic architecture switches (autoArchitecture: Apply)".into(),
+        ..Report::default()
+    };
+    env.install_operator().await?;
+    env.prepare_namespace(NS)?;
+    let (_, upstream) = through_port(&env.database.url, 0)?;
+    let proxy = ocr_e2e::slow_proxy::SlowProxy::start(&upstream).await?;
+    let (slow_url, _) = through_port(&env.database.url, proxy.port)?;
+    // Every role of the pipeline reaches the database through the proxy.
+    env.plane.apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: ocr-mysql, namespace: {NS}}}\nstringData:\n  url: \"{slow_url}\"\n"
+    ))?;
+    let pipeline = PipelineRef::new(NS, "ocr-auto");
+    env.create_topics(&pipeline)?;
+    create_pipeline(env, &pipeline, "standard", 1, &mut report).await?;
+    // The seed's rule with a CPU's margins (a 2-core machine shares its cores
+    // with the control plane and every pod) and short waits, so the scenario
+    // takes minutes, not hours.
+    let auto = json!({ "spec": { "autoArchitecture": {
+        "mode": "Apply",
+        "batchedAtUtilizationPercent": 70,
+        "writerBelowUtilizationPercent": 50,
+        "idleUtilizationPercent": 25,
+        "slowStoreMillis": 40,
+        "lagGrowthPerMinute": 30,
+        "idleLag": 5,
+        "dwellSeconds": 15,
+        "cooldownSeconds": 15,
+    }}});
+    pipeline
+        .api(&env.client)
+        .patch(
+            &pipeline.name,
+            &PatchParams::default(),
+            &Patch::Merge(&auto),
+        )
+        .await
+        .context("turning the advisor on")?;
+
+    // 1. More jobs than one CPU worker can take: busy engine, growing lag.
+    let load = Load::start(env.client.clone(), pipeline.clone(), "cpu", 20.0, 8);
+    let (reason, took) = switched_to(env, &pipeline, "batched", Duration::from_secs(300)).await?;
+    report
+        .migrations
+        .push(("standard → batched (automatic)".into(), took));
+    report.checks.push(format!("advised batched: {reason}"));
+    let mut jobs = load.finish().await;
+    env.say(&format!("load stopped after {} jobs", jobs.len()));
+
+    // 2. Idle again: back to standard.
+    let (reason, took) = switched_to(env, &pipeline, "standard", Duration::from_secs(420)).await?;
+    report
+        .migrations
+        .push(("batched → standard (idle)".into(), took));
+    report.checks.push(format!("advised standard: {reason}"));
+
+    // 3. The database answers 60 ms late: the worker waits for it.
+    proxy.set_delay(Duration::from_millis(60));
+    let load = Load::start(env.client.clone(), pipeline.clone(), "db", 12.0, 8);
+    let (reason, took) = switched_to(env, &pipeline, "writer", Duration::from_secs(300)).await?;
+    report
+        .migrations
+        .push(("standard → writer (slow database)".into(), took));
+    report.checks.push(format!("advised writer: {reason}"));
+    jobs.extend(load.finish().await);
+    env.say(&format!("load stopped after {} jobs in all", jobs.len()));
+
+    // 4. Load over, database fast again: back to standard.
+    proxy.set_delay(Duration::ZERO);
+    let (reason, took) = switched_to(env, &pipeline, "standard", Duration::from_secs(420)).await?;
+    report
+        .migrations
+        .push(("writer → standard (idle)".into(), took));
+    report.checks.push(format!("advised standard: {reason}"));
+
+    settle_jobs(env, &jobs, SETTLE, &mut report).await?;
+    check_texts(env, &pipeline, &jobs, 20, &mut report).await?;
+    check_queues(env, &pipeline, &mut report).await?;
+    let events = env.plane.kubectl(
+        &[
+            "get",
+            "events",
+            "-n",
+            NS,
+            "--field-selector",
+            "reason=ArchitectureSwitched",
+            "-o",
+            "name",
+        ],
+        None,
+    )?;
+    let switches = events.lines().count();
+    anyhow::ensure!(
+        switches >= 4,
+        "{switches} ArchitectureSwitched events, expected 4"
+    );
+    report
+        .checks
+        .push(format!("{switches} ArchitectureSwitched events"));
+    Ok(report)
+}

@@ -17,11 +17,15 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
+use crate::advisor::{self, Memory};
 use crate::build::{
     self, object_name, owned_selector, role_selector, Capabilities, ManagedKind, Role,
     COMPONENT_LABEL, MANAGER,
 };
-use crate::crd::{Architecture, Migration, OcrPipeline, OcrPipelineStatus, GROUP, KIND, VERSION};
+use crate::crd::{
+    Advice, AdviceSignals, Architecture, AutoArchitectureMode, Migration, OcrPipeline,
+    OcrPipelineStatus, PendingAdvice, GROUP, KIND, VERSION,
+};
 use crate::kafka::{Cluster, KafkaAdmin, TopicSpec};
 use crate::metrics::Metrics;
 use crate::migration::{self, Observed};
@@ -32,6 +36,10 @@ pub const FINALIZER: &str = "ocr.serving.dev/cleanup";
 /// While something is moving, look again soon; Deployment events also trigger reconciles.
 const BUSY_REQUEUE: Duration = Duration::from_secs(10);
 const IDLE_REQUEUE: Duration = Duration::from_secs(300);
+/// How often the advisor reads the signals when it is on.
+const ADVISE_PERIOD: Duration = Duration::from_secs(15);
+/// The field manager of `spec.architecture` when the advisor sets it.
+const ADVISOR_MANAGER: &str = "ocr-operator-advisor";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -126,6 +134,8 @@ pub struct Context {
     pub kafka: Arc<dyn KafkaAdmin>,
     pub capabilities: Capabilities,
     pub metrics: Arc<Metrics>,
+    /// The advisor's readings of each pipeline's pods and lag.
+    pub signals: crate::signals::Scraper,
 }
 
 pub async fn reconcile(pipeline: Arc<OcrPipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -448,6 +458,7 @@ async fn apply(cached: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<Acti
         Some(fresh) => fresh,
         None => {
             ctx.metrics.forget_pipeline(ns, &name);
+            ctx.signals.forget(ns, &name);
             return Ok(Action::await_change());
         }
     };
@@ -573,8 +584,9 @@ async fn apply(cached: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<Acti
         phase_deadline_seconds: pipeline.spec.migration.phase_deadline_seconds,
         url: build::api_url(&name, ns, &pipeline),
     };
-    let new_status = status::compute(previous, &plan, &seen, generation, &now);
+    let mut new_status = status::compute(previous, &plan, &seen, generation, &now);
     let settled = new_status.phase == Some(crate::crd::Phase::Running);
+    let advised = advise(ctx, ns, &pipeline, &mut new_status, generation, &now).await;
     patch_status(&pipelines, &name, &new_status).await?;
     ctx.metrics
         .record_pipeline(ns, &name, &new_status, kafka.results_lag, &now);
@@ -585,11 +597,199 @@ async fn apply(cached: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<Acti
         publish(ctx, &pipeline, EventType::Normal, reason, note).await;
     }
     publish_degraded(ctx, &pipeline, previous, &new_status).await;
-    Ok(Action::requeue(if settled {
-        IDLE_REQUEUE
+    for (reason, note) in advised.events {
+        publish(ctx, &pipeline, EventType::Normal, reason, note).await;
+    }
+    let next = if settled { IDLE_REQUEUE } else { BUSY_REQUEUE };
+    Ok(Action::requeue(if advised.on {
+        next.min(ADVISE_PERIOD)
     } else {
-        BUSY_REQUEUE
+        next
     }))
+}
+
+/// What the advisor's round did, for the caller to announce.
+struct Advised {
+    on: bool,
+    events: Vec<(&'static str, String)>,
+}
+
+fn seconds(time: &Time) -> i64 {
+    time.0.as_second()
+}
+
+/// `at` as a `Time`, reusing `earlier` when it is the same second (a status
+/// rewritten with the same value is no change).
+fn time_at(at: i64, earlier: Option<&Time>, now: &Time) -> Time {
+    match earlier {
+        Some(t) if seconds(t) == at => t.clone(),
+        _ => Timestamp::from_second(at)
+            .map(Time)
+            .unwrap_or_else(|_| now.clone()),
+    }
+}
+
+/// The advisor's round (`spec.autoArchitecture`): reads the signals, updates
+/// `status.advice` and the `ArchitectureAdvice` condition and, in `Apply`,
+/// sets `spec.architecture` to the advice when a switch is due.
+async fn advise(
+    ctx: &Context,
+    ns: &str,
+    pipeline: &OcrPipeline,
+    status: &mut OcrPipelineStatus,
+    generation: Option<i64>,
+    now: &Time,
+) -> Advised {
+    let name = pipeline.name_any();
+    let rule = &pipeline.spec.auto_architecture;
+    let previous = status.advice.take();
+    if rule.mode == AutoArchitectureMode::Disabled {
+        ctx.signals.forget(ns, &name);
+        status
+            .conditions
+            .retain(|c| c.type_ != status::ARCHITECTURE_ADVICE);
+        return Advised {
+            on: false,
+            events: Vec::new(),
+        };
+    }
+    let cluster = kafka_cluster(ctx, ns, pipeline).await.ok();
+    let signals = crate::signals::read(ctx, ns, pipeline, cluster.as_ref()).await;
+    let verdict = advisor::verdict(&signals, rule);
+    let now_s = seconds(now);
+    let spec_architecture = pipeline.spec.architecture;
+    let memory = match &previous {
+        Some(advice) => Memory {
+            architecture: advice.architecture,
+            since: seconds(&advice.since),
+            pending: advice
+                .pending
+                .as_ref()
+                .map(|p| (p.architecture, seconds(&p.since))),
+        },
+        None => Memory::start(spec_architecture, now_s),
+    };
+    let memory = advisor::remember(memory, &verdict, now_s, rule.dwell_seconds);
+    let earlier = previous.as_ref();
+    let mut advice = Advice {
+        architecture: memory.architecture,
+        reason: verdict.reason().to_string(),
+        since: time_at(memory.since, earlier.map(|a| &a.since), now),
+        pending: memory.pending.map(|(architecture, since)| PendingAdvice {
+            architecture,
+            since: time_at(
+                since,
+                earlier.and_then(|a| a.pending.as_ref()).map(|p| &p.since),
+                now,
+            ),
+        }),
+        signals: AdviceSignals {
+            observed_at: Some(now.clone()),
+            utilization_percent: signals
+                .utilization
+                .map(|(ratio, _)| (ratio * 100.0).round() as i32),
+            utilization_source: signals
+                .utilization
+                .map(|(_, source)| source.as_str().to_string()),
+            jobs_lag: signals.jobs_lag.map(|lag| lag.min(i64::MAX as u64) as i64),
+            lag_growth_per_minute: signals
+                .lag_growth_per_second
+                .map(|g| (g * 60.0).round() as i64),
+            store_finish_millis: signals
+                .store_finish_seconds
+                .map(|s| (s * 1000.0).round() as i64),
+            pods_read: signals.pods_read as i32,
+        },
+        applied_at: earlier.and_then(|a| a.applied_at.clone()),
+    };
+    let mut events = Vec::new();
+    if earlier.map(|a| a.architecture) != Some(advice.architecture) {
+        events.push((
+            "ArchitectureAdvice",
+            format!(
+                "advice: {} (was {}): {}",
+                advice.architecture,
+                earlier
+                    .map(|a| a.architecture.to_string())
+                    .unwrap_or_else(|| "none".into()),
+                advice.reason
+            ),
+        ));
+    }
+
+    // The last change of architecture: an automatic switch, or the end of
+    // the last migration (the `Migrating` condition turning false).
+    let migration_ended = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == status::MIGRATING && c.status == "False")
+        .map(|c| seconds(&c.last_transition_time));
+    let last_change = advice.applied_at.as_ref().map(seconds).max(migration_ended);
+    let due = advisor::switch_due(
+        rule,
+        advice.architecture,
+        spec_architecture,
+        status.migration.is_some(),
+        last_change,
+        now_s,
+    );
+    if let Some(target) = due {
+        let pipelines: Api<OcrPipeline> = Api::namespaced(ctx.client.clone(), ns);
+        // `test` first: a person's edit since this round's read wins.
+        let patch = json!([
+            { "op": "test", "path": "/spec/architecture", "value": spec_architecture },
+            { "op": "replace", "path": "/spec/architecture", "value": target },
+        ]);
+        let patch: json_patch::Patch = match serde_json::from_value(patch) {
+            Ok(patch) => patch,
+            Err(error) => {
+                warn!(%error, "building the architecture patch");
+                return Advised { on: true, events };
+            }
+        };
+        match pipelines
+            .patch(
+                &name,
+                &PatchParams {
+                    field_manager: Some(ADVISOR_MANAGER.into()),
+                    ..PatchParams::default()
+                },
+                &Patch::<()>::Json(patch),
+            )
+            .await
+        {
+            Ok(_) => {
+                info!(pipeline = %name, from = %spec_architecture, to = %target, "advisor switched the architecture");
+                advice.applied_at = Some(now.clone());
+                events.push((
+                    "ArchitectureSwitched",
+                    format!(
+                        "spec.architecture {spec_architecture} → {target} (autoArchitecture Apply): {}",
+                        advice.reason
+                    ),
+                ));
+            }
+            Err(error) => {
+                warn!(pipeline = %name, error = %api_message(&error), "the advisor could not set spec.architecture")
+            }
+        }
+    }
+    let follows = advice.architecture == spec_architecture || due.is_some();
+    status::set_condition(
+        &mut status.conditions,
+        status::ARCHITECTURE_ADVICE,
+        follows,
+        if follows {
+            "SpecFollowsAdvice"
+        } else {
+            "AdviceDiffers"
+        },
+        format!("{}: {}", advice.architecture, advice.reason),
+        generation,
+        now,
+    );
+    status.advice = Some(advice);
+    Advised { on: true, events }
 }
 
 struct KafkaView {
@@ -887,6 +1087,7 @@ async fn cleanup(pipeline: Arc<OcrPipeline>, ctx: &Context, ns: &str) -> Result<
     }
     // The finalizer goes next: the pipeline's series go with it.
     ctx.metrics.forget_pipeline(ns, &name);
+    ctx.signals.forget(ns, &name);
     Ok(Action::await_change())
 }
 

@@ -52,6 +52,12 @@ pub const KIND: &str = "OcrPipeline";
         json_path = ".status.architecture"
     ),
     printcolumn(
+        name = "Advice",
+        type_ = "string",
+        description = "The architecture the measured signals call for (spec.autoArchitecture); empty when it is Disabled",
+        json_path = ".status.advice.architecture"
+    ),
+    printcolumn(
         name = "Migration",
         type_ = "string",
         description = "The step an architecture migration waits in; empty when none runs",
@@ -141,6 +147,13 @@ pub struct OcrPipelineSpec {
     /// wait before the pipeline is reported `Degraded`.
     #[serde(default)]
     pub migration: MigrationSpec,
+    /// Choosing the architecture from measured signals: GPU utilisation (or,
+    /// on a CPU, the engine's busy share), the jobs topic's lag and its
+    /// growth, and the time of the database's final writes. `Advise` writes
+    /// the recommendation to `status.advice`; `Apply` also switches
+    /// `spec.architecture` to it.
+    #[serde(default)]
+    pub auto_architecture: AutoArchitectureSpec,
 }
 
 /// Container images of the pipeline's pods and how they are pulled.
@@ -1129,6 +1142,118 @@ fn default_phase_deadline_seconds() -> i64 {
     600
 }
 
+/// The architecture advisor: the seed's rule (utilisation at or above
+/// `batchedAtUtilizationPercent` with a growing lag: `batched`; utilisation
+/// below `writerBelowUtilizationPercent` with a growing lag and slow final
+/// writes: `writer`; idle: `standard`) with a dwell time, so noisy signals
+/// never flap the pipeline.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.writerBelowUtilizationPercent <= self.batchedAtUtilizationPercent").message("writerBelowUtilizationPercent must not exceed batchedAtUtilizationPercent"),
+    validation = Rule::new("self.idleUtilizationPercent <= self.writerBelowUtilizationPercent").message("idleUtilizationPercent must not exceed writerBelowUtilizationPercent")
+)]
+pub struct AutoArchitectureSpec {
+    /// `Disabled` (the default): no signals are read. `Advise`: the operator
+    /// reads the signals every 15 s and writes its recommendation to
+    /// `status.advice`, the `ArchitectureAdvice` condition and an Event on
+    /// every change. `Apply`: as `Advise`, and it sets `spec.architecture` to
+    /// the advice (never while a migration runs, at most once per
+    /// `cooldownSeconds`); the migration then runs as for a manual edit.
+    #[serde(default)]
+    pub mode: AutoArchitectureMode,
+    /// Utilisation (percent) at or above which a growing lag calls for
+    /// `batched`: the GPU is the bottleneck, bigger batches use it better.
+    #[serde(default = "default_batched_at")]
+    #[schemars(range(min = 1, max = 100))]
+    pub batched_at_utilization_percent: i32,
+    /// Utilisation (percent) below which a growing lag with slow final
+    /// writes calls for `writer`: the GPU waits for the database.
+    #[serde(default = "default_writer_below")]
+    #[schemars(range(min = 1, max = 100))]
+    pub writer_below_utilization_percent: i32,
+    /// Mean time (ms) of the final write of a job at or above which the
+    /// database counts as slow.
+    #[serde(default = "default_slow_store_millis")]
+    #[schemars(range(min = 1))]
+    pub slow_store_millis: i64,
+    /// Growth of the jobs topic's lag (messages per minute, least squares
+    /// over the last minute) at or above which the lag counts as growing.
+    #[serde(default = "default_lag_growth_per_minute")]
+    #[schemars(range(min = 1))]
+    pub lag_growth_per_minute: i64,
+    /// The pipeline counts as idle, which calls for `standard`, when the lag
+    /// is at most `idleLag`, does not grow, and utilisation is below this.
+    #[serde(default = "default_idle_utilization")]
+    #[schemars(range(min = 0, max = 100))]
+    pub idle_utilization_percent: i32,
+    /// Lag (messages) at or below which the pipeline may count as idle.
+    #[serde(default = "default_idle_lag")]
+    #[schemars(range(min = 0))]
+    pub idle_lag: i64,
+    /// Seconds a different recommendation must hold without interruption
+    /// before it becomes the advice.
+    #[serde(default = "default_dwell_seconds")]
+    #[schemars(range(min = 0))]
+    pub dwell_seconds: i64,
+    /// `Apply` only: seconds after a migration finished (or after the last
+    /// switch) before the next automatic switch.
+    #[serde(default = "default_cooldown_seconds")]
+    #[schemars(range(min = 0))]
+    pub cooldown_seconds: i64,
+}
+
+impl Default for AutoArchitectureSpec {
+    fn default() -> Self {
+        AutoArchitectureSpec {
+            mode: AutoArchitectureMode::default(),
+            batched_at_utilization_percent: default_batched_at(),
+            writer_below_utilization_percent: default_writer_below(),
+            slow_store_millis: default_slow_store_millis(),
+            lag_growth_per_minute: default_lag_growth_per_minute(),
+            idle_utilization_percent: default_idle_utilization(),
+            idle_lag: default_idle_lag(),
+            dwell_seconds: default_dwell_seconds(),
+            cooldown_seconds: default_cooldown_seconds(),
+        }
+    }
+}
+
+fn default_batched_at() -> i32 {
+    80
+}
+fn default_writer_below() -> i32 {
+    60
+}
+fn default_slow_store_millis() -> i64 {
+    50
+}
+fn default_lag_growth_per_minute() -> i64 {
+    60
+}
+fn default_idle_utilization() -> i32 {
+    30
+}
+fn default_idle_lag() -> i64 {
+    10
+}
+fn default_dwell_seconds() -> i64 {
+    120
+}
+fn default_cooldown_seconds() -> i64 {
+    600
+}
+
+// What the advisor does: `Disabled`, `Advise` or `Apply` (see `spec.autoArchitecture.mode`).
+// Not `Off`: YAML 1.1 parsers (kubectl's among them) read an unquoted `Off` as the boolean false.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum AutoArchitectureMode {
+    #[default]
+    Disabled,
+    Advise,
+    Apply,
+}
+
 fn one() -> i32 {
     1
 }
@@ -1159,6 +1284,9 @@ pub struct OcrPipelineStatus {
     /// The architecture migration in progress, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<Migration>,
+    /// What the advisor recommends and why (`spec.autoArchitecture.mode` not `Disabled`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advice: Option<Advice>,
     /// In-cluster address of the API Service, where clients submit jobs:
     /// `http://<name>-api.<namespace>.svc:<api.service.port>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1277,6 +1405,66 @@ pub struct Migration {
     /// Absent in statuses written before phases were timed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase_started_at: Option<Time>,
+}
+
+/// The advisor's recommendation.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Advice {
+    /// The architecture the signals call for; until they call for another
+    /// for `dwellSeconds`, the one that runs.
+    pub architecture: Architecture,
+    /// Why, with the values that decided it.
+    pub reason: String,
+    /// Since when this is the advice.
+    pub since: Time,
+    /// A different recommendation that is waiting out `dwellSeconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<PendingAdvice>,
+    /// The signals of the last evaluation.
+    pub signals: AdviceSignals,
+    /// When `Apply` last set `spec.architecture`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_at: Option<Time>,
+}
+
+/// A recommendation that has not held for `dwellSeconds` yet.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingAdvice {
+    /// The architecture the signals call for now.
+    pub architecture: Architecture,
+    /// Since when they call for it without interruption.
+    pub since: Time,
+}
+
+/// The signals as the advisor last read them; a field is absent when it
+/// could not be measured (no pod answered, Kafka unreachable, too few readings).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AdviceSignals {
+    /// When they were read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_at: Option<Time>,
+    /// Mean utilisation of the workers, percent: NVML's GPU utilisation, or
+    /// the share of time the engine was busy where no GPU is seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utilization_percent: Option<i32>,
+    /// `gpu` or `engineBusy`: where `utilizationPercent` comes from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utilization_source: Option<String>,
+    /// Messages on the jobs topic the workers have not committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs_lag: Option<i64>,
+    /// How fast that lag grows, messages per minute (negative: shrinks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_growth_per_minute: Option<i64>,
+    /// Mean time of a job's final database write since the last reading, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_finish_millis: Option<i64>,
+    /// Worker and writer pods whose metrics were read.
+    #[serde(default)]
+    pub pods_read: i32,
 }
 
 /// Steps of a migration, in the order each path takes them (see `migration.rs`).

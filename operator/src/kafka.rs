@@ -107,6 +107,22 @@ pub trait KafkaAdmin: Send + Sync {
         topic: &'a str,
     ) -> BoxFuture<'a, Result<u64, KafkaError>>;
 
+    /// Messages on `topic` not yet committed by `group` (the advisor's jobs
+    /// lag). Clients that cannot measure lag leave the default: an error.
+    fn consumer_lag<'a>(
+        &'a self,
+        _cluster: &'a Cluster,
+        topic: &'a str,
+        _group: &'a str,
+    ) -> BoxFuture<'a, Result<u64, KafkaError>> {
+        Box::pin(async move {
+            Err(KafkaError::LagUnavailable {
+                topic: topic.to_string(),
+                reason: "this Kafka client cannot measure lag".into(),
+            })
+        })
+    }
+
     /// Deletes the topics; one that is gone already is not an error.
     fn delete_topics<'a>(
         &'a self,

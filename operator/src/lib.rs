@@ -6,9 +6,11 @@
 //! step, `build` renders the desired objects (one module per object kind;
 //! the runtime's configuration comes typed from `ocr-contract`), `controller`
 //! applies them and deletes orphans, and `status` computes what to report.
-//! Everything but `controller`, `kafka`, `leader` and `run` is pure and
-//! unit-tested; `metrics` and `run` make the binary.
+//! `advisor` recommends an architecture from the signals `signals` reads.
+//! Everything but `controller`, `kafka`, `leader`, `signals` and `run` is
+//! pure and unit-tested; `metrics` and `run` make the binary.
 
+pub mod advisor;
 pub mod build;
 pub mod controller;
 pub mod crd;
@@ -17,5 +19,6 @@ pub mod leader;
 pub mod metrics;
 pub mod migration;
 pub mod run;
+pub mod signals;
 pub mod status;
 pub mod validate;

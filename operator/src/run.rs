@@ -306,6 +306,7 @@ pub async fn run_with(
         kafka: options.kafka_admin.adapter(),
         capabilities,
         metrics: metrics.clone(),
+        signals: Default::default(),
     });
 
     // Every controller stops on shutdown or when the lease is lost.

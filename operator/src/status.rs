@@ -12,6 +12,9 @@ pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
 pub const MIGRATING: &str = "Migrating";
+/// Whether `spec.architecture` is what the advisor recommends (only while
+/// `spec.autoArchitecture` is not `Off`).
+pub const ARCHITECTURE_ADVICE: &str = "ArchitectureAdvice";
 /// `Degraded` reason of a migration phase that waited past its deadline.
 pub const MIGRATION_STUCK: &str = "MigrationStuck";
 /// `Degraded` reason of a Secret the pods need that is missing, unreadable or lacks a key.
@@ -310,6 +313,8 @@ pub fn compute(
         phase: Some(phase),
         architecture: Some(plan.architecture),
         migration: plan.migration.clone(),
+        // The advisor's round updates it.
+        advice: previous.and_then(|s| s.advice.clone()),
         url: Some(seen.url.clone()),
         ready_roles: Some(ready_roles),
         replicas: Some(RoleReplicas {

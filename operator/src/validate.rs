@@ -117,5 +117,20 @@ pub fn validate(pipeline: &OcrPipeline) -> Result<ValidPipeline<'_>, InvalidSpec
             "spec.migration.phaseDeadlineSeconds must be at least 1",
         ));
     }
+    let auto = &spec.auto_architecture;
+    if !(0 <= auto.idle_utilization_percent
+        && auto.idle_utilization_percent <= auto.writer_below_utilization_percent
+        && auto.writer_below_utilization_percent <= auto.batched_at_utilization_percent
+        && auto.batched_at_utilization_percent <= 100)
+    {
+        return Err(invalid(
+            "spec.autoArchitecture: need 0 <= idleUtilizationPercent <= writerBelowUtilizationPercent <= batchedAtUtilizationPercent <= 100",
+        ));
+    }
+    if auto.dwell_seconds < 0 || auto.cooldown_seconds < 0 {
+        return Err(invalid(
+            "spec.autoArchitecture: dwellSeconds and cooldownSeconds must not be negative",
+        ));
+    }
     Ok(ValidPipeline(pipeline))
 }

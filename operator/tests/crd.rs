@@ -116,7 +116,7 @@ fn resolves(schema: &Value, json_path: &str) -> bool {
 }
 
 #[test]
-fn kubectl_get_shows_desired_running_migration_and_ready_roles() {
+fn kubectl_get_shows_desired_running_advice_migration_and_ready_roles() {
     let crd = OcrPipeline::crd();
     assert_eq!(crd.spec.group, "ocr.serving.dev");
     assert_eq!(crd.spec.scope, "Namespaced");
@@ -139,6 +139,7 @@ fn kubectl_get_shows_desired_running_migration_and_ready_roles() {
         [
             ("Desired", ".spec.architecture", 0),
             ("Running", ".status.architecture", 0),
+            ("Advice", ".status.advice.architecture", 0),
             ("Migration", ".status.migration.phase", 0),
             ("Phase", ".status.phase", 0),
             ("Ready", ".status.readyRoles", 0),
@@ -194,4 +195,53 @@ fn status_conditions_are_a_map_list_keyed_by_type() {
         required.contains(&Value::from("type")),
         "a map key must be required: {required:?}"
     );
+}
+
+/// Every string an `enum` or a `default` of the schema holds, with its path.
+fn enum_and_default_strings(node: &Value, path: &str, out: &mut Vec<(String, String)>) {
+    match node {
+        Value::Object(map) => {
+            for (key, value) in map {
+                let here = format!("{path}.{key}");
+                if key == "enum" || key == "default" {
+                    let mut strings = Vec::new();
+                    collect_strings(value, &mut strings);
+                    out.extend(strings.into_iter().map(|s| (here.clone(), s)));
+                }
+                enum_and_default_strings(value, &here, out);
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                enum_and_default_strings(item, path, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn collect_strings(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::String(s) => out.push(s.clone()),
+        Value::Array(items) => items.iter().for_each(|v| collect_strings(v, out)),
+        Value::Object(map) => map.values().for_each(|v| collect_strings(v, out)),
+        _ => {}
+    }
+}
+
+/// A value a user types unquoted in a manifest must stay a string: YAML 1.1
+/// parsers (kubectl's among them) read `Off`, `on`, `yes`, `n` and the like
+/// as booleans, and the API server then refuses the object (or, in the
+/// CRD's own defaults, the CRD).
+#[test]
+fn no_enum_value_or_default_reads_as_a_yaml_boolean() {
+    const YAML11_BOOLEANS: [&str; 8] = ["y", "n", "yes", "no", "on", "off", "true", "false"];
+    let mut strings = Vec::new();
+    enum_and_default_strings(&schema(), "", &mut strings);
+    assert!(!strings.is_empty(), "the schema has enums and defaults");
+    let ambiguous: Vec<_> = strings
+        .iter()
+        .filter(|(_, s)| YAML11_BOOLEANS.contains(&s.to_ascii_lowercase().as_str()))
+        .collect();
+    assert!(ambiguous.is_empty(), "YAML 1.1 booleans: {ambiguous:?}");
 }

@@ -35,6 +35,9 @@ struct FakeKafka {
     topics: Mutex<std::collections::BTreeSet<String>>,
     /// Per delete call: the topics asked for.
     deleted: Mutex<Vec<Vec<String>>>,
+    /// The workers' lag on the jobs topic, as (topic, group, lag); `None`: unknown.
+    jobs_lag: Mutex<Option<u64>>,
+    lag_questions: Mutex<Vec<(String, String)>>,
 }
 
 impl KafkaAdmin for FakeKafka {
@@ -80,6 +83,24 @@ impl KafkaAdmin for FakeKafka {
                     .push(listed);
             }
             (*self.lag.lock().expect("lock")).ok_or_else(|| KafkaError::LagUnavailable {
+                topic: topic.into(),
+                reason: "test".into(),
+            })
+        })
+    }
+
+    fn consumer_lag<'a>(
+        &'a self,
+        _cluster: &'a Cluster,
+        topic: &'a str,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<u64, KafkaError>> {
+        Box::pin(async move {
+            self.lag_questions
+                .lock()
+                .expect("lock")
+                .push((topic.to_owned(), group.to_owned()));
+            (*self.jobs_lag.lock().expect("lock")).ok_or_else(|| KafkaError::LagUnavailable {
                 topic: topic.into(),
                 reason: "test".into(),
             })
@@ -141,6 +162,7 @@ impl Harness {
             kafka: kafka.clone(),
             capabilities: Capabilities { keda: true },
             metrics: Arc::new(Metrics::default()),
+            signals: Default::default(),
         });
         Harness { fake, kafka, ctx }
     }
@@ -1226,4 +1248,119 @@ async fn pipeline_metrics_follow_the_status_and_go_with_the_pipeline() {
     h.reconcile().await.expect("cleanup completes");
     let text = h.ctx.metrics.render().expect("encodes");
     assert!(!text.contains(r#"pipeline="demo""#), "{text}");
+}
+
+/// A pod's `/metrics` page, served for real on 127.0.0.1 (the pod's IP in
+/// the fake API), changeable while the test runs.
+async fn serve_metrics(page: Arc<Mutex<String>>) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binding");
+    let port = listener.local_addr().expect("address").port();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let page = page.clone();
+            async move { page.lock().expect("lock").clone() }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    port
+}
+
+fn worker_page(busy_seconds: f64, finish_sum: f64, finish_count: u64) -> String {
+    format!(
+        "# TYPE ocr_engine_busy_seconds counter\n\
+         ocr_engine_busy_seconds_total {busy_seconds}\n\
+         # TYPE ocr_store_seconds histogram\n\
+         ocr_store_seconds_sum{{op=\"finish\"}} {finish_sum}\n\
+         ocr_store_seconds_count{{op=\"finish\"}} {finish_count}\n\
+         ocr_store_seconds_bucket{{le=\"+Inf\",op=\"finish\"}} {finish_count}\n\
+         # EOF\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn advise_reads_the_pods_metrics_and_the_jobs_lag_into_the_status() {
+    let page = Arc::new(Mutex::new(worker_page(10.0, 0.5, 10)));
+    let port = serve_metrics(page.clone()).await;
+    let h = Harness::new("standard");
+    h.fake.update(&pipelines(NAMESPACE), NAME, |p| {
+        p["spec"]["autoArchitecture"] = json!({ "mode": "Advise" });
+        p["spec"]["observability"] = json!({ "metricsPort": port });
+    });
+    *h.kafka.jobs_lag.lock().expect("lock") = Some(42);
+    h.create_and_settle().await;
+    let mut pod = worker_pod("demo-worker-a", "standard", false);
+    pod["status"]["podIP"] = json!("127.0.0.1");
+    h.fake.insert(&pods(NAMESPACE), pod);
+
+    let action = h.reconcile().await.expect("reconciles");
+    assert_eq!(
+        action,
+        Action::requeue(std::time::Duration::from_secs(15)),
+        "the advisor looks again within 15 s"
+    );
+    let status = h.status();
+    let advice = &status["advice"];
+    assert_eq!(advice["architecture"], "standard", "{advice}");
+    assert_eq!(advice["signals"]["jobsLag"], 42, "{advice}");
+    assert_eq!(advice["signals"]["podsRead"], 1, "{advice}");
+    // One reading of a counter says nothing yet.
+    assert!(
+        advice["signals"]["utilizationPercent"].is_null(),
+        "{advice}"
+    );
+    assert!(
+        advice["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("signals incomplete")),
+        "{advice}"
+    );
+    let asked = h.kafka.lag_questions.lock().expect("lock").clone();
+    assert!(
+        asked.contains(&(
+            format!("{NAMESPACE}.{NAME}.jobs"),
+            format!("{NAMESPACE}.{NAME}.worker")
+        )),
+        "the jobs topic and the workers' group: {asked:?}"
+    );
+    let advised = condition(&status, "ArchitectureAdvice");
+    assert_eq!(
+        (advised["status"].clone(), advised["reason"].clone()),
+        (json!("True"), json!("SpecFollowsAdvice"))
+    );
+
+    // A reading right after the first gives no rate: a burst of reconciles
+    // must not read a busy pod as idle.
+    h.reconcile().await.expect("reconciles");
+    let signals = h.status()["advice"]["signals"].clone();
+    assert!(signals["utilizationPercent"].is_null(), "{signals}");
+
+    // Five seconds later: 3 s busy, 10 final writes of 100 ms.
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    *page.lock().expect("lock") = worker_page(13.0, 1.5, 20);
+    h.reconcile().await.expect("reconciles");
+    let signals = h.status()["advice"]["signals"].clone();
+    assert_eq!(signals["utilizationSource"], "engineBusy", "{signals}");
+    let utilization = signals["utilizationPercent"]
+        .as_i64()
+        .expect("a utilisation");
+    assert!((45..=60).contains(&utilization), "{signals}");
+    assert_eq!(signals["storeFinishMillis"], 100, "{signals}");
+
+    // Disabled: the advice and its condition go.
+    h.fake.update(&pipelines(NAMESPACE), NAME, |p| {
+        p["spec"]["autoArchitecture"] = json!({ "mode": "Disabled" });
+    });
+    h.reconcile().await.expect("reconciles");
+    let status = h.status();
+    assert!(status["advice"].is_null(), "{status}");
+    let types: Vec<&str> = status["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .filter_map(|c| c["type"].as_str())
+        .collect();
+    assert!(!types.contains(&"ArchitectureAdvice"), "{status}");
 }

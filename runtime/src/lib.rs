@@ -7,6 +7,7 @@ pub mod app;
 pub mod config;
 pub mod domain;
 pub mod engine;
+pub mod gpu;
 pub mod metrics;
 pub mod notify;
 pub mod queue;

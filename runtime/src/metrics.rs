@@ -1,6 +1,7 @@
 //! Prometheus metrics shared by every role.
 
 use crate::domain::JobStatus;
+use ocr_contract::signals;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -31,6 +32,16 @@ struct LagLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RetryLabel {
     operation: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabel {
+    op: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GpuLabel {
+    gpu: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -88,6 +99,13 @@ struct Inner {
     consumer_lag: Family<LagLabels, Gauge>,
     writer_retries: Family<RetryLabel, Counter>,
     stage_seconds: Family<StageLabel, Histogram>,
+    engine_busy_seconds: Counter<f64, AtomicU64>,
+    store_seconds: Family<OpLabel, Histogram>,
+    job_latency_seconds: Family<StatusLabel, Histogram>,
+    consumer_lag_growth: Family<LagLabels, Gauge<f64, AtomicU64>>,
+    gpu_utilization: Family<GpuLabel, Gauge<f64, AtomicU64>>,
+    gpu_memory_used: Family<GpuLabel, Gauge>,
+    gpu_memory_total: Family<GpuLabel, Gauge>,
     /// Running totals per stage, readable in-process (benchmarks).
     stage_nanos: [AtomicU64; 4],
 }
@@ -155,7 +173,7 @@ impl Metrics {
         );
         let consumer_lag = Family::<LagLabels, Gauge>::default();
         registry.register(
-            "consumer_lag",
+            signals::CONSUMER_LAG,
             "Messages the role's consumer group has not committed yet, over all partitions",
             consumer_lag.clone(),
         );
@@ -164,6 +182,52 @@ impl Metrics {
             "writer_retries",
             "Failed attempts of the writer, by operation (database, blob, webhook)",
             writer_retries.clone(),
+        );
+        let engine_busy_seconds = Counter::<f64, AtomicU64>::default();
+        registry.register(
+            signals::ENGINE_BUSY_SECONDS,
+            "Seconds the engine spent inferring; its rate is the busy ratio (GPU utilisation's stand-in on a CPU)",
+            engine_busy_seconds.clone(),
+        );
+        let store_seconds = Family::<OpLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0002, 2.0, 16))
+        });
+        registry.register(
+            signals::STORE_SECONDS,
+            "Time of each database operation (insert, get, claim, finish, requeue, ...), failures included",
+            store_seconds.clone(),
+        );
+        let job_latency_seconds = Family::<StatusLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.01, 2.0, 16))
+        });
+        registry.register(
+            signals::JOB_LATENCY_SECONDS,
+            "From a job's acceptance to its final state, by that state",
+            job_latency_seconds.clone(),
+        );
+        let consumer_lag_growth = Family::<LagLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            signals::CONSUMER_LAG_GROWTH,
+            "How fast the consumer lag grows (negative: shrinks), messages per second over the last minute",
+            consumer_lag_growth.clone(),
+        );
+        let gpu_utilization = Family::<GpuLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            signals::GPU_UTILIZATION,
+            "GPU utilisation from NVML, 0 to 1, averaged over the last 15 s; absent without an NVIDIA driver",
+            gpu_utilization.clone(),
+        );
+        let gpu_memory_used = Family::<GpuLabel, Gauge>::default();
+        registry.register(
+            signals::GPU_MEMORY_USED,
+            "GPU memory in use, from NVML",
+            gpu_memory_used.clone(),
+        );
+        let gpu_memory_total = Family::<GpuLabel, Gauge>::default();
+        registry.register(
+            signals::GPU_MEMORY_TOTAL,
+            "GPU memory in all, from NVML",
+            gpu_memory_total.clone(),
         );
         Metrics {
             inner: Arc::new(Inner {
@@ -179,6 +243,13 @@ impl Metrics {
                 consumer_lag,
                 writer_retries,
                 stage_seconds,
+                engine_busy_seconds,
+                store_seconds,
+                job_latency_seconds,
+                consumer_lag_growth,
+                gpu_utilization,
+                gpu_memory_used,
+                gpu_memory_total,
                 stage_nanos: Default::default(),
             }),
         }
@@ -209,18 +280,59 @@ impl Metrics {
         Duration::from_nanos(self.inner.stage_nanos[stage as usize].load(Ordering::Relaxed))
     }
 
-    pub fn job_finished(&self, status: JobStatus) {
+    /// A job reached `status`; `accepted_at_ms` is its creation time (ms since the epoch).
+    pub fn job_finished(&self, status: JobStatus, accepted_at_ms: i64, now_ms: i64) {
+        let label = StatusLabel {
+            status: status.as_str().to_owned(),
+        };
+        self.inner.finished.get_or_create(&label).inc();
+        // Clocks of different hosts may disagree a little: never a negative latency.
+        let latency = (now_ms - accepted_at_ms).max(0) as f64 / 1000.0;
         self.inner
-            .finished
-            .get_or_create(&StatusLabel {
-                status: status.as_str().to_owned(),
+            .job_latency_seconds
+            .get_or_create(&label)
+            .observe(latency);
+    }
+
+    pub fn observe_store(&self, op: &'static str, took: Duration) {
+        self.inner
+            .store_seconds
+            .get_or_create(&OpLabel { op: op.to_owned() })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn set_consumer_lag_growth(&self, topic: &str, group: &str, per_second: f64) {
+        self.inner
+            .consumer_lag_growth
+            .get_or_create(&LagLabels {
+                topic: topic.to_owned(),
+                group: group.to_owned(),
             })
-            .inc();
+            .set(per_second);
+    }
+
+    pub fn set_gpu(&self, gpu: u32, utilization: f64, memory_used: u64, memory_total: u64) {
+        let label = GpuLabel {
+            gpu: gpu.to_string(),
+        };
+        self.inner
+            .gpu_utilization
+            .get_or_create(&label)
+            .set(utilization);
+        self.inner
+            .gpu_memory_used
+            .get_or_create(&label)
+            .set(memory_used as i64);
+        self.inner
+            .gpu_memory_total
+            .get_or_create(&label)
+            .set(memory_total as i64);
     }
 
     pub fn observe_inference(&self, items: usize, took: Duration) {
         self.inner.batch_size.observe(items as f64);
         self.inner.inference_seconds.observe(took.as_secs_f64());
+        self.inner.engine_busy_seconds.inc_by(took.as_secs_f64());
         if items > 0 {
             self.inner
                 .inference_seconds_per_item

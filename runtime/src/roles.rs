@@ -24,6 +24,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use ocr_contract::signals::{Trend, LAG_TREND_WINDOW_SECONDS};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,8 +77,12 @@ impl Running {
     }
 }
 
-/// Connects the job store (migrating if configured) and the blob store.
-pub async fn open_storage(config: &Config) -> anyhow::Result<(JobStore, BlobStore)> {
+/// Connects the job store (migrating if configured, timing every operation
+/// into `metrics`) and the blob store.
+pub async fn open_storage(
+    config: &Config,
+    metrics: &Metrics,
+) -> anyhow::Result<(JobStore, BlobStore)> {
     if let Some(dir) = sqlite_parent_dir(&config.database.url) {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("creating database directory {}", dir.display()))?;
@@ -93,7 +98,8 @@ pub async fn open_storage(config: &Config) -> anyhow::Result<(JobStore, BlobStor
             "opening database {}",
             ocr_contract::redact_url(&config.database.url)
         )
-    })?;
+    })?
+    .observed_by(metrics);
     if config.database.migrate_on_start {
         store.migrate().await.context("migrating the database")?;
     }
@@ -203,10 +209,10 @@ fn require_kafka(config: &Config, role: &str) -> anyhow::Result<KafkaConnection>
 /// The API role: HTTP front end, Kafka publisher and the republishing sweeper.
 pub async fn start_api(config: &Config) -> anyhow::Result<Running> {
     let kafka = require_kafka(config, "api")?;
-    let (store, blobs) = open_storage(config).await?;
+    let metrics = Metrics::new();
+    let (store, blobs) = open_storage(config, &metrics).await?;
     let publisher = KafkaPublisher::new(&kafka, &config.queue.jobs_topic)?;
     let publisher: Arc<dyn JobPublisher> = Arc::new(publisher);
-    let metrics = Metrics::new();
     let submitter = Submitter {
         store: store.clone(),
         blobs: blobs.clone(),
@@ -298,8 +304,8 @@ pub async fn group_lag(
 }
 
 /// What every consuming role serves on its HTTP port: probes, metrics, and
-/// its consumer group's lag on its topic as `ocr_consumer_lag`, refreshed
-/// until shutdown. Returns the bound address.
+/// its consumer group's lag on its topic as `ocr_consumer_lag` with its trend
+/// `ocr_consumer_lag_growth`, refreshed until shutdown. Returns the bound address.
 async fn serve_consumer_health(
     config: &Config,
     kafka: &KafkaConnection,
@@ -311,9 +317,17 @@ async fn serve_consumer_health(
     let (kafka, group, topic) = (kafka.clone(), group.to_owned(), topic.to_owned());
     let (metrics, until) = (health.metrics.clone(), shutdown.clone());
     tasks.spawn(async move {
+        let started = std::time::Instant::now();
+        let mut trend = Trend::new(LAG_TREND_WINDOW_SECONDS);
         loop {
             match group_lag(&kafka, &group, &topic).await {
-                Ok(lag) => metrics.set_consumer_lag(&topic, &group, lag.total),
+                Ok(lag) => {
+                    metrics.set_consumer_lag(&topic, &group, lag.total);
+                    trend.push(started.elapsed().as_secs_f64(), lag.total as f64);
+                    if let Some(growth) = trend.slope() {
+                        metrics.set_consumer_lag_growth(&topic, &group, growth);
+                    }
+                }
                 Err(err) => tracing::debug!(error = %err, "measuring consumer lag failed"),
             }
             tokio::select! {
@@ -347,7 +361,7 @@ pub async fn start_worker(config: &Config, engine: Arc<dyn Recognize>) -> anyhow
         .mode
     {
         WorkerMode::Standard | WorkerMode::Batched => {
-            let (store, blobs) = open_storage(config).await?;
+            let (store, blobs) = open_storage(config, &metrics).await?;
             let processor = Processor {
                 store: store.clone(),
                 blobs: blobs.clone(),
@@ -363,7 +377,8 @@ pub async fn start_worker(config: &Config, engine: Arc<dyn Recognize>) -> anyhow
             // an input key; the worker must start while it is down.
             let store =
                 JobStore::connect_lazy(&config.database.url, 2, config.database.acquire_timeout())
-                    .context("database URL")?;
+                    .context("database URL")?
+                    .observed_by(&metrics);
             let blobs = BlobStore::from_url(&config.blob.url).context("opening the blob store")?;
             let results: Arc<dyn MessageSink> =
                 Arc::new(KafkaPublisher::new(&kafka, &config.queue.results_topic)?);
@@ -393,6 +408,7 @@ pub async fn start_worker(config: &Config, engine: Arc<dyn Recognize>) -> anyhow
         metrics: metrics.clone(),
     };
     tasks.spawn(jobs.run(shutdown.clone()));
+    tasks.spawn(crate::gpu::sample(metrics.clone(), shutdown.clone()));
     let local_addr = serve_consumer_health(
         config,
         &kafka,
@@ -409,6 +425,7 @@ pub async fn start_worker(config: &Config, engine: Arc<dyn Recognize>) -> anyhow
 /// The writer role: persists result events from the results topic.
 pub async fn start_writer(config: &Config) -> anyhow::Result<Running> {
     let kafka = require_kafka(config, "writer")?;
+    let metrics = Metrics::new();
     // Lazy: the writer starts (and reports ready) while the database is
     // down, and waits for it per event.
     let store = JobStore::connect_lazy(
@@ -416,9 +433,9 @@ pub async fn start_writer(config: &Config) -> anyhow::Result<Running> {
         config.database.max_connections,
         config.database.acquire_timeout(),
     )
-    .context("database URL")?;
+    .context("database URL")?
+    .observed_by(&metrics);
     let blobs = BlobStore::from_url(&config.blob.url).context("opening the blob store")?;
-    let metrics = Metrics::new();
     let writer_config = &config.writer;
     let webhook = if writer_config.webhook_url.is_empty() {
         None

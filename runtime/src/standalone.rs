@@ -22,8 +22,8 @@ pub async fn start(config: &Config, engine: Arc<dyn Recognize>) -> anyhow::Resul
     );
     let mut config = config.clone();
     config.database.migrate_on_start = true;
-    let (store, blobs) = open_storage(&config).await?;
     let metrics = Metrics::new();
+    let (store, blobs) = open_storage(&config, &metrics).await?;
     let (publisher, consumer) = memory::channel();
     let publisher: Arc<dyn JobPublisher> = Arc::new(publisher);
 
@@ -68,6 +68,7 @@ pub async fn start(config: &Config, engine: Arc<dyn Recognize>) -> anyhow::Resul
         metrics: metrics.clone(),
     };
     tasks.spawn(jobs.run(shutdown.clone()));
+    tasks.spawn(crate::gpu::sample(metrics.clone(), shutdown.clone()));
     let submitter = Submitter {
         store: store.clone(),
         blobs: blobs.clone(),

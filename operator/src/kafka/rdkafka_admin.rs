@@ -62,12 +62,22 @@ impl KafkaAdmin for RdKafkaAdmin {
         cluster: &'a Cluster,
         topic: &'a str,
     ) -> BoxFuture<'a, Result<u64, KafkaError>> {
+        self.consumer_lag(cluster, topic, &cluster.writer_group)
+    }
+
+    fn consumer_lag<'a>(
+        &'a self,
+        cluster: &'a Cluster,
+        topic: &'a str,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<u64, KafkaError>> {
         let owned_cluster = cluster.clone();
         let owned_topic = topic.to_string();
+        let owned_group = group.to_string();
         let timeout = self.timeout;
         Box::pin(async move {
             let lag = tokio::task::spawn_blocking(move || {
-                group_lag(&owned_cluster, &owned_topic, timeout)
+                group_lag(&owned_cluster, &owned_group, &owned_topic, timeout)
             })
             .await
             .unwrap_or_else(|e| Err(format!("the lag measurement did not finish: {e}")));
@@ -258,8 +268,12 @@ fn partition_lag(committed: Option<i64>, low: i64, high: i64) -> u64 {
 
 /// The lag of `cluster.writer_group` on `topic`, over every partition. Reads
 /// committed offsets without joining the group.
-fn group_lag(cluster: &Cluster, topic: &str, timeout: Duration) -> Result<u64, String> {
-    let group = &cluster.writer_group;
+fn group_lag(
+    cluster: &Cluster,
+    group: &str,
+    topic: &str,
+    timeout: Duration,
+) -> Result<u64, String> {
     let consumer: BaseConsumer = client_config(cluster)
         .set("group.id", group)
         .set("enable.auto.commit", "false")

@@ -224,7 +224,8 @@ impl ResultWriter {
                     })
                     .await?;
                 if finished == Transition::Applied {
-                    self.metrics.job_finished(status);
+                    self.metrics
+                        .job_finished(status, job.created_at_ms, now_ms());
                     return Ok(Written::Final(status));
                 }
             }

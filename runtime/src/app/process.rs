@@ -207,7 +207,11 @@ impl Processor {
                     .await?
                 {
                     Transition::Applied => {
-                        self.metrics.job_finished(JobStatus::DeadLettered);
+                        self.metrics.job_finished(
+                            JobStatus::DeadLettered,
+                            job.created_at_ms,
+                            now_ms(),
+                        );
                         return Ok(Claim::Done(Handled::DeadLettered(reason)));
                     }
                     Transition::Lost => continue,
@@ -284,7 +288,7 @@ impl Processor {
             .await
         {
             Ok(Transition::Applied) => {
-                self.metrics.job_finished(to);
+                self.metrics.job_finished(to, job.created_at_ms, now_ms());
                 handled
             }
             Ok(Transition::Lost) => Handled::Skipped("reclaimed by another worker"),

@@ -5,9 +5,10 @@
 
 use crate::domain::idempotency::KeyRecord;
 use crate::domain::{Job, JobId, JobStatus, NewJob, Transition};
+use crate::metrics::Metrics;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 static MYSQL_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -67,6 +68,39 @@ pub struct Changes {
 pub struct JobStore {
     pool: AnyPool,
     dialect: Dialect,
+    /// Where each operation's time goes (`ocr_store_seconds{op}`); none in tools.
+    metrics: Option<Metrics>,
+}
+
+/// Times one operation from its creation to its drop, so every return path
+/// (errors included: a database that times out is a slow one) is counted.
+struct OpTimer<'a> {
+    metrics: Option<&'a Metrics>,
+    op: &'static str,
+    started: Instant,
+}
+
+impl Drop for OpTimer<'_> {
+    fn drop(&mut self) {
+        if let Some(metrics) = self.metrics {
+            metrics.observe_store(self.op, self.started.elapsed());
+        }
+    }
+}
+
+/// The `op` label of a status change: claims, final writes and hand-backs
+/// are told apart, so a slow final write (what the writer topology shields
+/// the GPU from) shows as such.
+fn transition_op(to: JobStatus) -> &'static str {
+    if to.is_terminal() {
+        ocr_contract::signals::STORE_OP_FINISH
+    } else {
+        match to {
+            JobStatus::Processing => "claim",
+            JobStatus::Queued => "requeue",
+            _ => "transition",
+        }
+    }
 }
 
 const JOB_COLUMNS: &str = "id, client_id, status, attempts, input_key, content_type, \
@@ -117,7 +151,11 @@ impl JobStore {
             .connect(&url)
             .await
             .map_err(StoreError::Connect)?;
-        Ok(JobStore { pool, dialect })
+        Ok(JobStore {
+            pool,
+            dialect,
+            metrics: None,
+        })
     }
 
     /// A pool that connects on first use, for roles that must start while
@@ -138,7 +176,25 @@ impl JobStore {
             .acquire_timeout(acquire_timeout(dialect, acquire))
             .connect_lazy(&url)
             .map_err(StoreError::Connect)?;
-        Ok(JobStore { pool, dialect })
+        Ok(JobStore {
+            pool,
+            dialect,
+            metrics: None,
+        })
+    }
+
+    /// Times every operation into `metrics` from now on.
+    pub fn observed_by(mut self, metrics: &Metrics) -> Self {
+        self.metrics = Some(metrics.clone());
+        self
+    }
+
+    fn timer(&self, op: &'static str) -> OpTimer<'_> {
+        OpTimer {
+            metrics: self.metrics.as_ref(),
+            op,
+            started: Instant::now(),
+        }
     }
 
     pub fn dialect(&self) -> Dialect {
@@ -156,6 +212,7 @@ impl JobStore {
 
     /// Cheap liveness check for readiness probes.
     pub async fn ping(&self) -> Result<(), StoreError> {
+        let _timer = self.timer("ping");
         sqlx::query("SELECT 1")
             .execute(&self.pool)
             .await
@@ -168,6 +225,7 @@ impl JobStore {
     /// job without its key (the client's retry would create a second job) or
     /// a key pointing at no job.
     pub async fn insert(&self, job: &NewJob, now_ms: i64) -> Result<(), StoreError> {
+        let _timer = self.timer("insert");
         let mut tx = self
             .pool
             .begin()
@@ -207,6 +265,7 @@ impl JobStore {
     }
 
     pub async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
+        let _timer = self.timer("get");
         let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"))
             .bind(id.to_string())
             .fetch_optional(&self.pool)
@@ -227,6 +286,7 @@ impl JobStore {
         changes: Changes,
         now_ms: i64,
     ) -> Result<Transition, StoreError> {
+        let _timer = self.timer(transition_op(to));
         if !from.can_transition_to(to) {
             return Err(StoreError::IllegalTransition { from, to });
         }
@@ -269,6 +329,7 @@ impl JobStore {
         older_than_ms: i64,
         limit: u32,
     ) -> Result<Vec<JobId>, StoreError> {
+        let _timer = self.timer("list");
         let rows = sqlx::query(
             "SELECT id FROM jobs WHERE status = ? AND updated_at <= ? ORDER BY updated_at LIMIT ?",
         )
@@ -288,6 +349,7 @@ impl JobStore {
     }
 
     pub async fn count_in_status(&self, status: JobStatus) -> Result<u64, StoreError> {
+        let _timer = self.timer("count");
         let row = sqlx::query("SELECT COUNT(*) AS n FROM jobs WHERE status = ?")
             .bind(status.as_str())
             .fetch_one(&self.pool)
@@ -299,6 +361,7 @@ impl JobStore {
 
     /// Removes a job row. Only used to undo a job whose input could not be stored.
     pub async fn delete(&self, id: JobId) -> Result<(), StoreError> {
+        let _timer = self.timer("delete");
         sqlx::query("DELETE FROM jobs WHERE id = ?")
             .bind(id.to_string())
             .execute(&self.pool)
@@ -316,6 +379,7 @@ impl JobStore {
         request_sha256: &str,
         now_ms: i64,
     ) -> Result<Option<KeyRecord>, StoreError> {
+        let _timer = self.timer("reserve_key");
         let inserted = sqlx::query(
             "INSERT INTO idempotency_keys (client_id, idem_key, request_sha256, created_at) \
              VALUES (?, ?, ?, ?)",
@@ -371,6 +435,7 @@ impl JobStore {
         abandoned: &KeyRecord,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
+        let _timer = self.timer("take_over_key");
         let done = sqlx::query(
             "UPDATE idempotency_keys SET created_at = ? \
              WHERE client_id = ? AND idem_key = ? AND job_id IS NULL AND created_at = ?",
@@ -387,6 +452,7 @@ impl JobStore {
 
     /// Frees a key whose request failed before creating a job, so the client can retry.
     pub async fn release_key(&self, client_id: &str, key: &str) -> Result<(), StoreError> {
+        let _timer = self.timer("release_key");
         sqlx::query(
             "DELETE FROM idempotency_keys WHERE client_id = ? AND idem_key = ? AND job_id IS NULL",
         )
