@@ -29,8 +29,9 @@
 #      ClusterRoles grant exactly their OcrPipeline verbs and carry the
 #      aggregate-to-view / aggregate-to-edit+admin labels.
 #
-# Not checked here: a ServiceMonitor against the prometheus-operator CRD
-# schema (not available offline; its fields are checked by hand below), and
+# Not checked here: the ServiceMonitor, PodMonitor and PrometheusRule against
+# the prometheus-operator CRD schemas (not available offline; their fields are
+# checked by hand below, the rules' PromQL only for balanced parentheses), and
 # anything that needs a cluster (admission, the operator actually running).
 #
 # Tools are installed once, pinned, under ${OCR_TOOLS_DIR:-~/.cache/ocr-serving}:
@@ -148,7 +149,7 @@ for f in "$ROOT"/crds/*.yaml "$CHART"/crds/*.yaml; do inputs+=("crd:${f#"$ROOT"/
 for f in "$ROOT"/examples/*.yaml; do inputs+=("example:${f#"$ROOT"/}:$f"); done
 
 cat >"$WORK/validate.py" <<'PYEOF'
-import os, re, sys
+import json, os, re, sys
 
 ROOT = os.environ["ROOT"]
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -250,6 +251,46 @@ def check_servicemonitor(where, sm, objects):
     if not spec.get("endpoints"):
         fail(where, "no endpoints")
 
+def check_podmonitor(where, pm):
+    if pm.get("apiVersion") != "monitoring.coreos.com/v1":
+        fail(where, f"apiVersion {pm.get('apiVersion')}")
+    spec = pm.get("spec") or {}
+    known_spec = {"selector", "namespaceSelector", "podMetricsEndpoints", "podTargetLabels", "jobLabel", "sampleLimit"}
+    if set(spec) - known_spec:
+        fail(where, f"unknown spec fields {sorted(set(spec) - known_spec)}")
+    # The labels every pipeline pod carries (operator/src/build/mod.rs).
+    pipeline_pod = {"app.kubernetes.io/name": "ocr", "app.kubernetes.io/managed-by": "ocr-operator"}
+    sel = (spec.get("selector") or {}).get("matchLabels") or {}
+    if not sel or not sel.items() <= pipeline_pod.items():
+        fail(where, f"selector {sel} does not select the pipeline pods")
+    endpoints = spec.get("podMetricsEndpoints") or []
+    if not endpoints:
+        fail(where, "no podMetricsEndpoints")
+    for ep in endpoints:
+        if set(ep) - {"port", "path", "interval", "scrapeTimeout", "relabelings", "metricRelabelings"}:
+            fail(where, f"unknown endpoint fields {sorted(ep)}")
+        if ep.get("port") != "http":
+            fail(where, f"endpoint port {ep.get('port')!r}: the pipeline pods name their metrics port http")
+        if "interval" in ep and not DURATION.match(str(ep["interval"])):
+            fail(where, f"interval {ep['interval']!r} is not a Prometheus duration")
+
+def check_prometheusrule(where, rule):
+    if rule.get("apiVersion") != "monitoring.coreos.com/v1":
+        fail(where, f"apiVersion {rule.get('apiVersion')}")
+    groups = (rule.get("spec") or {}).get("groups") or []
+    if not groups:
+        fail(where, "no groups")
+    for group in groups:
+        for r in group.get("rules") or []:
+            if set(r) - {"alert", "record", "expr", "for", "labels", "annotations"}:
+                fail(where, f"unknown rule fields {sorted(r)}")
+            if not r.get("alert") or not str(r.get("expr", "")).strip():
+                fail(where, f"a rule without alert or expr: {r}")
+            if "for" in r and not DURATION.match(str(r["for"])):
+                fail(where, f"{r['alert']}: for {r['for']!r} is not a Prometheus duration")
+            if str(r["expr"]).count("(") != str(r["expr"]).count(")"):
+                fail(where, f"{r['alert']}: unbalanced parentheses")
+
 # ---- consistency of one rendered chart
 CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding"}
 def check_chart(case, objects):
@@ -329,6 +370,17 @@ def check_chart(case, objects):
             fail(where, f"{ident(pdb)} selector does not match the operator's pods")
     for sm in by_kind("ServiceMonitor"):
         check_servicemonitor(f"{where} {ident(sm)}", sm, objects)
+    for pm in by_kind("PodMonitor"):
+        check_podmonitor(f"{where} {ident(pm)}", pm)
+    for rule in by_kind("PrometheusRule"):
+        check_prometheusrule(f"{where} {ident(rule)}", rule)
+    for cm in by_kind("ConfigMap"):
+        for key, text in (cm.get("data") or {}).items():
+            if key.endswith(".json"):
+                try:
+                    json.loads(text)
+                except ValueError as e:
+                    fail(where, f"{ident(cm)} {key} is not JSON: {e}")
 
     is_aggregated = lambda o: any(k.startswith(AGGREGATE) for k in (o["metadata"].get("labels") or {}))
     aggregated = [o for o in by_kind("ClusterRole") if is_aggregated(o)]
@@ -425,7 +477,7 @@ for kind, label, path in inputs:
                 ok, n = result
                 totals["custom"] += 1; totals["cel"] += n
                 print(f"    {'ok  ' if ok else 'FAIL'} {ident(d)}: {crd['metadata']['name']} openAPIV3Schema, {n} CEL rule(s)")
-        elif d.get("kind") == "ServiceMonitor":
+        elif d.get("kind") in ("ServiceMonitor", "PodMonitor", "PrometheusRule"):
             totals["hand"] += 1
             print(f"    hand {ident(d)}: no offline schema for monitoring.coreos.com; fields and references checked by hand")
         else:

@@ -6,7 +6,7 @@
 //! them in the exposition through [`PodSample::parse`]. A runtime test parses
 //! what a real worker serves with this parser, so the two cannot drift apart.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 
 /// Every runtime metric is `ocr_<name>`.
 pub const PREFIX: &str = "ocr";
@@ -113,6 +113,38 @@ impl PodSample {
         }
         Ok(sample)
     }
+}
+
+/// The metric families a Prometheus text page declares (`# TYPE name kind`),
+/// whether or not they have samples yet.
+pub fn families(page: &str) -> BTreeSet<String> {
+    page.lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The `ocr_…` metric families a dashboard or an alert rule mentions: every
+/// `ocr_` word, without the `_bucket`, `_sum`, `_count` and `_total` of its series.
+pub fn mentioned_metrics(text: &str) -> BTreeSet<String> {
+    let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("ocr_") {
+        let preceded = rest[..at].chars().next_back().is_some_and(is_name);
+        let word: String = rest[at..].chars().take_while(|c| is_name(*c)).collect();
+        rest = &rest[at + word.len()..];
+        if preceded {
+            continue;
+        }
+        let family = ["_bucket", "_sum", "_count", "_total"]
+            .iter()
+            .find_map(|suffix| word.strip_suffix(suffix))
+            .unwrap_or(&word);
+        out.insert(family.to_owned());
+    }
+    out
 }
 
 fn scalar(value: &prometheus_parse::Value) -> f64 {
@@ -284,6 +316,25 @@ ocr_store_seconds_bucket{le=\"+Inf\",op=\"claim\"} 3
                 count: 30.0
             })
         );
+    }
+
+    #[test]
+    fn mentioned_metrics_are_families() {
+        let rule = r#"expr: histogram_quantile(0.9, rate(ocr_store_seconds_bucket{op="finish"}[5m]))
+            and rate(ocr_engine_busy_seconds_total[1m]) > 0 unless ocr_consumer_lag
+            # not a metric: xocr_thing, ocr-pipelines"#;
+        let names: Vec<String> = mentioned_metrics(rule).into_iter().collect();
+        assert_eq!(
+            names,
+            [
+                "ocr_consumer_lag",
+                "ocr_engine_busy_seconds",
+                "ocr_store_seconds"
+            ]
+        );
+        let page = "# HELP ocr_x X.\n# TYPE ocr_x counter\nocr_x_total 1\n# TYPE ocr_y histogram\n";
+        let families: Vec<String> = families(page).into_iter().collect();
+        assert_eq!(families, ["ocr_x", "ocr_y"]);
     }
 
     #[test]

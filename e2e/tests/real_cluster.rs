@@ -968,22 +968,18 @@ async fn automatic_switches(env: &Env) -> Result<Report> {
     settle_jobs(env, &jobs, SETTLE, &mut report).await?;
     check_texts(env, &pipeline, &jobs, 20, &mut report).await?;
     check_queues(env, &pipeline, &mut report).await?;
-    let events = env.plane.kubectl(
-        &[
-            "get",
-            "events",
-            "-n",
-            NS,
-            "--field-selector",
-            "reason=ArchitectureSwitched",
-            "-o",
-            "name",
-        ],
-        None,
-    )?;
-    let switches = events.lines().count();
+    // The recorder folds repeats of one reason into a series: count them.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), NS);
+    let switches: i32 = events
+        .list(&Default::default())
+        .await?
+        .items
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("ArchitectureSwitched"))
+        .map(|e| e.series.as_ref().map_or(1, |s| s.count))
+        .sum();
     anyhow::ensure!(
-        switches >= 4,
+        switches == 4,
         "{switches} ArchitectureSwitched events, expected 4"
     );
     report

@@ -105,9 +105,9 @@ pub fn verdict(signals: &Signals, rule: &AutoArchitectureSpec) -> Verdict {
     };
     let utilization_percent = percent(utilization);
     let growth_per_minute = (growth * 60.0).round() as i64;
-    let what = match source {
-        UtilizationSource::Gpu => "GPU utilisation",
-        UtilizationSource::EngineBusy => "engine busy",
+    let (what, engine) = match source {
+        UtilizationSource::Gpu => ("GPU utilisation", "the GPU"),
+        UtilizationSource::EngineBusy => ("engine busy", "inference"),
     };
     let growing = lag > 0 && growth_per_minute >= rule.lag_growth_per_minute;
     let lag_text = format!("jobs lag {lag} growing {growth_per_minute}/min");
@@ -115,7 +115,7 @@ pub fn verdict(signals: &Signals, rule: &AutoArchitectureSpec) -> Verdict {
         return Verdict::Recommend {
             architecture: Architecture::Batched,
             reason: format!(
-                "{what} {utilization_percent}% ≥ {}% and {lag_text} (≥ {}/min): the GPU is the bottleneck",
+                "{what} {utilization_percent}% ≥ {}% and {lag_text} (≥ {}/min): {engine} is the bottleneck",
                 rule.batched_at_utilization_percent, rule.lag_growth_per_minute
             ),
         };
@@ -125,7 +125,7 @@ pub fn verdict(signals: &Signals, rule: &AutoArchitectureSpec) -> Verdict {
             Some(store) if store * 1000.0 >= rule.slow_store_millis as f64 => Verdict::Recommend {
                 architecture: Architecture::Writer,
                 reason: format!(
-                    "{what} {utilization_percent}% < {}%, {lag_text} and final writes take {:.0} ms (≥ {} ms): the GPU waits for the database",
+                    "{what} {utilization_percent}% < {}%, {lag_text} and final writes take {:.0} ms (≥ {} ms): {engine} waits for the database",
                     rule.writer_below_utilization_percent,
                     store * 1000.0,
                     rule.slow_store_millis

@@ -64,6 +64,7 @@ pub struct Metrics {
     results_lag: Family<PipelineLabels, Gauge>,
     ready_replicas: Family<RoleLabels, Gauge>,
     desired_replicas: Family<RoleLabels, Gauge>,
+    advice_differs: Family<PipelineLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -82,6 +83,7 @@ impl Default for Metrics {
         let results_lag = Family::<PipelineLabels, Gauge>::default();
         let ready_replicas = Family::<RoleLabels, Gauge>::default();
         let desired_replicas = Family::<RoleLabels, Gauge>::default();
+        let advice_differs = Family::<PipelineLabels, Gauge>::default();
         registry.register(
             "reconciliations",
             "Reconciliations started",
@@ -132,6 +134,11 @@ impl Default for Metrics {
             "Pods each role's Deployment asks for",
             desired_replicas.clone(),
         );
+        registry.register(
+            "pipeline_advice_differs",
+            "1 while the advisor recommends another architecture than spec.architecture, 0 while they agree; absent while autoArchitecture is Disabled",
+            advice_differs.clone(),
+        );
         Metrics {
             registry,
             reconciliations,
@@ -144,6 +151,7 @@ impl Default for Metrics {
             results_lag,
             ready_replicas,
             desired_replicas,
+            advice_differs,
         }
     }
 }
@@ -202,6 +210,20 @@ impl Metrics {
                 self.results_lag.remove(&pipeline);
             }
         }
+        let advice = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == crate::status::ARCHITECTURE_ADVICE);
+        match advice {
+            Some(condition) => {
+                self.advice_differs
+                    .get_or_create(&pipeline)
+                    .set(i64::from(condition.status == "False"));
+            }
+            None => {
+                self.advice_differs.remove(&pipeline);
+            }
+        }
         let replicas = status.replicas.as_ref();
         let counts: [(&str, Option<ReplicaCounts>); 3] = [
             ("api", replicas.map(|r| r.api)),
@@ -250,6 +272,7 @@ impl Metrics {
         }
         self.migration_seconds.remove(&pipeline);
         self.results_lag.remove(&pipeline);
+        self.advice_differs.remove(&pipeline);
         for role in ROLES {
             let labels = role_labels(namespace, name, role);
             self.ready_replicas.remove(&labels);

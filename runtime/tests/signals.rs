@@ -110,6 +110,26 @@ async fn a_worker_exports_busy_time_store_timings_latency_and_lag_trend() {
         series(&page, &format!("{store_metric}_count{{op=\"claim\"}}")) >= Some(JOBS as f64),
         "{page}"
     );
+    // Every runtime metric the chart's dashboard and alert rules use exists
+    // (the operator's own are checked in operator/tests/dashboards.rs).
+    let exported = signals::families(&page);
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/ocr-operator");
+    for file in [
+        "dashboards/ocr-pipelines.json",
+        "templates/prometheusrule.yaml",
+    ] {
+        let text = std::fs::read_to_string(chart.join(file)).expect("a chart file");
+        let mentioned = signals::mentioned_metrics(&text);
+        assert!(!mentioned.is_empty(), "{file} uses no metric");
+        let missing: Vec<_> = mentioned
+            .iter()
+            .filter(|m| !m.starts_with("ocr_operator_") && !exported.contains(*m))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{file} uses metrics no role exports: {missing:?}"
+        );
+    }
     // A GPU shows only where NVML loads; this machine's worker runs on the CPU.
     eprintln!("GPU utilisation: {:?}", sample.gpu_utilization);
 
