@@ -271,15 +271,6 @@ async fn sigterm_lets_the_worker_finish_its_job_before_exiting() {
     api.stop().await;
 }
 
-async fn submit_id(base: &str, body: Vec<u8>) -> JobId {
-    let accepted = submit(base, body).await.expect("submitting a job");
-    accepted["id"]
-        .as_str()
-        .expect("an id in the answer")
-        .parse()
-        .expect("a job id")
-}
-
 /// `ocr_batch_size` histogram from a role's `/metrics`: (sum, count).
 async fn batch_sizes(base: &str) -> (f64, f64) {
     let text = reqwest::get(format!("{base}/metrics"))
@@ -325,7 +316,7 @@ async fn batched_worker_runs_micro_batches_and_a_bad_image_fails_only_its_job() 
     // A backlog before the worker starts, so batches fill up.
     let mut ids = Vec::new();
     for _ in 0..10 {
-        ids.push(submit_id(&base, INVOICE.to_vec()).await);
+        ids.push(common::submit_png(&base, INVOICE.to_vec()).await);
     }
     // One input rots in the blob store after it was accepted.
     let bad = ids[3];
@@ -384,7 +375,7 @@ async fn writer_mode_results_are_persisted_stored_and_announced_once_each() {
     let base = format!("http://{}", api.local_addr);
     let mut ids = Vec::new();
     for _ in 0..3 {
-        ids.push(submit_id(&base, INVOICE.to_vec()).await);
+        ids.push(common::submit_png(&base, INVOICE.to_vec()).await);
     }
     for id in &ids {
         let job = wait_for_status(
@@ -438,7 +429,7 @@ async fn a_result_whose_webhook_keeps_failing_is_dead_lettered_and_the_job_fails
     let api = start_api(&config).await.unwrap();
     let worker = start_worker(&config, engine()).await.unwrap();
     let writer = start_writer(&config).await.unwrap();
-    let id = submit_id(&format!("http://{}", api.local_addr), INVOICE.to_vec()).await;
+    let id = common::submit_png(&format!("http://{}", api.local_addr), INVOICE.to_vec()).await;
     let job = wait_for_status(&api.store, id, JobStatus::Failed, Duration::from_secs(120)).await;
     let error = job.error.unwrap();
     assert!(
@@ -484,8 +475,8 @@ async fn a_draining_writer_exits_once_every_result_is_persisted() {
     let worker = start_worker(&config, engine()).await.unwrap();
     let base = format!("http://{}", api.local_addr);
     let ids = [
-        submit_id(&base, INVOICE.to_vec()).await,
-        submit_id(&base, INVOICE.to_vec()).await,
+        common::submit_png(&base, INVOICE.to_vec()).await,
+        common::submit_png(&base, INVOICE.to_vec()).await,
     ];
     // No writer yet: the results wait on the topic, the jobs stay unfinished.
     wait_for_lag(&brokers, "ocr-writer", RESULTS, 2).await;
@@ -522,7 +513,7 @@ async fn lag_command_reports_what_the_worker_group_has_not_consumed() {
     let api = start_api(config).await.unwrap();
     let base = format!("http://{}", api.local_addr);
     for _ in 0..3 {
-        submit_id(&base, INVOICE.to_vec()).await;
+        common::submit_png(&base, INVOICE.to_vec()).await;
     }
     let lag = |config: &Config| {
         let output = Command::new(env!("CARGO_BIN_EXE_ocr-runtime"))
@@ -580,7 +571,7 @@ async fn jobs_flow_through(brokers: &str, security: KafkaSecurityConfig) {
 
     let mut ids = Vec::new();
     for _ in 0..4 {
-        ids.push(submit_id(&base, INVOICE.to_vec()).await);
+        ids.push(common::submit_png(&base, INVOICE.to_vec()).await);
     }
     for id in ids {
         let job = wait_for_status(

@@ -8,7 +8,7 @@ mod common;
 use common::{free_port, spawn_role, terminate, wait_for_status, wait_http_ok, MysqlDatabase};
 use ocr_contract::signals::{self, PodSample};
 use ocr_runtime::config::{Config, QueueKind};
-use ocr_runtime::domain::{JobId, JobStatus};
+use ocr_runtime::domain::JobStatus;
 use rdkafka::mocking::MockCluster;
 use std::time::{Duration, Instant};
 
@@ -55,25 +55,9 @@ async fn a_worker_exports_busy_time_store_timings_latency_and_lag_trend() {
     wait_http_ok(&worker_base, "/readyz", Duration::from_secs(60)).await;
     let started = Instant::now();
 
-    let client = reqwest::Client::new();
     let mut ids = Vec::new();
     for _ in 0..JOBS {
-        let accepted: serde_json::Value = client
-            .post(format!("{base}/v1/jobs"))
-            .header("content-type", "image/png")
-            .body(common::INVOICE.to_vec())
-            .send()
-            .await
-            .expect("submitting")
-            .json()
-            .await
-            .expect("a JSON answer");
-        let id: JobId = accepted["id"]
-            .as_str()
-            .expect("an id")
-            .parse()
-            .expect("a job id");
-        ids.push(id);
+        ids.push(common::submit_png(&base, common::INVOICE.to_vec()).await);
     }
     for id in &ids {
         wait_for_status(&store, *id, JobStatus::Succeeded, Duration::from_secs(120)).await;

@@ -9,7 +9,7 @@ mod common;
 
 use common::{free_port, spawn_role, terminate, wait_for_status, wait_http_ok, MysqlDatabase};
 use ocr_runtime::config::{Config, QueueKind};
-use ocr_runtime::domain::{JobId, JobStatus};
+use ocr_runtime::domain::JobStatus;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -166,21 +166,7 @@ async fn one_job_is_one_trace_across_api_worker_and_writer() {
     let base = format!("http://127.0.0.1:{api_port}");
     wait_http_ok(&base, "/readyz", Duration::from_secs(60)).await;
 
-    let accepted: serde_json::Value = reqwest::Client::new()
-        .post(format!("{base}/v1/jobs"))
-        .header("content-type", "image/png")
-        .body(common::INVOICE.to_vec())
-        .send()
-        .await
-        .expect("submitting")
-        .json()
-        .await
-        .expect("a JSON answer");
-    let id: JobId = accepted["id"]
-        .as_str()
-        .expect("an id")
-        .parse()
-        .expect("a job id");
+    let id = common::submit_png(&base, common::INVOICE.to_vec()).await;
     wait_for_status(&store, id, JobStatus::Succeeded, Duration::from_secs(120)).await;
 
     // The API's accept span roots the trace and names the job.

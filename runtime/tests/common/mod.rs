@@ -218,6 +218,25 @@ pub async fn wait_http_ok(base: &str, path: &str, timeout: std::time::Duration) 
     }
 }
 
+/// POSTs a PNG to `{base}/v1/jobs`; the id the API answered with.
+pub async fn submit_png(base: &str, body: Vec<u8>) -> ocr_runtime::domain::JobId {
+    let accepted: serde_json::Value = reqwest::Client::new()
+        .post(format!("{base}/v1/jobs"))
+        .header("content-type", "image/png")
+        .body(body)
+        .send()
+        .await
+        .expect("submitting a job")
+        .json()
+        .await
+        .expect("a JSON answer");
+    accepted["id"]
+        .as_str()
+        .expect("an id in the answer")
+        .parse()
+        .expect("a job id")
+}
+
 /// Sends SIGTERM and waits for a clean exit.
 pub async fn terminate(mut child: std::process::Child) -> std::process::ExitStatus {
     let signalled = std::process::Command::new("kill")
