@@ -33,6 +33,9 @@ pub struct ServerConfig {
     pub http_addr: String,
     /// gRPC API.
     pub grpc_addr: String,
+    /// How long an `Idempotency-Key` is remembered: a request that reuses a
+    /// key older than this creates a new job.
+    pub idempotency_key_ttl_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -78,6 +81,12 @@ pub struct QueueConfig {
     /// Accepted jobs older than this are republished by the sweeper (the API
     /// may have died between the database write and the publish).
     pub republish_after_ms: u64,
+    /// `Queued` and `Processing` jobs that have not changed for this long
+    /// are republished by the sweeper (their message was lost, or their
+    /// worker died without it coming back). Keep it above the longest wait
+    /// in the queue plus `worker.inference_timeout_ms`: a job republished
+    /// while its message still waits is inferred twice (one result wins).
+    pub stale_after_ms: u64,
     /// How long the API waits for the broker to acknowledge a job before it
     /// answers anyway: the job is durable in the database, the publish goes
     /// on in the background, and the sweeper republishes it if that fails.
@@ -92,6 +101,16 @@ pub struct LimitsConfig {
     pub max_body_bytes: usize,
     pub max_pixels: u64,
     pub max_side: u32,
+    /// Submissions handled at once per API process (HTTP and gRPC); past it
+    /// a request is answered 503 with `Retry-After` at once.
+    pub max_concurrent_submissions: usize,
+    /// Bytes of request bodies an API process holds at once (each request
+    /// counts its `Content-Length`, or `max_body_bytes` when undeclared);
+    /// past it, 503 with `Retry-After` at once.
+    pub max_buffered_bytes: usize,
+    /// How long a client may take to send its body (slow senders hold a
+    /// slot and memory): past it, 408.
+    pub body_timeout_ms: u64,
 }
 
 // What the workers do with a job: the pipeline's architecture (the CRD's
@@ -141,6 +160,14 @@ pub struct WorkerConfig {
     /// infer one batch while the next is claimed, decoded and recorded; 1
     /// (the default) suits a CPU, where the engine already uses every core.
     pub batches_in_flight: usize,
+    /// Pixels the engine decodes and infers at once: a micro-batch whose
+    /// images add up to more is inferred in consecutive runs within it, so
+    /// memory follows this bound rather than `max_batch_size` × the largest
+    /// accepted image. An image larger than this is inferred alone.
+    pub max_batch_pixels: u64,
+    /// An inference running longer than this means the engine is stuck:
+    /// `/livez` fails so that the pod is restarted (its jobs are redelivered).
+    pub inference_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -199,6 +226,7 @@ impl Default for ServerConfig {
         ServerConfig {
             http_addr: "0.0.0.0:8080".into(),
             grpc_addr: "0.0.0.0:50051".into(),
+            idempotency_key_ttl_ms: 24 * 3_600_000,
         }
     }
 }
@@ -228,6 +256,24 @@ impl Default for BlobConfig {
     }
 }
 
+impl ServerConfig {
+    pub fn idempotency_key_ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.idempotency_key_ttl_ms)
+    }
+}
+
+impl LimitsConfig {
+    pub fn body_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.body_timeout_ms)
+    }
+}
+
+impl WorkerConfig {
+    pub fn inference_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.inference_timeout_ms)
+    }
+}
+
 impl QueueConfig {
     pub fn publish_wait(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.publish_wait_ms)
@@ -245,6 +291,7 @@ impl Default for QueueConfig {
             consumer_group: "ocr-worker".into(),
             writer_group: "ocr-writer".into(),
             republish_after_ms: 30_000,
+            stale_after_ms: 900_000,
             publish_wait_ms: 500,
             security: KafkaSecurityConfig::default(),
         }
@@ -257,6 +304,9 @@ impl Default for LimitsConfig {
             max_body_bytes: 20 * 1024 * 1024,
             max_pixels: 40_000_000,
             max_side: 12_000,
+            max_concurrent_submissions: 256,
+            max_buffered_bytes: 256 * 1024 * 1024,
+            body_timeout_ms: 30_000,
         }
     }
 }
@@ -269,6 +319,8 @@ impl Default for WorkerConfig {
             max_batch_size: 8,
             max_wait_ms: 20,
             batches_in_flight: 1,
+            max_batch_pixels: 48_000_000,
+            inference_timeout_ms: 300_000,
         }
     }
 }

@@ -74,10 +74,7 @@ async fn run_load(
         guard: None,
         metrics: metrics.clone(),
     };
-    let app = router(HttpState {
-        submitter,
-        metrics: metrics.clone(),
-    });
+    let app = router(HttpState::new(submitter, metrics.clone()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}/v1/jobs", listener.local_addr()?);
     let server = tokio::spawn(async move { axum::serve(listener, app).await });

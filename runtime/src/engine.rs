@@ -3,6 +3,7 @@
 use crate::app::process::{Recognize, RecognizeFailure};
 use crate::config::ModelConfig;
 use anyhow::Context;
+use ocr_engine::decode::DecodeLimits;
 use ocr_engine::{OcrEngine, Page};
 
 pub struct CandleRecognizer {
@@ -28,6 +29,16 @@ impl CandleRecognizer {
         Ok(CandleRecognizer {
             engine: engine.with_config(pipeline),
         })
+    }
+
+    /// Decodes within the configured limits rather than the engine's own
+    /// defaults, so what the API accepts is what the worker decodes.
+    pub fn with_decode_limits(self, limits: DecodeLimits) -> Self {
+        let mut pipeline = self.engine.config().clone();
+        pipeline.decode = limits;
+        CandleRecognizer {
+            engine: self.engine.with_config(pipeline),
+        }
     }
 
     pub fn engine(&self) -> &OcrEngine {

@@ -171,12 +171,15 @@ async fn print_lag(
 }
 
 fn load_engine(config: &Config) -> anyhow::Result<Arc<CandleRecognizer>> {
-    Ok(Arc::new(CandleRecognizer::load(&config.model)?))
+    let limits = ocr_runtime::app::input::decode_limits(&config.limits);
+    Ok(Arc::new(
+        CandleRecognizer::load(&config.model)?.with_decode_limits(limits),
+    ))
 }
 
 fn recognize_files(config: &Config, files: &[PathBuf], json: bool) -> anyhow::Result<()> {
     anyhow::ensure!(!files.is_empty(), "name at least one image file");
-    let engine = CandleRecognizer::load(&config.model)?;
+    let engine = load_engine(config)?;
     let inputs = files
         .iter()
         .map(|f| std::fs::read(f).with_context(|| format!("reading {}", f.display())))

@@ -36,9 +36,10 @@ pub struct Webhook {
 
 impl Webhook {
     pub fn new(url: &str, secret: &str, timeout: Duration) -> Result<Self, WebhookError> {
-        let parsed = url::Url::parse(url).map_err(|_| WebhookError::BadUrl(url.to_owned()))?;
+        let bad = || WebhookError::BadUrl(ocr_contract::redact_url(url));
+        let parsed = url::Url::parse(url).map_err(|_| bad())?;
         if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(WebhookError::BadUrl(url.to_owned()));
+            return Err(bad());
         }
         let client = reqwest::Client::builder()
             .timeout(timeout)
@@ -70,7 +71,8 @@ impl Webhook {
             .body(body)
             .send()
             .await
-            .map_err(|e| WebhookError::Transport(e.to_string()))?;
+            // reqwest names the URL in its errors, and a URL may carry credentials.
+            .map_err(|e| WebhookError::Transport(e.without_url().to_string()))?;
         if response.status().is_success() {
             Ok(())
         } else {

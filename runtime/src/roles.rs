@@ -2,12 +2,17 @@
 //! which tasks it runs. `main` and the tests start roles through here.
 
 use crate::api::http::{router, HttpState};
+use crate::app::bounded::BoundedEngine;
+use crate::app::fault::HungEngine;
 use crate::app::infer::InferAndPublish;
+use crate::app::input::decode_limits;
 use crate::app::persist::{ResultWriter, RetryPolicy};
 use crate::app::process::{HandleJobs, Processor, Recognize};
 use crate::app::submit::{Fault, Submitter};
+use crate::app::sweeper::SweepPolicy;
 use crate::config::{Config, QueueKind, WorkerMode};
 use crate::domain::retry::Backoff;
+use crate::health::Liveness;
 use crate::metrics::Metrics;
 use crate::notify::Webhook;
 use crate::queue::kafka::{
@@ -137,15 +142,14 @@ pub async fn serve_http(
 
 /// Binds and serves the gRPC API (with reflection) until `shutdown`.
 pub async fn serve_grpc(
-    submitter: Submitter,
-    metrics: Metrics,
+    jobs: crate::api::grpc::GrpcJobs,
     addr: &str,
     shutdown: CancellationToken,
     tasks: &mut JoinSet<()>,
 ) -> anyhow::Result<SocketAddr> {
     let (listener, local_addr) = bind(addr).await?;
     let reflection = crate::api::grpc::reflection_service().context("gRPC reflection")?;
-    let jobs = crate::api::grpc::GrpcJobs::new(submitter, metrics).into_server();
+    let jobs = jobs.into_server();
     tasks.spawn(async move {
         let served = tonic::transport::Server::builder()
             .add_service(jobs)
@@ -162,23 +166,24 @@ pub async fn serve_grpc(
     Ok(local_addr)
 }
 
-/// The HTTP and gRPC front ends over one submitter; returns their addresses.
+/// The HTTP and gRPC front ends over one submitter and one admission
+/// budget; returns their addresses. `liveness` is what `/livez` reports.
 pub async fn serve_front_ends(
     submitter: Submitter,
     metrics: Metrics,
+    liveness: Liveness,
     config: &Config,
     shutdown: &CancellationToken,
     tasks: &mut JoinSet<()>,
 ) -> anyhow::Result<(SocketAddr, SocketAddr)> {
-    let grpc_addr = serve_grpc(
-        submitter.clone(),
-        metrics.clone(),
-        &config.server.grpc_addr,
-        shutdown.clone(),
-        tasks,
-    )
-    .await?;
-    let app = router(HttpState { submitter, metrics });
+    let state = HttpState::new(submitter, metrics).with_liveness(liveness);
+    let jobs = crate::api::grpc::GrpcJobs::new(
+        state.submitter.clone(),
+        state.metrics.clone(),
+        state.admission.clone(),
+    );
+    let grpc_addr = serve_grpc(jobs, &config.server.grpc_addr, shutdown.clone(), tasks).await?;
+    let app = router(state);
     let http_addr = serve_http(app, &config.server.http_addr, shutdown.clone(), tasks).await?;
     Ok((http_addr, grpc_addr))
 }
@@ -190,7 +195,7 @@ pub async fn connect_redis(config: &Config) -> Option<RedisGuard> {
         return None;
     }
     match RedisGuard::connect(&config.redis.url, config.redis.requests_per_minute).await {
-        Ok(guard) => Some(guard),
+        Ok(guard) => Some(guard.with_key_ttl(config.server.idempotency_key_ttl())),
         Err(err) => {
             tracing::warn!(error = %err, "running without Redis");
             None
@@ -225,13 +230,25 @@ pub async fn start_api(config: &Config) -> anyhow::Result<Running> {
     };
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
+    let sweep = SweepPolicy {
+        republish_after: Duration::from_millis(config.queue.republish_after_ms),
+        stale_after: Duration::from_millis(config.queue.stale_after_ms),
+        key_ttl: config.server.idempotency_key_ttl(),
+    };
     tasks.spawn(crate::app::sweeper::run(
         submitter.clone(),
-        Duration::from_millis(config.queue.republish_after_ms),
+        sweep,
         shutdown.clone(),
     ));
-    let (local_addr, grpc_addr) =
-        serve_front_ends(submitter, metrics, config, &shutdown, &mut tasks).await?;
+    let (local_addr, grpc_addr) = serve_front_ends(
+        submitter,
+        metrics,
+        Liveness::without_engine(),
+        config,
+        &shutdown,
+        &mut tasks,
+    )
+    .await?;
     tracing::info!(%local_addr, %grpc_addr, "API listening");
     Ok(Running::new(local_addr, store, blobs, shutdown, tasks).with_grpc(grpc_addr))
 }
@@ -248,13 +265,22 @@ enum Readiness {
 #[derive(Clone)]
 struct RoleHealth {
     readiness: Readiness,
+    liveness: Liveness,
     metrics: Metrics,
 }
 
 /// Probes and metrics for roles without the job API.
 fn health_router(health: RoleHealth) -> Router {
     Router::new()
-        .route("/livez", get(|| async { "ok" }))
+        .route(
+            "/livez",
+            get(|State(health): State<RoleHealth>| async move {
+                match health.liveness.check() {
+                    Ok(()) => "ok".into_response(),
+                    Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(|State(health): State<RoleHealth>| async move {
@@ -273,6 +299,65 @@ fn health_router(health: RoleHealth) -> Router {
             get(|State(health): State<RoleHealth>| async move { health.metrics.render() }),
         )
         .with_state(health)
+}
+
+/// The engine as the worker loop calls it: micro-batches split by
+/// `worker.max_batch_pixels`, images decoded within `limits`, every call
+/// watched by `liveness` (and replaced by a hung one under
+/// `OCR_FAULT=hang-inference`).
+pub fn guard_engine(
+    config: &Config,
+    engine: Arc<dyn Recognize>,
+    liveness: &Liveness,
+) -> Arc<dyn Recognize> {
+    let inner: Arc<dyn Recognize> = if Fault::from_env() == Fault::HangInference {
+        Arc::new(HungEngine)
+    } else {
+        engine
+    };
+    Arc::new(BoundedEngine {
+        inner,
+        max_batch_pixels: config.worker.max_batch_pixels,
+        limits: decode_limits(&config.limits),
+        liveness: liveness.clone(),
+    })
+}
+
+/// Runs a loop the process exists for; its ending without a shutdown makes
+/// the process not alive, so Kubernetes restarts it.
+pub fn spawn_vital(
+    tasks: &mut JoinSet<()>,
+    what: &'static str,
+    work: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: &CancellationToken,
+    liveness: &Liveness,
+) {
+    let (shutdown, liveness) = (shutdown.clone(), liveness.clone());
+    tasks.spawn(async move {
+        work.await;
+        if !shutdown.is_cancelled() {
+            liveness.stopped(format!("{what} stopped"));
+        }
+    });
+}
+
+/// Runs a worker's job loop as vital (see [`spawn_vital`]) with the GPU
+/// sampler beside it.
+pub fn run_job_loop(
+    jobs: JobLoop,
+    tasks: &mut JoinSet<()>,
+    shutdown: &CancellationToken,
+    liveness: &Liveness,
+) {
+    let metrics = jobs.metrics.clone();
+    spawn_vital(
+        tasks,
+        "the job loop",
+        jobs.run(shutdown.clone()),
+        shutdown,
+        liveness,
+    );
+    tasks.spawn(crate::gpu::sample(metrics, shutdown.clone()));
 }
 
 /// The micro-batch rule for the configured worker mode.
@@ -346,6 +431,8 @@ async fn serve_consumer_health(
 pub async fn start_worker(config: &Config, engine: Arc<dyn Recognize>) -> anyhow::Result<Running> {
     let kafka = require_kafka(config, "worker")?;
     let metrics = Metrics::new();
+    let liveness = Liveness::new(config.worker.inference_timeout());
+    let engine = guard_engine(config, engine, &liveness);
     let consumer = KafkaConsumer::new(
         &kafka,
         &config.queue.consumer_group,
@@ -407,13 +494,16 @@ pub async fn start_worker(config: &Config, engine: Arc<dyn Recognize>) -> anyhow
         policy: batch_policy(config),
         metrics: metrics.clone(),
     };
-    tasks.spawn(jobs.run(shutdown.clone()));
-    tasks.spawn(crate::gpu::sample(metrics.clone(), shutdown.clone()));
+    run_job_loop(jobs, &mut tasks, &shutdown, &liveness);
     let local_addr = serve_consumer_health(
         config,
         &kafka,
         (&config.queue.consumer_group, &config.queue.jobs_topic),
-        RoleHealth { readiness, metrics },
+        RoleHealth {
+            readiness,
+            liveness,
+            metrics,
+        },
         &shutdown,
         &mut tasks,
     )
@@ -499,17 +589,28 @@ pub async fn start_writer(config: &Config) -> anyhow::Result<Running> {
         drain,
     };
     let drained = shutdown.clone();
-    tasks.spawn(async move {
-        if results.run(drained.clone()).await {
-            // Drained: stop the whole role so the process exits 0.
-            drained.cancel();
-        }
-    });
+    let liveness = Liveness::without_engine();
+    spawn_vital(
+        &mut tasks,
+        "the result loop",
+        async move {
+            if results.run(drained.clone()).await {
+                // Drained: stop the whole role so the process exits 0.
+                drained.cancel();
+            }
+        },
+        &shutdown,
+        &liveness,
+    );
     let local_addr = serve_consumer_health(
         config,
         &kafka,
         (&config.queue.writer_group, &config.queue.results_topic),
-        RoleHealth { readiness, metrics },
+        RoleHealth {
+            readiness,
+            liveness,
+            metrics,
+        },
         &shutdown,
         &mut tasks,
     )

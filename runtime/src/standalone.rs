@@ -7,9 +7,12 @@ use crate::app::submit::{Fault, Submitter};
 use crate::config::{Config, WorkerMode};
 use crate::domain::message::JobMessage;
 use crate::domain::JobStatus;
+use crate::health::Liveness;
 use crate::metrics::Metrics;
 use crate::queue::{memory, JobPublisher};
-use crate::roles::{connect_redis, open_storage, serve_front_ends, Running};
+use crate::roles::{
+    connect_redis, guard_engine, open_storage, run_job_loop, serve_front_ends, Running,
+};
 use anyhow::Context;
 use std::sync::Arc;
 use tokio::task::JoinSet;
@@ -53,6 +56,8 @@ pub async fn start(config: &Config, engine: Arc<dyn Recognize>) -> anyhow::Resul
 
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
+    let liveness = Liveness::new(config.worker.inference_timeout());
+    let engine = guard_engine(&config, engine, &liveness);
     let processor = Processor {
         store: store.clone(),
         blobs: blobs.clone(),
@@ -67,8 +72,7 @@ pub async fn start(config: &Config, engine: Arc<dyn Recognize>) -> anyhow::Resul
         policy: crate::roles::batch_policy(&config),
         metrics: metrics.clone(),
     };
-    tasks.spawn(jobs.run(shutdown.clone()));
-    tasks.spawn(crate::gpu::sample(metrics.clone(), shutdown.clone()));
+    run_job_loop(jobs, &mut tasks, &shutdown, &liveness);
     let submitter = Submitter {
         store: store.clone(),
         blobs: blobs.clone(),
@@ -80,7 +84,7 @@ pub async fn start(config: &Config, engine: Arc<dyn Recognize>) -> anyhow::Resul
         metrics: metrics.clone(),
     };
     let (local_addr, grpc_addr) =
-        serve_front_ends(submitter, metrics, &config, &shutdown, &mut tasks).await?;
+        serve_front_ends(submitter, metrics, liveness, &config, &shutdown, &mut tasks).await?;
     tracing::info!(%local_addr, %grpc_addr, "standalone OCR server listening");
     Ok(Running::new(local_addr, store, blobs, shutdown, tasks).with_grpc(grpc_addr))
 }

@@ -31,6 +31,20 @@ async fn start_api() -> Api {
 }
 
 async fn start_api_with(guard: Option<RedisGuard>) -> Api {
+    start_api_limited(guard, |_| {}).await
+}
+
+async fn start_api_limited(
+    guard: Option<RedisGuard>,
+    adjust: impl FnOnce(&mut LimitsConfig),
+) -> Api {
+    let mut limits = LimitsConfig {
+        max_body_bytes: MAX_BODY,
+        max_pixels: 25_000_000,
+        max_side: 10_000,
+        ..LimitsConfig::default()
+    };
+    adjust(&mut limits);
     let db = MysqlDatabase::create().await;
     let store = db.store().await;
     let blobs = BlobStore::from_url("memory://").unwrap();
@@ -39,20 +53,13 @@ async fn start_api_with(guard: Option<RedisGuard>) -> Api {
         store: store.clone(),
         blobs: blobs.clone(),
         publisher: Arc::new(publisher),
-        limits: LimitsConfig {
-            max_body_bytes: MAX_BODY,
-            max_pixels: 25_000_000,
-            max_side: 10_000,
-        },
+        limits,
         fault: Fault::None,
         publish_wait: ocr_runtime::config::QueueConfig::default().publish_wait(),
         guard,
         metrics: Metrics::new(),
     };
-    let app = router(HttpState {
-        metrics: submitter.metrics.clone(),
-        submitter,
-    });
+    let app = router(HttpState::new(submitter.clone(), submitter.metrics.clone()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -525,4 +532,148 @@ async fn submissions_go_on_when_redis_dies_mid_run() {
     let replay: serde_json::Value = replay.json().await.unwrap();
     assert_eq!(replay["id"], first["id"]);
     assert_eq!(api.total_jobs().await, 6);
+}
+
+/// Starts a raw upload that declares `declared` bytes, sends a few and then
+/// stalls, as a slow or hostile client does; the connection stays open.
+async fn stalled_upload(base: &str, declared: usize) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/jobs HTTP/1.1\r\nhost: {addr}\r\ncontent-type: image/png\r\ncontent-length: {declared}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&png(4, 4)[..10]).await.unwrap();
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_submission_cap_requests_are_shed_at_once_with_retry_after() {
+    let api = start_api_limited(None, |limits| {
+        limits.max_concurrent_submissions = 1;
+        limits.body_timeout_ms = 60_000;
+    })
+    .await;
+    let _holding = stalled_upload(&api.base, 5_000).await;
+    // Give the server a moment to take the stalled request's slot.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let shed = api.post(png(64, 32), "image/png", None).await;
+    assert_eq!(shed.status(), 503);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "shed after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(shed.headers()["retry-after"], "1");
+    let body: serde_json::Value = shed.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "overloaded");
+    assert_eq!(api.total_jobs().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stalls_is_cut_off_and_frees_its_slot() {
+    let api = start_api_limited(None, |limits| {
+        limits.max_concurrent_submissions = 1;
+        limits.body_timeout_ms = 300;
+    })
+    .await;
+    let mut stalled = stalled_upload(&api.base, 5_000).await;
+    let mut answer = Vec::new();
+    use tokio::io::AsyncReadExt;
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = stalled.read(&mut buf).await.unwrap();
+            answer.extend_from_slice(&buf[..n]);
+            if n == 0 || answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the stalled upload was never answered");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    // Its slot is free again.
+    let accepted = api.post(png(64, 32), "image/png", None).await;
+    assert_eq!(accepted.status(), 202);
+}
+
+/// Fuzzing the multipart parser and the upload checks through the real
+/// router: a valid multipart upload damaged anywhere (bytes overwritten, cut
+/// short, junk inserted, the boundary parameter changed) is answered 202 or a
+/// 4xx, never a 5xx or a hang, and only the 202s leave a job behind.
+#[test]
+fn damaged_multipart_uploads_get_4xx_never_5xx_and_store_nothing() {
+    use proptest::prelude::*;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let api = runtime.block_on(start_api());
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let image = png(40, 20);
+    let mut valid = b"--XyZ\r\ncontent-disposition: form-data; name=\"file\"; filename=\"p.png\"\r\ncontent-type: image/png\r\n\r\n".to_vec();
+    valid.extend_from_slice(&image);
+    valid.extend_from_slice(b"\r\n--XyZ--\r\n");
+    // Undamaged, the upload is accepted: the damage below is what gets it refused.
+    let intact = runtime.block_on(async {
+        client
+            .post(format!("{}/v1/jobs", api.base))
+            .header("content-type", "multipart/form-data; boundary=XyZ")
+            .body(valid.clone())
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(intact, 202);
+    let accepted = std::sync::atomic::AtomicU64::new(1);
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(256);
+    proptest!(ProptestConfig::with_cases(cases), |(
+        overwrites in prop::collection::vec((any::<usize>(), any::<u8>()), 0..4),
+        cut in prop::option::of(any::<usize>()),
+        insert in prop::option::of((any::<usize>(), prop::collection::vec(any::<u8>(), 1..32))),
+        boundary in prop::sample::select(vec!["XyZ", "xyz", "", "XyZ; charset=utf-8", "\"XyZ\"", "X"]),
+    )| {
+        let mut body = valid.clone();
+        for (at, byte) in overwrites {
+            let at = at % body.len();
+            body[at] = byte;
+        }
+        if let Some((at, junk)) = insert {
+            let at = at % (body.len() + 1);
+            body.splice(at..at, junk);
+        }
+        if let Some(cut) = cut {
+            body.truncate(cut % (body.len() + 1));
+        }
+        let status = runtime.block_on(async {
+            client
+                .post(format!("{}/v1/jobs", api.base))
+                .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+                .body(body)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        });
+        let status = status.map_err(|e| TestCaseError::fail(format!("no answer: {e}")))?;
+        prop_assert!(status == 202 || (400..500).contains(&status), "answered {}", status);
+        if status == 202 {
+            accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    let stored = runtime.block_on(api.total_jobs());
+    let accepted = accepted.load(std::sync::atomic::Ordering::Relaxed);
+    println!("{accepted} of {} uploads accepted", cases + 1);
+    assert_eq!(stored, accepted);
 }

@@ -160,17 +160,7 @@ async fn worker_killed_mid_job_completes_it_exactly_once_after_restart() {
 
     let mut worker = spawn_role(&["worker"], config, free_port(), &[]);
     // A long page keeps the worker busy long enough to be caught mid-job.
-    let accepted = submit(&format!("http://{}", api.local_addr), invoice_page(8))
-        .await
-        .unwrap();
-    let id: JobId = accepted["id"].as_str().unwrap().parse().unwrap();
-    wait_for_status(
-        &api.store,
-        id,
-        JobStatus::Processing,
-        Duration::from_secs(120),
-    )
-    .await;
+    let id = submit_until_processing(&api, invoice_page(8)).await;
     worker.kill().unwrap();
     worker.wait().unwrap();
     let interrupted = api.store.get(id).await.unwrap().unwrap();
@@ -181,7 +171,29 @@ async fn worker_killed_mid_job_completes_it_exactly_once_after_restart() {
     );
     assert_eq!(interrupted.attempts, 1);
 
-    let mut restarted = spawn_role(&["worker"], config, free_port(), &[]);
+    finishes_on_a_fresh_worker(api, config, id).await;
+}
+
+/// Submits through the API and waits until a worker has claimed the job.
+async fn submit_until_processing(api: &ocr_runtime::roles::Running, image: Vec<u8>) -> JobId {
+    let accepted = submit(&format!("http://{}", api.local_addr), image)
+        .await
+        .unwrap();
+    let id: JobId = accepted["id"].as_str().unwrap().parse().unwrap();
+    wait_for_status(
+        &api.store,
+        id,
+        JobStatus::Processing,
+        Duration::from_secs(120),
+    )
+    .await;
+    id
+}
+
+/// Starts a worker process, waits until it finishes the job on its second
+/// attempt (the interrupted one counted), and stops everything.
+async fn finishes_on_a_fresh_worker(api: ocr_runtime::roles::Running, config: &Config, id: JobId) {
+    let mut fresh = spawn_role(&["worker"], config, free_port(), &[]);
     let job = wait_for_status(
         &api.store,
         id,
@@ -191,8 +203,8 @@ async fn worker_killed_mid_job_completes_it_exactly_once_after_restart() {
     .await;
     assert_eq!(job.attempts, 2, "the interrupted attempt is counted");
     assert!(job.result.unwrap().contains("Invoice 2026-11-27"));
-    restarted.kill().unwrap();
-    restarted.wait().unwrap();
+    fresh.kill().unwrap();
+    fresh.wait().unwrap();
     api.stop().await;
 }
 
@@ -247,17 +259,7 @@ async fn sigterm_lets_the_worker_finish_its_job_before_exiting() {
     let config = &env.config;
     let api = start_api(config).await.unwrap();
     let worker = spawn_role(&["worker"], config, free_port(), &[]);
-    let accepted = submit(&format!("http://{}", api.local_addr), invoice_page(8))
-        .await
-        .unwrap();
-    let id: JobId = accepted["id"].as_str().unwrap().parse().unwrap();
-    wait_for_status(
-        &api.store,
-        id,
-        JobStatus::Processing,
-        Duration::from_secs(120),
-    )
-    .await;
+    let id = submit_until_processing(&api, invoice_page(8)).await;
 
     let exit = terminate(worker).await;
     assert!(exit.success(), "worker exited with {exit}");
@@ -621,4 +623,189 @@ async fn jobs_flow_through_a_broker_that_requires_scram() {
     let refused = group_lag(&wrong, "ocr-worker", JOBS).await;
     assert!(refused.is_err(), "a wrong password got {refused:?}");
     jobs_flow_through(&broker.bootstrap_servers, security("s3cret-pa55")).await;
+}
+
+/// A wedged engine (a GPU call that never returns) leaves a process that
+/// serves HTTP and does nothing: `/livez` must fail so Kubernetes restarts
+/// it, and the job must finish on the next worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_engine_fails_livez_and_its_job_finishes_on_a_fresh_worker() {
+    let env = environment().await;
+    let config = &env.config;
+    let api = start_api(config).await.unwrap();
+    let port = free_port();
+    let mut hung = spawn_role(
+        &["worker"],
+        config,
+        port,
+        &[
+            ("OCR_FAULT", "hang-inference".into()),
+            ("OCR_WORKER__INFERENCE_TIMEOUT_MS", "1500".into()),
+        ],
+    );
+    let worker_base = format!("http://127.0.0.1:{port}");
+    wait_http_ok(&worker_base, "/livez", Duration::from_secs(60)).await;
+    let id = submit_until_processing(&api, INVOICE.to_vec()).await;
+    assert_eq!(
+        reqwest::get(format!("{worker_base}/livez"))
+            .await
+            .unwrap()
+            .status(),
+        200,
+        "alive while the inference is young"
+    );
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let reason = loop {
+        let answer = reqwest::get(format!("{worker_base}/livez")).await.unwrap();
+        if answer.status() == 503 {
+            break answer.text().await.unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/livez never failed while the engine hung"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(reason.contains("inference_timeout"), "{reason}");
+
+    // What the kubelet does on a failed liveness probe, then the new pod.
+    hung.kill().unwrap();
+    hung.wait().unwrap();
+    finishes_on_a_fresh_worker(api, config, id).await;
+}
+
+/// 64 concurrent uploads of a 40-megapixel page (600 KB of PNG, 120 MB of
+/// pixels each): an API that decodes to check them needs gigabytes (2.4 GB
+/// measured before it stopped decoding). It now walks their framing only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_40_megapixel_uploads_keeps_the_api_small_and_quick() {
+    const UPLOADS: usize = 64;
+    const PEAK_RSS_LIMIT: u64 = 512 * 1024 * 1024;
+    let env = environment().await;
+    let port = free_port();
+    let mut api = spawn_role(&["api"], &env.config, port, &[]);
+    let base = format!("http://127.0.0.1:{port}");
+    wait_http_ok(&base, "/readyz", Duration::from_secs(60)).await;
+    let page = common::blank_png(6_300, 6_300);
+    let client = reqwest::Client::new();
+    let answers = futures::future::join_all((0..UPLOADS).map(|_| {
+        let request = client
+            .post(format!("{base}/v1/jobs"))
+            .header("content-type", "image/png")
+            .body(page.clone());
+        async move {
+            let started = std::time::Instant::now();
+            let status = request.send().await.expect("an answer").status();
+            (status.as_u16(), started.elapsed())
+        }
+    }))
+    .await;
+    let peak = common::peak_rss_bytes(api.id());
+    api.kill().unwrap();
+    api.wait().unwrap();
+    let slowest = answers.iter().map(|(_, took)| *took).max().unwrap();
+    println!(
+        "{UPLOADS} uploads of {} bytes: peak RSS {} MiB, slowest answer {slowest:?}",
+        page.len(),
+        peak >> 20
+    );
+    assert!(
+        answers.iter().all(|(status, _)| *status == 202),
+        "{answers:?}"
+    );
+    assert!(peak < PEAK_RSS_LIMIT, "peak RSS {} MiB", peak >> 20);
+    // Decoding took 6.6-7 s per request here; the bound leaves room for a busy CI machine.
+    assert!(
+        slowest < Duration::from_secs(5),
+        "slowest answer {slowest:?}"
+    );
+}
+
+/// Jobs whose message is gone never finish on their own: one `Queued` whose
+/// message was lost, one `Processing` whose worker died without its message
+/// coming back. The API's sweeper republishes both and a worker finishes
+/// them, the dead worker's attempt still counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_whose_message_is_gone_are_republished_and_finish() {
+    use ocr_runtime::domain::NewJob;
+    use ocr_runtime::storage::blob::input_key;
+    use ocr_runtime::storage::jobs::Changes;
+    use ocr_runtime::storage::{now_ms, BlobStore};
+    let env = environment().await;
+    let mut config = env.config.clone();
+    // Above the invoice's inference time even on a loaded machine, so that the
+    // revived jobs are not revived twice.
+    config.queue.stale_after_ms = 3_000;
+    let store = env.db.store().await;
+    let blobs = BlobStore::from_url(&config.blob.url).unwrap();
+    let long_ago = now_ms() - 600_000;
+    let mut stranded = Vec::new();
+    for _ in 0..2 {
+        let id = JobId::new();
+        let key = input_key(id);
+        blobs
+            .put(&key, bytes::Bytes::from_static(INVOICE))
+            .await
+            .unwrap();
+        let job = NewJob {
+            id,
+            client_id: "test".into(),
+            input_key: key,
+            content_type: "image/png".into(),
+            input_sha256: "0".repeat(64),
+            input_bytes: INVOICE.len() as u64,
+            idempotency: None,
+        };
+        store.insert(&job, long_ago).await.unwrap();
+        store
+            .transition(
+                id,
+                JobStatus::Accepted,
+                JobStatus::Queued,
+                None,
+                Changes::default(),
+                long_ago,
+            )
+            .await
+            .unwrap();
+        stranded.push(id);
+    }
+    // The second was claimed by a worker that then died.
+    store
+        .transition(
+            stranded[1],
+            JobStatus::Queued,
+            JobStatus::Processing,
+            Some(0),
+            Changes {
+                count_attempt: true,
+                ..Changes::default()
+            },
+            long_ago,
+        )
+        .await
+        .unwrap();
+
+    let api = start_api(&config).await.unwrap();
+    let worker = start_worker(&config, engine()).await.unwrap();
+    let lost = wait_for_status(
+        &store,
+        stranded[0],
+        JobStatus::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(lost.attempts, 1);
+    let orphaned = wait_for_status(
+        &store,
+        stranded[1],
+        JobStatus::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(orphaned.attempts, 2, "the dead worker's attempt is counted");
+    assert!(orphaned.result.unwrap().contains("Invoice 2026-11-27"));
+    worker.stop().await;
+    api.stop().await;
 }

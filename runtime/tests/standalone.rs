@@ -115,7 +115,7 @@ async fn jobs_left_unfinished_by_a_crash_complete_after_restart() {
                         content_type: "image/png".into(),
                         input_sha256: "00".repeat(32),
                         input_bytes: INVOICE.len() as u64,
-                        idempotency_key: None,
+                        idempotency: None,
                     },
                     0,
                 )

@@ -3,6 +3,7 @@
 mod common;
 
 use common::{sqlite_store, MysqlDatabase};
+use ocr_runtime::domain::idempotency::HeldKey;
 use ocr_runtime::domain::{JobId, JobStatus, NewJob, Transition};
 use ocr_runtime::storage::jobs::Changes;
 use ocr_runtime::storage::{JobStore, StoreError};
@@ -16,7 +17,10 @@ fn new_job(key: Option<&str>) -> NewJob {
         content_type: "image/png".into(),
         input_sha256: "ab".repeat(32),
         input_bytes: 1234,
-        idempotency_key: key.map(str::to_owned),
+        idempotency: key.map(|key| HeldKey {
+            key: key.to_owned(),
+            reserved_at_ms: 1_000,
+        }),
     }
 }
 
@@ -193,8 +197,22 @@ async fn idempotency_keys_reserve_bind_and_release(store: JobStore) {
         .await
         .unwrap());
 
+    // The request that reserved at 1 000 was presumed dead and taken over at
+    // 70 000: it can neither create its job nor free the key.
+    let mut outlived = new_job(Some("k1"));
+    outlived.client_id = "c".into();
+    assert!(matches!(
+        store.insert(&outlived, 2_000).await,
+        Err(StoreError::KeyLost)
+    ));
+    assert_eq!(store.get(outlived.id).await.unwrap(), None, "rolled back");
+    store
+        .release_key("c", outlived.idempotency.as_ref().unwrap())
+        .await
+        .unwrap();
     let mut job = new_job(Some("k1"));
     job.client_id = "c".into();
+    job.idempotency.as_mut().unwrap().reserved_at_ms = 70_000;
     // Inserting the job binds its key in the same transaction.
     store.insert(&job, 2_000).await.unwrap();
     let bound = store
@@ -204,7 +222,10 @@ async fn idempotency_keys_reserve_bind_and_release(store: JobStore) {
         .unwrap();
     assert_eq!(bound.job_id, Some(job.id));
     // A bound key is never released.
-    store.release_key("c", "k1").await.unwrap();
+    store
+        .release_key("c", job.idempotency.as_ref().unwrap())
+        .await
+        .unwrap();
     assert!(store
         .reserve_key("c", "k1", &sha, 4_000)
         .await
@@ -216,9 +237,37 @@ async fn idempotency_keys_reserve_bind_and_release(store: JobStore) {
         .await
         .unwrap()
         .is_none());
-    store.release_key("c", "k2").await.unwrap();
+    let k2 = HeldKey {
+        key: "k2".into(),
+        reserved_at_ms: 1_000,
+    };
+    store.release_key("c", &k2).await.unwrap();
     assert!(store
         .reserve_key("c", "k2", &sha, 1_000)
+        .await
+        .unwrap()
+        .is_none());
+
+    // Keys expire by age, bound or not; an expired key is free again.
+    assert_eq!(store.expire_keys(1_000).await.unwrap(), 0);
+    assert_eq!(
+        store.expire_keys(1_001).await.unwrap(),
+        2,
+        "other/k1 and c/k2"
+    );
+    assert!(store
+        .reserve_key("c", "k2", &sha, 5_000)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store
+        .reserve_key("c", "k1", &sha, 5_000)
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(store.expire_keys(i64::MAX).await.unwrap(), 2);
+    assert!(store
+        .reserve_key("c", "k1", &sha, 6_000)
         .await
         .unwrap()
         .is_none());

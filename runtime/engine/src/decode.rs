@@ -1,8 +1,9 @@
 //! Untrusted bytes → RGB pixels, with limits checked before any large allocation.
 //!
-//! The HTTP layer calls [`probe`] to answer 4xx cheaply (it reads only the header), and the
-//! engine calls [`decode`], which runs the same checks and then decodes, applies the EXIF
-//! orientation and flattens alpha the way the reference pipeline (rapidocr) does.
+//! The API calls [`check`] to answer 4xx cheaply (the header and the file's framing, never the
+//! pixels), and the engine calls [`decode`], which runs the same limits and then decodes,
+//! applies the EXIF orientation and flattens alpha the way the reference pipeline (rapidocr)
+//! does.
 
 use std::io::Cursor;
 
@@ -97,6 +98,18 @@ pub fn probe(bytes: &[u8], limits: &DecodeLimits) -> Result<ImageInfo, DecodeErr
     Ok(info)
 }
 
+/// Reads the header, checks every limit, then walks the file's framing (chunk lengths and
+/// checksums, markers, declared sizes) without decoding a pixel: what the API runs on an
+/// upload, at a cost proportional to its bytes rather than its pixels.
+pub fn check(bytes: &[u8], limits: &DecodeLimits) -> Result<ImageInfo, DecodeError> {
+    let info = probe(bytes, limits)?;
+    crate::structure::check_framing(bytes, info.format).map_err(|err| match err {
+        crate::structure::StructureError::Truncated => DecodeError::Truncated,
+        crate::structure::StructureError::Malformed(what) => DecodeError::Malformed(what),
+    })?;
+    Ok(info)
+}
+
 /// Decodes to 8-bit RGB with the EXIF orientation applied and transparency flattened.
 pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, DecodeError> {
     let (info, decoder) = open(bytes, limits)?;
@@ -123,7 +136,7 @@ fn open<'a>(
         return Err(DecodeError::UnsupportedFormat);
     }
     // zune-jpeg fills a cut-off scan with grey instead of failing, so check the structure.
-    if format == ImageFormat::Jpeg && !jpeg_has_end_marker(bytes) {
+    if format == ImageFormat::Jpeg && !crate::structure::jpeg_has_end_marker(bytes) {
         return Err(DecodeError::Truncated);
     }
 
@@ -211,39 +224,6 @@ fn map_image_error(err: image::ImageError) -> DecodeError {
         ImageError::Unsupported(e) => DecodeError::UnsupportedFeature(e.to_string()),
         ImageError::Encoding(e) => DecodeError::Malformed(e.to_string()),
         ImageError::Parameter(e) => DecodeError::Malformed(e.to_string()),
-    }
-}
-
-/// Walks the marker segments up to the first scan (so an EXIF thumbnail's own end marker does
-/// not count), then looks for the end-of-image marker in or after the entropy-coded data, where
-/// 0xFF bytes are always stuffed and so cannot fake it.
-fn jpeg_has_end_marker(bytes: &[u8]) -> bool {
-    let mut pos = 2; // past SOI, which guess_format has seen
-    loop {
-        // Fill bytes (0xFF runs) may precede a marker.
-        while pos < bytes.len() && bytes[pos] == 0xFF && bytes.get(pos + 1) == Some(&0xFF) {
-            pos += 1;
-        }
-        let (Some(&0xFF), Some(&marker)) = (bytes.get(pos), bytes.get(pos + 1)) else {
-            return false;
-        };
-        pos += 2;
-        match marker {
-            0xD9 => return true,
-            0x01 | 0xD0..=0xD7 => continue,
-            _ => {}
-        }
-        let (Some(&hi), Some(&lo)) = (bytes.get(pos), bytes.get(pos + 1)) else {
-            return false;
-        };
-        let segment_end = pos + usize::from(u16::from_be_bytes([hi, lo]));
-        if segment_end > bytes.len() {
-            return false;
-        }
-        if marker == 0xDA {
-            return bytes[segment_end..].windows(2).any(|w| w == [0xFF, 0xD9]);
-        }
-        pos = segment_end;
     }
 }
 
@@ -442,6 +422,98 @@ pub(crate) mod tests {
         let mut trailing = bytes.clone();
         trailing.extend_from_slice(b"trailing junk");
         assert!(decode(&trailing, &DecodeLimits::default()).is_ok());
+    }
+
+    fn encoded(img: &RgbImage, format: ImageFormat) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        DynamicImage::ImageRgb8(img.clone())
+            .write_to(&mut Cursor::new(&mut bytes), format)
+            .expect("encoding a test image cannot fail");
+        bytes
+    }
+
+    #[test]
+    fn check_accepts_every_format_without_decoding() {
+        let img = quadrants(24, 10);
+        let limits = DecodeLimits::default();
+        for format in ACCEPTED {
+            let bytes = encoded(&img, format);
+            let info = check(&bytes, &limits).unwrap_or_else(|e| panic!("{format:?}: {e}"));
+            assert_eq!((info.format, info.width, info.height), (format, 24, 10));
+        }
+        // A 40-megapixel page of one colour is under a megabyte of PNG and 120 MB of pixels:
+        // the check takes it as it is.
+        let blank = RgbImage::from_pixel(6_300, 6_300, Rgb([255, 255, 255]));
+        let bytes = encoded(&blank, ImageFormat::Png);
+        assert!(bytes.len() < 1_000_000, "{} bytes", bytes.len());
+        assert_eq!(check(&bytes, &limits).map(|i| i.width), Ok(6_300));
+    }
+
+    /// What the API lets through, the worker can decode: a file cut anywhere is either refused
+    /// by the check or still decodes.
+    #[test]
+    fn no_cut_file_passes_the_check_and_then_fails_to_decode() {
+        let img = quadrants(16, 8);
+        let limits = DecodeLimits::default();
+        for format in ACCEPTED {
+            let bytes = encoded(&img, format);
+            let mut refused = 0;
+            for cut in 1..bytes.len() {
+                let part = &bytes[..cut];
+                if check(part, &limits).is_ok() {
+                    assert!(
+                        decode(part, &limits).is_ok(),
+                        "{format:?} cut at {cut} of {} passed the check but does not decode",
+                        bytes.len()
+                    );
+                } else {
+                    refused += 1;
+                }
+            }
+            assert!(refused > 0, "{format:?}: no cut was refused");
+        }
+    }
+
+    #[test]
+    fn check_refuses_damaged_framing() {
+        let limits = DecodeLimits::default();
+        let png = png_bytes(&DynamicImage::ImageRgb8(quadrants(64, 64)));
+        assert_eq!(
+            check(&png[..png.len() - 1], &limits),
+            Err(DecodeError::Truncated)
+        );
+        // One flipped bit inside the compressed data: the header is fine, the checksum is not.
+        let mut flipped = png.clone();
+        let last_idat_byte = png.len() - 12 - 4 - 1;
+        flipped[last_idat_byte] ^= 0x01;
+        assert!(
+            matches!(check(&flipped, &limits), Err(DecodeError::Malformed(m)) if m.contains("IDAT")),
+            "{:?}",
+            check(&flipped, &limits)
+        );
+        // IEND without a single IDAT.
+        let mut no_data = png[..33].to_vec(); // signature + IHDR
+        no_data.extend_from_slice(&png[png.len() - 12..]);
+        assert!(matches!(
+            check(&no_data, &limits),
+            Err(DecodeError::Malformed(_))
+        ));
+
+        let jpeg = jpeg_bytes(&quadrants(64, 64));
+        assert_eq!(
+            check(&jpeg[..jpeg.len() - 2], &limits),
+            Err(DecodeError::Truncated)
+        );
+        let bmp = encoded(&quadrants(64, 64), ImageFormat::Bmp);
+        assert_eq!(
+            check(&bmp[..bmp.len() - 100], &limits),
+            Err(DecodeError::Truncated)
+        );
+        let webp = encoded(&quadrants(64, 64), ImageFormat::WebP);
+        assert_eq!(
+            check(&webp[..webp.len() - 3], &limits),
+            Err(DecodeError::Truncated)
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod models;
 pub mod onnx;
 pub mod postprocess;
 pub mod preprocess;
+pub mod structure;
 
 pub use engine::{Line, ModelVariant, OcrEngine, Page, PipelineConfig};
 pub use error::{Error, Result};

@@ -1,6 +1,7 @@
 //! The gRPC API (tonic): the same submit use case as HTTP, plus a server
 //! stream that follows a job to its final state.
 
+use super::admission::{Admission, FRAMING_BYTES};
 use crate::app::submit::{Submission, SubmitError, Submitted, Submitter};
 use crate::domain::{Job, JobId, JobStatus};
 use crate::metrics::Metrics;
@@ -24,16 +25,22 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(100);
 pub struct GrpcJobs {
     submitter: Submitter,
     metrics: Metrics,
+    admission: Admission,
 }
 
 impl GrpcJobs {
-    pub fn new(submitter: Submitter, metrics: Metrics) -> Self {
-        GrpcJobs { submitter, metrics }
+    /// `admission` is shared with the HTTP front end: one budget per process.
+    pub fn new(submitter: Submitter, metrics: Metrics, admission: Admission) -> Self {
+        GrpcJobs {
+            submitter,
+            metrics,
+            admission,
+        }
     }
 
     /// The service with a message limit that admits the largest accepted image.
     pub fn into_server(self) -> OcrJobsServer<GrpcJobs> {
-        let limit = self.submitter.limits.max_body_bytes + 64 * 1024;
+        let limit = self.submitter.limits.max_body_bytes + FRAMING_BYTES;
         OcrJobsServer::new(self).max_decoding_message_size(limit)
     }
 }
@@ -140,6 +147,16 @@ impl OcrJobs for GrpcJobs {
         request: Request<proto::SubmitRequest>,
     ) -> Result<Response<proto::Job>, Status> {
         let started = Instant::now();
+        // tonic has read the message by now (within its size limit); the
+        // budget still bounds how many are checked and stored at once.
+        let declared = request.get_ref().image.len() as u64;
+        let _admitted = self
+            .admission
+            .try_admit(Some(declared))
+            .map_err(|overloaded| {
+                self.metrics.submitted("shed", started.elapsed());
+                Status::unavailable(overloaded.to_string())
+            })?;
         let request = request.into_inner();
         let client_id = Some(request.client_id)
             .filter(|c| !c.trim().is_empty() && c.len() <= 128)

@@ -1,8 +1,10 @@
 //! The HTTP API: submit a job, read its status and result, probes, metrics
 //! and the OpenAPI document.
 
+use super::admission::{Admission, Overloaded, FRAMING_BYTES};
 use crate::app::submit::{Submission, SubmitError, Submitted, Submitter};
 use crate::domain::{Job, JobId, JobStatus};
+use crate::health::Liveness;
 use crate::metrics::Metrics;
 use axum::body::{to_bytes, Body};
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Request, State};
@@ -18,6 +20,32 @@ use utoipa::{OpenApi, ToSchema};
 pub struct HttpState {
     pub submitter: Submitter,
     pub metrics: Metrics,
+    pub admission: Admission,
+    pub liveness: Liveness,
+}
+
+impl HttpState {
+    /// Sheds load by the submitter's limits; alive unless told otherwise
+    /// ([`HttpState::with_liveness`]).
+    pub fn new(submitter: Submitter, metrics: Metrics) -> HttpState {
+        HttpState {
+            admission: Admission::new(&submitter.limits),
+            submitter,
+            metrics,
+            liveness: Liveness::without_engine(),
+        }
+    }
+
+    /// For a process that also runs the engine (standalone).
+    pub fn with_liveness(mut self, liveness: Liveness) -> HttpState {
+        self.liveness = liveness;
+        self
+    }
+
+    pub fn with_admission(mut self, admission: Admission) -> HttpState {
+        self.admission = admission;
+        self
+    }
 }
 
 /// Status of a job as clients see it.
@@ -126,12 +154,12 @@ impl IntoResponse for SubmitError {
 
 pub fn router(state: HttpState) -> Router {
     // Multipart framing adds a little to the image itself.
-    let body_limit = state.submitter.limits.max_body_bytes + 64 * 1024;
+    let body_limit = state.submitter.limits.max_body_bytes + FRAMING_BYTES;
     Router::new()
         .route("/v1/jobs", post(create_job))
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/result", get(get_result))
-        .route("/livez", get(|| async { "ok" }))
+        .route("/livez", get(live))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
@@ -172,11 +200,24 @@ fn client_id(headers: &HeaderMap) -> String {
         (status = 413, description = "Body or image too large", body = ErrorBody),
         (status = 415, description = "Unsupported content type", body = ErrorBody),
         (status = 422, description = "Not a readable image, or key reused with another body", body = ErrorBody),
-        (status = 503, description = "Storage unavailable", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within limits.body_timeout_ms", body = ErrorBody),
+        (status = 503, description = "Storage unavailable, or the server is at its limit of submissions or buffered bytes (code overloaded); retry after Retry-After", body = ErrorBody),
     )
 )]
 async fn create_job(State(state): State<HttpState>, request: Request) -> Response {
     let started = Instant::now();
+    let declared_len = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let _admitted = match state.admission.try_admit(declared_len) {
+        Ok(admitted) => admitted,
+        Err(overloaded) => {
+            state.metrics.submitted("shed", started.elapsed());
+            return overloaded.into_response();
+        }
+    };
     let headers = request.headers().clone();
     let idempotency_key = headers
         .get("idempotency-key")
@@ -190,20 +231,22 @@ async fn create_job(State(state): State<HttpState>, request: Request) -> Respons
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    let limit = state.submitter.limits.max_body_bytes;
-    let (body, content_type) = if content_type.starts_with("multipart/form-data") {
-        match read_multipart(request, &state, limit).await {
-            Ok(part) => part,
-            Err(response) => return response,
-        }
-    } else {
-        match to_bytes(request.into_body(), limit).await {
-            Ok(body) => (body, content_type),
+    // Only the upload is timed: once the job is being stored, an answer
+    // other than its outcome would make the client submit it twice.
+    let body_timeout = state.submitter.limits.body_timeout();
+    let (body, content_type) =
+        match tokio::time::timeout(body_timeout, read_body(&state, request, content_type)).await {
+            Ok(Ok(body)) => body,
+            Ok(Err(response)) => return response,
             Err(_) => {
-                return too_large(limit);
+                state.metrics.submitted("rejected", started.elapsed());
+                return error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    format!("the request body did not arrive within {body_timeout:?}"),
+                );
             }
-        }
-    };
+        };
     let outcome = state
         .submitter
         .submit(Submission {
@@ -234,6 +277,33 @@ async fn create_job(State(state): State<HttpState>, request: Request) -> Respons
             response
         }
         Err(err) => err.into_response(),
+    }
+}
+
+impl IntoResponse for Overloaded {
+    fn into_response(self) -> Response {
+        retry_soon(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            self.to_string(),
+        ))
+    }
+}
+
+/// The image and its content type, from a raw or a multipart body.
+async fn read_body(
+    state: &HttpState,
+    request: Request,
+    content_type: String,
+) -> Result<(bytes::Bytes, String), Response> {
+    let limit = state.submitter.limits.max_body_bytes;
+    if content_type.starts_with("multipart/form-data") {
+        read_multipart(request, state, limit).await
+    } else {
+        match to_bytes(request.into_body(), limit).await {
+            Ok(body) => Ok((body, content_type)),
+            Err(_) => Err(too_large(limit)),
+        }
     }
 }
 
@@ -414,6 +484,15 @@ async fn ready(State(state): State<HttpState>) -> Response {
             "not_ready",
             format!("database: {err}; {queue}"),
         ),
+    }
+}
+
+/// Fails when the process is stuck (see [`crate::health`]); readiness is
+/// separate: a live API may still be waiting for its database.
+async fn live(State(state): State<HttpState>) -> Response {
+    match state.liveness.check() {
+        Ok(()) => "ok".into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
     }
 }
 

@@ -2,7 +2,7 @@
 //! rejected request leaves no row and no blob.
 
 use crate::config::LimitsConfig;
-use ocr_engine::decode::{decode, probe, DecodeError, DecodeLimits, ImageFormat};
+use ocr_engine::decode::{check, DecodeError, DecodeLimits, ImageFormat};
 
 /// Why an upload was refused; each maps to one HTTP status.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -77,8 +77,10 @@ pub fn decode_limits(limits: &LimitsConfig) -> DecodeLimits {
     }
 }
 
-/// Fully decodes the image (a header alone does not reveal truncation) and
-/// returns the content type to store. CPU-bound: call from a blocking thread.
+/// Checks the header against the limits and the file's framing for
+/// truncation and damage, without decoding pixels (see
+/// [`ocr_engine::structure`]), and returns the content type to store. Costs
+/// time in proportion to the body's bytes (a checksum pass over a PNG).
 pub fn check_image(
     bytes: &[u8],
     content_type: &str,
@@ -115,7 +117,7 @@ pub fn check_image(
         },
         other => InputError::Corrupt(other.to_string()),
     };
-    let info = probe(bytes, &limits).map_err(map)?;
+    let info = check(bytes, &limits).map_err(map)?;
     if let Some(declared) = declared {
         if declared != info.format {
             return Err(InputError::ContentTypeMismatch {
@@ -124,6 +126,5 @@ pub fn check_image(
             });
         }
     }
-    decode(bytes, &limits).map_err(map)?;
     Ok(info.format.to_mime_type())
 }

@@ -2,6 +2,8 @@
 //! processing one (direct modes), inferring and publishing (writer mode) and
 //! persisting results (the writer role).
 
+pub mod bounded;
+pub mod fault;
 pub mod infer;
 pub mod input;
 pub mod persist;

@@ -1,12 +1,13 @@
 //! Accepting a job: check the input, store it, publish it, answer at once.
 
+pub use super::fault::Fault;
 use super::input::{check_image, InputError};
 use crate::config::LimitsConfig;
-use crate::domain::idempotency::{decide, KeyDecision};
+use crate::domain::idempotency::{decide, HeldKey, KeyDecision};
 use crate::domain::message::JobMessage;
 use crate::domain::{Job, JobId, JobStatus, NewJob};
 use crate::metrics::{Metrics, SubmitStage};
-use crate::queue::JobPublisher;
+use crate::queue::{JobPublisher, QueueError};
 use crate::storage::blob::{input_key, BlobError};
 use crate::storage::jobs::Changes;
 use crate::storage::redis_guard::{CachedKey, RedisGuard};
@@ -21,6 +22,11 @@ use tracing::Instrument;
 /// A key whose first request has not finished after this long belongs to a
 /// request that died; a retry may take it over.
 const ABANDONED_KEY_MS: i64 = 60_000;
+
+/// The input check walks the body once (a checksum pass): below this size it
+/// takes microseconds and runs in place; above, on a blocking thread so a
+/// large upload does not stall the other requests of its runtime thread.
+const CHECK_INLINE_BYTES: usize = 256 * 1024;
 
 pub struct Submission {
     pub client_id: String,
@@ -64,23 +70,12 @@ pub enum SubmitError {
     RateLimited { retry_after: std::time::Duration },
 }
 
-/// Test-only fault injection, read from `OCR_FAULT` at start-up. It lets the
-/// crash-recovery tests kill the API at the exact step they need.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Fault {
-    #[default]
-    None,
-    /// Exit the process right after the job row is written, before the publish.
-    ExitAfterDbWrite,
-}
-
-impl Fault {
-    pub fn from_env() -> Fault {
-        match std::env::var("OCR_FAULT").as_deref() {
-            Ok("exit-after-db-write") => Fault::ExitAfterDbWrite,
-            _ => Fault::None,
-        }
-    }
+/// A request's idempotency key after reservation.
+enum Reserved {
+    /// This request holds the key and creates the job.
+    Held(HeldKey),
+    /// An earlier request with the same key and body created this job.
+    Replay(Job),
 }
 
 #[derive(Clone)]
@@ -123,17 +118,24 @@ impl Submitter {
                 return Err(SubmitError::RateLimited { retry_after });
             }
         }
-        let limits = self.limits.clone();
-        let body = submission.body.clone();
-        let content_type = submission.content_type.clone();
-        let checking =
-            tokio::task::spawn_blocking(move || check_image(&body, &content_type, &limits));
-        let stored_type = self
-            .timed(SubmitStage::Check, checking)
-            .await
-            .map_err(|e| SubmitError::Internal(e.to_string()))??;
+        let stored_type = if submission.body.len() <= CHECK_INLINE_BYTES {
+            self.timed(SubmitStage::Check, async {
+                check_image(&submission.body, &submission.content_type, &self.limits)
+            })
+            .await?
+        } else {
+            let limits = self.limits.clone();
+            let body = submission.body.clone();
+            let content_type = submission.content_type.clone();
+            let checking =
+                tokio::task::spawn_blocking(move || check_image(&body, &content_type, &limits));
+            self.timed(SubmitStage::Check, checking)
+                .await
+                .map_err(|e| SubmitError::Internal(e.to_string()))??
+        };
 
         let sha256 = hex::encode(Sha256::digest(&submission.body));
+        let mut held = None;
         if let Some(key) = &submission.idempotency_key {
             if key.is_empty()
                 || key.len() > 255
@@ -147,22 +149,33 @@ impl Submitter {
             {
                 return Ok(Submitted::Replayed(replayed));
             }
-            if let Some(replayed) = self
+            match self
                 .reserve_key(&submission.client_id, key, &sha256)
                 .await?
             {
-                return Ok(Submitted::Replayed(replayed));
+                Reserved::Held(key) => held = Some(key),
+                Reserved::Replay(job) => return Ok(Submitted::Replayed(job)),
             }
         }
 
-        let created = self.create(&submission, stored_type, &sha256).await;
+        let created = self
+            .create(&submission, stored_type, &sha256, held.clone())
+            .await;
         if created.is_err() {
-            if let Some(key) = &submission.idempotency_key {
-                // Free the key so the client's retry is not stuck behind a failure.
-                let _ = self.store.release_key(&submission.client_id, key).await;
+            if let Some(held) = &held {
+                // Free the key so the client's retry is not stuck behind a
+                // failure; only this request's reservation is freed.
+                let _ = self.store.release_key(&submission.client_id, held).await;
             }
         }
-        let job = created?;
+        let job = match created {
+            Err(SubmitError::Store(StoreError::KeyLost)) => {
+                // A retry took the key over while this request was presumed
+                // dead; its job is the one the key stands for.
+                return Err(SubmitError::KeyInFlight);
+            }
+            other => other?,
+        };
         if let (Some(guard), Some(key)) = (&self.guard, &submission.idempotency_key) {
             let cached = CachedKey {
                 request_sha256: sha256,
@@ -194,33 +207,39 @@ impl Submitter {
         Ok(self.store.get(cached.job_id).await?)
     }
 
-    /// `Ok(None)`: the key is reserved for this request. `Ok(Some(job))`: replay.
     async fn reserve_key(
         &self,
         client_id: &str,
         key: &str,
         sha256: &str,
-    ) -> Result<Option<Job>, SubmitError> {
-        let reserving = self.store.reserve_key(client_id, key, sha256, now_ms());
-        let Some(existing) = self.timed(SubmitStage::Database, reserving).await? else {
-            return Ok(None);
+    ) -> Result<Reserved, SubmitError> {
+        let reserved_at_ms = now_ms();
+        let held = HeldKey {
+            key: key.to_owned(),
+            reserved_at_ms,
         };
-        match decide(&existing, sha256, now_ms(), ABANDONED_KEY_MS) {
+        let reserving = self
+            .store
+            .reserve_key(client_id, key, sha256, reserved_at_ms);
+        let Some(existing) = self.timed(SubmitStage::Database, reserving).await? else {
+            return Ok(Reserved::Held(held));
+        };
+        match decide(&existing, sha256, reserved_at_ms, ABANDONED_KEY_MS) {
             KeyDecision::PayloadMismatch => Err(SubmitError::KeyReusedWithOtherPayload),
             KeyDecision::InFlight => Err(SubmitError::KeyInFlight),
             KeyDecision::TakeOver => {
                 if self
                     .store
-                    .take_over_key(client_id, key, &existing, now_ms())
+                    .take_over_key(client_id, key, &existing, reserved_at_ms)
                     .await?
                 {
-                    Ok(None)
+                    Ok(Reserved::Held(held))
                 } else {
                     Err(SubmitError::KeyInFlight)
                 }
             }
             KeyDecision::Replay(job_id) => match self.store.get(job_id).await? {
-                Some(job) => Ok(Some(job)),
+                Some(job) => Ok(Reserved::Replay(job)),
                 None => Err(SubmitError::Store(StoreError::Corrupt(format!(
                     "idempotency key points at missing job {job_id}"
                 )))),
@@ -233,6 +252,7 @@ impl Submitter {
         submission: &Submission,
         content_type: &str,
         sha256: &str,
+        idempotency: Option<HeldKey>,
     ) -> Result<Job, SubmitError> {
         let id = JobId::new();
         tracing::Span::current().record("ocr.job.id", display(id));
@@ -244,7 +264,7 @@ impl Submitter {
             content_type: content_type.to_owned(),
             input_sha256: sha256.to_owned(),
             input_bytes: submission.body.len() as u64,
-            idempotency_key: submission.idempotency_key.clone(),
+            idempotency,
         };
         // Blob first: a job row must never point at a missing input.
         self.timed(
@@ -291,6 +311,13 @@ impl Submitter {
             // Dropping the handle detaches the task; it still records `Queued`.
             tracing::warn!(job = %id, wait = ?self.publish_wait, "the broker has not acknowledged the job yet; answering before it does");
         }
+    }
+
+    /// Publishes the job's message again, its state left as it is.
+    pub async fn republish(&self, id: JobId, input_key: &str) -> Result<(), QueueError> {
+        let message = JobMessage::new(id, input_key);
+        self.timed(SubmitStage::Publish, self.publisher.publish(&message))
+            .await
     }
 
     /// Publishes and records `Queued`. A failed publish is not the client's

@@ -15,6 +15,16 @@ pub struct KeyRecord {
     pub created_at_ms: i64,
 }
 
+/// A key this request holds: reserved (or taken over) at `reserved_at_ms`,
+/// which identifies the reservation. The job's insert binds the key only if
+/// that reservation is still the key's, so a request that was presumed dead
+/// and outlived by a take-over cannot create a second job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldKey {
+    pub key: String,
+    pub reserved_at_ms: i64,
+}
+
 /// What to do with a request whose key already exists.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyDecision {

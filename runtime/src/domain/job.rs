@@ -3,6 +3,7 @@
 //! compare-and-set, so a redelivered message or a second worker can never
 //! move a job backwards or complete it twice.
 
+use super::idempotency::HeldKey;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -62,6 +63,9 @@ impl JobStatus {
     /// `Processing -> Processing` is a reclaim: the worker that held the job died
     /// (its offset was never committed) and the message was redelivered.
     /// `Processing -> Queued` hands a job back after a transient failure.
+    /// `Queued -> Queued` marks a job the sweeper republished because its
+    /// message was lost (it refreshes the row's time, so it is not
+    /// republished again at every sweep).
     pub fn can_transition_to(self, next: JobStatus) -> bool {
         use JobStatus::*;
         matches!(
@@ -69,6 +73,7 @@ impl JobStatus {
             (Accepted, Queued)
                 | (Accepted, Processing)
                 | (Queued, Processing)
+                | (Queued, Queued)
                 | (Processing, Processing)
                 | (Processing, Queued)
                 | (Processing, Succeeded)
@@ -170,7 +175,9 @@ pub struct NewJob {
     pub content_type: String,
     pub input_sha256: String,
     pub input_bytes: u64,
-    pub idempotency_key: Option<String>,
+    /// The request's idempotency key, reserved for it (see
+    /// [`crate::domain::idempotency`]); inserting the job binds the key.
+    pub idempotency: Option<HeldKey>,
 }
 
 /// What happened to a compare-and-set.

@@ -113,6 +113,55 @@ mod tests {
         assert_eq!(decoded, event);
     }
 
+    fn recognized(text: String) -> ResultEvent {
+        let line = ocr_engine::Line {
+            text: text.clone(),
+            confidence: 0.9,
+            polygon: [[0.0, 0.0], [10.0, 0.0], [10.0, 5.0], [0.0, 5.0]],
+        };
+        ResultEvent {
+            job_id: JobId::new(),
+            attempt: 1,
+            outcome: InferenceOutcome::Recognized {
+                page: ocr_engine::Page {
+                    width: 10,
+                    height: 5,
+                    lines: vec![line],
+                    text,
+                },
+            },
+        }
+    }
+
+    proptest::proptest! {
+        /// Messages come off topics any producer can write to: whatever the bytes (a valid
+        /// message damaged anywhere, or anything at all), decoding answers without panicking,
+        /// and what decodes encodes back to itself.
+        #[test]
+        fn hostile_messages_decode_or_fail_cleanly(
+            text in ".{0,40}",
+            damage in proptest::collection::vec((proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()), 0..4),
+            cut in proptest::prelude::any::<usize>(),
+            junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            let mut bytes = recognized(text).encode().unwrap();
+            for (at, byte) in damage {
+                let at = at % bytes.len();
+                bytes[at] = byte;
+            }
+            bytes.truncate(bytes.len() - cut % bytes.len().max(1));
+            for input in [&bytes[..], &junk[..]] {
+                if let Ok(event) = ResultEvent::decode(input) {
+                    let again = ResultEvent::decode(&event.encode().unwrap()).unwrap();
+                    proptest::prop_assert_eq!(again, event);
+                }
+                if let Ok(message) = JobMessage::decode(input) {
+                    proptest::prop_assert_eq!(JobMessage::decode(&message.encode()).unwrap(), message);
+                }
+            }
+        }
+    }
+
     #[test]
     fn traceparent_is_w3c_shaped() {
         let id = JobId::new();

@@ -36,7 +36,7 @@ impl BlobStore {
     /// memory (tests).
     pub fn from_url(url: &str) -> Result<Self, BlobError> {
         let config = |reason: String| BlobError::Config {
-            url: url.to_owned(),
+            url: ocr_contract::redact_url(url),
             reason,
         };
         let inner: Arc<dyn ObjectStore> = if url.starts_with("memory:") {

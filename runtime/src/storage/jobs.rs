@@ -3,7 +3,7 @@
 //! store strings and integers, so the SQL is shared and only the migrations
 //! differ per dialect.
 
-use crate::domain::idempotency::KeyRecord;
+use crate::domain::idempotency::{HeldKey, KeyRecord};
 use crate::domain::{Job, JobId, JobStatus, NewJob, Transition};
 use crate::metrics::Metrics;
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -31,6 +31,10 @@ pub enum StoreError {
     IllegalTransition { from: JobStatus, to: JobStatus },
     #[error("corrupt row in jobs table: {0}")]
     Corrupt(String),
+    /// The idempotency key was taken over by another request after this one
+    /// was presumed dead; no job was written.
+    #[error("the idempotency key now belongs to another request")]
+    KeyLost,
 }
 
 fn query_error(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -50,7 +54,7 @@ impl Dialect {
         } else if url.starts_with("sqlite:") {
             Ok(Dialect::Sqlite)
         } else {
-            Err(StoreError::UnsupportedUrl(url.to_owned()))
+            Err(StoreError::UnsupportedUrl(ocr_contract::redact_url(url)))
         }
     }
 }
@@ -243,22 +247,29 @@ impl JobStore {
         .bind(&job.content_type)
         .bind(&job.input_sha256)
         .bind(job.input_bytes as i64)
-        .bind(job.idempotency_key.clone())
+        .bind(job.idempotency.as_ref().map(|held| held.key.clone()))
         .bind(now_ms)
         .bind(now_ms)
         .execute(&mut *tx)
         .await
         .map_err(query_error("insert job"))?;
-        if let Some(key) = &job.idempotency_key {
-            sqlx::query(
-                "UPDATE idempotency_keys SET job_id = ? WHERE client_id = ? AND idem_key = ?",
+        if let Some(held) = &job.idempotency {
+            // Conditional: only the reservation this request holds is bound.
+            let bound = sqlx::query(
+                "UPDATE idempotency_keys SET job_id = ? \
+                 WHERE client_id = ? AND idem_key = ? AND job_id IS NULL AND created_at = ?",
             )
             .bind(job.id.to_string())
             .bind(&job.client_id)
-            .bind(key)
+            .bind(&held.key)
+            .bind(held.reserved_at_ms)
             .execute(&mut *tx)
             .await
             .map_err(query_error("bind idempotency key"))?;
+            if bound.rows_affected() != 1 {
+                // Dropping the transaction rolls the job row back.
+                return Err(StoreError::KeyLost);
+            }
         }
         tx.commit().await.map_err(query_error("commit insert"))?;
         Ok(())
@@ -450,14 +461,29 @@ impl JobStore {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Frees a key whose request failed before creating a job, so the client can retry.
-    pub async fn release_key(&self, client_id: &str, key: &str) -> Result<(), StoreError> {
+    /// Forgets the idempotency keys reserved before `cutoff_ms`: a request
+    /// that reuses one afterwards creates a new job. Returns how many.
+    pub async fn expire_keys(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
+        let _timer = self.timer("expire_keys");
+        let done = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < ?")
+            .bind(cutoff_ms)
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("expire idempotency keys"))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Frees a key whose request failed before creating a job, so the client
+    /// can retry; only while `held` is still the key's reservation.
+    pub async fn release_key(&self, client_id: &str, held: &HeldKey) -> Result<(), StoreError> {
         let _timer = self.timer("release_key");
         sqlx::query(
-            "DELETE FROM idempotency_keys WHERE client_id = ? AND idem_key = ? AND job_id IS NULL",
+            "DELETE FROM idempotency_keys \
+             WHERE client_id = ? AND idem_key = ? AND job_id IS NULL AND created_at = ?",
         )
         .bind(client_id)
-        .bind(key)
+        .bind(&held.key)
+        .bind(held.reserved_at_ms)
         .execute(&self.pool)
         .await
         .map_err(query_error("release idempotency key"))?;

@@ -13,13 +13,15 @@ const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 /// After a failed command Redis is skipped for this long, so that while it
 /// is down requests do not each wait [`REDIS_TIMEOUT`] (or a reconnect).
 const SKIP_AFTER_FAILURE: Duration = Duration::from_secs(5);
-/// Idempotency entries expire with the keys' useful life.
-const KEY_TTL_SECS: u64 = 24 * 3600;
+/// Idempotency entries expire with the keys' useful life (the default of
+/// `server.idempotency_key_ttl_ms`; see [`RedisGuard::with_key_ttl`]).
+const KEY_TTL: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Clone)]
 pub struct RedisGuard {
     connection: ConnectionManager,
     requests_per_minute: u32,
+    key_ttl: Duration,
     /// Until when Redis is skipped after a failure (see [`SKIP_AFTER_FAILURE`]).
     skip_until: Arc<Mutex<Option<Instant>>>,
 }
@@ -56,6 +58,7 @@ impl RedisGuard {
         Ok(RedisGuard {
             connection,
             requests_per_minute,
+            key_ttl: KEY_TTL,
             skip_until: Arc::new(Mutex::new(None)),
         })
     }
@@ -92,7 +95,7 @@ impl RedisGuard {
             return None;
         }
         let window = now_ms.div_euclid(60_000);
-        let key = format!("ocr:rate:{client_id}:{window}");
+        let key = format!("ocr:rate:{}:{window}", length_prefixed(client_id));
         let mut connection = self.connection.clone();
         let counting = async move {
             redis::pipe()
@@ -111,6 +114,12 @@ impl RedisGuard {
         })
     }
 
+    /// Cached idempotency keys expire after `ttl`, as the database's do.
+    pub fn with_key_ttl(mut self, ttl: Duration) -> Self {
+        self.key_ttl = ttl;
+        self
+    }
+
     pub async fn cached_key(&self, client_id: &str, key: &str) -> Option<CachedKey> {
         let mut connection = self.connection.clone();
         let key = idempotency_key(client_id, key);
@@ -127,16 +136,31 @@ impl RedisGuard {
         let mut connection = self.connection.clone();
         let key = idempotency_key(client_id, key);
         let value = format!("{}:{}", cached.request_sha256, cached.job_id);
-        let storing = async move {
-            connection
-                .set_ex::<_, _, ()>(key, value, KEY_TTL_SECS)
-                .await
-        };
+        let ttl_secs = self.key_ttl.as_secs().max(1);
+        let storing = async move { connection.set_ex::<_, _, ()>(key, value, ttl_secs).await };
         // Not cached: a repeat of the key is decided by the database.
         let _ = self.run("idempotency cache", storing).await;
     }
 }
 
+/// The client id carries its length, so that no two (client, key) pairs map
+/// to one Redis key: `a:b` + `c` and `a` + `b:c` stay apart.
 fn idempotency_key(client_id: &str, key: &str) -> String {
-    format!("ocr:idem:{client_id}:{key}")
+    format!("ocr:idem:{}:{key}", length_prefixed(client_id))
+}
+
+fn length_prefixed(part: &str) -> String {
+    format!("{}.{part}", part.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_and_keys_never_share_a_redis_key() {
+        assert_ne!(idempotency_key("a:b", "c"), idempotency_key("a", "b:c"));
+        assert_ne!(idempotency_key("", "1.a:b"), idempotency_key("1.a", "b"));
+        assert_eq!(idempotency_key("tenant", "k"), "ocr:idem:6.tenant:k");
+    }
 }

@@ -14,7 +14,7 @@ pub fn mysql_server_url() -> String {
 /// A fresh database on the test server, dropped when the guard goes.
 pub struct MysqlDatabase {
     pub url: String,
-    name: String,
+    pub name: String,
 }
 
 impl MysqlDatabase {
@@ -93,6 +93,37 @@ fn encode(width: u32, height: u32, format: image::ImageFormat) -> Vec<u8> {
         .write_to(&mut out, format)
         .expect("encoding a generated image");
     out.into_inner()
+}
+
+/// A page of one colour: under a megabyte of PNG per 40 megapixels, 120 MB
+/// once decoded. What a hostile client sends to make a server decode.
+pub fn blank_png(width: u32, height: u32) -> Vec<u8> {
+    let image = image::RgbImage::from_pixel(width, height, image::Rgb([255, 255, 255]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    image
+        .write_to(&mut out, image::ImageFormat::Png)
+        .expect("encoding a generated image");
+    out.into_inner()
+}
+
+/// The most memory a process has held (`VmHWM`), in bytes.
+pub fn peak_rss_bytes(pid: u32) -> u64 {
+    proc_status_bytes(pid, "VmHWM")
+}
+
+/// The memory a process holds now (`VmRSS`), in bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    proc_status_bytes(pid, "VmRSS")
+}
+
+fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+        * 1024
 }
 
 pub const INVOICE: &[u8] = include_bytes!("../data/invoice.png");
@@ -178,6 +209,18 @@ pub fn spawn_role(
     http_port: u16,
     extra: &[(&str, String)],
 ) -> std::process::Child {
+    role_command(role, config, http_port, extra)
+        .spawn()
+        .expect("spawning ocr-runtime")
+}
+
+/// The command [`spawn_role`] runs, for a test that redirects its output.
+pub fn role_command(
+    role: &[&str],
+    config: &ocr_runtime::config::Config,
+    http_port: u16,
+    extra: &[(&str, String)],
+) -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ocr-runtime"));
     command
         .args(role)
@@ -198,7 +241,7 @@ pub fn spawn_role(
     for (key, value) in extra {
         command.env(key, value);
     }
-    command.spawn().expect("spawning ocr-runtime")
+    command
 }
 
 /// Waits until `GET {base}/{path}` answers 200.
