@@ -32,20 +32,54 @@ impl Recognize for BoundedEngine {
             .collect();
         let mut results = Vec::with_capacity(images.len());
         for run in plan_runs(&pixels, self.max_batch_pixels) {
-            let expected = run.len();
-            let _inferring = self.liveness.inference();
-            let answered = self.inner.recognize_batch(&images[run]);
-            if answered.len() == expected {
-                results.extend(answered);
-            } else {
-                let reason = format!(
-                    "engine returned {} results for {expected} images",
-                    answered.len()
-                );
-                results.extend(vec![Err(RecognizeFailure::Engine(reason)); expected]);
+            let run = &images[run];
+            match self.infer_run(run) {
+                Ok(answered) => results.extend(answered),
+                // One image that crashes the engine must not charge its
+                // batch-mates an attempt: each is tried again alone, and only
+                // the culprit fails (to be retried alone, then dead-lettered).
+                Err(_) if run.len() > 1 => {
+                    for image in run {
+                        results.extend(
+                            self.infer_run(std::slice::from_ref(image))
+                                .unwrap_or_else(|reason| vec![Err(reason)]),
+                        );
+                    }
+                }
+                Err(reason) => results.push(Err(reason)),
             }
         }
         results
+    }
+}
+
+impl BoundedEngine {
+    /// One engine call, watched; a panic or a miscounted answer is an error.
+    fn infer_run(
+        &self,
+        run: &[&[u8]],
+    ) -> Result<Vec<Result<Page, RecognizeFailure>>, RecognizeFailure> {
+        let _inferring = self.liveness.inference();
+        let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.inner.recognize_batch(run)
+        }))
+        .map_err(|panic| {
+            let detail = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("no detail");
+            RecognizeFailure::Engine(format!("engine panicked: {detail}"))
+        })?;
+        if answered.len() == run.len() {
+            Ok(answered)
+        } else {
+            Err(RecognizeFailure::Engine(format!(
+                "engine returned {} results for {} images",
+                answered.len(),
+                run.len()
+            )))
+        }
     }
 }
 
@@ -73,6 +107,50 @@ pub fn plan_runs(pixels: &[u64], budget: u64) -> Vec<Range<usize>> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Recognises every image as its first byte, and panics on a 0xFF.
+    struct Fussy;
+
+    impl Recognize for Fussy {
+        fn recognize_batch(&self, images: &[&[u8]]) -> Vec<Result<Page, RecognizeFailure>> {
+            images
+                .iter()
+                .map(|image| {
+                    assert_ne!(image[0], 0xFF, "the engine crashed on a poison image");
+                    Ok(Page {
+                        width: 1,
+                        height: 1,
+                        lines: Vec::new(),
+                        text: image[0].to_string(),
+                    })
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn an_image_that_crashes_the_engine_fails_alone() {
+        let engine = BoundedEngine {
+            inner: Arc::new(Fussy),
+            max_batch_pixels: u64::MAX,
+            limits: DecodeLimits::default(),
+            liveness: Liveness::without_engine(),
+        };
+        let (good, poison, other): (&[u8], &[u8], &[u8]) = (&[1], &[0xFF], &[3]);
+        let results = engine.recognize_batch(&[good, poison, other]);
+        let texts: Vec<Result<String, RecognizeFailure>> = results
+            .into_iter()
+            .map(|r| r.map(|page| page.text))
+            .collect();
+        assert_eq!(texts[0], Ok("1".to_owned()));
+        assert!(
+            matches!(&texts[1], Err(RecognizeFailure::Engine(m)) if m.contains("poison")),
+            "{:?}",
+            texts[1]
+        );
+        assert_eq!(texts[2], Ok("3".to_owned()));
+        assert!(engine.liveness.check().is_ok(), "no inference left running");
+    }
 
     #[test]
     fn splits_where_the_budget_would_be_exceeded() {
