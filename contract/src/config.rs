@@ -174,8 +174,9 @@ pub struct WorkerConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct WriterConfig {
     /// Tries of the result-document upload and of the webhook before the
-    /// event is dead-lettered and the job fails. The database is waited for
-    /// without limit instead: an outage never fails a job.
+    /// notification is dead-lettered (the job, already final in the
+    /// database, is not affected). The database is waited for without limit
+    /// instead: an outage never fails a job.
     pub retries: u32,
     pub retry_initial_ms: u64,
     pub retry_max_ms: u64,

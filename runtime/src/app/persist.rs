@@ -1,15 +1,19 @@
-//! The writer role's use case: make a result event durable. For each event,
-//! in this order: store the result document in the blob store, call the
-//! completion webhook, then move the job to its final state with a
-//! compare-and-set. A job already final means the event is a duplicate and
-//! nothing happens, so the webhook has always been called before a job
-//! reads as final.
+//! The writer role's use case: make a result event durable, then announce it.
 //!
-//! Failures are treated by where they come from. The database being down
-//! is nobody's fault: the writer waits for it as long as it takes and results
-//! pile up in the topic. A blob store or webhook that keeps failing past the
-//! retry budget sends the event to the dead-letter topic and fails the job
-//! with the reason.
+//! For each event: first the compare-and-set to the final state, which stores
+//! the result in the database (the source of truth); then, from the row as it
+//! stands, the result document in the blob store and the completion webhook.
+//! A finished result is thus durable before anything outside our control is
+//! tried, and a blob store or webhook that is down never fails a job: after
+//! `writer.retries` tries the notification goes to the dead-letter topic
+//! (`ocr-dead-letter-kind: notification`) and the job stays final.
+//!
+//! An event for a job already final (a redelivery after a crash, a duplicate
+//! inference) is announced again from the row: the document is rewritten
+//! with the stored result and the webhook repeats, so announcements are at
+//! least once and receivers deduplicate by job id. The database being down is
+//! nobody's fault: the writer waits for it as long as it takes and results
+//! pile up in the topic.
 
 use crate::domain::message::{InferenceOutcome, ResultEvent};
 use crate::domain::retry::Backoff;
@@ -45,17 +49,46 @@ pub struct ResultWriter {
 /// What writing one event did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Written {
-    /// The job reached this final state.
+    /// The job reached this final state and was announced.
     Final(JobStatus),
-    /// The job was already final (a redelivered or duplicate event), or unknown.
+    /// The job was already final (a redelivered or duplicate event), or
+    /// unknown; a final job was announced again.
     Duplicate,
-    /// The blob store or webhook gave up: dead-lettered and `Failed`.
-    DeadLettered(String),
+    /// The job is final, but its document or webhook gave up: the
+    /// notification was dead-lettered.
+    Unannounced { status: JobStatus, reason: String },
 }
 
 /// Where the result document of a job is stored.
 pub fn result_key(id: JobId) -> String {
     format!("results/{id}.json")
+}
+
+/// The final state and the row changes an inference outcome leads to.
+fn final_changes(outcome: &InferenceOutcome) -> (JobStatus, Changes) {
+    match outcome {
+        InferenceOutcome::Recognized { page } => {
+            let result = serde_json::to_string(page).unwrap_or_default();
+            let changes = Changes {
+                result: Some(result),
+                count_attempt: true,
+                ..Changes::default()
+            };
+            (JobStatus::Succeeded, changes)
+        }
+        InferenceOutcome::BadInput { reason } | InferenceOutcome::GaveUp { reason } => {
+            let status = match outcome {
+                InferenceOutcome::BadInput { .. } => JobStatus::Failed,
+                _ => JobStatus::DeadLettered,
+            };
+            let changes = Changes {
+                error: Some(reason.clone()),
+                count_attempt: true,
+                ..Changes::default()
+            };
+            (status, changes)
+        }
+    }
 }
 
 /// Shutdown came while waiting: leave the event uncommitted.
@@ -73,53 +106,63 @@ impl ResultWriter {
             tracing::warn!(job = %id, "result for an unknown job; skipping");
             return Ok(Written::Duplicate);
         };
-        if job.status.is_terminal() {
-            return Ok(Written::Duplicate);
-        }
-        let (status, changes, notice) = match &event.outcome {
-            InferenceOutcome::Recognized { page } => {
-                let document = serde_json::to_vec(page).unwrap_or_default();
-                let key = result_key(id);
-                let upload = self
-                    .with_retries(shutdown, "blob", || {
-                        self.blobs.put(&key, document.clone().into())
-                    })
-                    .await?;
-                if let Err(reason) = upload {
-                    return self.give_up(event, job, reason, shutdown).await;
-                }
-                let result = String::from_utf8(document).unwrap_or_default();
-                let notice = serde_json::json!({
-                    "job_id": id, "status": JobStatus::Succeeded, "result_key": key,
-                    "attempt": event.attempt, "result": page,
-                });
-                let changes = Changes {
-                    result: Some(result),
-                    count_attempt: true,
-                    ..Changes::default()
-                };
-                (JobStatus::Succeeded, changes, notice)
-            }
-            InferenceOutcome::BadInput { reason } | InferenceOutcome::GaveUp { reason } => {
-                let status = match event.outcome {
-                    InferenceOutcome::BadInput { .. } => JobStatus::Failed,
-                    _ => JobStatus::DeadLettered,
-                };
-                let notice = serde_json::json!({
-                    "job_id": id, "status": status, "error": reason, "attempt": event.attempt,
-                });
-                let changes = Changes {
-                    error: Some(reason.clone()),
-                    count_attempt: true,
-                    ..Changes::default()
-                };
-                (status, changes, notice)
-            }
+        let written = if job.status.is_terminal() {
+            Written::Duplicate
+        } else {
+            let (status, changes) = final_changes(&event.outcome);
+            self.finish(job, status, changes, shutdown).await?
         };
-        if let Err(reason) = self.notify(id, &notice, shutdown).await? {
-            return self.give_up(event, job, reason, shutdown).await;
+        // Announce what the database now holds, whichever event won.
+        let Some(job) = self.with_database(shutdown, || self.store.get(id)).await? else {
+            return Ok(written);
+        };
+        if !job.status.is_terminal() {
+            return Ok(written);
         }
-        self.finish(job, status, changes, shutdown).await
+        match self.announce(&job, event, shutdown).await? {
+            Some(reason) if written != Written::Duplicate => Ok(Written::Unannounced {
+                status: job.status,
+                reason,
+            }),
+            _ => Ok(written),
+        }
+    }
+
+    /// The result document and the webhook for a final job; `Some(reason)`
+    /// when one of them gave up and the notification was dead-lettered.
+    async fn announce(
+        &self,
+        job: &Job,
+        event: &ResultEvent,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<String>, Interrupted> {
+        let mut failures = Vec::new();
+        let mut notice = serde_json::json!({
+            "job_id": job.id, "status": job.status, "attempt": job.attempts,
+        });
+        if let (JobStatus::Succeeded, Some(result)) = (job.status, &job.result) {
+            let key = result_key(job.id);
+            let document = bytes::Bytes::from(result.clone().into_bytes());
+            let upload = self
+                .with_retries(shutdown, "blob", || self.blobs.put(&key, document.clone()))
+                .await?;
+            if let Err(reason) = upload {
+                failures.push(reason);
+            }
+            notice["result_key"] = serde_json::Value::String(key);
+            notice["result"] = serde_json::from_str(result).unwrap_or(serde_json::Value::Null);
+        } else {
+            notice["error"] = serde_json::json!(job.error);
+        }
+        if let Err(reason) = self.notify(job.id, &notice, shutdown).await? {
+            failures.push(reason);
+        }
+        if failures.is_empty() {
+            return Ok(None);
+        }
+        let reason = format!("announcing the result gave up: {}", failures.join("; "));
+        self.dead_letter(event, &reason, shutdown).await?;
+        Ok(Some(reason))
     }
 
     async fn notify(
@@ -137,23 +180,21 @@ impl ResultWriter {
             .await
     }
 
-    /// The blob store or the webhook kept failing: park the event on the
-    /// dead-letter topic (until the broker takes it) and fail the job.
-    async fn give_up(
+    /// Parks the event on the dead-letter topic (until the broker takes it)
+    /// as a notification that never arrived; the job itself stays final.
+    async fn dead_letter(
         &self,
         event: &ResultEvent,
-        job: Job,
-        reason: String,
+        reason: &str,
         shutdown: &CancellationToken,
-    ) -> Result<Written, Interrupted> {
-        let reason = format!("writer gave up: {reason}");
-        tracing::error!(job = %event.job_id, %reason, "dead-lettering the result");
+    ) -> Result<(), Interrupted> {
+        tracing::error!(job = %event.job_id, %reason, "dead-lettering the notification");
         let payload = event.encode().unwrap_or_default();
         let id = event.job_id.to_string();
         let headers = [
             (HEADER_JOB_ID, id.as_str()),
-            (HEADER_DEAD_LETTER_KIND, "result"),
-            (HEADER_ERROR, reason.as_str()),
+            (HEADER_DEAD_LETTER_KIND, "notification"),
+            (HEADER_ERROR, reason),
         ];
         let mut failures = 0;
         while let Err(err) = self.dead_letters.send(&id, &payload, &headers).await {
@@ -162,18 +203,7 @@ impl ResultWriter {
             self.pause(self.database_backoff.delay(failures), shutdown)
                 .await?;
         }
-        let changes = Changes {
-            error: Some(reason.clone()),
-            count_attempt: true,
-            ..Changes::default()
-        };
-        match self
-            .finish(job, JobStatus::Failed, changes, shutdown)
-            .await?
-        {
-            Written::Final(_) => Ok(Written::DeadLettered(reason)),
-            other => Ok(other),
-        }
+        Ok(())
     }
 
     /// Claims the job for this result (`→ Processing`, counting the attempt)
