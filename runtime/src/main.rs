@@ -61,6 +61,22 @@ enum Command {
     },
     /// Apply database migrations and exit.
     Migrate,
+    /// The dead-letter topic.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// Send everything dead-lettered back: jobs are reset and requeued,
+    /// undelivered notifications go back to the writer. Prints a JSON summary.
+    Replay {
+        /// The consumer group the replay reads as; what it replayed is committed.
+        #[arg(long, default_value = "ocr-dlq-replay")]
+        group: String,
+    },
 }
 
 #[tokio::main]
@@ -83,6 +99,7 @@ impl Command {
             Command::Lag { .. } => "lag",
             Command::Recognize { .. } => "recognize",
             Command::Migrate => "migrate",
+            Command::Dlq { .. } => "dlq",
         }
     }
 }
@@ -115,6 +132,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             recognize_files(&config, &files, json)
         }
+        Command::Dlq {
+            action: DlqAction::Replay { group },
+        } => replay_dead_letters(&config, &group).await,
         Command::Migrate => {
             let store = JobStore::connect(&config.database.url, 1).await?;
             store.migrate().await?;
@@ -125,6 +145,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn replay_dead_letters(config: &Config, group: &str) -> anyhow::Result<()> {
+    use ocr_runtime::app::replay::Replay;
+    use ocr_runtime::queue::kafka::{KafkaConsumer, KafkaPublisher};
+    let kafka = KafkaConnection::from_config(&config.queue)?;
+    let topic = &config.queue.dead_letter_topic;
+    let pending = roles::group_lag(&kafka, group, topic)
+        .await
+        .with_context(|| format!("measuring what {topic} holds for group {group}"))?
+        .total;
+    let store = JobStore::connect(&config.database.url, 2)
+        .await
+        .context("opening the job store")?;
+    let mut dead_letters = KafkaConsumer::new(&kafka, group, topic)?;
+    let jobs = KafkaPublisher::new(&kafka, &config.queue.jobs_topic)?;
+    let results = KafkaPublisher::new(&kafka, &config.queue.results_topic)?;
+    let replayed = Replay {
+        dead_letters: &mut dead_letters,
+        store: &store,
+        jobs: &jobs,
+        results: &results,
+    }
+    .run(pending.max(0) as u64)
+    .await?;
+    jobs.flush();
+    results.flush();
+    println!("{}", serde_json::to_string(&replayed)?);
+    Ok(())
 }
 
 async fn run_until_signal(running: Running) -> anyhow::Result<()> {

@@ -216,7 +216,7 @@ async fn finishes_on_a_fresh_worker(api: ocr_runtime::roles::Running, config: &C
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn job_whose_input_keeps_failing_is_dead_lettered_after_max_attempts() {
+async fn job_whose_input_keeps_failing_is_dead_lettered_and_replayed_once_fixed() {
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::Message;
 
@@ -256,6 +256,41 @@ async fn job_whose_input_keeps_failing_is_dead_lettered_after_max_attempts() {
         .expect("a dead-letter message")
         .unwrap();
     assert_eq!(message.key(), Some(id.to_string().as_bytes()));
+
+    // The cause is fixed (the input is back): `ocr-runtime dlq replay` sends
+    // the job round again, with fresh attempts, and it succeeds.
+    api.blobs
+        .put(&stored.input_key, bytes::Bytes::from_static(INVOICE))
+        .await
+        .unwrap();
+    let replay = |config: &Config| {
+        let output = common::role_command(&["dlq", "replay"], config, free_port(), &[])
+            .stdout(std::process::Stdio::piped())
+            .output()
+            .expect("running ocr-runtime dlq replay");
+        assert!(output.status.success(), "dlq replay failed");
+        // Logs share stdout; the summary is the JSON line with the counts.
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        stdout
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|value| value.get("jobs").is_some())
+            .unwrap_or_else(|| panic!("no JSON summary in {stdout:?}"))
+    };
+    let first = replay(&config);
+    assert_eq!(first["jobs"], 1, "{first}");
+    let job = succeeds_with_the_invoice(&api.store, id).await;
+    assert_eq!(
+        job.attempts, 1,
+        "the replayed job starts its attempts afresh"
+    );
+    // What was replayed is committed: a second run finds nothing.
+    let second = replay(&config);
+    assert_eq!(
+        (second["jobs"].as_u64(), second["skipped"].as_u64()),
+        (Some(0), Some(0)),
+        "{second}"
+    );
     worker.stop().await;
     api.stop().await;
 }

@@ -8,5 +8,6 @@ pub mod infer;
 pub mod input;
 pub mod persist;
 pub mod process;
+pub mod replay;
 pub mod submit;
 pub mod sweeper;

@@ -461,6 +461,26 @@ impl JobStore {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Gives a dead-lettered job a fresh start (`Queued`, no attempts, no
+    /// error) for `ocr-runtime dlq replay`; false when it is not dead-lettered.
+    /// Outside the workers' state machine on purpose: only an operator's
+    /// replay moves a job out of a final state.
+    pub async fn revive_dead_lettered(&self, id: JobId, now_ms: i64) -> Result<bool, StoreError> {
+        let _timer = self.timer("revive");
+        let done = sqlx::query(
+            "UPDATE jobs SET status = ?, attempts = 0, error = NULL, updated_at = ? \
+             WHERE id = ? AND status = ?",
+        )
+        .bind(JobStatus::Queued.as_str())
+        .bind(now_ms)
+        .bind(id.to_string())
+        .bind(JobStatus::DeadLettered.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("revive a dead-lettered job"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Forgets the idempotency keys reserved before `cutoff_ms`: a request
     /// that reuses one afterwards creates a new job. Returns how many.
     pub async fn expire_keys(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
