@@ -220,6 +220,19 @@ pub struct RedisConfig {
     pub url: String,
     /// Per client; 0 turns rate limiting off.
     pub requests_per_minute: u32,
+    /// What rate limiting does while Redis is unreachable: `open` lets
+    /// submissions through unlimited, `closed` refuses them (503 with
+    /// `Retry-After`) until Redis answers again.
+    pub rate_limit_when_down: FailMode,
+}
+
+/// How a guard behaves when what it needs is unavailable.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    #[default]
+    Open,
+    Closed,
 }
 
 impl Default for ServerConfig {

@@ -19,8 +19,8 @@ mod secret;
 pub mod signals;
 
 pub use config::{
-    BlobConfig, Config, ConfigError, DatabaseConfig, LimitsConfig, ModelConfig, QueueConfig,
-    QueueKind, RedisConfig, ServerConfig, WorkerConfig, WorkerMode, WriterConfig,
+    BlobConfig, Config, ConfigError, DatabaseConfig, FailMode, LimitsConfig, ModelConfig,
+    QueueConfig, QueueKind, RedisConfig, ServerConfig, WorkerConfig, WorkerMode, WriterConfig,
 };
 pub use kafka::{KafkaSecurityConfig, SaslMechanism, SecurityProtocol};
 pub use model::{default_model_dir, DetLimitType, ModelVariant, Precision};

@@ -10,7 +10,7 @@ use crate::app::persist::{ResultWriter, RetryPolicy};
 use crate::app::process::{HandleJobs, Processor, Recognize};
 use crate::app::submit::{Fault, Submitter};
 use crate::app::sweeper::SweepPolicy;
-use crate::config::{Config, QueueKind, WorkerMode};
+use crate::config::{Config, FailMode, QueueKind, WorkerMode};
 use crate::domain::retry::Backoff;
 use crate::health::Liveness;
 use crate::metrics::Metrics;
@@ -195,7 +195,11 @@ pub async fn connect_redis(config: &Config) -> Option<RedisGuard> {
         return None;
     }
     match RedisGuard::connect(&config.redis.url, config.redis.requests_per_minute).await {
-        Ok(guard) => Some(guard.with_key_ttl(config.server.idempotency_key_ttl())),
+        Ok(guard) => Some(
+            guard
+                .with_key_ttl(config.server.idempotency_key_ttl())
+                .failing_closed(config.redis.rate_limit_when_down == FailMode::Closed),
+        ),
         Err(err) => {
             tracing::warn!(error = %err, "running without Redis");
             None

@@ -534,6 +534,31 @@ async fn submissions_go_on_when_redis_dies_mid_run() {
     assert_eq!(api.total_jobs().await, 6);
 }
 
+/// With `redis.rate_limit_when_down = "closed"`, a dead Redis means no
+/// unlimited submissions: each is refused at once with 503 and `Retry-After`,
+/// and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limiting_that_fails_closed_refuses_while_redis_is_down() {
+    let mut redis = PrivateRedis::start().await;
+    let guard = RedisGuard::connect(&redis.url(), 1000)
+        .await
+        .expect("the private Redis")
+        .failing_closed(true);
+    let api = start_api_with(Some(guard)).await;
+    assert_eq!(api.post(png(50, 20), "image/png", None).await.status(), 202);
+    redis.kill();
+    for i in 0..3 {
+        let started = std::time::Instant::now();
+        let refused = api.post(png(51 + i, 20), "image/png", None).await;
+        assert_eq!(refused.status(), 503, "submission {i} without Redis");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert!(refused.headers().contains_key("retry-after"));
+        let body: serde_json::Value = refused.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "rate_limiter_unavailable");
+    }
+    assert_eq!(api.total_jobs().await, 1);
+}
+
 /// Starts a raw upload that declares `declared` bytes, sends a few and then
 /// stalls, as a slow or hostile client does; the connection stays open.
 async fn stalled_upload(base: &str, declared: usize) -> tokio::net::TcpStream {

@@ -115,6 +115,7 @@ fn submit_status(err: SubmitError) -> Status {
         }
         SubmitError::KeyInFlight => Status::aborted(err.to_string()),
         SubmitError::RateLimited { .. } => Status::resource_exhausted(err.to_string()),
+        SubmitError::RateLimiterDown => Status::unavailable(err.to_string()),
         SubmitError::Store(_) | SubmitError::Blob(_) | SubmitError::Internal(_) => {
             tracing::error!(error = %err, "gRPC submission failed");
             Status::unavailable("the job could not be stored; retry later")

@@ -127,6 +127,11 @@ impl IntoResponse for SubmitError {
                 "bad_idempotency_key",
                 self.to_string(),
             ),
+            SubmitError::RateLimiterDown => retry_soon(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "rate_limiter_unavailable",
+                self.to_string(),
+            )),
             SubmitError::RateLimited { retry_after } => {
                 let mut response = error(
                     StatusCode::TOO_MANY_REQUESTS,

@@ -10,7 +10,7 @@ use crate::metrics::{Metrics, SubmitStage};
 use crate::queue::{JobPublisher, QueueError};
 use crate::storage::blob::{input_key, BlobError};
 use crate::storage::jobs::Changes;
-use crate::storage::redis_guard::{CachedKey, RedisGuard};
+use crate::storage::redis_guard::{CachedKey, RateDecision, RedisGuard};
 use crate::storage::{now_ms, BlobStore, JobStore, StoreError};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -68,6 +68,8 @@ pub enum SubmitError {
     Internal(String),
     #[error("too many requests for this client; retry in {} s", retry_after.as_secs().max(1))]
     RateLimited { retry_after: std::time::Duration },
+    #[error("rate limiting is unavailable (Redis does not answer) and set to refuse meanwhile; retry shortly")]
+    RateLimiterDown,
 }
 
 /// A request's idempotency key after reservation.
@@ -114,8 +116,12 @@ impl Submitter {
 
     async fn accept(&self, submission: Submission) -> Result<Submitted, SubmitError> {
         if let Some(guard) = &self.guard {
-            if let Some(retry_after) = guard.over_limit(&submission.client_id, now_ms()).await {
-                return Err(SubmitError::RateLimited { retry_after });
+            match guard.admit(&submission.client_id, now_ms()).await {
+                RateDecision::Allowed => {}
+                RateDecision::Limited(retry_after) => {
+                    return Err(SubmitError::RateLimited { retry_after })
+                }
+                RateDecision::Unavailable => return Err(SubmitError::RateLimiterDown),
             }
         }
         let stored_type = if submission.body.len() <= CHECK_INLINE_BYTES {

@@ -22,8 +22,19 @@ pub struct RedisGuard {
     connection: ConnectionManager,
     requests_per_minute: u32,
     key_ttl: Duration,
+    fail_closed: bool,
     /// Until when Redis is skipped after a failure (see [`SKIP_AFTER_FAILURE`]).
     skip_until: Arc<Mutex<Option<Instant>>>,
+}
+
+/// Whether a submission may go ahead, as far as rate limiting goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateDecision {
+    Allowed,
+    /// The client used up its window; it may retry after this long.
+    Limited(Duration),
+    /// Redis is unreachable and rate limiting fails closed.
+    Unavailable,
 }
 
 /// What Redis remembers about an idempotency key.
@@ -59,6 +70,7 @@ impl RedisGuard {
             connection,
             requests_per_minute,
             key_ttl: KEY_TTL,
+            fail_closed: false,
             skip_until: Arc::new(Mutex::new(None)),
         })
     }
@@ -87,13 +99,30 @@ impl RedisGuard {
         None
     }
 
-    /// `Some(wait)` when `client_id` has used up this minute's requests.
-    /// Fixed one-minute windows: cheap (one INCR) and good enough to stop a
-    /// client from flooding the queue.
-    pub async fn over_limit(&self, client_id: &str, now_ms: i64) -> Option<Duration> {
+    /// Whether rate limiting refuses submissions while Redis is unreachable
+    /// (`redis.rate_limit_when_down = "closed"`) rather than letting them through.
+    pub fn failing_closed(mut self, closed: bool) -> Self {
+        self.fail_closed = closed;
+        self
+    }
+
+    /// Whether `client_id` may submit now. Fixed one-minute windows: cheap
+    /// (one INCR) and good enough to stop a client from flooding the queue.
+    pub async fn admit(&self, client_id: &str, now_ms: i64) -> RateDecision {
         if self.requests_per_minute == 0 {
-            return None;
+            return RateDecision::Allowed;
         }
+        match self.over_limit(client_id, now_ms).await {
+            Some(Some(retry_after)) => RateDecision::Limited(retry_after),
+            Some(None) => RateDecision::Allowed,
+            None if self.fail_closed => RateDecision::Unavailable,
+            None => RateDecision::Allowed,
+        }
+    }
+
+    /// `None` when Redis did not answer; `Some(Some(wait))` when the client
+    /// has used up this minute's requests.
+    async fn over_limit(&self, client_id: &str, now_ms: i64) -> Option<Option<Duration>> {
         let window = now_ms.div_euclid(60_000);
         let key = format!("ocr:rate:{}:{window}", length_prefixed(client_id));
         let mut connection = self.connection.clone();
@@ -106,12 +135,11 @@ impl RedisGuard {
                 .query_async::<(u64,)>(&mut connection)
                 .await
         };
-        // Unavailable: the request is allowed.
         let (count,) = self.run("rate limit", counting).await?;
-        (count > u64::from(self.requests_per_minute)).then(|| {
+        Some((count > u64::from(self.requests_per_minute)).then(|| {
             let left_ms = 60_000 - now_ms.rem_euclid(60_000);
             Duration::from_millis(left_ms as u64)
-        })
+        }))
     }
 
     /// Cached idempotency keys expire after `ttl`, as the database's do.
