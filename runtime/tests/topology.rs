@@ -189,6 +189,27 @@ async fn wait_accepted(accepted: &AtomicUsize, at_least: usize) {
     eprintln!("topology: {at_least} jobs accepted");
 }
 
+/// Waits until `group` has committed at least `messages` of `topic`: the
+/// phases follow the accepted count, and an API that accepts quickly could
+/// otherwise end the writer phase before the writer has persisted anything.
+async fn wait_consumed(brokers: &str, group: &str, topic: &str, messages: i64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(lag) = group_lag(&KafkaConnection::plaintext(brokers), group, topic).await {
+            let committed: i64 = lag.partitions.iter().filter_map(|p| p.committed).sum();
+            if committed >= messages {
+                eprintln!("topology: {group} consumed {committed} of {topic}");
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{group} consumed fewer than {messages} of {topic}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 async fn wait_lag(brokers: &str, group: &str, topic: &str) {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
@@ -255,6 +276,7 @@ async fn switching_topologies_under_load_loses_and_duplicates_nothing() {
     wait_accepted(&accepted, 900).await;
     topology.start_writer().await;
     topology.roll_all("writer").await;
+    wait_consumed(&brokers, "ocr-writer", RESULTS, 20).await;
 
     // The database goes away for 20 s: inference goes on, results pile up
     // in the results topic, the writer waits, the API answers 5xx and the
