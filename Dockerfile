@@ -167,7 +167,8 @@ CMD ["--help"]
 # Working directory /var/lib/ocr (writable by 65532): the built-in defaults keep SQLite and input
 # blobs under ./ocr-data there. The default model directory ~/.cache/ocr-models is a link to
 # /models, where the operator mounts the weights; for `standalone`, mount them there:
-#   docker run --rm -p 8080:8080 -v $HOME/.cache/ocr-models:/models:ro IMAGE standalone
+#   docker run --rm -p 8080:8080 -e OCR_SERVER__HTTP_ADDR=0.0.0.0:8080 -v $HOME/.cache/ocr-models:/models:ro IMAGE standalone
+# (bound beyond loopback it requires API keys and prints the first one it makes)
 # (Configure the model directory with OCR_MODEL__DIR, never OCR_MODEL_DIR: the runtime rejects
 # unknown OCR_* variables.)
 FROM debian:${DEBIAN_SUITE}-slim AS runtime

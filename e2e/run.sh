@@ -69,6 +69,8 @@ INFRA=ocr-infra
 OPERATOR_NS=ocr-system
 PIPELINE=ocr-e2e
 API="http://127.0.0.1:$PORT"
+# The tenant ocr-e2e's key, read from the Secret the pipeline names (api.auth.keysSecret).
+API_KEY=""
 RUN_ID="$(date +%s)-$$"
 IMAGES_DIR="$ROOT/runtime/tests/data"
 TEST_IMAGES="hello.png invoice.png"
@@ -221,6 +223,8 @@ start_port_forward() {
   for _ in $(seq 1 60); do
     if curl -fsS -m 2 "$API/readyz" >/dev/null 2>&1; then
       info "API reachable at $API (port-forward to svc/$PIPELINE-api)"
+      API_KEY=$(kubectl -n "$NS" get secret ocr-api-keys -o jsonpath='{.data.ocr-e2e}' | base64 -d)
+      [[ -n "$API_KEY" ]] || fail "no key for the tenant ocr-e2e in Secret $NS/ocr-api-keys"
       return 0
     fi
     sleep 1
@@ -235,7 +239,7 @@ submit_one() {
   out="$ARTIFACTS/.submit.$$"
   for attempt in $(seq 1 30); do
     code=$(curl -sS -m 10 -o "$out" -w '%{http_code}' -X POST --data-binary "@$IMAGES_DIR/$image" \
-      -H 'content-type: image/png' -H "Idempotency-Key: $key" -H 'X-Client-Id: ocr-e2e' \
+      -H 'content-type: image/png' -H "Idempotency-Key: $key" -H "Authorization: Bearer $API_KEY" \
       "$API/v1/jobs" 2>>"$SUBMIT_ERRORS") || code=000
     body=$(cat "$out" 2>/dev/null || true)
     case $code in
@@ -564,7 +568,7 @@ while :; do
   : >"$STATUS"
   pending=0
   while IFS=$'\t' read -r seq key id image _; do
-    st=$(curl -sS -m 10 "$API/v1/jobs/$id" 2>/dev/null | jq -r '.status // "unknown"' 2>/dev/null || echo unknown)
+    st=$(curl -sS -m 10 -H "Authorization: Bearer $API_KEY" "$API/v1/jobs/$id" 2>/dev/null | jq -r '.status // "unknown"' 2>/dev/null || echo unknown)
     printf '%s\t%s\t%s\t%s\t%s\n' "$seq" "$key" "$id" "$image" "$st" >>"$STATUS"
     case $st in
       Succeeded | Failed | DeadLettered) ;;
@@ -582,7 +586,7 @@ bad=$(awk -F'\t' '$5 != "Succeeded"' "$STATUS" | wc -l | tr -d ' ')
 if [[ $bad -ne 0 ]]; then
   awk -F'\t' '$5 != "Succeeded" { print "    " $2 " " $3 " " $5 }' "$STATUS" | head -n 20 >&2
   for id in $(awk -F'\t' '$5 != "Succeeded" { print $3 }' "$STATUS" | head -n 5); do
-    echo "    $id: $(curl -sS -m 10 "$API/v1/jobs/$id" 2>/dev/null)" >&2
+    echo "    $id: $(curl -sS -m 10 -H "Authorization: Bearer $API_KEY" "$API/v1/jobs/$id" 2>/dev/null)" >&2
   done
   fail "$bad of $TOTAL job(s) did not end Succeeded ($summary)"
 fi
@@ -592,7 +596,7 @@ say "checking results, the database, Kafka and the final status"
 no_result=0
 text_hits=0
 while IFS=$'\t' read -r _ key id image _; do
-  code=$(curl -sS -m 10 -o "$ARTIFACTS/.result" -w '%{http_code}' "$API/v1/jobs/$id/result" 2>/dev/null) || code=000
+  code=$(curl -sS -m 10 -o "$ARTIFACTS/.result" -w '%{http_code}' -H "Authorization: Bearer $API_KEY" "$API/v1/jobs/$id/result" 2>/dev/null) || code=000
   if [[ $code != 200 ]] || ! jq -e . "$ARTIFACTS/.result" >/dev/null 2>&1; then
     no_result=$((no_result + 1))
     echo "$key $id: GET /result -> HTTP $code" >>"$ARTIFACTS/result-errors.log"

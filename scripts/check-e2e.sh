@@ -139,6 +139,15 @@ db = spec["database"]["secret"]
 sec = secrets.get((pipeline["metadata"]["namespace"], db["name"]))
 if sec is None or db.get("key", "url") not in (sec.get("stringData") or {}):
     fail(where, f"database secret {db['name']} (key {db.get('key', 'url')}) is not in e2e/manifests")
+# API keys (the CRD requires them by default): the Secret run.sh reads its key from.
+keys_secret = ((spec.get("api") or {}).get("auth") or {}).get("keysSecret")
+api_keys = secrets.get((pipeline["metadata"]["namespace"], keys_secret)) if keys_secret else None
+if api_keys is None:
+    fail(where, f"api.auth.keysSecret {keys_secret!r} is not a Secret in e2e/manifests (run.sh submits with its key)")
+elif "ocr-e2e" not in (api_keys.get("stringData") or {}):
+    fail(where, f"Secret {keys_secret} has no key for the tenant ocr-e2e, which run.sh submits as")
+elif len(api_keys["stringData"]["ocr-e2e"].strip()) < 32:
+    fail(where, f"the ocr-e2e key in Secret {keys_secret} is shorter than 32 characters (the runtime refuses it)")
 services = {(o["metadata"]["namespace"], o["metadata"]["name"]): o for _, o in objects if o["kind"] == "Service"}
 def in_cluster(host_port, what):
     m = re.match(r"^(?:https?://)?([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:(\d+)", host_port)

@@ -24,6 +24,7 @@ pub struct Config {
     pub writer: WriterConfig,
     pub model: ModelConfig,
     pub redis: RedisConfig,
+    pub auth: AuthConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -36,6 +37,61 @@ pub struct ServerConfig {
     /// How long an `Idempotency-Key` is remembered: a request that reuses a
     /// key older than this creates a new job.
     pub idempotency_key_ttl_ms: u64,
+    /// PEM certificate chain and private key: both set, HTTP and gRPC serve
+    /// TLS only; both empty, plain text. One without the other is refused.
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
+    /// gRPC server reflection (`grpcurl` without the .proto file). Off: it
+    /// describes the whole service to anyone who can connect.
+    pub grpc_reflection: bool,
+}
+
+/// Who may call the API. Every caller is a tenant: a job, its idempotency
+/// key, its rate limit and its quota belong to the tenant of the key that
+/// submitted it, and other tenants cannot see it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    /// A folder of key files, e.g. a mounted Secret: each file is named after
+    /// its tenant and holds that tenant's keys, one per line. Re-read every
+    /// `key_cache_ms`. Keys made with `ocr-runtime keys create` live in the
+    /// database and work alongside these.
+    pub keys_dir: String,
+    /// How long a checked key is trusted before it is checked again: a
+    /// revoked key or a removed key file stops working within this time.
+    pub key_cache_ms: u64,
+}
+
+// Whether the API requires a key (`Authorization: Bearer <key>`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Required unless both listeners are on a loopback address, where only
+    /// this machine can connect (the standalone server's default).
+    #[default]
+    Auto,
+    /// Every request needs a valid key.
+    Required,
+    /// Keys are optional: a request without one is the tenant `anonymous`
+    /// (behind a gateway that authenticates, or on a trusted network).
+    Disabled,
+}
+
+impl AuthConfig {
+    pub fn key_cache(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.key_cache_ms)
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: AuthMode::Auto,
+            keys_dir: String::new(),
+            key_cache_ms: 10_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -111,6 +167,9 @@ pub struct LimitsConfig {
     /// How long a client may take to send its body (slow senders hold a
     /// slot and memory): past it, 408.
     pub body_timeout_ms: u64,
+    /// Unfinished jobs (accepted, queued or processing) a tenant may have at
+    /// once; past it, 429 `quota_exceeded`. 0: no quota.
+    pub max_open_jobs_per_tenant: u32,
 }
 
 // What the workers do with a job: the pipeline's architecture (the CRD's
@@ -168,6 +227,12 @@ pub struct WorkerConfig {
     /// An inference running longer than this means the engine is stuck:
     /// `/livez` fails so that the pod is restarted (its jobs are redelivered).
     pub inference_timeout_ms: u64,
+    /// Writer mode: a folder that outlives the process (a pod's `/tmp`
+    /// emptyDir survives container restarts) where the worker counts the
+    /// processes that died with a job inside the engine; such a job is then
+    /// inferred alone and given up at `max_attempts`. Empty: not counted (a
+    /// crashing image is met again after every restart).
+    pub crash_journal_dir: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -218,7 +283,7 @@ pub struct ModelConfig {
 pub struct RedisConfig {
     /// Empty: no Redis; everything works without it.
     pub url: String,
-    /// Per client; 0 turns rate limiting off.
+    /// Per tenant; 0 turns rate limiting off.
     pub requests_per_minute: u32,
     /// What rate limiting does while Redis is unreachable: `open` lets
     /// submissions through unlimited, `closed` refuses them (503 with
@@ -238,9 +303,14 @@ pub enum FailMode {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            http_addr: "0.0.0.0:8080".into(),
-            grpc_addr: "0.0.0.0:50051".into(),
+            // Loopback: a server started without configuration is reachable
+            // from this machine only (the operator sets 0.0.0.0 for pods).
+            http_addr: "127.0.0.1:8080".into(),
+            grpc_addr: "127.0.0.1:50051".into(),
             idempotency_key_ttl_ms: 24 * 3_600_000,
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            grpc_reflection: false,
         }
     }
 }
@@ -321,6 +391,7 @@ impl Default for LimitsConfig {
             max_concurrent_submissions: 256,
             max_buffered_bytes: 256 * 1024 * 1024,
             body_timeout_ms: 30_000,
+            max_open_jobs_per_tenant: 0,
         }
     }
 }
@@ -335,6 +406,7 @@ impl Default for WorkerConfig {
             batches_in_flight: 1,
             max_batch_pixels: 48_000_000,
             inference_timeout_ms: 300_000,
+            crash_journal_dir: String::new(),
         }
     }
 }
@@ -417,10 +489,13 @@ impl Config {
 
     /// The file every pod of a pipeline shares: everything except what comes
     /// from Secrets ([`keys::FROM_SECRETS`]) and what is set per Deployment
-    /// ([`keys::WORKER_ONLY`], [`keys::WRITER_ONLY`]).
+    /// ([`keys::WORKER_ONLY`], [`keys::WRITER_ONLY`], [`keys::API_ONLY`]).
     pub fn to_shared_toml(&self) -> Result<String, RenderError> {
         let mut table = self.to_table()?;
-        let per_deployment = keys::WORKER_ONLY.iter().chain(&keys::WRITER_ONLY);
+        let per_deployment = keys::WORKER_ONLY
+            .iter()
+            .chain(&keys::WRITER_ONLY)
+            .chain(&keys::API_ONLY);
         for key in keys::FROM_SECRETS.iter().chain(per_deployment) {
             remove(&mut table, key);
         }
@@ -503,6 +578,7 @@ mod tests {
             .iter()
             .chain(&keys::WORKER_ONLY)
             .chain(&keys::WRITER_ONLY)
+            .chain(&keys::API_ONLY)
             .chain(&keys::VERBATIM);
         for key in named {
             assert!(
@@ -545,9 +621,15 @@ mod tests {
         config.writer.webhook_url = "https://hooks.example/ocr?a=1".into();
         config.model.precision = Precision::F16;
         config.model.variant = ModelVariant::V6Tiny;
+        config.auth.mode = AuthMode::Required;
+        config.auth.keys_dir = "/var/run/ocr/api-keys".into();
+        config.server.tls_cert_file = "/var/run/ocr/tls/tls.crt".into();
+        config.server.tls_key_file = "/var/run/ocr/tls/tls.key".into();
         let shared = config.to_shared_toml().expect("serialisable");
+        assert!(!shared.contains("/var/run/ocr"), "{shared}");
         let mut variables = config.env_vars(&keys::WORKER_ONLY).expect("worker keys");
         variables.extend(config.env_vars(&keys::WRITER_ONLY).expect("writer keys"));
+        variables.extend(config.env_vars(&keys::API_ONLY).expect("API keys"));
         assert!(variables.contains(&("OCR_WORKER__MODE".into(), "batched".into())));
         figment::Jail::expect_with(|jail| {
             jail.create_file("ocr.toml", &shared)?;

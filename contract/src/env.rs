@@ -49,6 +49,15 @@ pub mod keys {
     /// not every pod sharing the ConfigMap.
     pub const WORKER_ONLY: [&str; 1] = [WORKER_MODE];
 
+    pub const AUTH_MODE: &str = "auth.mode";
+    pub const AUTH_KEYS_DIR: &str = "auth.keys_dir";
+    pub const TLS_CERT_FILE: &str = "server.tls_cert_file";
+    pub const TLS_KEY_FILE: &str = "server.tls_key_file";
+
+    /// Set on the API Deployment only (only the API serves clients), so
+    /// turning TLS or keys on rolls the API and not the GPU workers.
+    pub const API_ONLY: [&str; 4] = [AUTH_MODE, AUTH_KEYS_DIR, TLS_CERT_FILE, TLS_KEY_FILE];
+
     /// Set on the writer Deployment only (only writers read `writer.*`), so
     /// changing one rolls the writers and not the API or the GPU workers.
     pub const WRITER_ONLY: [&str; 5] = [

@@ -19,8 +19,9 @@ mod secret;
 pub mod signals;
 
 pub use config::{
-    BlobConfig, Config, ConfigError, DatabaseConfig, FailMode, LimitsConfig, ModelConfig,
-    QueueConfig, QueueKind, RedisConfig, ServerConfig, WorkerConfig, WorkerMode, WriterConfig,
+    AuthConfig, AuthMode, BlobConfig, Config, ConfigError, DatabaseConfig, FailMode, LimitsConfig,
+    ModelConfig, QueueConfig, QueueKind, RedisConfig, ServerConfig, WorkerConfig, WorkerMode,
+    WriterConfig,
 };
 pub use kafka::{KafkaSecurityConfig, SaslMechanism, SecurityProtocol};
 pub use model::{default_model_dir, DetLimitType, ModelVariant, Precision};

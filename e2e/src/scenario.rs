@@ -31,6 +31,24 @@ pub const OPERATOR_NS: &str = "ocr-system";
 pub const RESTRICTED: &str = "pod-security.kubernetes.io/enforce: restricted";
 pub const HELLO: &[u8] = include_bytes!("../../runtime/tests/data/hello.png");
 pub const HELLO_TEXT: &str = "Hello OCR world";
+/// The tenant the scenarios submit as, and its key: each namespace's
+/// `ocr-api-keys` Secret holds it, and every pipeline names that Secret
+/// (`spec.api.auth.keysSecret`), so the keys wiring is on every scenario's path.
+pub const E2E_TENANT: &str = "e2e";
+pub const E2E_API_KEY: &str = "e2e-scenario-api-key-7f3a9c2e51b84d06a1c3";
+
+/// An HTTP client that sends the scenarios' API key on every request.
+pub fn api_client(timeout: Option<Duration>) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Ok(value) = format!("Bearer {E2E_API_KEY}").parse() {
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    let mut builder = reqwest::Client::builder().default_headers(headers);
+    if let Some(timeout) = timeout {
+        builder = builder.timeout(timeout);
+    }
+    builder.build().unwrap_or_default()
+}
 
 /// The Kafka-protocol broker a scenario runs on.
 pub enum Broker {
@@ -194,6 +212,12 @@ kind: Secret
 metadata: {{name: ocr-mysql, namespace: {namespace}}}
 stringData:
   url: "{db}"
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: ocr-api-keys, namespace: {namespace}}}
+stringData:
+  {E2E_TENANT}: "{E2E_API_KEY}"
 ---
 apiVersion: v1
 kind: PersistentVolume
@@ -429,6 +453,8 @@ spec:
       limitSideLen: 320
   api:
     replicas: 1
+    auth:
+      keysSecret: ocr-api-keys
   worker:
     replicas: {workers}
     batching:
@@ -716,10 +742,7 @@ impl Load {
         let submitted = Arc::new(Mutex::new(Vec::new()));
         let retries = Arc::new(AtomicUsize::new(0));
         let next = Arc::new(AtomicUsize::new(0));
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .unwrap_or_default();
+        let http = api_client(Some(Duration::from_secs(10)));
         let started = tokio::time::Instant::now();
         let tasks = (0..clients)
             .map(|_| {
@@ -941,8 +964,23 @@ pub async fn check_texts(
     sample: usize,
     report: &mut Report,
 ) -> Result<()> {
-    let http = reqwest::Client::new();
+    let http = api_client(None);
     let base = pipeline.api_endpoint(&env.client).await?;
+    // Keys are required (the CRD's default): without one, nothing is read.
+    if let Some(job) = jobs.first() {
+        let anonymous = reqwest::Client::new()
+            .get(format!("{base}/v1/jobs/{}/result", job.id))
+            .send()
+            .await?
+            .status();
+        anyhow::ensure!(
+            anonymous == reqwest::StatusCode::UNAUTHORIZED,
+            "GET without a key answered {anonymous}, expected 401"
+        );
+        report
+            .checks
+            .push("a GET without an API key is refused with 401".into());
+    }
     let step = (jobs.len() / sample.max(1)).max(1);
     let mut checked = 0;
     for job in jobs.iter().step_by(step) {

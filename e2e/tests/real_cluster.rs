@@ -19,8 +19,8 @@ use kube::ResourceExt;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use ocr_e2e::scenario::{
-    check_pods_admitted, check_queues, check_texts, committed_total, delete_pod, group_lag,
-    messages_in, operator_leader, settle_jobs, submit, topics_on, wait_settled_admitted,
+    api_client, check_pods_admitted, check_queues, check_texts, committed_total, delete_pod,
+    group_lag, messages_in, operator_leader, settle_jobs, submit, topics_on, wait_settled_admitted,
     wait_until, BrokerKind, Env, Load, PipelineRef, Report, Submitted, OPERATOR_NS,
 };
 use serde_json::json;
@@ -336,7 +336,7 @@ async fn drain_race(env: &Env, pipeline: &PipelineRef) -> Result<Report> {
         ..Report::default()
     };
     create_pipeline(env, pipeline, "writer", 1, &mut report).await?;
-    let http = reqwest::Client::new();
+    let http = api_client(None);
     let mut jobs = Vec::new();
     let warm_up = submit(&env.client, pipeline, &http, "warm-up").await?;
     jobs.push(ocr_e2e::scenario::Submitted {
@@ -573,7 +573,7 @@ async fn deletion(env: &Env, pipeline: &PipelineRef) -> Result<Report> {
         .context("a writer pod")?;
     let writer_pid = env.node.pid(&writer.uid().unwrap_or_default(), "writer")?;
     kill(Pid::from_raw(writer_pid), Signal::SIGSTOP).context("freezing the writer")?;
-    let http = reqwest::Client::new();
+    let http = api_client(None);
     let mut jobs = Vec::new();
     for n in 0..5 {
         let key = format!("before-delete-{n}");
@@ -696,7 +696,7 @@ async fn two_pipelines(env: &Env) -> Result<Report> {
         alpha.jobs_topic, alpha.worker_group, beta.jobs_topic, beta.worker_group
     ));
 
-    let http = reqwest::Client::new();
+    let http = api_client(None);
     let per_pipeline = 4;
     let mut jobs: Vec<(&PipelineRef, Submitted)> = Vec::new();
     for n in 0..per_pipeline {

@@ -429,6 +429,16 @@ pub struct ApiSpec {
     /// port 50051); `status.url` shows its in-cluster address.
     #[serde(default)]
     pub service: ServiceSpec,
+    /// Who may call the API. By default every request needs a key
+    /// (`Authorization: Bearer <key>`); each key belongs to a tenant, and a
+    /// tenant sees only its own jobs.
+    #[serde(default)]
+    pub auth: ApiAuthSpec,
+    /// Serve HTTPS and gRPC over TLS with the certificate of a
+    /// `kubernetes.io/tls` Secret (keys `tls.crt` and `tls.key`), e.g. one
+    /// cert-manager issues. Probes switch to HTTPS; plain text is not served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ApiTlsSpec>,
 }
 
 impl Default for ApiSpec {
@@ -437,8 +447,43 @@ impl Default for ApiSpec {
             replicas: two(),
             resources: None,
             service: ServiceSpec::default(),
+            auth: ApiAuthSpec::default(),
+            tls: None,
         }
     }
+}
+
+/// API keys and tenants.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiAuthSpec {
+    /// `Required` (the default) or `Disabled`: requests without a key are
+    /// the tenant `anonymous` (only behind a gateway that authenticates).
+    #[serde(default)]
+    pub mode: ApiAuthMode,
+    /// A Secret in the pipeline's namespace whose every key is a tenant
+    /// name and whose value holds that tenant's API keys, one per line (at
+    /// least 32 characters each). Mounted into the API pods and re-read
+    /// while they run, so adding or removing a key needs no restart. Keys
+    /// made with `ocr-runtime keys create` in an API pod work alongside.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys_secret: Option<String>,
+}
+
+// Whether API requests need a key.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum ApiAuthMode {
+    #[default]
+    Required,
+    Disabled,
+}
+
+/// The API's TLS certificate.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiTlsSpec {
+    /// A `kubernetes.io/tls` Secret in the pipeline's namespace.
+    pub secret_name: String,
 }
 
 /// The API's Service.

@@ -4,7 +4,7 @@ mod support;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use ocr_contract::{Config, WorkerMode, WriterConfig};
+use ocr_contract::{AuthConfig, Config, WorkerMode, WriterConfig};
 use ocr_operator::build::{
     pipeline_config, render, runtime_config, Capabilities, ManagedKind, Rendered,
 };
@@ -174,6 +174,8 @@ fn every_role_of_every_topology_loads_with_the_runtimes_loader() {
     secured["spec"]["writer"]["webhook"] =
         serde_json::json!({"url": "https://hooks.example/done", "secret": {"name": "hooks"}});
     secured["spec"]["redis"] = serde_json::json!({"secret": {"name": "redis"}});
+    secured["spec"]["api"]["auth"] = serde_json::json!({"keysSecret": "tenants"});
+    secured["spec"]["api"]["tls"] = serde_json::json!({"secretName": "api-cert"});
     let secured: OcrPipeline = serde_json::from_value(secured).expect("parses");
     let pipelines = ["standard", "batched", "writer"]
         .map(support::pipeline)
@@ -199,6 +201,13 @@ fn every_role_of_every_topology_loads_with_the_runtimes_loader() {
             }
             if role != "writer" {
                 expected.writer = WriterConfig::default();
+            }
+            if role != "api" {
+                // Keys and TLS are the API's alone (`keys::API_ONLY`).
+                expected.auth.mode = AuthConfig::default().mode;
+                expected.auth.keys_dir = AuthConfig::default().keys_dir;
+                expected.server.tls_cert_file = String::new();
+                expected.server.tls_key_file = String::new();
             }
             figment::Jail::expect_with(|jail| {
                 jail.create_file("ocr.toml", &shared)?;

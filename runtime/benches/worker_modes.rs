@@ -90,7 +90,7 @@ async fn run_mode(
     for _ in 0..jobs {
         submitter
             .submit(Submission {
-                client_id: "bench".into(),
+                tenant: ocr_runtime::domain::tenant::Tenant::anonymous(),
                 idempotency_key: None,
                 content_type: "image/png".into(),
                 body: bytes::Bytes::from_static(image),

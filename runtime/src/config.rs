@@ -3,8 +3,9 @@
 //! `docs/configuration.md` for the keys).
 
 pub use ocr_contract::config::{
-    BlobConfig, Config, ConfigError, DatabaseConfig, FailMode, LimitsConfig, ModelConfig,
-    QueueConfig, QueueKind, RedisConfig, ServerConfig, WorkerConfig, WorkerMode, WriterConfig,
+    AuthConfig, AuthMode, BlobConfig, Config, ConfigError, DatabaseConfig, FailMode, LimitsConfig,
+    ModelConfig, QueueConfig, QueueKind, RedisConfig, ServerConfig, WorkerConfig, WorkerMode,
+    WriterConfig,
 };
 pub use ocr_contract::kafka::{KafkaSecurityConfig, SaslMechanism, SecurityProtocol};
 pub use ocr_contract::model::DetLimitType;

@@ -16,5 +16,6 @@ pub mod roles;
 pub mod standalone;
 pub mod storage;
 pub mod telemetry;
+pub mod tls;
 pub mod worker;
 pub mod writer;

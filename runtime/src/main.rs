@@ -5,6 +5,7 @@ use ocr_runtime::engine::CandleRecognizer;
 use ocr_runtime::queue::kafka::KafkaConnection;
 use ocr_runtime::roles::{self, Running};
 use ocr_runtime::storage::JobStore;
+use ocr_runtime::telemetry::LogTo;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -66,6 +67,29 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// API keys, stored hashed in the job database (`database.url`).
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Make a key for a tenant. The key is printed once, alone on the last line.
+    Create {
+        /// 1 to 64 of a-z, 0-9, '.', '_', '-'.
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Every key: id, tenant, when it was made and revoked. Never the key.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key by its id (or the whole key). API processes stop
+    /// accepting it within `auth.key_cache_ms`.
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
@@ -82,13 +106,26 @@ enum DlqAction {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let telemetry = ocr_runtime::telemetry::init(cli.command.role());
+    let log_to = if cli.command.is_server() {
+        LogTo::Stdout
+    } else {
+        LogTo::Stderr
+    };
+    let telemetry = ocr_runtime::telemetry::init(cli.command.role(), log_to);
     let outcome = run(cli).await;
     telemetry.shutdown().await;
     outcome
 }
 
 impl Command {
+    /// Servers run until stopped; the other commands are tools with output.
+    fn is_server(&self) -> bool {
+        matches!(
+            self,
+            Command::Standalone | Command::Api | Command::Worker | Command::Writer { .. }
+        )
+    }
+
     /// The service name in traces: `ocr-<role>`.
     fn role(&self) -> &'static str {
         match self {
@@ -100,6 +137,7 @@ impl Command {
             Command::Recognize { .. } => "recognize",
             Command::Migrate => "migrate",
             Command::Dlq { .. } => "dlq",
+            Command::Keys { .. } => "keys",
         }
     }
 }
@@ -110,9 +148,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Standalone => {
             let engine = load_engine(&config)?;
             let server = ocr_runtime::standalone::start(&config, engine).await?;
-            println!("OCR server listening on http://{}", server.local_addr);
-            if let Some(grpc) = server.grpc_addr {
-                println!("gRPC (with reflection) on {grpc}");
+            let front = server
+                .front_ends
+                .context("the standalone server serves the API")?;
+            let scheme = if front.tls { "https" } else { "http" };
+            println!("OCR server listening on {scheme}://{}", front.http_addr);
+            let reflection = if config.server.grpc_reflection {
+                " (with reflection)"
+            } else {
+                ""
+            };
+            println!("gRPC{reflection} on {}", front.grpc_addr);
+            if !front.keys_required {
+                println!("API keys optional: requests without one are the tenant \"anonymous\"");
+            } else if let Some(key) =
+                ocr_runtime::standalone::first_key(&server.store, &front).await?
+            {
+                println!(
+                    "API keys required. No key existed, so key {} was made for tenant \"{}\"; send it as `Authorization: Bearer <key>`. It is shown this once:",
+                    key.id,
+                    ocr_runtime::standalone::FIRST_TENANT
+                );
+                println!("{}", key.token);
+            } else {
+                println!("API keys required (`Authorization: Bearer <key>`); make one with `ocr-runtime keys create --tenant NAME`");
             }
             run_until_signal(server).await
         }
@@ -135,6 +194,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq {
             action: DlqAction::Replay { group },
         } => replay_dead_letters(&config, &group).await,
+        Command::Keys { action } => manage_keys(&config, action).await,
         Command::Migrate => {
             let store = JobStore::connect(&config.database.url, 1).await?;
             store.migrate().await?;
@@ -173,6 +233,57 @@ async fn replay_dead_letters(config: &Config, group: &str) -> anyhow::Result<()>
     jobs.flush();
     results.flush();
     println!("{}", serde_json::to_string(&replayed)?);
+    Ok(())
+}
+
+async fn manage_keys(config: &Config, action: KeysAction) -> anyhow::Result<()> {
+    use ocr_runtime::domain::tenant::{key_id, NewKey, Tenant};
+    let store = roles::open_job_store(config, None).await?;
+    let now = ocr_runtime::storage::now_ms();
+    match action {
+        KeysAction::Create { tenant } => {
+            let tenant = Tenant::parse(&tenant)?;
+            let key = NewKey::generate().context("the system's random number generator")?;
+            store
+                .create_key(&tenant, &key, now)
+                .await
+                .context("storing the key")?;
+            println!(
+                "created key {} for tenant {tenant}; it is shown once, keep it now:",
+                key.id
+            );
+            println!("{}", key.token);
+        }
+        KeysAction::List { json } => {
+            let keys = store.list_keys().await.context("listing keys")?;
+            if json {
+                println!("{}", serde_json::to_string(&keys)?);
+            } else {
+                println!(
+                    "{:<16}  {:<24}  {:>15}  {:>15}",
+                    "ID", "TENANT", "CREATED_MS", "REVOKED_MS"
+                );
+                for key in keys {
+                    let revoked = key
+                        .revoked_at_ms
+                        .map_or("-".to_owned(), |at| at.to_string());
+                    println!(
+                        "{:<16}  {:<24}  {:>15}  {:>15}",
+                        key.id, key.tenant, key.created_at_ms, revoked
+                    );
+                }
+            }
+        }
+        KeysAction::Revoke { id } => {
+            let id = key_id(&id).unwrap_or(&id).to_owned();
+            let revoked = store
+                .revoke_key(&id, now)
+                .await
+                .context("revoking the key")?;
+            anyhow::ensure!(revoked, "no key {id:?} that is not revoked already");
+            println!("revoked key {id}");
+        }
+    }
     Ok(())
 }
 

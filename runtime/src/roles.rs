@@ -1,9 +1,11 @@
 //! Assembling each role from the configuration: which adapters it gets and
 //! which tasks it runs. `main` and the tests start roles through here.
 
+use crate::api::auth::{keys_required, Authenticator};
 use crate::api::http::{router, HttpState};
 use crate::app::bounded::BoundedEngine;
-use crate::app::fault::HungEngine;
+use crate::app::crash_journal::CrashJournal;
+use crate::app::fault::{CrashingEngine, HungEngine};
 use crate::app::infer::InferAndPublish;
 use crate::app::input::decode_limits;
 use crate::app::persist::{ResultWriter, RetryPolicy};
@@ -21,6 +23,7 @@ use crate::queue::kafka::{
 use crate::queue::{JobPublisher, MessageSink, QueueError};
 use crate::storage::redis_guard::RedisGuard;
 use crate::storage::{BlobStore, JobStore};
+use crate::tls::{TlsFiles, TlsListener};
 use crate::worker::{BatchPolicy, JobLoop};
 use crate::writer::{LagFuture, LagProbe, ResultLoop};
 use anyhow::Context;
@@ -40,8 +43,8 @@ use tokio_util::sync::CancellationToken;
 /// A started role: its HTTP address and the tasks to stop.
 pub struct Running {
     pub local_addr: SocketAddr,
-    /// Where gRPC listens, for roles that serve it.
-    pub grpc_addr: Option<SocketAddr>,
+    /// The API's front ends, for roles that serve them.
+    pub front_ends: Option<FrontEnds>,
     pub store: JobStore,
     pub blobs: BlobStore,
     shutdown: CancellationToken,
@@ -58,7 +61,7 @@ impl Running {
     ) -> Self {
         Running {
             local_addr,
-            grpc_addr: None,
+            front_ends: None,
             store,
             blobs,
             shutdown,
@@ -66,8 +69,8 @@ impl Running {
         }
     }
 
-    pub fn with_grpc(mut self, addr: SocketAddr) -> Self {
-        self.grpc_addr = Some(addr);
+    pub fn with_front_ends(mut self, front_ends: FrontEnds) -> Self {
+        self.front_ends = Some(front_ends);
         self
     }
 
@@ -88,11 +91,22 @@ pub async fn open_storage(
     config: &Config,
     metrics: &Metrics,
 ) -> anyhow::Result<(JobStore, BlobStore)> {
+    let store = open_job_store(config, Some(metrics)).await?;
+    let blobs = BlobStore::from_url(&config.blob.url).context("opening the blob store")?;
+    Ok((store, blobs))
+}
+
+/// Connects the job store (creating a SQLite file's folder), migrating if
+/// `database.migrate_on_start`; timed into `metrics` when given.
+pub async fn open_job_store(
+    config: &Config,
+    metrics: Option<&Metrics>,
+) -> anyhow::Result<JobStore> {
     if let Some(dir) = sqlite_parent_dir(&config.database.url) {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("creating database directory {}", dir.display()))?;
     }
-    let store = JobStore::connect_with(
+    let mut store = JobStore::connect_with(
         &config.database.url,
         config.database.max_connections,
         config.database.acquire_timeout(),
@@ -103,13 +117,14 @@ pub async fn open_storage(
             "opening database {}",
             ocr_contract::redact_url(&config.database.url)
         )
-    })?
-    .observed_by(metrics);
+    })?;
+    if let Some(metrics) = metrics {
+        store = store.observed_by(metrics);
+    }
     if config.database.migrate_on_start {
         store.migrate().await.context("migrating the database")?;
     }
-    let blobs = BlobStore::from_url(&config.blob.url).context("opening the blob store")?;
-    Ok((store, blobs))
+    Ok(store)
 }
 
 async fn bind(addr: &str) -> anyhow::Result<(TcpListener, SocketAddr)> {
@@ -120,7 +135,8 @@ async fn bind(addr: &str) -> anyhow::Result<(TcpListener, SocketAddr)> {
     Ok((listener, local_addr))
 }
 
-/// Binds and serves `app` until `shutdown`; returns the bound address.
+/// Binds and serves `app` (plain HTTP: probes and metrics of the consuming
+/// roles) until `shutdown`; returns the bound address.
 pub async fn serve_http(
     app: Router,
     addr: &str,
@@ -128,7 +144,35 @@ pub async fn serve_http(
     tasks: &mut JoinSet<()>,
 ) -> anyhow::Result<SocketAddr> {
     let (listener, local_addr) = bind(addr).await?;
+    serve_http_on(listener, None, app, shutdown, tasks)?;
+    Ok(local_addr)
+}
+
+/// Serves `app` on `listener`, over TLS when `tls` is given, until `shutdown`.
+fn serve_http_on(
+    listener: TcpListener,
+    tls: Option<&TlsFiles>,
+    app: Router,
+    shutdown: CancellationToken,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<()> {
     let app = app.layer(tower_http::trace::TraceLayer::new_for_http());
+    match tls {
+        None => spawn_serve(listener, app, shutdown, tasks),
+        Some(tls) => {
+            let listener = TlsListener::new(listener, tls.rustls_config()?, shutdown.clone())
+                .context("starting the HTTPS listener")?;
+            spawn_serve(listener, app, shutdown, tasks);
+        }
+    }
+    Ok(())
+}
+
+fn spawn_serve<L>(listener: L, app: Router, shutdown: CancellationToken, tasks: &mut JoinSet<()>)
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     tasks.spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -137,23 +181,40 @@ pub async fn serve_http(
             tracing::error!(error = %err, "HTTP server failed");
         }
     });
-    Ok(local_addr)
 }
 
-/// Binds and serves the gRPC API (with reflection) until `shutdown`.
-pub async fn serve_grpc(
+/// Serves the gRPC API on `listener` until `shutdown`: over TLS when `tls`
+/// is given, with reflection when `server.grpc_reflection` is on.
+fn serve_grpc_on(
+    listener: TcpListener,
     jobs: crate::api::grpc::GrpcJobs,
-    addr: &str,
+    config: &Config,
+    tls: Option<&TlsFiles>,
     shutdown: CancellationToken,
     tasks: &mut JoinSet<()>,
-) -> anyhow::Result<SocketAddr> {
-    let (listener, local_addr) = bind(addr).await?;
-    let reflection = crate::api::grpc::reflection_service().context("gRPC reflection")?;
-    let jobs = jobs.into_server();
+) -> anyhow::Result<()> {
+    // A unary call (Submit, Get) that has not finished within the body
+    // timeout is cut off with DEADLINE_EXCEEDED: a stalled upload frees its
+    // admission. Watch returns its stream at once and is not affected.
+    let mut server = tonic::transport::Server::builder().timeout(config.limits.body_timeout());
+    if let Some(tls) = tls {
+        let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
+        server = server
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .context("gRPC TLS")?;
+    }
+    let reflection = if config.server.grpc_reflection {
+        Some(crate::api::grpc::reflection_service().context("gRPC reflection")?)
+    } else {
+        None
+    };
+    let admission = jobs.admission_layer();
+    let router = server
+        .layer(admission)
+        .add_service(jobs.into_server())
+        .add_optional_service(reflection);
     tasks.spawn(async move {
-        let served = tonic::transport::Server::builder()
-            .add_service(jobs)
-            .add_service(reflection)
+        let served = router
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
                 async move { shutdown.cancelled().await },
@@ -163,11 +224,24 @@ pub async fn serve_grpc(
             tracing::error!(error = %err, "gRPC server failed");
         }
     });
-    Ok(local_addr)
+    Ok(())
 }
 
-/// The HTTP and gRPC front ends over one submitter and one admission
-/// budget; returns their addresses. `liveness` is what `/livez` reports.
+/// The API's front ends as they listen.
+#[derive(Debug, Clone, Copy)]
+pub struct FrontEnds {
+    pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    /// Whether a request without a key is refused (see `auth.mode`).
+    pub keys_required: bool,
+    /// Keys read from `auth.keys_dir` at start.
+    pub folder_keys: usize,
+    pub tls: bool,
+}
+
+/// The HTTP and gRPC front ends over one submitter, one admission budget
+/// and one authenticator. Keys are required or optional by `auth.mode`
+/// and where the listeners are bound (see [`keys_required`]).
 pub async fn serve_front_ends(
     submitter: Submitter,
     metrics: Metrics,
@@ -175,17 +249,56 @@ pub async fn serve_front_ends(
     config: &Config,
     shutdown: &CancellationToken,
     tasks: &mut JoinSet<()>,
-) -> anyhow::Result<(SocketAddr, SocketAddr)> {
-    let state = HttpState::new(submitter, metrics).with_liveness(liveness);
+) -> anyhow::Result<FrontEnds> {
+    let tls = TlsFiles::from_config(&config.server)?;
+    let (http_listener, http_addr) = bind(&config.server.http_addr).await?;
+    let (grpc_listener, grpc_addr) = bind(&config.server.grpc_addr).await?;
+    let required = keys_required(config.auth.mode, &[http_addr, grpc_addr]);
+    let auth = Authenticator::new(&config.auth, required, submitter.store.clone());
+    let folder_keys = auth
+        .reload_folder()
+        .await
+        .context("reading auth.keys_dir")?;
+    tasks.spawn(auth.clone().watch_folder(shutdown.clone()));
+    if required {
+        tracing::info!(folder_keys, "API keys required");
+    } else {
+        tracing::warn!(
+            mode = ?config.auth.mode,
+            "API keys optional: requests without one are the tenant \"anonymous\""
+        );
+    }
+    let state = HttpState::new(submitter, metrics)
+        .with_liveness(liveness)
+        .with_auth(auth.clone());
     let jobs = crate::api::grpc::GrpcJobs::new(
         state.submitter.clone(),
         state.metrics.clone(),
         state.admission.clone(),
+        auth,
     );
-    let grpc_addr = serve_grpc(jobs, &config.server.grpc_addr, shutdown.clone(), tasks).await?;
-    let app = router(state);
-    let http_addr = serve_http(app, &config.server.http_addr, shutdown.clone(), tasks).await?;
-    Ok((http_addr, grpc_addr))
+    serve_grpc_on(
+        grpc_listener,
+        jobs,
+        config,
+        tls.as_ref(),
+        shutdown.clone(),
+        tasks,
+    )?;
+    serve_http_on(
+        http_listener,
+        tls.as_ref(),
+        router(state),
+        shutdown.clone(),
+        tasks,
+    )?;
+    Ok(FrontEnds {
+        http_addr,
+        grpc_addr,
+        keys_required: required,
+        folder_keys,
+        tls: tls.is_some(),
+    })
 }
 
 /// Redis is optional: when it is configured but unreachable the API runs
@@ -244,7 +357,7 @@ pub async fn start_api(config: &Config) -> anyhow::Result<Running> {
         sweep,
         shutdown.clone(),
     ));
-    let (local_addr, grpc_addr) = serve_front_ends(
+    let front = serve_front_ends(
         submitter,
         metrics,
         Liveness::without_engine(),
@@ -253,8 +366,8 @@ pub async fn start_api(config: &Config) -> anyhow::Result<Running> {
         &mut tasks,
     )
     .await?;
-    tracing::info!(%local_addr, %grpc_addr, "API listening");
-    Ok(Running::new(local_addr, store, blobs, shutdown, tasks).with_grpc(grpc_addr))
+    tracing::info!(http = %front.http_addr, grpc = %front.grpc_addr, tls = front.tls, "API listening");
+    Ok(Running::new(front.http_addr, store, blobs, shutdown, tasks).with_front_ends(front))
 }
 
 /// What a role must reach to be ready. A worker in writer mode and the
@@ -314,10 +427,10 @@ pub fn guard_engine(
     engine: Arc<dyn Recognize>,
     liveness: &Liveness,
 ) -> Arc<dyn Recognize> {
-    let inner: Arc<dyn Recognize> = if Fault::from_env() == Fault::HangInference {
-        Arc::new(HungEngine)
-    } else {
-        engine
+    let inner: Arc<dyn Recognize> = match Fault::from_env() {
+        Fault::HangInference => Arc::new(HungEngine),
+        Fault::CrashOnMarker => Arc::new(CrashingEngine(engine)),
+        Fault::None | Fault::ExitAfterDbWrite => engine,
     };
     Arc::new(BoundedEngine {
         inner,
@@ -473,6 +586,11 @@ pub async fn start_worker(config: &Config, engine: Arc<dyn Recognize>) -> anyhow
             let blobs = BlobStore::from_url(&config.blob.url).context("opening the blob store")?;
             let results: Arc<dyn MessageSink> =
                 Arc::new(KafkaPublisher::new(&kafka, &config.queue.results_topic)?);
+            let journal = match config.worker.crash_journal_dir.trim() {
+                "" => CrashJournal::disabled(),
+                dir => CrashJournal::open(std::path::Path::new(dir))
+                    .with_context(|| format!("opening worker.crash_journal_dir {dir}"))?,
+            };
             let handler = InferAndPublish::new(
                 blobs.clone(),
                 Some(store.clone()),
@@ -480,7 +598,8 @@ pub async fn start_worker(config: &Config, engine: Arc<dyn Recognize>) -> anyhow
                 results,
                 config.worker.max_attempts,
                 metrics.clone(),
-            );
+            )
+            .with_crash_journal(journal);
             (
                 store,
                 blobs,

@@ -6,13 +6,15 @@ use crate::app::process::{Processor, Recognize};
 use crate::app::submit::{Fault, Submitter};
 use crate::config::{Config, WorkerMode};
 use crate::domain::message::JobMessage;
+use crate::domain::tenant::{NewKey, Tenant};
 use crate::domain::JobStatus;
 use crate::health::Liveness;
 use crate::metrics::Metrics;
 use crate::queue::{memory, JobPublisher};
 use crate::roles::{
-    connect_redis, guard_engine, open_storage, run_job_loop, serve_front_ends, Running,
+    connect_redis, guard_engine, open_storage, run_job_loop, serve_front_ends, FrontEnds, Running,
 };
+use crate::storage::JobStore;
 use anyhow::Context;
 use std::sync::Arc;
 use tokio::task::JoinSet;
@@ -83,8 +85,35 @@ pub async fn start(config: &Config, engine: Arc<dyn Recognize>) -> anyhow::Resul
         guard: connect_redis(&config).await,
         metrics: metrics.clone(),
     };
-    let (local_addr, grpc_addr) =
+    let front =
         serve_front_ends(submitter, metrics, liveness, &config, &shutdown, &mut tasks).await?;
-    tracing::info!(%local_addr, %grpc_addr, "standalone OCR server listening");
-    Ok(Running::new(local_addr, store, blobs, shutdown, tasks).with_grpc(grpc_addr))
+    tracing::info!(http = %front.http_addr, grpc = %front.grpc_addr, "standalone OCR server listening");
+    Ok(Running::new(front.http_addr, store, blobs, shutdown, tasks).with_front_ends(front))
+}
+
+/// The tenant of the key a standalone server makes for itself.
+pub const FIRST_TENANT: &str = "default";
+
+/// Where keys are required and none exists yet (no key in the database, none
+/// from `auth.keys_dir`), makes one for the tenant [`FIRST_TENANT`] so the
+/// one-command start stays one command; the caller shows it once.
+pub async fn first_key(store: &JobStore, front: &FrontEnds) -> anyhow::Result<Option<NewKey>> {
+    if !front.keys_required || front.folder_keys > 0 {
+        return Ok(None);
+    }
+    if store
+        .count_active_keys()
+        .await
+        .context("counting API keys")?
+        > 0
+    {
+        return Ok(None);
+    }
+    let key = NewKey::generate().context("the system's random number generator")?;
+    let tenant = Tenant::parse(FIRST_TENANT)?;
+    store
+        .create_key(&tenant, &key, crate::storage::now_ms())
+        .await
+        .context("storing the first API key")?;
+    Ok(Some(key))
 }

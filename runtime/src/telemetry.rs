@@ -59,15 +59,30 @@ impl Telemetry {
     }
 }
 
+/// Where log lines go: servers log to stdout (what container runtimes
+/// collect); tools log to stderr, so their stdout is only their output
+/// (`keys create | tail -1` is the key, `lag --json` is JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogTo {
+    Stdout,
+    Stderr,
+}
+
 /// Installs the log subscriber and, when an OTLP endpoint is set, the trace
 /// exporter. `role` names the service (`ocr-<role>`) unless
 /// `OTEL_SERVICE_NAME` does. Must run inside the Tokio runtime (the gRPC
 /// exporter's connection lives on it).
-pub fn init(role: &str) -> Telemetry {
+pub fn init(role: &str, log_to: LogTo) -> Telemetry {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info"));
     let json = std::env::var(ocr_contract::env::LOG_FORMAT).is_ok_and(|v| v == "json");
-    let logs = tracing_subscriber::fmt::layer().with_target(false);
+    let writer = match log_to {
+        LogTo::Stdout => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stdout),
+        LogTo::Stderr => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+    };
+    let logs = tracing_subscriber::fmt::layer()
+        .with_target(false)
+        .with_writer(writer);
     let logs = if json {
         logs.json().with_filter(filter).boxed()
     } else {

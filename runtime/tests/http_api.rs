@@ -4,10 +4,12 @@
 mod common;
 
 use common::{jpeg, png, MysqlDatabase};
+use ocr_runtime::api::auth::Authenticator;
 use ocr_runtime::api::http::{router, HttpState};
 use ocr_runtime::app::submit::{Fault, Submitter};
 use ocr_runtime::config::LimitsConfig;
 use ocr_runtime::domain::message::JobMessage;
+use ocr_runtime::domain::tenant::{NewKey, Tenant};
 use ocr_runtime::domain::JobStatus;
 use ocr_runtime::metrics::Metrics;
 use ocr_runtime::queue::{memory, MessageConsumer};
@@ -20,8 +22,36 @@ struct Api {
     store: JobStore,
     blobs: BlobStore,
     queue: memory::MemoryConsumer,
+    /// Sends [`Api::key`] on every request.
     client: reqwest::Client,
+    /// This test's own tenant and its key.
+    tenant: Tenant,
+    key: String,
     _db: MysqlDatabase,
+}
+
+/// A fresh tenant with a key in `store`: (tenant, key). Unique per call, so
+/// tests sharing a Redis have their own rate-limit windows.
+async fn new_tenant(store: &JobStore) -> (Tenant, String) {
+    let tenant = Tenant::parse(&format!("t-{}", uuid::Uuid::now_v7().simple())).unwrap();
+    let key = NewKey::generate().unwrap();
+    store
+        .create_key(&tenant, &key, ocr_runtime::storage::now_ms())
+        .await
+        .unwrap();
+    (tenant, key.token)
+}
+
+fn client_with_key(key: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {key}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
 }
 
 const MAX_BODY: usize = 2 * 1024 * 1024;
@@ -59,7 +89,15 @@ async fn start_api_limited(
         guard,
         metrics: Metrics::new(),
     };
-    let app = router(HttpState::new(submitter.clone(), submitter.metrics.clone()));
+    // As in a cluster: keys required; checked keys trusted for no time, so
+    // a revocation shows at once.
+    let auth_config = ocr_runtime::config::AuthConfig {
+        key_cache_ms: 0,
+        ..Default::default()
+    };
+    let auth = Authenticator::new(&auth_config, true, store.clone());
+    let (tenant, key) = new_tenant(&store).await;
+    let app = router(HttpState::new(submitter.clone(), submitter.metrics.clone()).with_auth(auth));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -68,7 +106,9 @@ async fn start_api_limited(
         store,
         blobs,
         queue,
-        client: reqwest::Client::new(),
+        client: client_with_key(&key),
+        tenant,
+        key,
         _db: db,
     }
 }
@@ -199,7 +239,7 @@ async fn idempotency_key_replays_rejects_other_payload_and_in_flight() {
     let now = ocr_runtime::storage::now_ms();
     assert!(api
         .store
-        .reserve_key("anonymous", "order-43", &sha, now)
+        .reserve_key(api.tenant.as_str(), "order-43", &sha, now)
         .await
         .unwrap()
         .is_none());
@@ -384,7 +424,6 @@ async fn redis_rate_limit_answers_429_with_retry_after() {
         .await
         .expect("Redis for tests");
     let api = start_api_with(Some(guard)).await;
-    let client_id = format!("tenant-{}", uuid::Uuid::now_v7().simple());
     let mut statuses = Vec::new();
     let mut retry_after = None;
     for i in 0..5 {
@@ -392,7 +431,6 @@ async fn redis_rate_limit_answers_429_with_retry_after() {
             .client
             .post(format!("{}/v1/jobs", api.base))
             .header("content-type", "image/png")
-            .header("x-client-id", &client_id)
             .body(png(40 + i, 20))
             .send()
             .await
@@ -425,7 +463,7 @@ async fn redis_remembers_idempotency_keys_and_still_rejects_other_payloads() {
         .await
         .unwrap();
     let cached = guard
-        .cached_key("anonymous", &key)
+        .cached_key(api.tenant.as_str(), &key)
         .await
         .expect("key cached in Redis");
     assert_eq!(cached.job_id.to_string(), first["id"].as_str().unwrap());
@@ -561,12 +599,13 @@ async fn rate_limiting_that_fails_closed_refuses_while_redis_is_down() {
 
 /// Starts a raw upload that declares `declared` bytes, sends a few and then
 /// stalls, as a slow or hostile client does; the connection stays open.
-async fn stalled_upload(base: &str, declared: usize) -> tokio::net::TcpStream {
+async fn stalled_upload(api: &Api, declared: usize) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
-    let addr = base.trim_start_matches("http://");
+    let addr = api.base.trim_start_matches("http://");
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let head = format!(
-        "POST /v1/jobs HTTP/1.1\r\nhost: {addr}\r\ncontent-type: image/png\r\ncontent-length: {declared}\r\n\r\n"
+        "POST /v1/jobs HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {}\r\ncontent-type: image/png\r\ncontent-length: {declared}\r\n\r\n",
+        api.key
     );
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.write_all(&png(4, 4)[..10]).await.unwrap();
@@ -580,7 +619,7 @@ async fn past_the_submission_cap_requests_are_shed_at_once_with_retry_after() {
         limits.body_timeout_ms = 60_000;
     })
     .await;
-    let _holding = stalled_upload(&api.base, 5_000).await;
+    let _holding = stalled_upload(&api, 5_000).await;
     // Give the server a moment to take the stalled request's slot.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let started = std::time::Instant::now();
@@ -604,7 +643,7 @@ async fn a_body_that_stalls_is_cut_off_and_frees_its_slot() {
         limits.body_timeout_ms = 300;
     })
     .await;
-    let mut stalled = stalled_upload(&api.base, 5_000).await;
+    let mut stalled = stalled_upload(&api, 5_000).await;
     let mut answer = Vec::new();
     use tokio::io::AsyncReadExt;
     let read = tokio::time::timeout(std::time::Duration::from_secs(10), async {
@@ -639,7 +678,13 @@ fn damaged_multipart_uploads_get_4xx_never_5xx_and_store_nothing() {
         .build()
         .unwrap();
     let api = runtime.block_on(start_api());
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {}", api.key).parse().unwrap(),
+    );
     let client = reqwest::Client::builder()
+        .default_headers(headers)
         .timeout(std::time::Duration::from_secs(10))
         .build()
         .unwrap();
@@ -701,4 +746,163 @@ fn damaged_multipart_uploads_get_4xx_never_5xx_and_store_nothing() {
     let accepted = accepted.load(std::sync::atomic::Ordering::Relaxed);
     println!("{accepted} of {} uploads accepted", cases + 1);
     assert_eq!(stored, accepted);
+}
+
+/// Without a valid key nothing is stored and nothing is read: 401 with
+/// `WWW-Authenticate: Bearer`, whether the key is missing, made up,
+/// malformed or revoked.
+#[tokio::test]
+async fn requests_without_a_valid_key_are_refused_and_store_nothing() {
+    let api = start_api().await;
+    let accepted = api.post(png(64, 32), "image/png", None).await;
+    assert_eq!(accepted.status(), 202);
+    let id = accepted.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, revoked) = new_tenant(&api.store).await;
+    let revoked_id = ocr_runtime::domain::tenant::key_id(&revoked)
+        .unwrap()
+        .to_owned();
+    assert!(api
+        .store
+        .revoke_key(&revoked_id, ocr_runtime::storage::now_ms())
+        .await
+        .unwrap());
+    let made_up = NewKey::generate().unwrap().token;
+    let anonymous = reqwest::Client::new();
+    for authorization in [
+        None,
+        Some(format!("Bearer {made_up}")),
+        Some(format!("Basic {}", api.key)),
+        Some(api.key.clone()),
+        Some(format!("Bearer {revoked}")),
+    ] {
+        let with = |request: reqwest::RequestBuilder| match &authorization {
+            Some(value) => request.header("authorization", value),
+            None => request,
+        };
+        let post = with(anonymous.post(format!("{}/v1/jobs", api.base)))
+            .header("content-type", "image/png")
+            .body(png(64, 33))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(post.status(), 401, "POST with {authorization:?}");
+        assert_eq!(post.headers()["www-authenticate"], "Bearer");
+        for path in [format!("/v1/jobs/{id}"), format!("/v1/jobs/{id}/result")] {
+            let get = with(anonymous.get(format!("{}{path}", api.base)))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(get.status(), 401, "GET {path} with {authorization:?}");
+        }
+    }
+    assert_eq!(api.total_jobs().await, 1);
+    // Probes and metrics stay open: the kubelet and Prometheus bring no key.
+    for path in ["/livez", "/readyz", "/metrics"] {
+        let probe = anonymous
+            .get(format!("{}{path}", api.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(probe.status(), 200, "{path}");
+    }
+}
+
+/// A job belongs to its tenant: another tenant's GET and result read
+/// exactly like an id that does not exist.
+#[tokio::test]
+async fn a_tenant_cannot_see_another_tenants_job() {
+    let api = start_api().await;
+    let accepted = api.post(png(64, 32), "image/png", None).await;
+    let id = accepted.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, other_key) = new_tenant(&api.store).await;
+    let other = client_with_key(&other_key);
+    let missing = ocr_runtime::domain::JobId::new();
+    for path in ["", "/result"] {
+        let theirs = other
+            .get(format!("{}/v1/jobs/{id}{path}", api.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(theirs.status(), 404, "another tenant's GET {path}");
+        let body: serde_json::Value = theirs.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "not_found");
+        let nobody = other
+            .get(format!("{}/v1/jobs/{missing}{path}", api.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(nobody.status(), 404);
+    }
+    let own = api
+        .client
+        .get(format!("{}/v1/jobs/{id}", api.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), 200);
+}
+
+/// The same idempotency key from two tenants is two keys: two jobs, and
+/// neither request is a replay of the other.
+#[tokio::test]
+async fn idempotency_keys_are_scoped_per_tenant() {
+    let api = start_api().await;
+    let (_, other_key) = new_tenant(&api.store).await;
+    let other = client_with_key(&other_key);
+    let body = png(64, 32);
+    let first = api
+        .post(body.clone(), "image/png", Some("shared-key"))
+        .await;
+    assert_eq!(first.status(), 202);
+    let second = other
+        .post(format!("{}/v1/jobs", api.base))
+        .header("content-type", "image/png")
+        .header("idempotency-key", "shared-key")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(second.status(), 202);
+    assert!(!second.headers().contains_key("idempotent-replayed"));
+    let first: serde_json::Value = first.json().await.unwrap();
+    let second: serde_json::Value = second.json().await.unwrap();
+    assert_ne!(first["id"], second["id"]);
+    // Each tenant's retry replays its own job.
+    let again = api.post(body, "image/png", Some("shared-key")).await;
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let again: serde_json::Value = again.json().await.unwrap();
+    assert_eq!(again["id"], first["id"]);
+    assert_eq!(api.total_jobs().await, 2);
+}
+
+/// `limits.max_open_jobs_per_tenant`: a tenant with that many unfinished
+/// jobs gets 429 `quota_exceeded`; other tenants are not affected.
+#[tokio::test]
+async fn a_tenant_past_its_quota_gets_429_and_others_still_submit() {
+    let api = start_api_limited(None, |limits| limits.max_open_jobs_per_tenant = 2).await;
+    for i in 0..2 {
+        let accepted = api.post(png(64 + i, 32), "image/png", None).await;
+        assert_eq!(accepted.status(), 202);
+    }
+    let refused = api.post(png(70, 32), "image/png", None).await;
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "quota_exceeded");
+    let (_, other_key) = new_tenant(&api.store).await;
+    let other = client_with_key(&other_key)
+        .post(format!("{}/v1/jobs", api.base))
+        .header("content-type", "image/png")
+        .body(png(71, 32))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 202);
+    assert_eq!(api.total_jobs().await, 3);
 }

@@ -269,13 +269,10 @@ async fn job_whose_input_keeps_failing_is_dead_lettered_and_replayed_once_fixed(
             .output()
             .expect("running ocr-runtime dlq replay");
         assert!(output.status.success(), "dlq replay failed");
-        // Logs share stdout; the summary is the JSON line with the counts.
+        // Logs go to stderr: stdout is the JSON summary alone.
         let stdout = String::from_utf8_lossy(&output.stdout);
-        stdout
-            .lines()
-            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .find(|value| value.get("jobs").is_some())
-            .unwrap_or_else(|| panic!("no JSON summary in {stdout:?}"))
+        serde_json::from_str::<serde_json::Value>(stdout.trim())
+            .unwrap_or_else(|e| panic!("stdout is not one JSON summary ({e}): {stdout:?}"))
     };
     let first = replay(&config);
     assert_eq!(first["jobs"], 1, "{first}");
@@ -866,5 +863,93 @@ async fn jobs_whose_message_is_gone_are_republished_and_finish() {
     assert_eq!(orphaned.attempts, 2, "the dead worker's attempt is counted");
     assert!(orphaned.result.unwrap().contains("Invoice 2026-11-27"));
     worker.stop().await;
+    api.stop().await;
+}
+
+/// A worker that a poisonous image kills (a real abort, restarted as the
+/// kubelet would), in batched mode and in writer mode: its batch-mates
+/// finish, and the image alone is dead-lettered at `worker.max_attempts`
+/// instead of killing the worker forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_that_crashes_a_batched_worker_is_isolated_and_dead_lettered() {
+    crashing_image_is_isolated(WorkerMode::Batched).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_that_crashes_a_writer_mode_worker_is_isolated_and_dead_lettered() {
+    crashing_image_is_isolated(WorkerMode::Writer).await;
+}
+
+async fn crashing_image_is_isolated(mode: WorkerMode) {
+    use ocr_runtime::app::fault::CRASH_MARKER;
+    let env = environment().await;
+    let config = &env.config;
+    let api = start_api(config).await.unwrap();
+    let writer = match mode {
+        WorkerMode::Writer => Some(start_writer(config).await.unwrap()),
+        _ => None,
+    };
+    let base = format!("http://{}", api.local_addr);
+    let mut poison = INVOICE.to_vec();
+    poison.extend_from_slice(CRASH_MARKER);
+    let poisoned = common::submit_png(&base, poison).await;
+    let mut mates = Vec::new();
+    for _ in 0..4 {
+        mates.push(common::submit_png(&base, INVOICE.to_vec()).await);
+    }
+    let journal = tempfile::tempdir().unwrap();
+    let worker_env = [
+        ("OCR_WORKER__MODE", mode.as_str().to_owned()),
+        ("OCR_WORKER__MAX_BATCH_SIZE", "8".to_owned()),
+        ("OCR_WORKER__MAX_WAIT_MS", "300".to_owned()),
+        ("OCR_WORKER__MAX_ATTEMPTS", "3".to_owned()),
+        (
+            "OCR_WORKER__CRASH_JOURNAL_DIR",
+            journal.path().display().to_string(),
+        ),
+        ("OCR_FAULT", "crash-on-marker".to_owned()),
+    ];
+    let all_final = || async {
+        let mut done = true;
+        for id in mates.iter().chain([&poisoned]) {
+            let job = api.store.get(*id).await.unwrap().unwrap();
+            done &= job.status.is_terminal();
+        }
+        done
+    };
+    let mut crashes = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    let mut worker = spawn_role(&["worker"], config, free_port(), &worker_env);
+    while !all_final().await {
+        assert!(std::time::Instant::now() < deadline, "jobs never finished");
+        if let Some(status) = worker.try_wait().unwrap() {
+            assert!(!status.success(), "the worker exited cleanly mid-run");
+            crashes += 1;
+            assert!(crashes <= 5, "the worker keeps crashing");
+            worker = spawn_role(&["worker"], config, free_port(), &worker_env);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = terminate(worker).await;
+    assert!(crashes >= 1, "the poisonous image never crashed the worker");
+    let dead = api.store.get(poisoned).await.unwrap().unwrap();
+    assert_eq!(dead.status, JobStatus::DeadLettered, "{:?}", dead.error);
+    for id in mates {
+        let job = api.store.get(id).await.unwrap().unwrap();
+        assert_eq!(job.status, JobStatus::Succeeded, "{:?}", job.error);
+        if mode == WorkerMode::Batched {
+            assert!(
+                job.attempts <= 2,
+                "a batch-mate was charged {} attempts",
+                job.attempts
+            );
+        }
+    }
+    if mode == WorkerMode::Batched {
+        assert_eq!(dead.attempts, 3);
+    }
+    if let Some(writer) = writer {
+        writer.stop().await;
+    }
     api.stop().await;
 }

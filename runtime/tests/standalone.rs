@@ -110,7 +110,8 @@ async fn jobs_left_unfinished_by_a_crash_complete_after_restart() {
                 .insert(
                     &NewJob {
                         id,
-                        client_id: "c".into(),
+                        // Read back below without a key: the anonymous tenant's.
+                        client_id: ocr_runtime::domain::tenant::ANONYMOUS.into(),
                         input_key: key,
                         content_type: "image/png".into(),
                         input_sha256: "00".repeat(32),
@@ -165,7 +166,7 @@ async fn grpc_submit_and_watch_follow_the_job_to_its_result() {
     let server = standalone::start(&config_in(dir.path()), engine())
         .await
         .unwrap();
-    let grpc = server.grpc_addr.expect("standalone serves gRPC");
+    let grpc = server.front_ends.expect("standalone serves gRPC").grpc_addr;
     let mut client = OcrJobsClient::connect(format!("http://{grpc}"))
         .await
         .unwrap();
@@ -173,7 +174,6 @@ async fn grpc_submit_and_watch_follow_the_job_to_its_result() {
         image: INVOICE.to_vec(),
         content_type: "image/png".into(),
         idempotency_key: "grpc-1".into(),
-        client_id: "tenant-g".into(),
     };
     let job = client.submit(request.clone()).await.unwrap().into_inner();
     assert!(!job.replayed);
@@ -228,5 +228,126 @@ async fn grpc_submit_and_watch_follow_the_job_to_its_result() {
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::NotFound);
+    server.stop().await;
+}
+
+/// gRPC with keys required: calls without a key are UNAUTHENTICATED, and a
+/// job is NOT_FOUND to every tenant but its own (Get and Watch alike).
+#[tokio::test]
+async fn grpc_calls_need_a_key_and_see_only_their_tenants_jobs() {
+    use ocr_runtime::api::grpc::proto::{
+        ocr_jobs_client::OcrJobsClient, GetJobRequest, SubmitRequest,
+    };
+    use ocr_runtime::domain::tenant::{NewKey, Tenant};
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_in(dir.path());
+    config.auth.mode = ocr_runtime::config::AuthMode::Required;
+    let server = standalone::start(&config, engine()).await.unwrap();
+    let mut keys = Vec::new();
+    for tenant in ["acme", "globex"] {
+        let key = NewKey::generate().unwrap();
+        server
+            .store
+            .create_key(&Tenant::parse(tenant).unwrap(), &key, 0)
+            .await
+            .unwrap();
+        keys.push(key.token);
+    }
+    fn with_key<T>(key: &str, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {key}").parse().unwrap());
+        request
+    }
+    let grpc = server.front_ends.expect("gRPC").grpc_addr;
+    let mut client = OcrJobsClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let submit = SubmitRequest {
+        image: INVOICE.to_vec(),
+        content_type: "image/png".into(),
+        idempotency_key: String::new(),
+    };
+    let refused = client.submit(submit.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    let forged = client
+        .submit(with_key("ocr_0000000000000000_00", submit.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(forged.code(), tonic::Code::Unauthenticated);
+
+    let job = client
+        .submit(with_key(&keys[0], submit))
+        .await
+        .unwrap()
+        .into_inner();
+    let get = |key: &str| with_key(key, GetJobRequest { id: job.id.clone() });
+    assert_eq!(
+        client.get(get(&keys[1])).await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    assert_eq!(
+        client.watch(get(&keys[1])).await.err().map(|s| s.code()),
+        Some(tonic::Code::NotFound)
+    );
+    assert_eq!(
+        client
+            .get(GetJobRequest { id: job.id.clone() })
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::Unauthenticated
+    );
+    let own = client.get(get(&keys[0])).await.unwrap().into_inner();
+    assert_eq!(own.id, job.id);
+    server.stop().await;
+}
+
+/// The defaults listen on loopback only, where keys are optional; the same
+/// server on every interface requires keys (auth.mode = auto).
+#[tokio::test]
+async fn default_listeners_are_loopback_and_other_addresses_require_keys() {
+    let defaults = Config::default();
+    for addr in [&defaults.server.http_addr, &defaults.server.grpc_addr] {
+        let addr: std::net::SocketAddr = addr.parse().unwrap();
+        assert!(addr.ip().is_loopback(), "{addr}");
+    }
+    assert!(!defaults.server.grpc_reflection);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_in(dir.path());
+    config.server.http_addr = "0.0.0.0:0".into();
+    let server = standalone::start(&config, engine()).await.unwrap();
+    let front = server.front_ends.expect("front ends");
+    assert!(front.keys_required);
+    let base = format!("http://127.0.0.1:{}", front.http_addr.port());
+    let client = reqwest::Client::new();
+    let refused = client
+        .post(format!("{base}/v1/jobs"))
+        .header("content-type", "image/png")
+        .body(INVOICE.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    // The first start made a key (main prints it); it is accepted.
+    let key = standalone::first_key(&server.store, &front)
+        .await
+        .unwrap()
+        .expect("no key existed yet");
+    assert!(standalone::first_key(&server.store, &front)
+        .await
+        .unwrap()
+        .is_none());
+    let accepted = client
+        .post(format!("{base}/v1/jobs"))
+        .header("content-type", "image/png")
+        .header("authorization", format!("Bearer {}", key.token))
+        .body(INVOICE.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(accepted.status(), 202);
     server.stop().await;
 }

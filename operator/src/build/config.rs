@@ -40,6 +40,8 @@ pub fn pipeline_config(p: &OcrPipeline, worker_mode: Architecture) -> Config {
             Device::Cpu => 1,
         },
     };
+    // The pod's /tmp emptyDir outlives a crashed container.
+    worker.crash_journal_dir = format!("{TMP_DIR}/ocr-crash-journal");
     let writer = &mut config.writer;
     writer.retries = count(s.writer.retries);
     writer.retry_initial_ms = count(s.writer.retry_initial_ms);
@@ -63,6 +65,17 @@ pub fn pipeline_config(p: &OcrPipeline, worker_mode: Architecture) -> Config {
     model.precision = s.model.effective_precision();
     if let Some(redis) = &s.redis {
         config.redis.requests_per_minute = count(redis.requests_per_minute);
+    }
+    config.auth.mode = match s.api.auth.mode {
+        ApiAuthMode::Required => AuthMode::Required,
+        ApiAuthMode::Disabled => AuthMode::Disabled,
+    };
+    if s.api.auth.keys_secret.is_some() {
+        config.auth.keys_dir = API_KEYS_DIR.into();
+    }
+    if s.api.tls.is_some() {
+        config.server.tls_cert_file = format!("{TLS_DIR}/tls.crt");
+        config.server.tls_key_file = format!("{TLS_DIR}/tls.key");
     }
     config
 }

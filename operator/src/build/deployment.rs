@@ -4,11 +4,14 @@
 
 use super::*;
 
-fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+/// A probe of the `http` port; HTTPS where the API serves TLS (the kubelet
+/// does not verify the certificate).
+fn http_probe(path: &str, period: i32, failures: i32, tls: bool) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
             port: IntOrString::String("http".into()),
+            scheme: tls.then(|| "HTTPS".to_owned()),
             ..HTTPGetAction::default()
         }),
         period_seconds: Some(period),
@@ -22,14 +25,14 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
 /// storage or a first CUDA initialisation), the API and the writer once
 /// their database is connected and migrated. Liveness alone would restart
 /// them after a minute.
-fn startup_probe(role: Role) -> Probe {
+fn startup_probe(role: Role, tls: bool) -> Probe {
     let failures = match role {
         // 10 minutes.
         Role::Worker => 120,
         // 2 minutes.
         Role::Api | Role::Writer => 24,
     };
-    http_probe("/livez", 5, failures)
+    http_probe("/livez", 5, failures, tls)
 }
 
 /// CPU and memory requests a role gets when its `resources` leave them out
@@ -226,6 +229,9 @@ pub(super) fn deployment(
         env_vars.extend(per_deployment_env(&config, &keys::WRITER_ONLY)?);
         env_vars.extend(webhook_secret_env(ctx));
     }
+    if role == Role::Api {
+        env_vars.extend(per_deployment_env(&config, &keys::API_ONLY)?);
+    }
     if let Some(endpoint) = &spec.observability.otlp_endpoint {
         env_vars.push(env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()));
         env_vars.push(env("OTEL_SERVICE_NAME", format!("ocr-{component}")));
@@ -273,6 +279,33 @@ pub(super) fn deployment(
             }),
             ..Volume::default()
         });
+    }
+    if role == Role::Api {
+        let secrets = [
+            ("api-keys", API_KEYS_DIR, spec.api.auth.keys_secret.as_ref()),
+            (
+                "tls",
+                TLS_DIR,
+                spec.api.tls.as_ref().map(|tls| &tls.secret_name),
+            ),
+        ];
+        for (name, path, secret) in secrets {
+            let Some(secret) = secret else { continue };
+            mounts.push(VolumeMount {
+                name: name.into(),
+                mount_path: path.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            });
+            volumes.push(Volume {
+                name: name.into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(secret.clone()),
+                    ..SecretVolumeSource::default()
+                }),
+                ..Volume::default()
+            });
+        }
     }
     let mut init_containers = Vec::new();
     if role == Role::Worker {
@@ -336,6 +369,9 @@ pub(super) fn deployment(
         ..Volume::default()
     });
 
+    // Only the API serves its front ends over TLS; the other roles' probe
+    // and metrics port stays plain.
+    let tls = role == Role::Api && spec.api.tls.is_some();
     let (replicas, grace) = match role {
         Role::Api => (spec.api.replicas, 30),
         Role::Worker => (spec.worker.replicas, 60),
@@ -352,9 +388,9 @@ pub(super) fn deployment(
         args: Some(vec![component.into()]),
         env: Some(env_vars),
         ports: Some(ports),
-        startup_probe: Some(startup_probe(role)),
-        liveness_probe: Some(http_probe("/livez", 10, 6)),
-        readiness_probe: Some(http_probe("/readyz", 5, 3)),
+        startup_probe: Some(startup_probe(role, tls)),
+        liveness_probe: Some(http_probe("/livez", 10, 6, tls)),
+        readiness_probe: Some(http_probe("/readyz", 5, 3, tls)),
         resources: Some(role_resources(ctx, role)),
         volume_mounts: Some(mounts),
         security_context: Some(container_security_context()),

@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{
     ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, LocalObjectReference,
     PersistentVolumeClaimVolumeSource, PodAffinityTerm, PodAntiAffinity, PodSecurityContext,
     PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
-    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
     WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
@@ -28,10 +28,10 @@ use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use ocr_contract::config::{Config, QueueKind, RenderError};
+use ocr_contract::config::{AuthMode, Config, QueueKind, RenderError};
 use ocr_contract::env::{self as contract_env, env_name, keys};
 
-use crate::crd::{AntiAffinity, Architecture, Device, OcrPipeline};
+use crate::crd::{AntiAffinity, ApiAuthMode, Architecture, Device, OcrPipeline};
 use crate::migration::Plan;
 use crate::validate::ValidPipeline;
 
@@ -71,6 +71,10 @@ pub const TMP_DIR: &str = "/tmp";
 /// autoscaler takes the count over (see [`replicas_handover`]).
 pub const REPLICAS_HANDOVER_MANAGER: &str = "ocr-operator-replicas-handover";
 pub const GRPC_PORT: i32 = 50051;
+/// Where `spec.api.auth.keysSecret` is mounted in the API pods.
+pub const API_KEYS_DIR: &str = "/var/run/ocr/api-keys";
+/// Where `spec.api.tls.secretName` is mounted in the API pods.
+pub const TLS_DIR: &str = "/var/run/ocr/tls";
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 
 #[derive(Debug, thiserror::Error)]
@@ -500,6 +504,91 @@ mod tests {
             api_url("demo", "ocr", &p),
             format!("http://{}.ocr.svc:8081", service.name)
         );
+    }
+
+    fn env_value<'a>(container: &'a Value, name: &str) -> Option<&'a str> {
+        container["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str())
+    }
+
+    fn volume<'a>(d: &'a Value, name: &str) -> Option<&'a Value> {
+        d["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == name)
+    }
+
+    /// Keys and TLS reach the API pods only: each Secret mounted where the
+    /// API's variables point, probes over HTTPS, `status.url` in https; the
+    /// workers and writers (which serve no clients) are left as they were.
+    #[test]
+    fn api_keys_and_certificate_are_wired_into_the_api_pods_only() {
+        let p = pipeline(json!({"api": {
+            "auth": {"keysSecret": "tenants"},
+            "tls": {"secretName": "api-cert"},
+        }}));
+        let r = rendered(&p);
+        let api = deployment(&r, Role::Api);
+        let c = container(api, "api");
+        assert_eq!(
+            volume(api, "api-keys").expect("keys volume")["secret"]["secretName"],
+            "tenants"
+        );
+        assert_eq!(
+            volume(api, "tls").expect("tls volume")["secret"]["secretName"],
+            "api-cert"
+        );
+        let mounted = |name: &str| {
+            c["volumeMounts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|m| m["name"] == name)
+                .and_then(|m| m["mountPath"].as_str())
+                .map(str::to_owned)
+        };
+        assert_eq!(mounted("api-keys").as_deref(), Some(API_KEYS_DIR));
+        assert_eq!(
+            env_value(c, &env_name(keys::AUTH_KEYS_DIR)),
+            Some(API_KEYS_DIR)
+        );
+        assert_eq!(env_value(c, &env_name(keys::AUTH_MODE)), Some("required"));
+        let cert = env_value(c, &env_name(keys::TLS_CERT_FILE)).expect("cert file");
+        assert!(cert.starts_with(&mounted("tls").expect("tls mount")));
+        for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
+            assert_eq!(c[probe]["httpGet"]["scheme"], "HTTPS", "{probe}");
+        }
+        assert!(api_url("demo", "ocr", &p).starts_with("https://"));
+        let shared = r
+            .objects
+            .iter()
+            .find(|o| o.kind == ManagedKind::ConfigMap)
+            .expect("the shared configuration");
+        assert!(!shared.body.to_string().contains("/var/run/ocr"));
+        for role in [Role::Worker, Role::Writer] {
+            let d = deployment(&r, role);
+            let c = container(d, role.as_str());
+            assert!(volume(d, "api-keys").is_none() && volume(d, "tls").is_none());
+            assert_eq!(env_value(c, &env_name(keys::AUTH_MODE)), None);
+            assert!(c["readinessProbe"]["httpGet"]["scheme"].is_null());
+        }
+    }
+
+    /// A pipeline that says nothing about auth requires keys.
+    #[test]
+    fn the_api_requires_keys_unless_told_otherwise() {
+        let r = rendered(&pipeline(json!({})));
+        let c = container(deployment(&r, Role::Api), "api");
+        assert_eq!(env_value(c, &env_name(keys::AUTH_MODE)), Some("required"));
+        assert_eq!(env_value(c, &env_name(keys::AUTH_KEYS_DIR)), None);
+        let r = rendered(&pipeline(json!({"api": {"auth": {"mode": "Disabled"}}})));
+        let c = container(deployment(&r, Role::Api), "api");
+        assert_eq!(env_value(c, &env_name(keys::AUTH_MODE)), Some("disabled"));
     }
 
     fn container<'a>(d: &'a Value, name: &str) -> &'a Value {

@@ -5,8 +5,13 @@ use super::*;
 /// The in-cluster address of the API Service that [`api_service`] renders
 /// (`status.url`): its DNS name, which resolves in every namespace, and its HTTP port.
 pub fn api_url(pipeline_name: &str, namespace: &str, p: &OcrPipeline) -> String {
+    let scheme = if p.spec.api.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     format!(
-        "http://{}.{namespace}.svc:{}",
+        "{scheme}://{}.{namespace}.svc:{}",
         object_name(pipeline_name, Role::Api.as_str()),
         p.spec.api.service.port
     )

@@ -2,10 +2,12 @@
 //! stream that follows a job to its final state.
 
 use super::admission::{Admission, FRAMING_BYTES};
+use super::auth::{AuthError, Authenticator};
 use crate::app::submit::{Submission, SubmitError, Submitted, Submitter};
+use crate::domain::tenant::Tenant;
 use crate::domain::{Job, JobId, JobStatus};
 use crate::metrics::Metrics;
-use futures::Stream;
+use futures::{Future, Stream};
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
@@ -26,22 +28,56 @@ pub struct GrpcJobs {
     submitter: Submitter,
     metrics: Metrics,
     admission: Admission,
+    auth: Authenticator,
 }
 
 impl GrpcJobs {
-    /// `admission` is shared with the HTTP front end: one budget per process.
-    pub fn new(submitter: Submitter, metrics: Metrics, admission: Admission) -> Self {
+    /// `admission` and `auth` are shared with the HTTP front end: one budget
+    /// and one key cache per process.
+    pub fn new(
+        submitter: Submitter,
+        metrics: Metrics,
+        admission: Admission,
+        auth: Authenticator,
+    ) -> Self {
         GrpcJobs {
             submitter,
             metrics,
             admission,
+            auth,
         }
+    }
+
+    /// The caller's tenant from the `authorization` metadata.
+    async fn caller<T>(&self, request: &Request<T>) -> Result<Tenant, Status> {
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .map(|value| value.as_bytes());
+        self.auth
+            .authenticate(authorization)
+            .await
+            .map_err(|err| match err {
+                AuthError::Missing | AuthError::Invalid => Status::unauthenticated(err.to_string()),
+                AuthError::Unavailable(ref source) => {
+                    tracing::error!(error = %source, "checking an API key failed");
+                    Status::unavailable(err.to_string())
+                }
+            })
     }
 
     /// The service with a message limit that admits the largest accepted image.
     pub fn into_server(self) -> OcrJobsServer<GrpcJobs> {
         let limit = self.submitter.limits.max_body_bytes + FRAMING_BYTES;
         OcrJobsServer::new(self).max_decoding_message_size(limit)
+    }
+
+    /// The layer that admits this service's submissions (see [`AdmitSubmissions`]).
+    pub fn admission_layer(&self) -> AdmitSubmissions {
+        AdmitSubmissions {
+            admission: self.admission.clone(),
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
@@ -114,7 +150,9 @@ fn submit_status(err: SubmitError) -> Status {
             Status::invalid_argument(err.to_string())
         }
         SubmitError::KeyInFlight => Status::aborted(err.to_string()),
-        SubmitError::RateLimited { .. } => Status::resource_exhausted(err.to_string()),
+        SubmitError::RateLimited { .. } | SubmitError::QuotaExceeded { .. } => {
+            Status::resource_exhausted(err.to_string())
+        }
         SubmitError::RateLimiterDown => Status::unavailable(err.to_string()),
         SubmitError::Store(_) | SubmitError::Blob(_) | SubmitError::Internal(_) => {
             tracing::error!(error = %err, "gRPC submission failed");
@@ -128,10 +166,11 @@ fn parse_id(id: &str) -> Result<JobId, Status> {
         .map_err(|_| Status::invalid_argument(format!("{id:?} is not a job id")))
 }
 
-async fn load(submitter: &Submitter, id: JobId) -> Result<Job, Status> {
+/// The job if it belongs to `tenant`; another tenant's job is not found.
+async fn load(submitter: &Submitter, tenant: &Tenant, id: JobId) -> Result<Job, Status> {
     match submitter.store.get(id).await {
-        Ok(Some(job)) => Ok(job),
-        Ok(None) => Err(Status::not_found(format!("no job {id}"))),
+        Ok(Some(job)) if job.client_id == tenant.as_str() => Ok(job),
+        Ok(_) => Err(Status::not_found(format!("no job {id}"))),
         Err(err) => {
             tracing::error!(error = %err, "reading a job failed");
             Err(Status::unavailable("the job store is unavailable"))
@@ -147,25 +186,16 @@ impl OcrJobs for GrpcJobs {
         &self,
         request: Request<proto::SubmitRequest>,
     ) -> Result<Response<proto::Job>, Status> {
+        // Admitted by [`AdmitSubmissions`] before tonic read the message.
         let started = Instant::now();
-        // tonic has read the message by now (within its size limit); the
-        // budget still bounds how many are checked and stored at once.
-        let declared = request.get_ref().image.len() as u64;
-        let _admitted = self
-            .admission
-            .try_admit(Some(declared))
-            .map_err(|overloaded| {
-                self.metrics.submitted("shed", started.elapsed());
-                Status::unavailable(overloaded.to_string())
-            })?;
+        let tenant = self.caller(&request).await.inspect_err(|_| {
+            self.metrics.submitted("rejected", started.elapsed());
+        })?;
         let request = request.into_inner();
-        let client_id = Some(request.client_id)
-            .filter(|c| !c.trim().is_empty() && c.len() <= 128)
-            .unwrap_or_else(|| "anonymous".into());
         let outcome = self
             .submitter
             .submit(Submission {
-                client_id,
+                tenant,
                 idempotency_key: Some(request.idempotency_key).filter(|k| !k.is_empty()),
                 content_type: request.content_type,
                 body: request.image.into(),
@@ -186,8 +216,9 @@ impl OcrJobs for GrpcJobs {
         &self,
         request: Request<proto::GetJobRequest>,
     ) -> Result<Response<proto::Job>, Status> {
+        let tenant = self.caller(&request).await?;
         let id = parse_id(&request.into_inner().id)?;
-        let job = load(&self.submitter, id).await?;
+        let job = load(&self.submitter, &tenant, id).await?;
         Ok(Response::new(job_to_proto(&job, false)?))
     }
 
@@ -197,17 +228,20 @@ impl OcrJobs for GrpcJobs {
         &self,
         request: Request<proto::GetJobRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let tenant = self.caller(&request).await?;
         let id = parse_id(&request.into_inner().id)?;
         // Fail fast on an unknown id instead of streaming nothing.
-        load(&self.submitter, id).await?;
+        load(&self.submitter, &tenant, id).await?;
         struct Cursor {
             submitter: Submitter,
+            tenant: Tenant,
             id: JobId,
             last: Option<(JobStatus, u32)>,
             finished: bool,
         }
         let cursor = Cursor {
             submitter: self.submitter.clone(),
+            tenant,
             id,
             last: None,
             finished: false,
@@ -217,7 +251,7 @@ impl OcrJobs for GrpcJobs {
                 return None;
             }
             loop {
-                let job = match load(&cursor.submitter, cursor.id).await {
+                let job = match load(&cursor.submitter, &cursor.tenant, cursor.id).await {
                     Ok(job) => job,
                     Err(status) => {
                         cursor.finished = true;
@@ -234,6 +268,85 @@ impl OcrJobs for GrpcJobs {
             }
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// The path of `Submit` in HTTP/2 requests.
+const SUBMIT_PATH: &str = "/ocr.v1.OcrJobs/Submit";
+
+/// Admits `Submit` calls before tonic reads their message: tonic buffers a
+/// whole message before the handler runs, so a handler that admitted would
+/// bound nothing. A gRPC request declares no length, so each counts at the
+/// largest accepted message, as an HTTP upload without `Content-Length`
+/// does. Past the budget: `UNAVAILABLE` at once. Other calls pass.
+#[derive(Clone)]
+pub struct AdmitSubmissions {
+    admission: Admission,
+    metrics: Metrics,
+}
+
+impl<S> tower_layer::Layer<S> for AdmitSubmissions {
+    type Service = Admitting<S>;
+
+    fn layer(&self, inner: S) -> Admitting<S> {
+        Admitting {
+            inner,
+            gate: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Admitting<S> {
+    inner: S,
+    gate: AdmitSubmissions,
+}
+
+impl<S, ReqBody, ResBody> tower_service::Service<axum::http::Request<ReqBody>> for Admitting<S>
+where
+    S: tower_service::Service<
+            axum::http::Request<ReqBody>,
+            Response = axum::http::Response<ResBody>,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = axum::http::Response<ResBody>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: axum::http::Request<ReqBody>) -> Self::Future {
+        let admitted = if request.uri().path() == SUBMIT_PATH {
+            match self.gate.admission.try_admit(None) {
+                Ok(admitted) => Some(admitted),
+                Err(overloaded) => {
+                    self.gate.metrics.submitted("shed", Duration::ZERO);
+                    let refused = Status::unavailable(overloaded.to_string()).into_http();
+                    return Box::pin(async move { Ok(refused) });
+                }
+            }
+        } else {
+            None
+        };
+        // The service that was polled ready serves this call; a fresh clone
+        // waits for the next one.
+        let clone = self.inner.clone();
+        let mut ready = std::mem::replace(&mut self.inner, clone);
+        let response = ready.call(request);
+        Box::pin(async move {
+            let response = response.await;
+            drop(admitted);
+            response
+        })
     }
 }
 

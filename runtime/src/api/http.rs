@@ -2,7 +2,9 @@
 //! and the OpenAPI document.
 
 use super::admission::{Admission, Overloaded, FRAMING_BYTES};
+use super::auth::{AuthError, Authenticator};
 use crate::app::submit::{Submission, SubmitError, Submitted, Submitter};
+use crate::domain::tenant::Tenant;
 use crate::domain::{Job, JobId, JobStatus};
 use crate::health::Liveness;
 use crate::metrics::Metrics;
@@ -22,14 +24,17 @@ pub struct HttpState {
     pub metrics: Metrics,
     pub admission: Admission,
     pub liveness: Liveness,
+    pub auth: Authenticator,
 }
 
 impl HttpState {
     /// Sheds load by the submitter's limits; alive unless told otherwise
-    /// ([`HttpState::with_liveness`]).
+    /// ([`HttpState::with_liveness`]); keys optional unless told otherwise
+    /// ([`HttpState::with_auth`]).
     pub fn new(submitter: Submitter, metrics: Metrics) -> HttpState {
         HttpState {
             admission: Admission::new(&submitter.limits),
+            auth: Authenticator::optional(submitter.store.clone()),
             submitter,
             metrics,
             liveness: Liveness::without_engine(),
@@ -39,6 +44,11 @@ impl HttpState {
     /// For a process that also runs the engine (standalone).
     pub fn with_liveness(mut self, liveness: Liveness) -> HttpState {
         self.liveness = liveness;
+        self
+    }
+
+    pub fn with_auth(mut self, auth: Authenticator) -> HttpState {
+        self.auth = auth;
         self
     }
 
@@ -127,6 +137,11 @@ impl IntoResponse for SubmitError {
                 "bad_idempotency_key",
                 self.to_string(),
             ),
+            SubmitError::QuotaExceeded { .. } => retry_soon(error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "quota_exceeded",
+                self.to_string(),
+            )),
             SubmitError::RateLimiterDown => retry_soon(error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "rate_limiter_unavailable",
@@ -157,6 +172,40 @@ impl IntoResponse for SubmitError {
     }
 }
 
+impl IntoResponse for AuthError {
+    fn into_response(self) -> Response {
+        let code = match &self {
+            AuthError::Missing => "unauthenticated",
+            AuthError::Invalid => "invalid_key",
+            AuthError::Unavailable(err) => {
+                tracing::error!(error = %err, "checking an API key failed");
+                return retry_soon(error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    self.to_string(),
+                ));
+            }
+        };
+        let mut response = error(StatusCode::UNAUTHORIZED, code, self.to_string());
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        response
+    }
+}
+
+/// The caller's tenant, or the answer that refuses it.
+async fn caller(state: &HttpState, headers: &HeaderMap) -> Result<Tenant, Response> {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
+    state
+        .auth
+        .authenticate(authorization)
+        .await
+        .map_err(IntoResponse::into_response)
+}
+
 pub fn router(state: HttpState) -> Router {
     // Multipart framing adds a little to the image itself.
     let body_limit = state.submitter.limits.max_body_bytes + FRAMING_BYTES;
@@ -176,18 +225,26 @@ pub fn router(state: HttpState) -> Router {
 #[openapi(
     info(title = "OCR serving API", description = "Asynchronous OCR jobs"),
     paths(create_job, get_job, get_result),
-    components(schemas(JobView, JobStatus, ErrorBody, ErrorDetail))
+    components(schemas(JobView, JobStatus, ErrorBody, ErrorDetail)),
+    modifiers(&BearerKeys),
+    security(("api_key" = []))
 )]
 pub struct ApiDoc;
 
-fn client_id(headers: &HeaderMap) -> String {
-    headers
-        .get("x-client-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty() && v.len() <= 128)
-        .unwrap_or("anonymous")
-        .to_owned()
+/// `Authorization: Bearer <key>` in the OpenAPI document.
+struct BearerKeys;
+
+impl utoipa::Modify for BearerKeys {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "api_key",
+                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
+    }
 }
 
 /// Submit an image for OCR.
@@ -196,11 +253,12 @@ fn client_id(headers: &HeaderMap) -> String {
     path = "/v1/jobs",
     request_body(content = Vec<u8>, description = "The image: a raw body (image/png, image/jpeg, image/tiff, image/webp, image/bmp) or multipart/form-data with one file part", content_type = "image/png"),
     params(
-        ("Idempotency-Key" = Option<String>, Header, description = "Same key and body: the same job; same key, other body: 422"),
-        ("X-Client-Id" = Option<String>, Header, description = "Tenant or client the job belongs to"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Same key and body (for this tenant): the same job; same key, other body: 422"),
     ),
     responses(
         (status = 202, description = "Accepted; poll the Location", body = JobView),
+        (status = 401, description = "No key where keys are required, or a key that is not valid", body = ErrorBody),
+        (status = 429, description = "Rate limited, or the tenant's quota of unfinished jobs is reached (code quota_exceeded); retry after Retry-After", body = ErrorBody),
         (status = 409, description = "The same Idempotency-Key is still in flight", body = ErrorBody),
         (status = 413, description = "Body or image too large", body = ErrorBody),
         (status = 415, description = "Unsupported content type", body = ErrorBody),
@@ -224,6 +282,13 @@ async fn create_job(State(state): State<HttpState>, request: Request) -> Respons
         }
     };
     let headers = request.headers().clone();
+    let tenant = match caller(&state, &headers).await {
+        Ok(tenant) => tenant,
+        Err(refused) => {
+            state.metrics.submitted("rejected", started.elapsed());
+            return refused;
+        }
+    };
     let idempotency_key = headers
         .get("idempotency-key")
         .map(|v| v.to_str().map(str::to_owned));
@@ -255,7 +320,7 @@ async fn create_job(State(state): State<HttpState>, request: Request) -> Respons
     let outcome = state
         .submitter
         .submit(Submission {
-            client_id: client_id(&headers),
+            tenant,
             idempotency_key,
             content_type,
             body,
@@ -405,18 +470,30 @@ fn retry_soon(mut response: Response) -> Response {
     params(("id" = String, Path, description = "Job id")),
     responses(
         (status = 200, body = JobView),
-        (status = 404, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "No such job for this tenant", body = ErrorBody),
     )
 )]
-async fn get_job(State(state): State<HttpState>, Path(id): Path<String>) -> Response {
-    let id = match parse_id(&id) {
-        Ok(id) => id,
-        Err(bad) => return bad.into_response(),
-    };
+async fn get_job(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    match own_job(&state, &headers, &id).await {
+        Ok(job) => Json(JobView::from(&job)).into_response(),
+        Err(refused) => refused,
+    }
+}
+
+/// The job `id` if it belongs to the caller's tenant. Another tenant's job
+/// is answered exactly like a missing one, so ids reveal nothing.
+async fn own_job(state: &HttpState, headers: &HeaderMap, id: &str) -> Result<Job, Response> {
+    let tenant = caller(state, headers).await?;
+    let id = parse_id(id).map_err(IntoResponse::into_response)?;
     match state.submitter.store.get(id).await {
-        Ok(Some(job)) => Json(JobView::from(&job)).into_response(),
-        Ok(None) => not_found(id),
-        Err(err) => unavailable(err),
+        Ok(Some(job)) if job.client_id == tenant.as_str() => Ok(job),
+        Ok(_) => Err(not_found(id)),
+        Err(err) => Err(unavailable(err)),
     }
 }
 
@@ -427,19 +504,19 @@ async fn get_job(State(state): State<HttpState>, Path(id): Path<String>) -> Resp
     params(("id" = String, Path, description = "Job id")),
     responses(
         (status = 200, description = "The recognised page", content_type = "application/json"),
-        (status = 404, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "No such job for this tenant", body = ErrorBody),
         (status = 409, description = "Not finished, or failed", body = ErrorBody),
     )
 )]
-async fn get_result(State(state): State<HttpState>, Path(id): Path<String>) -> Response {
-    let id = match parse_id(&id) {
-        Ok(id) => id,
-        Err(bad) => return bad.into_response(),
-    };
-    let job = match state.submitter.store.get(id).await {
-        Ok(Some(job)) => job,
-        Ok(None) => return not_found(id),
-        Err(err) => return unavailable(err),
+async fn get_result(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let job = match own_job(&state, &headers, &id).await {
+        Ok(job) => job,
+        Err(refused) => return refused,
     };
     match (job.status, job.result) {
         (JobStatus::Succeeded, Some(result)) => (

@@ -2,6 +2,7 @@
 //! touch the database, so inference keeps going while it is slow or down.
 //! The writer role persists the events.
 
+use super::crash_journal::CrashJournal;
 use super::process::{infer, HandleJobs, Handled, JobInHand, RecognizeFailure};
 use crate::domain::message::{traceparent, InferenceOutcome, JobMessage, ResultEvent};
 use crate::domain::JobId;
@@ -23,10 +24,12 @@ pub struct InferAndPublish {
     pub store: Option<JobStore>,
     pub engine: Arc<dyn Recognize>,
     pub results: Arc<dyn MessageSink>,
-    /// Transient failures of one job (in this process) before it gives up.
+    /// Tries of one job (transient failures in this process, plus processes
+    /// that died with it in the engine) before it gives up.
     pub max_attempts: u32,
     pub metrics: Metrics,
     failures: Mutex<HashMap<JobId, u32>>,
+    journal: CrashJournal,
 }
 
 /// What became of one job before publishing.
@@ -52,7 +55,32 @@ impl InferAndPublish {
             max_attempts,
             metrics,
             failures: Mutex::new(HashMap::new()),
+            journal: CrashJournal::disabled(),
         }
+    }
+
+    /// Counts the processes that die with a job in the engine (see
+    /// [`CrashJournal`]): such a job is inferred alone from then on and
+    /// given up at `max_attempts`.
+    pub fn with_crash_journal(mut self, journal: CrashJournal) -> Self {
+        self.journal = journal;
+        self
+    }
+
+    /// One engine call over `inputs`, recorded in the crash journal while it runs.
+    async fn infer_journaled(
+        &self,
+        ids: &[JobId],
+        inputs: Vec<bytes::Bytes>,
+    ) -> Vec<Result<ocr_engine::Page, RecognizeFailure>> {
+        if let Err(err) = self.journal.entering(ids) {
+            tracing::warn!(error = %err, "writing the crash journal failed");
+        }
+        let results = infer(&self.engine, inputs, &self.metrics).await;
+        if let Err(err) = self.journal.left() {
+            tracing::warn!(error = %err, "writing the crash journal failed");
+        }
+        results
     }
 
     /// Counts a transient failure; past the budget the job gives up and a
@@ -63,7 +91,7 @@ impl InferAndPublish {
             let count = failures.entry(job_id).or_insert(0);
             *count += 1;
             *count
-        };
+        } + self.journal.crashes(job_id);
         if failures < self.max_attempts {
             return Prepared::Done(Handled::Retry(reason));
         }
@@ -78,7 +106,21 @@ impl InferAndPublish {
 
     fn attempt(&self, job_id: JobId) -> u32 {
         let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        failures.get(&job_id).copied().unwrap_or(0) + 1
+        failures.get(&job_id).copied().unwrap_or(0) + self.journal.crashes(job_id) + 1
+    }
+
+    /// The `GaveUp` event of a job that processes kept dying on.
+    fn crashed_too_often(&self, job_id: JobId) -> Prepared {
+        let crashes = self.journal.crashes(job_id);
+        Prepared::Publish(ResultEvent {
+            job_id,
+            attempt: crashes,
+            outcome: InferenceOutcome::GaveUp {
+                reason: format!(
+                    "gave up after {crashes} attempts: the worker process died during inference each time"
+                ),
+            },
+        })
     }
 
     async fn read_input(&self, message: &JobMessage) -> Result<bytes::Bytes, Prepared> {
@@ -123,6 +165,9 @@ impl InferAndPublish {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&event.job_id);
+                if let Err(err) = self.journal.forget(event.job_id) {
+                    tracing::warn!(error = %err, "writing the crash journal failed");
+                }
                 match &event.outcome {
                     InferenceOutcome::Recognized { .. } => Handled::Succeeded,
                     InferenceOutcome::BadInput { reason } => Handled::Failed(reason.clone()),
@@ -144,35 +189,54 @@ impl HandleJobs for InferAndPublish {
         }))
         .await;
         let mut prepared: Vec<Option<Prepared>> = Vec::with_capacity(jobs.len());
-        let mut to_infer = Vec::new();
-        let mut bytes = Vec::new();
+        // Jobs a process died with in the engine run alone, after the
+        // others, so a crashing image takes no batch-mate down with it again.
+        let mut together = Vec::new();
+        let mut alone = Vec::new();
         for (slot, input) in inputs.into_iter().enumerate() {
+            let job_id = jobs[slot].message.job_id;
             match input {
+                Ok(_) if self.journal.crashes(job_id) >= self.max_attempts => {
+                    prepared.push(Some(self.crashed_too_often(job_id)));
+                }
+                Ok(input) if self.journal.crashes(job_id) > 0 => {
+                    prepared.push(None);
+                    alone.push(vec![(slot, input)]);
+                }
                 Ok(input) => {
                     prepared.push(None);
-                    to_infer.push(slot);
-                    bytes.push(input);
+                    together.push((slot, input));
                 }
                 Err(done) => prepared.push(Some(done)),
             }
         }
-        let results = infer(&self.engine, bytes, &self.metrics).await;
-        for (slot, result) in to_infer.into_iter().zip(results) {
-            let job_id = jobs[slot].message.job_id;
-            let attempt = self.attempt(job_id);
-            prepared[slot] = Some(match result {
-                Ok(page) => Prepared::Publish(ResultEvent {
-                    job_id,
-                    attempt,
-                    outcome: InferenceOutcome::Recognized { page },
-                }),
-                Err(RecognizeFailure::BadInput(reason)) => Prepared::Publish(ResultEvent {
-                    job_id,
-                    attempt,
-                    outcome: InferenceOutcome::BadInput { reason },
-                }),
-                Err(RecognizeFailure::Engine(reason)) => self.transient(job_id, reason),
-            });
+        for group in std::iter::once(together).chain(alone) {
+            if group.is_empty() {
+                continue;
+            }
+            let ids: Vec<JobId> = group
+                .iter()
+                .map(|(slot, _)| jobs[*slot].message.job_id)
+                .collect();
+            let (slots, bytes): (Vec<usize>, Vec<bytes::Bytes>) = group.into_iter().unzip();
+            let results = self.infer_journaled(&ids, bytes).await;
+            for (slot, result) in slots.into_iter().zip(results) {
+                let job_id = jobs[slot].message.job_id;
+                let attempt = self.attempt(job_id);
+                prepared[slot] = Some(match result {
+                    Ok(page) => Prepared::Publish(ResultEvent {
+                        job_id,
+                        attempt,
+                        outcome: InferenceOutcome::Recognized { page },
+                    }),
+                    Err(RecognizeFailure::BadInput(reason)) => Prepared::Publish(ResultEvent {
+                        job_id,
+                        attempt,
+                        outcome: InferenceOutcome::BadInput { reason },
+                    }),
+                    Err(RecognizeFailure::Engine(reason)) => self.transient(job_id, reason),
+                });
+            }
         }
         join_all(prepared.into_iter().zip(jobs).map(|(p, job)| async move {
             match p {

@@ -3,6 +3,7 @@
 //! persisting results (the writer role).
 
 pub mod bounded;
+pub mod crash_journal;
 pub mod fault;
 pub mod infer;
 pub mod input;

@@ -117,39 +117,58 @@ pub struct Processor {
 
 enum Claim {
     Claimed(Job),
+    /// Left for later: see [`Processor::handle`].
+    Suspect,
     Done(Handled),
 }
 
 /// Handles a batch; the result has one entry per job, in order. The
 /// database round trips of a batch run concurrently.
+///
+/// A job that is already `Processing` when its message arrives was claimed
+/// by a worker that never finished it: most likely that worker died inside
+/// the engine, and a crashing image takes its whole batch down with it. Such
+/// suspects are claimed and inferred one at a time, after the rest of the
+/// batch is recorded, so an image that crashes the process again charges an
+/// attempt to itself only and is dead-lettered at `worker.max_attempts`,
+/// while its former batch-mates finish.
 #[async_trait]
 impl HandleJobs for Processor {
     async fn handle(&self, jobs: &[JobInHand]) -> Vec<Handled> {
         let mut outcomes: Vec<Option<Handled>> = vec![None; jobs.len()];
+        let defer_suspects = jobs.len() > 1;
         let claims = join_all(jobs.iter().map(|job| {
-            self.claim_with_input(job.message.job_id)
+            self.claim_with_input(job.message.job_id, defer_suspects)
                 .instrument(tracing::info_span!(parent: &job.span, "ocr.claim"))
         }))
         .await;
-        let mut claimed: Vec<(usize, Job)> = Vec::new();
-        let mut inputs = Vec::new();
+        let mut claimed = Vec::new();
+        let mut suspects = Vec::new();
         for (slot, claim) in claims.into_iter().enumerate() {
             match claim {
-                Ok((job, bytes)) => {
-                    claimed.push((slot, job));
-                    inputs.push(bytes);
-                }
+                Ok(Some((job, bytes))) => claimed.push((slot, job, bytes)),
+                Ok(None) => suspects.push(slot),
                 Err(outcome) => outcomes[slot] = Some(outcome),
             }
         }
-        let results = infer(&self.engine, inputs, &self.metrics).await;
-        let finished = join_all(claimed.iter().zip(results).map(|((slot, job), result)| {
-            self.finish(job, result)
-                .instrument(tracing::info_span!(parent: &jobs[*slot].span, "ocr.record"))
-        }))
-        .await;
-        for ((slot, _), outcome) in claimed.iter().zip(finished) {
-            outcomes[*slot] = Some(outcome);
+        self.infer_and_record(jobs, claimed, &mut outcomes).await;
+        for slot in suspects {
+            tracing::warn!(
+                job = %jobs[slot].message.job_id,
+                "job was left Processing by a worker that stopped; inferring it alone"
+            );
+            let claim = self
+                .claim_with_input(jobs[slot].message.job_id, false)
+                .instrument(tracing::info_span!(parent: &jobs[slot].span, "ocr.claim"))
+                .await;
+            match claim {
+                Ok(Some((job, bytes))) => {
+                    self.infer_and_record(jobs, vec![(slot, job, bytes)], &mut outcomes)
+                        .await
+                }
+                Ok(None) => {}
+                Err(outcome) => outcomes[slot] = Some(outcome),
+            }
         }
         outcomes
             .into_iter()
@@ -159,20 +178,49 @@ impl HandleJobs for Processor {
 }
 
 impl Processor {
-    /// Claims the job and reads its input; `Err` is the job's outcome when
+    /// One engine call over `claimed` (slot, job, input), then each outcome
+    /// recorded into `outcomes[slot]`.
+    async fn infer_and_record(
+        &self,
+        jobs: &[JobInHand],
+        claimed: Vec<(usize, Job, bytes::Bytes)>,
+        outcomes: &mut [Option<Handled>],
+    ) {
+        if claimed.is_empty() {
+            return;
+        }
+        let inputs = claimed.iter().map(|(_, _, bytes)| bytes.clone()).collect();
+        let results = infer(&self.engine, inputs, &self.metrics).await;
+        let finished = join_all(claimed.iter().zip(results).map(|((slot, job, _), result)| {
+            self.finish(job, result)
+                .instrument(tracing::info_span!(parent: &jobs[*slot].span, "ocr.record"))
+        }))
+        .await;
+        for ((slot, _, _), outcome) in claimed.iter().zip(finished) {
+            outcomes[*slot] = Some(outcome);
+        }
+    }
+
+    /// Claims the job and reads its input; `Ok(None)`: a suspect left for
+    /// later (only when `defer_suspect`); `Err` is the job's outcome when
     /// there is nothing to recognise.
-    async fn claim_with_input(&self, id: JobId) -> Result<(Job, bytes::Bytes), Handled> {
-        match self.claim(id).await {
+    async fn claim_with_input(
+        &self,
+        id: JobId,
+        defer_suspect: bool,
+    ) -> Result<Option<(Job, bytes::Bytes)>, Handled> {
+        match self.claim(id, defer_suspect).await {
             Ok(Claim::Done(outcome)) => Err(outcome),
+            Ok(Claim::Suspect) => Ok(None),
             Ok(Claim::Claimed(job)) => match self.blobs.get(&job.input_key).await {
-                Ok(bytes) => Ok((job, bytes)),
+                Ok(bytes) => Ok(Some((job, bytes))),
                 Err(err) => Err(self.release(&job, err.to_string()).await),
             },
             Err(err) => Err(Handled::Retry(err.to_string())),
         }
     }
 
-    async fn claim(&self, id: JobId) -> Result<Claim, StoreError> {
+    async fn claim(&self, id: JobId, defer_suspect: bool) -> Result<Claim, StoreError> {
         // A few rounds: a lost compare-and-set means the row moved under us,
         // so look again at what it is now.
         for _ in 0..4 {
@@ -216,6 +264,9 @@ impl Processor {
                     }
                     Transition::Lost => continue,
                 }
+            }
+            if defer_suspect && job.status == JobStatus::Processing {
+                return Ok(Claim::Suspect);
             }
             let changes = Changes {
                 count_attempt: true,

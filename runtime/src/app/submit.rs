@@ -5,6 +5,7 @@ use super::input::{check_image, InputError};
 use crate::config::LimitsConfig;
 use crate::domain::idempotency::{decide, HeldKey, KeyDecision};
 use crate::domain::message::JobMessage;
+use crate::domain::tenant::Tenant;
 use crate::domain::{Job, JobId, JobStatus, NewJob};
 use crate::metrics::{Metrics, SubmitStage};
 use crate::queue::{JobPublisher, QueueError};
@@ -29,7 +30,8 @@ const ABANDONED_KEY_MS: i64 = 60_000;
 const CHECK_INLINE_BYTES: usize = 256 * 1024;
 
 pub struct Submission {
-    pub client_id: String,
+    /// Who submits: the job, its idempotency key, rate limit and quota are theirs.
+    pub tenant: Tenant,
     pub idempotency_key: Option<String>,
     pub content_type: String,
     pub body: Bytes,
@@ -68,6 +70,8 @@ pub enum SubmitError {
     Internal(String),
     #[error("too many requests for this client; retry in {} s", retry_after.as_secs().max(1))]
     RateLimited { retry_after: std::time::Duration },
+    #[error("this tenant already has {limit} unfinished jobs (limits.max_open_jobs_per_tenant); retry when some have finished")]
+    QuotaExceeded { limit: u32 },
     #[error("rate limiting is unavailable (Redis does not answer) and set to refuse meanwhile; retry shortly")]
     RateLimiterDown,
 }
@@ -102,7 +106,7 @@ impl Submitter {
             parent: None,
             "ocr.accept",
             ocr.job.id = Empty,
-            ocr.client = %submission.client_id,
+            ocr.tenant = %submission.tenant,
             ocr.input.bytes = submission.body.len(),
             ocr.replayed = Empty
         );
@@ -116,12 +120,19 @@ impl Submitter {
 
     async fn accept(&self, submission: Submission) -> Result<Submitted, SubmitError> {
         if let Some(guard) = &self.guard {
-            match guard.admit(&submission.client_id, now_ms()).await {
+            match guard.admit(submission.tenant.as_str(), now_ms()).await {
                 RateDecision::Allowed => {}
                 RateDecision::Limited(retry_after) => {
                     return Err(SubmitError::RateLimited { retry_after })
                 }
                 RateDecision::Unavailable => return Err(SubmitError::RateLimiterDown),
+            }
+        }
+        let quota = self.limits.max_open_jobs_per_tenant;
+        if quota > 0 {
+            let open = self.store.count_open(submission.tenant.as_str()).await?;
+            if open >= u64::from(quota) {
+                return Err(SubmitError::QuotaExceeded { limit: quota });
             }
         }
         let stored_type = if submission.body.len() <= CHECK_INLINE_BYTES {
@@ -150,13 +161,13 @@ impl Submitter {
                 return Err(SubmitError::BadKey);
             }
             if let Some(replayed) = self
-                .cached_replay(&submission.client_id, key, &sha256)
+                .cached_replay(submission.tenant.as_str(), key, &sha256)
                 .await?
             {
                 return Ok(Submitted::Replayed(replayed));
             }
             match self
-                .reserve_key(&submission.client_id, key, &sha256)
+                .reserve_key(submission.tenant.as_str(), key, &sha256)
                 .await?
             {
                 Reserved::Held(key) => held = Some(key),
@@ -171,7 +182,10 @@ impl Submitter {
             if let Some(held) = &held {
                 // Free the key so the client's retry is not stuck behind a
                 // failure; only this request's reservation is freed.
-                let _ = self.store.release_key(&submission.client_id, held).await;
+                let _ = self
+                    .store
+                    .release_key(submission.tenant.as_str(), held)
+                    .await;
             }
         }
         let job = match created {
@@ -188,7 +202,7 @@ impl Submitter {
                 job_id: job.id,
             };
             guard
-                .remember_key(&submission.client_id, key, &cached)
+                .remember_key(submission.tenant.as_str(), key, &cached)
                 .await;
         }
         Ok(Submitted::Created(job))
@@ -265,7 +279,7 @@ impl Submitter {
         let key = input_key(id);
         let new_job = NewJob {
             id,
-            client_id: submission.client_id.clone(),
+            client_id: submission.tenant.to_string(),
             input_key: key.clone(),
             content_type: content_type.to_owned(),
             input_sha256: sha256.to_owned(),

@@ -5,5 +5,6 @@ pub mod idempotency;
 pub mod job;
 pub mod message;
 pub mod retry;
+pub mod tenant;
 
 pub use job::{Job, JobId, JobStatus, NewJob, Transition};

@@ -37,7 +37,7 @@ pub enum StoreError {
     KeyLost,
 }
 
-fn query_error(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+pub(crate) fn query_error(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |source| StoreError::Query { what, source }
 }
 
@@ -78,7 +78,7 @@ pub struct JobStore {
 
 /// Times one operation from its creation to its drop, so every return path
 /// (errors included: a database that times out is a slow one) is counted.
-struct OpTimer<'a> {
+pub(crate) struct OpTimer<'a> {
     metrics: Option<&'a Metrics>,
     op: &'static str,
     started: Instant,
@@ -193,12 +193,16 @@ impl JobStore {
         self
     }
 
-    fn timer(&self, op: &'static str) -> OpTimer<'_> {
+    pub(crate) fn timer(&self, op: &'static str) -> OpTimer<'_> {
         OpTimer {
             metrics: self.metrics.as_ref(),
             op,
             started: Instant::now(),
         }
+    }
+
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
     }
 
     pub fn dialect(&self) -> Dialect {
@@ -366,6 +370,23 @@ impl JobStore {
             .fetch_one(&self.pool)
             .await
             .map_err(query_error("count jobs"))?;
+        let n: i64 = row.try_get("n").map_err(query_error("read count"))?;
+        Ok(n as u64)
+    }
+
+    /// A tenant's unfinished jobs (accepted, queued, processing), for its quota.
+    pub async fn count_open(&self, client_id: &str) -> Result<u64, StoreError> {
+        let _timer = self.timer("count_open");
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM jobs WHERE client_id = ? AND status IN (?, ?, ?)",
+        )
+        .bind(client_id)
+        .bind(JobStatus::Accepted.as_str())
+        .bind(JobStatus::Queued.as_str())
+        .bind(JobStatus::Processing.as_str())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(query_error("count open jobs"))?;
         let n: i64 = row.try_get("n").map_err(query_error("read count"))?;
         Ok(n as u64)
     }

@@ -1,6 +1,7 @@
 //! Adapters for state: the job table (MySQL in clusters, SQLite standalone) and
 //! the blob store for input images.
 
+pub mod api_keys;
 pub mod blob;
 pub mod jobs;
 pub mod redis_guard;
