@@ -16,11 +16,18 @@ pub const CONFIG_FILE: &str = "OCR_CONFIG";
 pub const LOG_FORMAT: &str = "OCR_LOG_FORMAT";
 /// Fault injection for the kill tests.
 pub const FAULT: &str = "OCR_FAULT";
+/// The API key `ocr-runtime loadgen` sends (a client's, not the server's).
+pub const API_KEY: &str = "OCR_API_KEY";
 
 /// `OCR_*` variables that are not configuration keys (the loader would reject
 /// them as unknown fields); `OCR_TEST_*` and `OCR_E2E_*` variables are skipped too.
-pub const NOT_CONFIG_KEYS: [&str; 4] =
-    [CONFIG_FILE, LOG_FORMAT, FAULT, crate::model::MODEL_DIR_ENV];
+pub const NOT_CONFIG_KEYS: [&str; 5] = [
+    CONFIG_FILE,
+    LOG_FORMAT,
+    FAULT,
+    API_KEY,
+    crate::model::MODEL_DIR_ENV,
+];
 /// Prefixes of variables that belong to the test suites.
 pub const TEST_PREFIXES: [&str; 2] = ["OCR_TEST_", "OCR_E2E_"];
 

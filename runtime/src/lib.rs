@@ -9,6 +9,7 @@ pub mod domain;
 pub mod engine;
 pub mod gpu;
 pub mod health;
+pub mod loadgen;
 pub mod metrics;
 pub mod notify;
 pub mod queue;

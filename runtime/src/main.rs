@@ -72,6 +72,43 @@ enum Command {
         #[command(subcommand)]
         action: KeysAction,
     },
+    /// Load against a running API: closed loop (--connections) or open loop
+    /// (--rate, latency counted from when each request was due), HDR
+    /// percentiles, optionally following each job to its end (--follow).
+    Loadgen(LoadgenArgs),
+}
+
+#[derive(clap::Args)]
+struct LoadgenArgs {
+    /// The API: its HTTP address, or with --grpc its gRPC address.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    #[arg(long)]
+    grpc: bool,
+    /// The image every request submits (.png, .jpg, .tif, .webp, .bmp).
+    #[arg(long)]
+    image: PathBuf,
+    /// API key (`Authorization: Bearer`).
+    #[arg(long, env = ocr_contract::env::API_KEY, hide_env_values = true)]
+    key: Option<String>,
+    /// Closed loop: requests in flight at all times (the default, 16).
+    #[arg(long, conflicts_with = "rate")]
+    connections: Option<usize>,
+    /// Open loop: requests per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// How long to send, e.g. 30s or 2m (default 10s).
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "requests")]
+    duration: Option<std::time::Duration>,
+    /// Send this many requests instead.
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Follow each accepted job to its final state, for at most this long.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    follow: Option<std::time::Duration>,
+    /// Print the summary as JSON (alone on stdout).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -138,6 +175,7 @@ impl Command {
             Command::Migrate => "migrate",
             Command::Dlq { .. } => "dlq",
             Command::Keys { .. } => "keys",
+            Command::Loadgen(_) => "loadgen",
         }
     }
 }
@@ -195,6 +233,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             action: DlqAction::Replay { group },
         } => replay_dead_letters(&config, &group).await,
         Command::Keys { action } => manage_keys(&config, action).await,
+        Command::Loadgen(args) => load(args).await,
         Command::Migrate => {
             let store = JobStore::connect(&config.database.url, 1).await?;
             store.migrate().await?;
@@ -233,6 +272,59 @@ async fn replay_dead_letters(config: &Config, group: &str) -> anyhow::Result<()>
     jobs.flush();
     results.flush();
     println!("{}", serde_json::to_string(&replayed)?);
+    Ok(())
+}
+
+async fn load(args: LoadgenArgs) -> anyhow::Result<()> {
+    use ocr_runtime::loadgen::{Pacing, Plan, Protocol, Stop};
+    let content_type = match args
+        .image
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        Some("png") => "image/png",
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("tif" | "tiff") => "image/tiff",
+        Some("webp") => "image/webp",
+        Some("bmp") => "image/bmp",
+        _ => anyhow::bail!(
+            "{}: name a .png, .jpg, .tif, .webp or .bmp file",
+            args.image.display()
+        ),
+    };
+    let image =
+        std::fs::read(&args.image).with_context(|| format!("reading {}", args.image.display()))?;
+    let plan = Plan {
+        target: args.url,
+        protocol: if args.grpc {
+            Protocol::Grpc
+        } else {
+            Protocol::Http
+        },
+        key: args.key,
+        image: image.into(),
+        content_type: content_type.to_owned(),
+        pacing: match args.rate {
+            Some(per_second) => Pacing::Open { per_second },
+            None => Pacing::Closed {
+                connections: args.connections.unwrap_or(16),
+            },
+        },
+        stop: match args.requests {
+            Some(n) => Stop::Requests(n),
+            None => Stop::After(args.duration.unwrap_or(std::time::Duration::from_secs(10))),
+        },
+        follow: args.follow,
+        progress: !args.json,
+    };
+    let summary = ocr_runtime::loadgen::run(plan).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        print!("{}", summary.to_text());
+    }
     Ok(())
 }
 

@@ -518,6 +518,42 @@ async fn a_webhook_that_keeps_failing_is_dead_lettered_and_the_job_still_succeed
         .get(&ocr_runtime::app::persist::result_key(id))
         .await
         .expect("the result document was written");
+
+    // The receiver is back: `ocr-runtime dlq replay` sends the notification
+    // to the writer again, which delivers it once.
+    receiver
+        .status
+        .store(200, std::sync::atomic::Ordering::SeqCst);
+    let output = common::role_command(&["dlq", "replay"], &config, free_port(), &[])
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .expect("running ocr-runtime dlq replay");
+    assert!(output.status.success(), "dlq replay failed");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("a JSON summary on stdout");
+    assert_eq!(
+        (summary["notifications"].as_u64(), summary["jobs"].as_u64()),
+        (Some(1), Some(0)),
+        "{summary}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while receiver.deliveries.lock().unwrap().len() < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replayed notification never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        receiver.deliveries.lock().unwrap().len(),
+        4,
+        "delivered once, not retried after success"
+    );
+    assert_eq!(
+        api.store.get(id).await.unwrap().unwrap().status,
+        JobStatus::Succeeded
+    );
     writer.stop().await;
     worker.stop().await;
     api.stop().await;

@@ -299,6 +299,8 @@ pub struct WebhookReceiver {
     pub secret: String,
     pub deliveries: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     pub bad_signatures: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// What it answers from now on (a receiver that comes back, say).
+    pub status: std::sync::Arc<std::sync::atomic::AtomicU16>,
     _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -311,11 +313,14 @@ impl WebhookReceiver {
         let secret = "topology-secret".to_owned();
         let deliveries = Arc::new(Mutex::new(Vec::new()));
         let bad_signatures = Arc::new(AtomicUsize::new(0));
+        let answer = Arc::new(std::sync::atomic::AtomicU16::new(status));
         let (recorded, bad, key) = (deliveries.clone(), bad_signatures.clone(), secret.clone());
+        let answering = answer.clone();
         let app = axum::Router::new().route(
             "/hook",
             axum::routing::post(move |headers: HeaderMap, body: Bytes| {
                 let (recorded, bad, key) = (recorded.clone(), bad.clone(), key.clone());
+                let status = answering.load(Ordering::SeqCst);
                 async move {
                     let header = |name: &str| {
                         headers
@@ -357,6 +362,7 @@ impl WebhookReceiver {
             secret,
             deliveries,
             bad_signatures,
+            status: answer,
             _shutdown: tx,
         }
     }
