@@ -1,6 +1,8 @@
 //! Accept-path benchmark: how many jobs per second the API takes at
-//! saturation, the p50/p99 latency of `POST /v1/jobs`, and how much of that
-//! time is MySQL and Kafka.
+//! saturation, the p50/p99 latency of `POST /v1/jobs` (the load comes from
+//! `ocr-runtime loadgen`'s engine), how much of that time is MySQL and
+//! Kafka, and the ratio to what MariaDB itself does with one autocommit
+//! INSERT per row (`mysqlslap`, same run, same connections).
 //!
 //!     cargo bench -p ocr-runtime --bench accept [-- SECONDS CLIENTS]
 //!
@@ -13,27 +15,18 @@
 use ocr_runtime::api::http::{router, HttpState};
 use ocr_runtime::app::submit::{Fault, Submitter};
 use ocr_runtime::config::LimitsConfig;
+use ocr_runtime::loadgen::{Pacing, Plan, Protocol, Stop, Summary};
 use ocr_runtime::metrics::{Metrics, SubmitStage};
 use ocr_runtime::queue::kafka::{KafkaConnection, KafkaPublisher};
 use ocr_runtime::queue::{memory, JobPublisher};
 use ocr_runtime::storage::{BlobStore, JobStore};
 use rdkafka::mocking::MockCluster;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 struct Outcome {
-    accepted: usize,
-    elapsed: Duration,
-    latencies: Vec<Duration>,
+    summary: Summary,
     stages: Vec<(SubmitStage, Duration)>,
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
 }
 
 fn sample_png() -> Vec<u8> {
@@ -48,6 +41,8 @@ fn sample_png() -> Vec<u8> {
     out.into_inner()
 }
 
+/// The API in this process over a fresh database, loaded by
+/// `ocr-runtime loadgen`'s engine (closed loop, `clients` connections).
 async fn run_load(
     mysql_server: &str,
     publisher: Arc<dyn JobPublisher>,
@@ -76,49 +71,28 @@ async fn run_load(
     };
     let app = router(HttpState::new(submitter, metrics.clone()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/v1/jobs", listener.local_addr()?);
+    let target = format!("http://{}", listener.local_addr()?);
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
-
-    let body = bytes::Bytes::from(sample_png());
-    let client = reqwest::Client::new();
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(seconds);
-    let mut workers = Vec::new();
-    for _ in 0..clients {
-        let (client, url, body) = (client.clone(), url.clone(), body.clone());
-        workers.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            while Instant::now() < deadline {
-                let sent = Instant::now();
-                let response = client
-                    .post(&url)
-                    .header("content-type", "image/png")
-                    .body(body.clone())
-                    .send()
-                    .await;
-                match response {
-                    Ok(r) if r.status() == 202 => latencies.push(sent.elapsed()),
-                    Ok(r) => eprintln!("unexpected status {}", r.status()),
-                    Err(e) => eprintln!("request failed: {e}"),
-                }
-            }
-            latencies
-        }));
-    }
-    let mut latencies = Vec::new();
-    for worker in workers {
-        latencies.extend(worker.await?);
-    }
-    let elapsed = started.elapsed();
+    let summary = ocr_runtime::loadgen::run(Plan {
+        target,
+        protocol: Protocol::Http,
+        key: None,
+        image: sample_png().into(),
+        content_type: "image/png".into(),
+        pacing: Pacing::Closed {
+            connections: clients,
+        },
+        stop: Stop::After(Duration::from_secs(seconds)),
+        follow: None,
+        progress: false,
+    })
+    .await?;
     server.abort();
     sqlx::query(&format!("DROP DATABASE {name}"))
         .execute(&mut admin)
         .await?;
-    latencies.sort();
     Ok(Outcome {
-        accepted: latencies.len(),
-        elapsed,
-        latencies,
+        summary,
         stages: SubmitStage::ALL
             .iter()
             .map(|s| (*s, metrics.stage_total(*s)))
@@ -126,19 +100,61 @@ async fn run_load(
     })
 }
 
-fn report(label: &str, outcome: &Outcome) -> f64 {
-    let rate = outcome.accepted as f64 / outcome.elapsed.as_secs_f64();
+/// Single-row autocommit INSERTs/s into a table shaped like `jobs`, by
+/// `mysqlslap` with `clients` connections: what the database itself allows
+/// one commit per job to reach. `None` when mysqlslap is not installed.
+fn mysqlslap_inserts_per_second(clients: usize, queries: usize) -> Option<f64> {
+    let schema = format!("ocr_slap_{}", uuid::Uuid::now_v7().simple());
+    let create = "CREATE TABLE jobs (id CHAR(36) NOT NULL PRIMARY KEY, client_id VARCHAR(128) NOT NULL, \
+        status VARCHAR(16) NOT NULL, attempts INT NOT NULL DEFAULT 0, input_key VARCHAR(512) NOT NULL, \
+        content_type VARCHAR(128) NOT NULL, input_sha256 CHAR(64) NOT NULL, input_bytes BIGINT NOT NULL, \
+        idempotency_key VARCHAR(255) NULL, result LONGTEXT NULL, error TEXT NULL, created_at BIGINT NOT NULL, \
+        updated_at BIGINT NOT NULL, KEY jobs_status_updated (status, updated_at), \
+        KEY jobs_client_status (client_id, status)) ENGINE = InnoDB";
+    let insert = "INSERT INTO jobs (id, client_id, status, attempts, input_key, content_type, input_sha256, \
+        input_bytes, created_at, updated_at) VALUES (UUID(), 'bench', 'Accepted', 0, CONCAT('inputs/', UUID()), \
+        'image/png', REPEAT('0', 64), 4000, UNIX_TIMESTAMP(NOW(3)) * 1000, UNIX_TIMESTAMP(NOW(3)) * 1000)";
+    let output = std::process::Command::new("mysqlslap")
+        .args(["--host=127.0.0.1", "--user=root", "--iterations=1"])
+        .arg(format!("--concurrency={clients}"))
+        .arg(format!("--number-of-queries={queries}"))
+        .arg(format!("--create-schema={schema}"))
+        .arg(format!("--create={create}"))
+        .arg(format!("--query={insert}"))
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let seconds: f64 = text
+        .lines()
+        .find(|l| l.contains("Average number of seconds to run all queries"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .trim_end_matches("seconds")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(queries as f64 / seconds.max(1e-9))
+}
+
+fn report(label: &str, outcome: &Outcome, slap: Option<f64>) -> f64 {
+    let s = &outcome.summary;
+    let rate = s.accepted_per_second;
     let server_total: Duration = outcome.stages.iter().map(|(_, d)| *d).sum();
+    let versus = slap.map_or(String::new(), |slap| {
+        format!("  = {:.0} % of mysqlslap", 100.0 * rate / slap)
+    });
     println!(
-        "{label:<22} {:>8.1} jobs/s  p50 {:>7.2} ms  p99 {:>7.2} ms  ({} jobs in {:.1} s)",
-        rate,
-        percentile(&outcome.latencies, 0.50).as_secs_f64() * 1e3,
-        percentile(&outcome.latencies, 0.99).as_secs_f64() * 1e3,
-        outcome.accepted,
-        outcome.elapsed.as_secs_f64()
+        "{label:<22} {rate:>8.1} jobs/s  p50 {:>7.2} ms  p99 {:>7.2} ms  ({} jobs in {:.1} s, {} refused, {} errors){versus}",
+        s.accept_latency_ms.p50,
+        s.accept_latency_ms.p99,
+        s.accepted,
+        s.elapsed_seconds,
+        s.refused.values().sum::<u64>(),
+        s.transport_errors,
     );
     for (stage, total) in &outcome.stages {
-        let per_job = total.as_secs_f64() * 1e3 / outcome.accepted.max(1) as f64;
+        let per_job = total.as_secs_f64() * 1e3 / s.accepted.max(1) as f64;
         let share = 100.0 * total.as_secs_f64() / server_total.as_secs_f64().max(1e-9);
         println!(
             "    {:<9} {per_job:>7.3} ms/job  {share:>5.1} % of server time",
@@ -164,9 +180,17 @@ fn main() -> anyhow::Result<()> {
         println!(
             "accept benchmark: {clients} concurrent clients, {seconds} s per run, 640x200 PNG"
         );
+        let slap = mysqlslap_inserts_per_second(clients, 20_000);
+        match slap {
+            Some(rate) => println!(
+                "{:<22} {rate:>8.1} single-row INSERTs/s (autocommit, {clients} connections; the goal is 40 % of it)",
+                "mysqlslap"
+            ),
+            None => println!("mysqlslap is not installed: no database baseline"),
+        }
         let (memory_publisher, _queue) = memory::channel();
         let baseline = run_load(&mysql, Arc::new(memory_publisher), seconds, clients).await?;
-        let baseline_rate = report("MySQL + memory queue", &baseline);
+        let baseline_rate = report("MySQL + memory queue", &baseline, slap);
 
         let cluster = MockCluster::new(1)?;
         cluster.create_topic("ocr.jobs", 6, 1)?;
@@ -175,7 +199,7 @@ fn main() -> anyhow::Result<()> {
             "ocr.jobs",
         )?;
         let with_kafka = run_load(&mysql, Arc::new(kafka), seconds, clients).await?;
-        let kafka_rate = report("MySQL + Kafka (mock)", &with_kafka);
+        let kafka_rate = report("MySQL + Kafka (mock)", &with_kafka, slap);
         println!(
             "ratio Kafka / memory-queue baseline: {:.2}x",
             kafka_rate / baseline_rate.max(1e-9)

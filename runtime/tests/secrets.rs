@@ -26,6 +26,8 @@ const WRONG_DB_PASSWORD: &str = "wrong-Pa55-c4e8";
 const KAFKA_PASSWORD: &str = "kafka-Pa55-51e2";
 const REDIS_PASSWORD: &str = "redis-Pa55-0b77";
 const HOOK_URL_PASSWORD: &str = "hookurl-Pa55-3e1d";
+const API_KEY: &str = "apikey-Pa55-9d2c61e0b7a54f3e8c1d";
+const WRONG_API_KEY: &str = "apikey-wrong-Pa55-5a7e02c9d14b";
 
 /// Runs `ocr-runtime ROLE` with its stdout and stderr in `log`.
 fn spawn_logged(
@@ -174,6 +176,11 @@ async fn no_secret_reaches_a_log_line_or_an_error_message() {
         "OCR_REDIS__URL",
         format!("redis://:{REDIS_PASSWORD}@127.0.0.1:6379"),
     ));
+    // Keys required, the tenant's key from a key folder (a mounted Secret).
+    let keys = tempfile::tempdir().unwrap();
+    std::fs::write(keys.path().join("tenant-s"), format!("{API_KEY}\n")).unwrap();
+    api_env.push(("OCR_AUTH__MODE", "required".into()));
+    api_env.push(("OCR_AUTH__KEYS_DIR", keys.path().display().to_string()));
     let api = spawn_logged(&["api"], &config, api_port, &api_env, &log("api"));
     let mut worker_env = kafka_env.clone();
     worker_env.push(("OCR_WORKER__MODE", "writer".into()));
@@ -200,8 +207,24 @@ async fn no_secret_reaches_a_log_line_or_an_error_message() {
     let base = format!("http://127.0.0.1:{api_port}");
     wait_http_ok(&base, "/readyz", Duration::from_secs(60)).await;
     let store = db.store().await;
+    let submit = |key: &'static str| {
+        reqwest::Client::new()
+            .post(format!("{base}/v1/jobs"))
+            .header("content-type", "image/png")
+            .bearer_auth(key)
+            .body(INVOICE.to_vec())
+            .send()
+    };
+    let refused = submit(WRONG_API_KEY).await.expect("the API answers");
+    assert_eq!(refused.status(), 401, "a wrong key is refused");
     for _ in 0..2 {
-        let id = common::submit_png(&base, INVOICE.to_vec()).await;
+        let accepted: serde_json::Value = submit(API_KEY)
+            .await
+            .expect("the API answers")
+            .json()
+            .await
+            .expect("a JSON answer");
+        let id = accepted["id"].as_str().expect("an id").parse().unwrap();
         wait_for_status(&store, id, JobStatus::Succeeded, Duration::from_secs(180)).await;
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -241,6 +264,8 @@ async fn no_secret_reaches_a_log_line_or_an_error_message() {
         KAFKA_PASSWORD,
         REDIS_PASSWORD,
         HOOK_URL_PASSWORD,
+        API_KEY,
+        WRONG_API_KEY,
         hook.secret.as_str(),
     ];
     for entry in std::fs::read_dir(logs.path()).unwrap() {

@@ -10,7 +10,6 @@ use crate::domain::{Job, JobId, JobStatus, NewJob};
 use crate::metrics::{Metrics, SubmitStage};
 use crate::queue::{JobPublisher, QueueError};
 use crate::storage::blob::{input_key, BlobError};
-use crate::storage::jobs::Changes;
 use crate::storage::redis_guard::{CachedKey, RateDecision, RedisGuard};
 use crate::storage::{now_ms, BlobStore, JobStore, StoreError};
 use bytes::Bytes;
@@ -292,7 +291,11 @@ impl Submitter {
             self.blobs.put(&key, submission.body.clone()),
         )
         .await?;
-        let inserted = self.timed(SubmitStage::Database, self.store.insert(&new_job, now_ms()));
+        let created_at = now_ms();
+        let inserted = self.timed(
+            SubmitStage::Database,
+            self.store.insert(&new_job, created_at),
+        );
         if let Err(err) = inserted.await {
             let _ = self.blobs.delete(&key).await;
             return Err(err.into());
@@ -301,10 +304,28 @@ impl Submitter {
             tracing::warn!(job = %id, "fault injection: exiting between the database write and the publish");
             std::process::exit(86);
         }
-        self.publish_within_wait(id, &key).await;
-        self.timed(SubmitStage::Database, self.store.get(id))
-            .await?
-            .ok_or_else(|| SubmitError::Store(StoreError::Corrupt(format!("job {id} vanished"))))
+        let queued = self.publish_within_wait(id, &key).await;
+        // The row as this request wrote it: no read-back. A worker may have
+        // claimed it since; the client's next GET says so.
+        Ok(Job {
+            id,
+            client_id: new_job.client_id,
+            status: if queued {
+                JobStatus::Queued
+            } else {
+                JobStatus::Accepted
+            },
+            attempts: 0,
+            input_key: key,
+            content_type: new_job.content_type,
+            input_sha256: new_job.input_sha256,
+            input_bytes: new_job.input_bytes,
+            idempotency_key: new_job.idempotency.map(|held| held.key),
+            result: None,
+            error: None,
+            created_at_ms: created_at,
+            updated_at_ms: created_at,
+        })
     }
 
     async fn timed<T>(&self, stage: SubmitStage, work: impl std::future::Future<Output = T>) -> T {
@@ -319,17 +340,19 @@ impl Submitter {
     /// its answer (the job is durable) while the publish goes on; if that
     /// fails, the sweeper republishes. A broker outage thus never holds a
     /// request longer than `publish_wait`.
-    async fn publish_within_wait(&self, id: JobId, input_key: &str) {
+    /// Whether the job was published and recorded `Queued` within the wait.
+    async fn publish_within_wait(&self, id: JobId, input_key: &str) -> bool {
         let submitter = self.clone();
         let input_key = input_key.to_owned();
         let mut publishing =
             tokio::spawn(async move { submitter.publish(id, &input_key).await }.in_current_span());
-        if tokio::time::timeout(self.publish_wait, &mut publishing)
-            .await
-            .is_err()
-        {
-            // Dropping the handle detaches the task; it still records `Queued`.
-            tracing::warn!(job = %id, wait = ?self.publish_wait, "the broker has not acknowledged the job yet; answering before it does");
+        match tokio::time::timeout(self.publish_wait, &mut publishing).await {
+            Ok(queued) => queued.unwrap_or(false),
+            Err(_) => {
+                // Dropping the handle detaches the task; it still records `Queued`.
+                tracing::warn!(job = %id, wait = ?self.publish_wait, "the broker has not acknowledged the job yet; answering before it does");
+                false
+            }
         }
     }
 
@@ -343,28 +366,25 @@ impl Submitter {
     /// Publishes and records `Queued`. A failed publish is not the client's
     /// problem: the job is durable and the sweeper republishes it.
     /// Called within the accept span, the message carries its trace.
-    pub async fn publish(&self, id: JobId, input_key: &str) {
+    /// Whether the job is now recorded `Queued`.
+    pub async fn publish(&self, id: JobId, input_key: &str) -> bool {
         let message = JobMessage::new(id, input_key);
         let published = self.timed(SubmitStage::Publish, self.publisher.publish(&message));
         match published.await {
             Ok(()) => {
-                let queued = self.timed(
-                    SubmitStage::Database,
-                    self.store.transition(
-                        id,
-                        JobStatus::Accepted,
-                        JobStatus::Queued,
-                        None,
-                        Changes::default(),
-                        now_ms(),
-                    ),
-                );
-                if let Err(err) = queued.await {
-                    tracing::warn!(job = %id, error = %err, "recording Queued failed; the worker does not depend on it");
+                let queued =
+                    self.timed(SubmitStage::Database, self.store.mark_queued(id, now_ms()));
+                match queued.await {
+                    Ok(()) => true,
+                    Err(err) => {
+                        tracing::warn!(job = %id, error = %err, "recording Queued failed; the worker does not depend on it");
+                        false
+                    }
                 }
             }
             Err(err) => {
                 tracing::warn!(job = %id, error = %err, "publish failed; the sweeper will republish");
+                false
             }
         }
     }

@@ -207,8 +207,42 @@ impl ConsumerContext for TrackingContext {
     }
 }
 
+/// The consumer, closed off the async runtime when the last handle goes.
+/// librdkafka's close (leave the group, hand partitions back) runs in the
+/// drop and can block on a rebalance that never completes: seen as a worker
+/// that never exited after SIGTERM, its loop stuck in `rd_kafka_assign`
+/// under the drop. Closed on a thread of its own, it can take its time; the
+/// process exits when its work is done, and the group reassigns the
+/// partitions after `session.timeout.ms` at worst.
+struct ClosedApart(Option<StreamConsumer<TrackingContext>>);
+
+impl std::ops::Deref for ClosedApart {
+    type Target = StreamConsumer<TrackingContext>;
+
+    fn deref(&self) -> &Self::Target {
+        // Only `drop` takes it out.
+        self.0
+            .as_ref()
+            .expect("the consumer is there until dropped")
+    }
+}
+
+impl Drop for ClosedApart {
+    fn drop(&mut self) {
+        let Some(consumer) = self.0.take() else {
+            return;
+        };
+        let closing = std::thread::Builder::new()
+            .name("kafka-close".into())
+            .spawn(move || drop(consumer));
+        if let Err(err) = closing {
+            tracing::warn!(error = %err, "no thread to close the Kafka consumer on; leaving it open");
+        }
+    }
+}
+
 pub struct KafkaConsumer {
-    consumer: Arc<StreamConsumer<TrackingContext>>,
+    consumer: Arc<ClosedApart>,
     tracker: Arc<Mutex<CommitTracker>>,
     topic: String,
 }
@@ -237,7 +271,7 @@ impl KafkaConsumer {
             .subscribe(&[topic])
             .map_err(|e| QueueError::Consume(format!("subscribing to {topic}: {e}")))?;
         Ok(KafkaConsumer {
-            consumer: Arc::new(consumer),
+            consumer: Arc::new(ClosedApart(Some(consumer))),
             tracker,
             topic: topic.to_owned(),
         })
@@ -273,7 +307,7 @@ impl KafkaConsumer {
 
 #[derive(Clone)]
 pub struct KafkaCheck {
-    consumer: Arc<StreamConsumer<TrackingContext>>,
+    consumer: Arc<ClosedApart>,
     topic: String,
 }
 

@@ -8,6 +8,7 @@ use crate::domain::{Job, JobId, JobStatus, NewJob, Transition};
 use crate::metrics::Metrics;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 static MYSQL_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
@@ -74,6 +75,8 @@ pub struct JobStore {
     dialect: Dialect,
     /// Where each operation's time goes (`ocr_store_seconds{op}`); none in tools.
     metrics: Option<Metrics>,
+    /// Started on first use by [`JobStore::mark_queued`].
+    pub(crate) queued_marks: Arc<OnceLock<super::queued_marks::Marks>>,
 }
 
 /// Times one operation from its creation to its drop, so every return path
@@ -159,6 +162,7 @@ impl JobStore {
             pool,
             dialect,
             metrics: None,
+            queued_marks: Arc::default(),
         })
     }
 
@@ -184,6 +188,7 @@ impl JobStore {
             pool,
             dialect,
             metrics: None,
+            queued_marks: Arc::default(),
         })
     }
 
@@ -234,29 +239,22 @@ impl JobStore {
     /// a key pointing at no job.
     pub async fn insert(&self, job: &NewJob, now_ms: i64) -> Result<(), StoreError> {
         let _timer = self.timer("insert");
+        if job.idempotency.is_none() {
+            // Nothing to bind: one autocommit statement, one round trip
+            // instead of BEGIN, INSERT, COMMIT.
+            return self
+                .insert_row(&self.pool, job, now_ms)
+                .await
+                .map_err(query_error("insert job"));
+        }
         let mut tx = self
             .pool
             .begin()
             .await
             .map_err(query_error("begin insert"))?;
-        sqlx::query(
-            "INSERT INTO jobs (id, client_id, status, attempts, input_key, content_type, \
-             input_sha256, input_bytes, idempotency_key, created_at, updated_at) \
-             VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(job.id.to_string())
-        .bind(&job.client_id)
-        .bind(JobStatus::Accepted.as_str())
-        .bind(&job.input_key)
-        .bind(&job.content_type)
-        .bind(&job.input_sha256)
-        .bind(job.input_bytes as i64)
-        .bind(job.idempotency.as_ref().map(|held| held.key.clone()))
-        .bind(now_ms)
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await
-        .map_err(query_error("insert job"))?;
+        self.insert_row(&mut *tx, job, now_ms)
+            .await
+            .map_err(query_error("insert job"))?;
         if let Some(held) = &job.idempotency {
             // Conditional: only the reservation this request holds is bound.
             let bound = sqlx::query(
@@ -276,6 +274,36 @@ impl JobStore {
             }
         }
         tx.commit().await.map_err(query_error("commit insert"))?;
+        Ok(())
+    }
+
+    /// The job row in `Accepted`, on `executor` (the pool or a transaction).
+    async fn insert_row<'e, E>(
+        &self,
+        executor: E,
+        job: &NewJob,
+        now_ms: i64,
+    ) -> Result<(), sqlx::Error>
+    where
+        E: sqlx::Executor<'e, Database = sqlx::Any>,
+    {
+        sqlx::query(
+            "INSERT INTO jobs (id, client_id, status, attempts, input_key, content_type, \
+             input_sha256, input_bytes, idempotency_key, created_at, updated_at) \
+             VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(job.id.to_string())
+        .bind(&job.client_id)
+        .bind(JobStatus::Accepted.as_str())
+        .bind(&job.input_key)
+        .bind(&job.content_type)
+        .bind(&job.input_sha256)
+        .bind(job.input_bytes as i64)
+        .bind(job.idempotency.as_ref().map(|held| held.key.clone()))
+        .bind(now_ms)
+        .bind(now_ms)
+        .execute(executor)
+        .await?;
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 pub mod api_keys;
 pub mod blob;
 pub mod jobs;
+mod queued_marks;
 pub mod redis_guard;
 
 pub use blob::BlobStore;
