@@ -29,10 +29,14 @@
 #      ClusterRoles grant exactly their OcrPipeline verbs and carry the
 #      aggregate-to-view / aggregate-to-edit+admin labels.
 #
-# Not checked here: the ServiceMonitor, PodMonitor and PrometheusRule against
-# the prometheus-operator CRD schemas (not available offline; their fields are
-# checked by hand below, the rules' PromQL only for balanced parentheses), and
-# anything that needs a cluster (admission, the operator actually running).
+#   5. The PrometheusRule's alerts and the Grafana dashboard's queries parse
+#      with promtool (Debian's Prometheus, scripts/install-prometheus.sh), and
+#      the alerts fire as charts/ocr-operator/ci/alerts-test.yaml expects.
+#
+# Not checked here: the ServiceMonitor, PodMonitor and PrometheusRule objects
+# against the prometheus-operator CRD schemas (not available offline; their
+# fields are checked by hand below), and anything that needs a cluster
+# (admission, the operator actually running).
 #
 # Tools are installed once, pinned, under ${OCR_TOOLS_DIR:-~/.cache/ocr-serving}:
 #   helm v4.1.4 and v3.17.2 by scripts/install-helm.sh (official binaries from
@@ -498,4 +502,39 @@ PYEOF
 KUBE_VERSIONS="$KUBE_VERSIONS" ROOT="$ROOT" "$PY" "$WORK/validate.py" "${inputs[@]}" \
   || die "schema or consistency checks failed"
 
-say "chart OK: lint, template (helm 4 + 3), CRD copy, schemas and consistency"
+# ---------------------------------------------------------------- 5. promtool
+# The PrometheusRule (default thresholds) and every query of the Grafana dashboard go through
+# Prometheus' own parser (`promtool check rules`, the dashboard's queries as recording rules with
+# $namespace as .*), and the alerts are unit-tested on synthetic series (ci/alerts-test.yaml).
+PROMETHEUS_BIN=$("$ROOT/scripts/install-prometheus.sh")
+say "promtool $("$PROMETHEUS_BIN/promtool" --version 2>&1 | sed -n '1s/^promtool, version //p'): alerts and dashboard queries"
+"${HELM_BIN[helm4]}" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" --kube-version 1.30.0 \
+  --set monitoring.prometheusRule.enabled=true >"$WORK/rules-render.yaml" || die "helm template (rules)"
+"$PY" - "$WORK/rules-render.yaml" "$CHART/dashboards/ocr-pipelines.json" "$WORK" <<'PYEOF' || die "extracting the rules and queries"
+import json, sys, yaml
+rendered, dashboard, work = sys.argv[1:4]
+rules = [d for d in yaml.safe_load_all(open(rendered)) if d and d.get("kind") == "PrometheusRule"]
+assert len(rules) == 1, f"{len(rules)} PrometheusRules rendered"
+with open(f"{work}/alerts.yaml", "w") as out:
+    yaml.safe_dump(rules[0]["spec"], out)
+def targets(panels):
+    for panel in panels:
+        yield from panel.get("targets", [])
+        yield from targets(panel.get("panels", []))
+queries = [t["expr"] for t in targets(json.load(open(dashboard))["panels"])]
+assert queries, "the dashboard has no queries"
+records = [{"record": f"ocr_dashboard_query_{i}", "expr": q.replace("$namespace", ".*")}
+           for i, q in enumerate(queries)]
+with open(f"{work}/dashboard-queries.yaml", "w") as out:
+    yaml.safe_dump({"groups": [{"name": "dashboard", "rules": records}]}, out)
+print(f"    {sum(len(g['rules']) for g in rules[0]['spec']['groups'])} alerts, {len(queries)} dashboard queries")
+PYEOF
+"$PROMETHEUS_BIN/promtool" check rules "$WORK/alerts.yaml" "$WORK/dashboard-queries.yaml" \
+  >"$WORK/promtool.log" 2>&1 || { cat "$WORK/promtool.log"; die "promtool check rules"; }
+sed 's/^/    /' "$WORK/promtool.log" | grep -v '^    $'
+cp "$CHART/ci/alerts-test.yaml" "$WORK/"
+(cd "$WORK" && "$PROMETHEUS_BIN/promtool" test rules alerts-test.yaml) >"$WORK/promtool-test.log" 2>&1 \
+  || { cat "$WORK/promtool-test.log"; die "promtool test rules (charts/ocr-operator/ci/alerts-test.yaml)"; }
+echo "    promtool test rules: $(tail -n 1 "$WORK/promtool-test.log")"
+
+say "chart OK: lint, template (helm 4 + 3), CRD copy, schemas and consistency, promtool"

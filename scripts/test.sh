@@ -31,6 +31,10 @@ export OCR_TEST_MOTO_SERVER="$TOOLS/venv-moto/bin/moto_server"
 OCR_TEST_TANSU=$(scripts/install-tansu.sh)
 export OCR_TEST_TANSU
 
+# A real Prometheus for the advisor's Prometheus source (operator/tests/reconcile.rs).
+OCR_TEST_PROMETHEUS="$(scripts/install-prometheus.sh)/prometheus"
+export OCR_TEST_PROMETHEUS
+
 # The real-cluster scenarios (e2e/tests/real_cluster.rs): Kubernetes v1.36 control plane from
 # the workplace kit (../shared/k8s; OCR_TEST_K8S overrides) and Helm to render the chart.
 # The kit sits beside the clone (../shared); a clone elsewhere on a workplace machine finds /work/shared.

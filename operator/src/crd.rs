@@ -1246,6 +1246,45 @@ pub struct AutoArchitectureSpec {
     #[serde(default = "default_cooldown_seconds")]
     #[schemars(range(min = 0))]
     pub cooldown_seconds: i64,
+    /// Read utilisation and final-write times from this Prometheus instead
+    /// of the worker and writer pods' `/metrics` (the jobs lag still comes
+    /// from Kafka). For clusters where the operator may not reach pod IPs.
+    /// Absent: the operator reads the pods itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<PrometheusSignals>,
+}
+
+/// The label matchers the chart's PodMonitor gives a pipeline's worker and
+/// writer series (`podTargetLabels`, as Prometheus sanitises them).
+pub const DEFAULT_PROMETHEUS_MATCHERS: &str = r#"namespace="$namespace",ocr_serving_dev_pipeline="$pipeline",app_kubernetes_io_component=~"worker|writer""#;
+
+/// Where the advisor's utilisation and database signals come from when a
+/// Prometheus server scrapes the pipeline.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PrometheusSignals {
+    /// Base URL of the Prometheus HTTP API, e.g.
+    /// `http://prometheus-operated.monitoring:9090`.
+    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("url must be http(s)"))]
+    pub url: String,
+    /// PromQL label matchers that select this pipeline's worker and writer
+    /// series; `$namespace` and `$pipeline` are replaced by the pipeline's.
+    /// The default matches the labels of the chart's PodMonitor.
+    #[serde(default = "default_prometheus_matchers")]
+    #[schemars(length(min = 1))]
+    pub matchers: String,
+    /// Rates and averages are taken over this many seconds; keep it at four
+    /// scrape intervals or more.
+    #[serde(default = "default_prometheus_window_seconds")]
+    #[schemars(range(min = 10))]
+    pub window_seconds: i32,
+}
+
+fn default_prometheus_matchers() -> String {
+    DEFAULT_PROMETHEUS_MATCHERS.to_owned()
+}
+fn default_prometheus_window_seconds() -> i32 {
+    120
 }
 
 impl Default for AutoArchitectureSpec {
@@ -1260,6 +1299,7 @@ impl Default for AutoArchitectureSpec {
             idle_lag: default_idle_lag(),
             dwell_seconds: default_dwell_seconds(),
             cooldown_seconds: default_cooldown_seconds(),
+            prometheus: None,
         }
     }
 }

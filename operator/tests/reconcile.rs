@@ -1364,3 +1364,167 @@ async fn advise_reads_the_pods_metrics_and_the_jobs_lag_into_the_status() {
         .collect();
     assert!(!types.contains(&"ArchitectureAdvice"), "{status}");
 }
+/// A worker's counters advancing in real time: `busy` seconds of inference
+/// per second, `writes` final writes per second of `write_seconds` each,
+/// and a GPU gauge when set.
+struct Pace {
+    busy: f64,
+    writes: f64,
+    write_seconds: f64,
+    gpu: Option<f64>,
+}
+
+fn paced_page(pace: &Pace, elapsed: f64) -> String {
+    let count = (pace.writes * elapsed).floor();
+    let mut page = worker_page(
+        pace.busy * elapsed,
+        count * pace.write_seconds,
+        count as u64,
+    );
+    if let Some(gpu) = pace.gpu {
+        page = page.replace(
+            "# EOF\n",
+            &format!(
+                "# TYPE ocr_gpu_utilization_ratio gauge\nocr_gpu_utilization_ratio{{gpu=\"0\"}} {gpu}\n# EOF\n"
+            ),
+        );
+    }
+    page
+}
+
+/// Serves pages whose counters advance as `pace` says, changeable while
+/// the test runs.
+async fn serve_paced(pace: Arc<Mutex<Pace>>) -> String {
+    let page = Arc::new(Mutex::new(String::new()));
+    let port = serve_metrics(page.clone()).await;
+    let started = std::time::Instant::now();
+    tokio::spawn(async move {
+        loop {
+            let text = paced_page(&pace.lock().expect("lock"), started.elapsed().as_secs_f64());
+            *page.lock().expect("lock") = text;
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+    format!("127.0.0.1:{port}")
+}
+
+/// Reconciles once a second until the advice's signals are as `want`s.
+async fn signals_when(h: &Harness, want: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        h.reconcile().await.expect("reconciles");
+        let signals = h.status()["advice"]["signals"].clone();
+        if want(&signals) {
+            return signals;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the signals never became what was expected: {signals}"
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn advise_reads_utilisation_and_final_writes_from_a_real_prometheus() {
+    use support::prometheus::{Prometheus, Target};
+    let pace = |busy, writes, write_seconds| {
+        Arc::new(Mutex::new(Pace {
+            busy,
+            writes,
+            write_seconds,
+            gpu: None,
+        }))
+    };
+    // Two workers of this pipeline: busy 80 % and 40 %, final writes of
+    // 50 ms and 150 ms (10 a second each). Neither its API nor another
+    // pipeline's worker may count.
+    let worker_a = pace(0.8, 10.0, 0.05);
+    let worker_b = pace(0.4, 10.0, 0.15);
+    let labels = |pipeline: &str, component: &str| {
+        vec![
+            ("namespace", NAMESPACE.to_owned()),
+            ("ocr_serving_dev_pipeline", pipeline.to_owned()),
+            ("app_kubernetes_io_component", component.to_owned()),
+        ]
+    };
+    let targets = vec![
+        Target {
+            address: serve_paced(worker_a.clone()).await,
+            labels: labels(NAME, "worker"),
+        },
+        Target {
+            address: serve_paced(worker_b.clone()).await,
+            labels: labels(NAME, "worker"),
+        },
+        Target {
+            address: serve_paced(pace(1.0, 100.0, 2.0)).await,
+            labels: labels(NAME, "api"),
+        },
+        Target {
+            address: serve_paced(pace(0.0, 100.0, 3.0)).await,
+            labels: labels("another", "worker"),
+        },
+    ];
+    let prometheus = Prometheus::start(&targets);
+
+    // No pod in the API: whatever the advice says came from Prometheus.
+    let h = Harness::new("standard");
+    h.fake.update(&pipelines(NAMESPACE), NAME, |p| {
+        p["spec"]["autoArchitecture"] = json!({
+            "mode": "Advise",
+            "prometheus": { "url": prometheus.url, "windowSeconds": 10 },
+        });
+    });
+    *h.kafka.jobs_lag.lock().expect("lock") = Some(7);
+    h.create_and_settle().await;
+
+    // Two scrapes of each target make a first rate, but `rate()` divides by
+    // the whole window: it is right once the window is full of samples.
+    signals_when(&h, |s| {
+        s["podsRead"] == 2
+            && !s["utilizationPercent"].is_null()
+            && !s["storeFinishMillis"].is_null()
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(12)).await;
+    h.reconcile().await.expect("reconciles");
+    let signals = h.status()["advice"]["signals"].clone();
+    assert_eq!(signals["utilizationSource"], "engineBusy", "{signals}");
+    assert_eq!(signals["jobsLag"], 7, "{signals}");
+    let utilization = signals["utilizationPercent"]
+        .as_i64()
+        .expect("a utilisation");
+    assert!(
+        (52..=68).contains(&utilization),
+        "mean of 80 % and 40 %: {signals}"
+    );
+    let store = signals["storeFinishMillis"]
+        .as_i64()
+        .expect("a final-write time");
+    assert!(
+        (85..=115).contains(&store),
+        "mean of 50 and 150 ms: {signals}"
+    );
+
+    // A GPU reports itself: its utilisation wins over the busy ratio.
+    worker_a.lock().expect("lock").gpu = Some(0.93);
+    let signals = signals_when(&h, |s| s["utilizationSource"] == "gpu").await;
+    assert_eq!(signals["utilizationPercent"], 93, "{signals}");
+
+    // Prometheus gone: no value is guessed, the reconcile still succeeds.
+    drop(prometheus);
+    h.reconcile().await.expect("reconciles without Prometheus");
+    let advice = h.status()["advice"].clone();
+    assert!(
+        advice["signals"]["utilizationPercent"].is_null(),
+        "{advice}"
+    );
+    assert_eq!(advice["signals"]["podsRead"], 0, "{advice}");
+    assert!(
+        advice["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("signals incomplete")),
+        "{advice}"
+    );
+}

@@ -1,7 +1,8 @@
 //! Reading the advisor's signals from a running pipeline: each worker and
 //! writer pod's `/metrics` page (straight from the pod's IP and metrics port,
-//! as Prometheus scrapes it) and the workers' lag on the jobs topic from
-//! Kafka. Counters only mean something as differences, so the last reading
+//! as Prometheus scrapes it), or the same metrics from a Prometheus server
+//! when the pipeline names one ([`prometheus`]), and the workers' lag on the
+//! jobs topic from Kafka. Counters only mean something as differences, so the last reading
 //! of every pod and the lag's recent history are kept per pipeline, in
 //! memory: after an operator restart the advice waits a few rounds for them.
 
@@ -21,6 +22,8 @@ use crate::controller::Context;
 use crate::crd::OcrPipeline;
 use crate::kafka::Cluster;
 
+pub mod prometheus;
+
 /// How long one pod may take to serve its metrics.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Rates are taken over the readings of the last minute, like Prometheus'
@@ -33,6 +36,7 @@ const MIN_RATE_SPAN_SECONDS: f64 = 5.0;
 /// The memory of the readings, per pipeline.
 pub struct Scraper {
     http: reqwest::Client,
+    prometheus: prometheus::Client,
     started: Instant,
     pipelines: Mutex<HashMap<String, History>>,
 }
@@ -44,6 +48,7 @@ impl Default for Scraper {
                 .timeout(SCRAPE_TIMEOUT)
                 .build()
                 .unwrap_or_default(),
+            prometheus: prometheus::Client::default(),
             started: Instant::now(),
             pipelines: Mutex::default(),
         }
@@ -83,8 +88,32 @@ pub async fn read(
     cluster: Option<&Cluster>,
 ) -> Signals {
     let name = pipeline.name_any();
-    let port = pipeline.spec.observability.metrics_port;
-    let pods = scrape_pods(ctx, ns, &name, port).await;
+    let from_prometheus = match &pipeline.spec.auto_architecture.prometheus {
+        Some(source) => {
+            let queries = prometheus::Queries::new(
+                &source.matchers,
+                ns,
+                &name,
+                u32::try_from(source.window_seconds).unwrap_or(120),
+            );
+            Some(
+                ctx.signals
+                    .prometheus
+                    .read(&source.url, &queries)
+                    .await
+                    .map_err(|error| tracing::info!(pipeline = %name, %error, "Prometheus signals unavailable"))
+                    .unwrap_or_default(),
+            )
+        }
+        None => None,
+    };
+    let pods = match from_prometheus {
+        Some(_) => Vec::new(),
+        None => {
+            let port = pipeline.spec.observability.metrics_port;
+            scrape_pods(ctx, ns, &name, port).await
+        }
+    };
     let queues = pipeline.queues();
     let lag = match cluster {
         Some(cluster) => ctx
@@ -130,7 +159,17 @@ pub async fn read(
     if let Some(lag) = lag {
         trend.push(now, lag as f64);
     }
-    let (utilization, store_finish_seconds) = summarize(&readings);
+    let (utilization, store_finish_seconds, pods_read) = match from_prometheus {
+        Some(reading) => (
+            reading.utilization,
+            reading.store_finish_seconds,
+            reading.pods_read,
+        ),
+        None => {
+            let (utilization, store) = summarize(&readings);
+            (utilization, store, pods_read)
+        }
+    };
     Signals {
         utilization,
         jobs_lag: lag,
