@@ -81,6 +81,9 @@ PY
   python3 - "$out/worker.log" "$out/smi.csv" <<'PY' | tee "$out/utilisation.txt"
 import sys, datetime
 windows = [l.split() for l in open(sys.argv[1]) if l.startswith("window ")]
+# What the worker itself exported (ocr_gpu_utilization_ratio from NVML, 0..1, a mean of the
+# last 15 one-second samples) at the end of each run.
+nvml = {p[1]: p[2] for p in (l.split() for l in open(sys.argv[1]) if l.startswith("nvml "))}
 samples = []
 for line in open(sys.argv[2]):
     parts = [p.strip() for p in line.split(",")]
@@ -89,13 +92,17 @@ for line in open(sys.argv[2]):
         samples.append((t, float(parts[1]), float(parts[2])))
     except (ValueError, IndexError):
         pass
-print("GPU utilisation per worker run (nvidia-smi every 100 ms):")
+print("GPU utilisation per worker run (nvidia-smi every 100 ms, and the worker's own ocr_gpu_utilization_ratio):")
 for _, label, start, end in windows:
     inside = [s for s in samples if float(start) <= s[0] <= float(end)]
     if inside:
         util = sum(s[1] for s in inside) / len(inside)
         mem = max(s[2] for s in inside)
-        print(f"  {label:<32} {util:5.1f} %  ({len(inside)} samples, peak {mem:.0f} MiB)")
+        try:
+            exported = f"{100 * float(nvml.get(label, 'nan')):5.1f} %"
+        except ValueError:
+            exported = "none"
+        print(f"  {label:<32} {util:5.1f} %  ({len(inside)} samples, peak {mem:.0f} MiB)  worker's NVML gauge: {exported}")
     else:
         print(f"  {label:<32} no samples")
 PY

@@ -146,6 +146,7 @@ pub struct QueueConfig {
     /// How long the API waits for the broker to acknowledge a job before it
     /// answers anyway: the job is durable in the database, the publish goes
     /// on in the background, and the sweeper republishes it if that fails.
+    /// Zero (the default) answers as soon as the job's row is committed.
     pub publish_wait_ms: u64,
     /// TLS and SASL towards the brokers (`[queue.security]`).
     pub security: KafkaSecurityConfig,
@@ -376,7 +377,7 @@ impl Default for QueueConfig {
             writer_group: "ocr-writer".into(),
             republish_after_ms: 30_000,
             stale_after_ms: 900_000,
-            publish_wait_ms: 500,
+            publish_wait_ms: 0,
             security: KafkaSecurityConfig::default(),
         }
     }

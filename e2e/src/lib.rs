@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod node;
 pub mod scenario;
+pub mod service_proxy;
 pub mod slow_proxy;
 
 /// Tansu, the Kafka-compatible broker the runtime's and operator's tests use.

@@ -6,8 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -24,6 +23,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::json;
 
 use crate::cluster::{render_chart, ControlPlane, NodeAgent, Tools};
+use crate::service_proxy::ServiceProxy;
 
 pub const OPERATOR_NS: &str = "ocr-system";
 /// Every namespace of the scenarios enforces Pod Security `restricted`, as a
@@ -721,91 +721,121 @@ pub struct Submitted {
     pub id: String,
 }
 
-/// Clients that keep submitting jobs as a careful user does: one
-/// idempotency key per job and the same key on every retry.
+/// The load of a careful user, from `ocr-runtime loadgen` as users run it:
+/// `per_second` jobs a second (open loop), each with its own idempotency key
+/// `<run>-<n>` and sent again with it every 300 ms until it is accepted
+/// (`--retry-with-keys`), through [`ServiceProxy`] to a ready API pod. The
+/// accepted jobs are read from loadgen's `--jobs-out` journal.
 pub struct Load {
-    stop: Arc<AtomicBool>,
-    pub submitted: Arc<Mutex<Vec<Submitted>>>,
-    pub retries: Arc<AtomicUsize>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    loadgen: tokio::process::Child,
+    journal: PathBuf,
+    _folder: tempfile::TempDir,
+    _proxy: ServiceProxy,
 }
 
+/// How long a stopped load may take to get its last jobs accepted.
+const LOAD_DRAIN: Duration = Duration::from_secs(180);
+
 impl Load {
-    pub fn start(
-        client: Client,
-        pipeline: PipelineRef,
+    pub async fn start(
+        env: &Env,
+        pipeline: &PipelineRef,
         run: &str,
         per_second: f64,
-        clients: usize,
-    ) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let submitted = Arc::new(Mutex::new(Vec::new()));
-        let retries = Arc::new(AtomicUsize::new(0));
-        let next = Arc::new(AtomicUsize::new(0));
-        let http = api_client(Some(Duration::from_secs(10)));
-        let started = tokio::time::Instant::now();
-        let tasks = (0..clients)
-            .map(|_| {
-                let (client, pipeline, http) = (client.clone(), pipeline.clone(), http.clone());
-                let (stop, submitted, retries, next) = (
-                    stop.clone(),
-                    submitted.clone(),
-                    retries.clone(),
-                    next.clone(),
-                );
-                let run = run.to_owned();
-                tokio::spawn(async move {
-                    while !stop.load(Ordering::SeqCst) {
-                        let n = next.fetch_add(1, Ordering::SeqCst);
-                        tokio::time::sleep_until(
-                            started + Duration::from_secs_f64(n as f64 / per_second),
-                        )
-                        .await;
-                        if stop.load(Ordering::SeqCst) {
-                            return;
-                        }
-                        let key = format!("{run}-{n}");
-                        // A job once sent is retried until accepted, even after stop.
-                        loop {
-                            match submit(&client, &pipeline, &http, &key).await {
-                                Ok(id) => {
-                                    if let Ok(mut list) = submitted.lock() {
-                                        list.push(Submitted {
-                                            key: key.clone(),
-                                            id,
-                                        });
-                                    }
-                                    break;
-                                }
-                                Err(_) => {
-                                    retries.fetch_add(1, Ordering::SeqCst);
-                                    tokio::time::sleep(Duration::from_millis(300)).await;
-                                }
-                            }
-                        }
-                    }
+    ) -> Result<Load> {
+        let proxy = ServiceProxy::start(env.client.clone(), pipeline.clone()).await?;
+        let folder = tempfile::tempdir().context("a folder for the load")?;
+        let image = folder.path().join("hello.png");
+        std::fs::write(&image, HELLO).context("writing the load's image")?;
+        let journal = folder.path().join("jobs.jsonl");
+        let loadgen = tokio::process::Command::new(env.tools.programs.join("ocr-runtime"))
+            .arg("loadgen")
+            .args([
+                "--json",
+                "--url",
+                &format!("http://127.0.0.1:{}", proxy.port),
+            ])
+            .arg("--image")
+            .arg(&image)
+            .args(["--rate", &per_second.to_string(), "--until-interrupted"])
+            .args(["--retry-with-keys", run])
+            .arg("--jobs-out")
+            .arg(&journal)
+            .env("OCR_API_KEY", E2E_API_KEY)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting ocr-runtime loadgen")?;
+        Ok(Load {
+            loadgen,
+            journal,
+            _folder: folder,
+            _proxy: proxy,
+        })
+    }
+
+    fn accepted(&self) -> Vec<Submitted> {
+        std::fs::read_to_string(&self.journal)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter_map(|job| {
+                Some(Submitted {
+                    key: job["key"].as_str()?.to_owned(),
+                    id: job["id"].as_str()?.to_owned(),
                 })
             })
-            .collect();
-        Load {
-            stop,
-            submitted,
-            retries,
-            tasks,
-        }
+            .collect()
     }
 
+    /// Jobs accepted so far.
     pub fn count(&self) -> usize {
-        self.submitted.lock().map(|l| l.len()).unwrap_or(0)
+        self.accepted().len()
     }
 
-    /// Stops sending new jobs; returns every job that was accepted.
-    pub async fn finish(self) -> Vec<Submitted> {
-        self.stop.store(true, Ordering::SeqCst);
-        for task in self.tasks {
-            let _ = task.await;
-        }
-        self.submitted.lock().map(|l| l.clone()).unwrap_or_default()
+    /// Stops sending new jobs (SIGINT) and waits until every job sent is
+    /// accepted; returns them all.
+    pub async fn finish(mut self) -> Result<Vec<Submitted>> {
+        let pid = self.loadgen.id().context("loadgen has exited already")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )
+        .context("interrupting loadgen")?;
+        let mut stdout = self.loadgen.stdout.take().context("loadgen's stdout")?;
+        let waited = tokio::time::timeout(LOAD_DRAIN, async {
+            use tokio::io::AsyncReadExt;
+            let mut summary = String::new();
+            stdout.read_to_string(&mut summary).await?;
+            let status = self.loadgen.wait().await?;
+            anyhow::Ok((status, summary))
+        })
+        .await;
+        let (status, summary) = match waited {
+            Ok(done) => done.context("waiting for loadgen")?,
+            Err(_) => bail!(
+                "loadgen still had jobs that were not accepted {} s after it was stopped",
+                LOAD_DRAIN.as_secs()
+            ),
+        };
+        anyhow::ensure!(status.success(), "loadgen exited with {status}: {summary}");
+        let summary: serde_json::Value =
+            serde_json::from_str(summary.trim()).context("loadgen's JSON summary")?;
+        let jobs = self.accepted();
+        anyhow::ensure!(
+            summary["accepted"].as_u64() == Some(jobs.len() as u64)
+                && summary["sent"] == summary["accepted"],
+            "loadgen's journal has {} jobs, its summary says {summary}",
+            jobs.len()
+        );
+        tracing::info!(
+            accepted = jobs.len(),
+            retries = summary["retries"].as_u64().unwrap_or(0),
+            p99_ms = summary["accept_latency_ms"]["p99"].as_f64().unwrap_or(0.0),
+            "load finished"
+        );
+        Ok(jobs)
     }
 }
 

@@ -172,7 +172,7 @@ async fn migrations_under_load(env: &Env, pipeline: &PipelineRef) -> Result<Repo
         .migrations
         .push((format!("create ({})", scenario.start), took));
 
-    let load = Load::start(env.client.clone(), pipeline.clone(), "load", 6.0, 4);
+    let load = Load::start(env, pipeline, "load", 6.0).await?;
     wait_until(
         "the first jobs to be accepted",
         Duration::from_secs(60),
@@ -234,7 +234,7 @@ async fn migrations_under_load(env: &Env, pipeline: &PipelineRef) -> Result<Repo
         current = settled_in;
     }
 
-    let jobs = load.finish().await;
+    let jobs = load.finish().await?;
     env.say(&format!("load stopped after {} jobs", jobs.len()));
     settle_jobs(env, &jobs, SETTLE, &mut report).await?;
     check_texts(env, pipeline, &jobs, 20, &mut report).await?;
@@ -932,13 +932,13 @@ async fn automatic_switches(env: &Env) -> Result<Report> {
     // 1. More jobs than one CPU worker can take: busy engine, growing lag.
     // 60/s: a worker alone on this 2-core machine keeps up with 20/s of these
     // one-line images at 45% busy once the API stops decoding uploads.
-    let load = Load::start(env.client.clone(), pipeline.clone(), "cpu", 60.0, 16);
+    let load = Load::start(env, &pipeline, "cpu", 60.0).await?;
     let (reason, took) = switched_to(env, &pipeline, "batched", Duration::from_secs(300)).await?;
     report
         .migrations
         .push(("standard → batched (automatic)".into(), took));
     report.checks.push(format!("advised batched: {reason}"));
-    let mut jobs = load.finish().await;
+    let mut jobs = load.finish().await?;
     env.say(&format!("load stopped after {} jobs", jobs.len()));
 
     // 2. Idle again: back to standard.
@@ -950,13 +950,13 @@ async fn automatic_switches(env: &Env) -> Result<Report> {
 
     // 3. The database answers 60 ms late: the worker waits for it.
     proxy.set_delay(Duration::from_millis(60));
-    let load = Load::start(env.client.clone(), pipeline.clone(), "db", 12.0, 8);
+    let load = Load::start(env, &pipeline, "db", 12.0).await?;
     let (reason, took) = switched_to(env, &pipeline, "writer", Duration::from_secs(300)).await?;
     report
         .migrations
         .push(("standard → writer (slow database)".into(), took));
     report.checks.push(format!("advised writer: {reason}"));
-    jobs.extend(load.finish().await);
+    jobs.extend(load.finish().await?);
     env.say(&format!("load stopped after {} jobs in all", jobs.len()));
 
     // 4. Load over, database fast again: back to standard.

@@ -1,21 +1,25 @@
 //! Accept-path benchmark: how many jobs per second the API takes at
-//! saturation, the p50/p99 latency of `POST /v1/jobs` (the load comes from
-//! `ocr-runtime loadgen`'s engine), how much of that time is MySQL and
-//! Kafka, and the ratio to what MariaDB itself does with one autocommit
-//! INSERT per row (`mysqlslap`, same run, same connections).
+//! saturation, the p50/p99 latency of `POST /v1/jobs`, how much of the
+//! server's time is MySQL, the blob store and Kafka, and the ratio to what
+//! MariaDB itself does with one autocommit INSERT per row (`mysqlslap`,
+//! same run, same connections).
 //!
 //!     cargo bench -p ocr-runtime --bench accept [-- SECONDS CLIENTS]
 //!
-//! Needs MariaDB at 127.0.0.1:3306 (or `OCR_TEST_MYSQL_URL`). Kafka is
-//! librdkafka's mock cluster on loopback: the real protocol, but an
-//! in-process broker, so broker-side disk and replication costs are absent.
-//! The same load runs twice, with Kafka and with the in-process queue as the
-//! baseline, so the ratio shows what publishing costs.
+//! The API runs in this process (so its stage timings can be read); the
+//! load comes from an `ocr-runtime loadgen` process, as a user would run it.
+//! Needs MariaDB at 127.0.0.1:3306 (or `OCR_TEST_MYSQL_URL`). The same load
+//! runs against the in-process queue (the baseline), librdkafka's mock
+//! cluster (the real protocol, an in-process broker) and, when
+//! `OCR_TEST_TANSU` names the binary (`scripts/install-tansu.sh`), a Tansu
+//! broker process with in-memory storage.
+
+#[path = "../tests/common/real_broker.rs"]
+mod real_broker;
 
 use ocr_runtime::api::http::{router, HttpState};
 use ocr_runtime::app::submit::{Fault, Submitter};
 use ocr_runtime::config::LimitsConfig;
-use ocr_runtime::loadgen::{Pacing, Plan, Protocol, Stop, Summary};
 use ocr_runtime::metrics::{Metrics, SubmitStage};
 use ocr_runtime::queue::kafka::{KafkaConnection, KafkaPublisher};
 use ocr_runtime::queue::{memory, JobPublisher};
@@ -23,6 +27,17 @@ use ocr_runtime::storage::{BlobStore, JobStore};
 use rdkafka::mocking::MockCluster;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// What `ocr-runtime loadgen --json` measured.
+struct Summary {
+    accepted: u64,
+    refused: u64,
+    transport_errors: u64,
+    elapsed_seconds: f64,
+    accepted_per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
 
 struct Outcome {
     summary: Summary,
@@ -57,7 +72,7 @@ async fn run_load(
         .await?;
     let store = JobStore::connect(&format!("{mysql_server}/{name}"), 32).await?;
     store.migrate().await?;
-    let blob_dir = tempfile::tempdir()?;
+    let blob_dir = tempfile::tempdir_in(blob_root())?;
     let metrics = Metrics::new();
     let submitter = Submitter {
         store,
@@ -65,7 +80,9 @@ async fn run_load(
         publisher,
         limits: LimitsConfig::default(),
         fault: Fault::None,
-        publish_wait: ocr_runtime::config::QueueConfig::default().publish_wait(),
+        relay: ocr_runtime::app::submit::PublishRelay::new(
+            ocr_runtime::config::QueueConfig::default().publish_wait(),
+        ),
         guard: None,
         metrics: metrics.clone(),
     };
@@ -73,20 +90,21 @@ async fn run_load(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let target = format!("http://{}", listener.local_addr()?);
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    let summary = ocr_runtime::loadgen::run(Plan {
-        target,
-        protocol: Protocol::Http,
-        key: None,
-        image: sample_png().into(),
-        content_type: "image/png".into(),
-        pacing: Pacing::Closed {
-            connections: clients,
-        },
-        stop: Stop::After(Duration::from_secs(seconds)),
-        follow: None,
-        progress: false,
-    })
-    .await?;
+    let image = tempfile::Builder::new().suffix(".png").tempfile()?;
+    std::fs::write(image.path(), sample_png())?;
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ocr-runtime"))
+        .arg("loadgen")
+        .args(["--url", &target])
+        .arg("--image")
+        .arg(image.path())
+        .args(["--connections", &clients.to_string()])
+        .args(["--duration", &format!("{seconds}s"), "--json"])
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await?;
+    anyhow::ensure!(output.status.success(), "loadgen failed: {}", output.status);
+    let summary = parse_summary(&output.stdout)?;
     server.abort();
     sqlx::query(&format!("DROP DATABASE {name}"))
         .execute(&mut admin)
@@ -97,6 +115,47 @@ async fn run_load(
             .iter()
             .map(|s| (*s, metrics.stage_total(*s)))
             .collect(),
+    })
+}
+
+/// Where the uploads go: `OCR_BENCH_BLOB_DIR`, else tmpfs (`/dev/shm`) when
+/// there is one. On ext4, creating a file per job right after the previous
+/// run deleted tens of thousands costs more CPU than the rest of the accept
+/// path (`recently_deleted` in the inode allocator, seen with perf): a
+/// property of that churn, not of the API, which a cluster's S3 or volume
+/// does not share.
+fn blob_root() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("OCR_BENCH_BLOB_DIR") {
+        return dir.into();
+    }
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_owned()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+fn parse_summary(json: &[u8]) -> anyhow::Result<Summary> {
+    let value: serde_json::Value = serde_json::from_slice(json)?;
+    let number = |pointer: &str| {
+        value
+            .pointer(pointer)
+            .and_then(serde_json::Value::as_f64)
+            .ok_or_else(|| anyhow::anyhow!("loadgen summary has no {pointer}"))
+    };
+    let refused = value
+        .get("refused")
+        .and_then(serde_json::Value::as_object)
+        .map_or(0, |counts| counts.values().filter_map(|n| n.as_u64()).sum());
+    Ok(Summary {
+        accepted: number("/accepted")? as u64,
+        refused,
+        transport_errors: number("/transport_errors")? as u64,
+        elapsed_seconds: number("/elapsed_seconds")?,
+        accepted_per_second: number("/accepted_per_second")?,
+        p50_ms: number("/accept_latency_ms/p50")?,
+        p99_ms: number("/accept_latency_ms/p99")?,
     })
 }
 
@@ -146,12 +205,7 @@ fn report(label: &str, outcome: &Outcome, slap: Option<f64>) -> f64 {
     });
     println!(
         "{label:<22} {rate:>8.1} jobs/s  p50 {:>7.2} ms  p99 {:>7.2} ms  ({} jobs in {:.1} s, {} refused, {} errors){versus}",
-        s.accept_latency_ms.p50,
-        s.accept_latency_ms.p99,
-        s.accepted,
-        s.elapsed_seconds,
-        s.refused.values().sum::<u64>(),
-        s.transport_errors,
+        s.p50_ms, s.p99_ms, s.accepted, s.elapsed_seconds, s.refused, s.transport_errors,
     );
     for (stage, total) in &outcome.stages {
         let per_job = total.as_secs_f64() * 1e3 / s.accepted.max(1) as f64;
@@ -178,7 +232,8 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         println!(
-            "accept benchmark: {clients} concurrent clients, {seconds} s per run, 640x200 PNG"
+            "accept benchmark: {clients} concurrent clients, {seconds} s per run, 640x200 PNG, uploads in {}",
+            blob_root().display()
         );
         let slap = mysqlslap_inserts_per_second(clients, 20_000);
         match slap {
@@ -201,9 +256,43 @@ fn main() -> anyhow::Result<()> {
         let with_kafka = run_load(&mysql, Arc::new(kafka), seconds, clients).await?;
         let kafka_rate = report("MySQL + Kafka (mock)", &with_kafka, slap);
         println!(
-            "ratio Kafka / memory-queue baseline: {:.2}x",
+            "ratio Kafka (mock) / memory-queue baseline: {:.2}x",
             kafka_rate / baseline_rate.max(1e-9)
+        );
+
+        if std::env::var_os("OCR_TEST_TANSU").is_none() {
+            println!("OCR_TEST_TANSU is not set: no Tansu run (scripts/install-tansu.sh)");
+            return Ok(());
+        }
+        let broker = real_broker::RealBroker::start();
+        create_topic(&broker.bootstrap_servers, "ocr.jobs").await?;
+        let tansu = KafkaPublisher::new(
+            &KafkaConnection::plaintext(&broker.bootstrap_servers),
+            "ocr.jobs",
+        )?;
+        let with_tansu = run_load(&mysql, Arc::new(tansu), seconds, clients).await?;
+        let tansu_rate = report("MySQL + Kafka (Tansu)", &with_tansu, slap);
+        println!(
+            "ratio Kafka (Tansu) / memory-queue baseline: {:.2}x",
+            tansu_rate / baseline_rate.max(1e-9)
         );
         Ok(())
     })
+}
+
+async fn create_topic(brokers: &str, topic: &str) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<_> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let created = admin
+        .create_topics(
+            [&NewTopic::new(topic, 6, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await?;
+    for outcome in created {
+        outcome.map_err(|(topic, code)| anyhow::anyhow!("creating {topic}: {code}"))?;
+    }
+    Ok(())
 }

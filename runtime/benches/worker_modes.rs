@@ -17,11 +17,13 @@
 //! one-line label (640×96) and a three-line invoice (640×208). The detector
 //! runs with `det_limit_type = max` (no upscaling of small pages).
 
+use ocr_runtime::api::http::{router, HttpState};
 use ocr_runtime::app::process::Processor;
-use ocr_runtime::app::submit::{Fault, Submission, Submitter};
+use ocr_runtime::app::submit::{Fault, Submitter};
 use ocr_runtime::config::{Config, DetLimitType, LimitsConfig};
 use ocr_runtime::domain::JobStatus;
 use ocr_runtime::engine::CandleRecognizer;
+use ocr_runtime::loadgen::{Pacing, Plan, Protocol, Stop};
 use ocr_runtime::metrics::Metrics;
 use ocr_runtime::queue::memory;
 use ocr_runtime::storage::{BlobStore, JobStore};
@@ -81,22 +83,40 @@ async fn run_mode(
         publisher: Arc::new(publisher),
         limits: LimitsConfig::default(),
         fault: Fault::None,
-        publish_wait: ocr_runtime::config::QueueConfig::default().publish_wait(),
+        relay: ocr_runtime::app::submit::PublishRelay::new(
+            ocr_runtime::config::QueueConfig::default().publish_wait(),
+        ),
         guard: None,
         metrics: metrics.clone(),
     };
     // The backlog is queued before the worker starts, so both modes see the
-    // same full queue and only the loop differs.
-    for _ in 0..jobs {
-        submitter
-            .submit(Submission {
-                tenant: ocr_runtime::domain::tenant::Tenant::anonymous(),
-                idempotency_key: None,
-                content_type: "image/png".into(),
-                body: bytes::Bytes::from_static(image),
-            })
-            .await?;
-    }
+    // same full queue and only the loop differs. It goes in as users send
+    // it: over HTTP, from `ocr-runtime loadgen`'s engine.
+    let api = router(HttpState::new(submitter, metrics.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let target = format!("http://{}", listener.local_addr()?);
+    let server = tokio::spawn(async move { axum::serve(listener, api).await });
+    let queued = ocr_runtime::loadgen::run(Plan {
+        target,
+        protocol: Protocol::Http,
+        key: None,
+        image: bytes::Bytes::from_static(image),
+        content_type: "image/png".into(),
+        pacing: Pacing::Closed { connections: 8 },
+        stop: Stop::Requests(jobs as u64),
+        follow: None,
+        progress: false,
+        retry: None,
+        cancel: CancellationToken::new(),
+        accepted_jobs: None,
+    })
+    .await?;
+    server.abort();
+    anyhow::ensure!(
+        queued.accepted == jobs as u64,
+        "the API accepted {} of {jobs} jobs",
+        queued.accepted
+    );
     let processor = Processor {
         store: store.clone(),
         blobs,
@@ -115,12 +135,24 @@ async fn run_mode(
     let started = Instant::now();
     let started_unix = unix_ms();
     let running = tokio::spawn(worker.run(shutdown.clone()));
+    // What the workers export for the advisor, to set beside nvidia-smi's
+    // samples of the same window (`scripts/gpu-check.sh`).
+    let nvml = tokio::spawn(ocr_runtime::gpu::sample(metrics.clone(), shutdown.clone()));
     while (store.count_in_status(JobStatus::Succeeded).await? as usize) < jobs {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = started.elapsed();
     println!("window {label} {started_unix} {}", unix_ms());
     shutdown.cancel();
+    let _ = nvml.await;
+    let page = metrics.render();
+    match page
+        .lines()
+        .find(|line| line.starts_with("ocr_gpu_utilization_ratio{"))
+    {
+        Some(line) => println!("nvml {label} {}", line.rsplit(' ').next().unwrap_or("?")),
+        None => println!("nvml {label} none (no NVML: the CPU busy ratio stands in)"),
+    }
     running.await?;
     let (sum, count, max) = batch_sizes(&metrics.render());
     if let Some(admin) = admin.as_mut() {

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 /// How requests are paced.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -28,11 +29,32 @@ pub enum Pacing {
     Open { per_second: f64 },
 }
 
-/// When to stop sending.
+/// When to stop sending (besides [`Plan::cancel`], which always stops it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
     After(Duration),
     Requests(u64),
+    /// Only when cancelled.
+    Cancelled,
+}
+
+/// A careful client: every job has its own idempotency key, and a request
+/// that is not accepted (refused, unanswered) is sent again with the same
+/// key after a pause, until it is, even after sending has stopped. No job is
+/// lost to a restarting API and none is created twice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retry {
+    /// Keys are `<prefix>-<n>`, `n` counting from 0.
+    pub key_prefix: String,
+    pub pause: Duration,
+}
+
+/// A job the API accepted: its idempotency key (with [`Retry`]) and id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AcceptedJob {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    pub id: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +78,13 @@ pub struct Plan {
     pub follow: Option<Duration>,
     /// Show a progress bar on stderr (when it is a terminal).
     pub progress: bool,
+    /// Retry every job with its own idempotency key until it is accepted.
+    pub retry: Option<Retry>,
+    /// Stops sending when cancelled (Ctrl-C in the CLI); requests already
+    /// sent are still answered (and, with `retry`, retried) and summed up.
+    pub cancel: CancellationToken,
+    /// Every accepted job, as it is accepted.
+    pub accepted_jobs: Option<tokio::sync::mpsc::UnboundedSender<AcceptedJob>>,
 }
 
 /// Latency percentiles, in milliseconds.
@@ -87,7 +116,10 @@ pub struct Summary {
     /// Requests that got no answer (connection refused, reset, timeout).
     pub transport_errors: u64,
     pub accepted_per_second: f64,
-    /// From when each request was due (open loop) or sent (closed loop) to its answer.
+    /// Requests sent again (with `retry`) after an answer that was not an acceptance.
+    pub retries: u64,
+    /// From when each request was due (open loop) or sent (closed loop) to its answer
+    /// (with `retry`: to its acceptance).
     pub accept_latency_ms: Latency,
     /// Final states of followed jobs (`follow`), and jobs still unfinished.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -109,6 +141,7 @@ struct Recorder {
     sent: AtomicU64,
     accepted: AtomicU64,
     transport: AtomicU64,
+    retries: AtomicU64,
     refused: Mutex<BTreeMap<String, u64>>,
     accept: Mutex<Histogram<u64>>,
     end_to_end: Mutex<Histogram<u64>>,
@@ -199,15 +232,17 @@ impl Client {
         request
     }
 
-    async fn submit(&self, plan: &Plan) -> Outcome {
+    async fn submit(&self, plan: &Plan, idempotency_key: Option<&str>) -> Outcome {
         match self {
             Client::Http { http, base } => {
-                let sent = http
+                let mut post = http
                     .post(format!("{base}/v1/jobs"))
                     .header(reqwest::header::CONTENT_TYPE, &plan.content_type)
-                    .body(plan.image.clone())
-                    .send()
-                    .await;
+                    .body(plan.image.clone());
+                if let Some(key) = idempotency_key {
+                    post = post.header("idempotency-key", key);
+                }
+                let sent = post.send().await;
                 let Ok(response) = sent else {
                     return Outcome::Transport;
                 };
@@ -227,7 +262,7 @@ impl Client {
                 let request = SubmitRequest {
                     image: plan.image.to_vec(),
                     content_type: plan.content_type.clone(),
-                    idempotency_key: String::new(),
+                    idempotency_key: idempotency_key.unwrap_or_default().to_owned(),
                 };
                 match grpc
                     .clone()
@@ -306,6 +341,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
         sent: AtomicU64::new(0),
         accepted: AtomicU64::new(0),
         transport: AtomicU64::new(0),
+        retries: AtomicU64::new(0),
         refused: Mutex::new(BTreeMap::new()),
         accept: Mutex::new(histogram()),
         end_to_end: Mutex::new(histogram()),
@@ -328,17 +364,20 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
             let issued = Arc::new(AtomicU64::new(0));
             for _ in 0..connections.max(1) {
                 let (request, issued, stop) = (request.clone(), issued.clone(), plan.stop);
+                let cancel = plan.cancel.clone();
                 requests.spawn(async move {
                     loop {
                         let n = issued.fetch_add(1, Ordering::Relaxed);
-                        let over = match stop {
-                            Stop::After(duration) => started.elapsed() >= duration,
-                            Stop::Requests(limit) => n >= limit,
-                        };
+                        let over = cancel.is_cancelled()
+                            || match stop {
+                                Stop::After(duration) => started.elapsed() >= duration,
+                                Stop::Requests(limit) => n >= limit,
+                                Stop::Cancelled => false,
+                            };
                         if over {
                             return;
                         }
-                        request.clone().send(Instant::now()).await;
+                        request.clone().send(n, Instant::now()).await;
                     }
                 });
             }
@@ -350,12 +389,16 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
                 let over = match plan.stop {
                     Stop::After(duration) => due >= started + duration,
                     Stop::Requests(limit) => n >= limit,
+                    Stop::Cancelled => false,
                 };
                 if over {
                     break;
                 }
-                tokio::time::sleep_until(due.into()).await;
-                requests.spawn(request.clone().send(due));
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due.into()) => {}
+                    _ = plan.cancel.cancelled() => break,
+                }
+                requests.spawn(request.clone().send(n, due));
                 // Reap what has finished, so the set stays small.
                 while requests.try_join_next().is_some() {}
             }
@@ -408,6 +451,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
         refused,
         transport_errors: recorder.transport.load(Ordering::Relaxed),
         accepted_per_second: accepted as f64 / sending_took.as_secs_f64().max(1e-9),
+        retries: recorder.retries.load(Ordering::Relaxed),
         accept_latency_ms: accept,
         finished,
         end_to_end_latency_ms: end_to_end,
@@ -425,17 +469,38 @@ struct Request {
 }
 
 impl Request {
-    /// Submits once, timed from `due`; records the answer and, with
-    /// `follow`, starts following the job.
-    async fn send(self, due: Instant) {
+    /// Submits job `n` (again, with `retry`, until it is accepted), timed
+    /// from `due`; records the answer and, with `follow`, starts following
+    /// the job.
+    async fn send(self, n: u64, due: Instant) {
         let recorder = &self.recorder;
         recorder.sent.fetch_add(1, Ordering::Relaxed);
-        let outcome = self.client.submit(&self.plan).await;
+        let key = self
+            .plan
+            .retry
+            .as_ref()
+            .map(|retry| format!("{}-{n}", retry.key_prefix));
+        let outcome = loop {
+            let outcome = self.client.submit(&self.plan, key.as_deref()).await;
+            match (&outcome, &self.plan.retry) {
+                (Outcome::Accepted(_), _) | (_, None) => break outcome,
+                (_, Some(retry)) => {
+                    recorder.retries.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(retry.pause).await;
+                }
+            }
+        };
         let answered = Instant::now();
         record(&recorder.accept, answered.saturating_duration_since(due));
         match outcome {
             Outcome::Accepted(id) => {
                 recorder.accepted.fetch_add(1, Ordering::Relaxed);
+                if let Some(jobs) = &self.plan.accepted_jobs {
+                    let _ = jobs.send(AcceptedJob {
+                        key: key.clone(),
+                        id: id.clone(),
+                    });
+                }
                 if let Some(follow) = self.plan.follow {
                     self.following.fetch_add(1, Ordering::AcqRel);
                     tokio::spawn(async move {
@@ -489,7 +554,7 @@ fn progress_bar(plan: &Plan) -> indicatif::ProgressBar {
     }
     let bar = match plan.stop {
         Stop::Requests(n) => indicatif::ProgressBar::new(n),
-        Stop::After(_) => indicatif::ProgressBar::new_spinner(),
+        Stop::After(_) | Stop::Cancelled => indicatif::ProgressBar::new_spinner(),
     };
     let style = indicatif::ProgressStyle::with_template(
         "{spinner} {elapsed_precise} sent {pos} {per_sec} {msg}",
@@ -505,7 +570,7 @@ impl Summary {
     pub fn to_text(&self) -> String {
         let l = &self.accept_latency_ms;
         let mut text = format!(
-            "{} {} loop against {}: sent {} in {:.1} s, accepted {} ({:.1}/s), refused {:?}, transport errors {}\naccept latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n",
+            "{} {} loop against {}: sent {} in {:.1} s, accepted {} ({:.1}/s), refused {:?}, transport errors {}, retries {}\naccept latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n",
             self.protocol,
             self.pacing,
             self.target,
@@ -515,6 +580,7 @@ impl Summary {
             self.accepted_per_second,
             self.refused,
             self.transport_errors,
+            self.retries,
             l.p50,
             l.p90,
             l.p99,

@@ -101,8 +101,20 @@ struct LoadgenArgs {
     #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "requests")]
     duration: Option<std::time::Duration>,
     /// Send this many requests instead.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "until_interrupted")]
     requests: Option<u64>,
+    /// Send until interrupted (SIGINT or SIGTERM), then wait for the answers
+    /// and print the summary. Any run stops early this way.
+    #[arg(long, conflicts_with = "duration")]
+    until_interrupted: bool,
+    /// Give job N the idempotency key PREFIX-N and send it again (same key,
+    /// every 300 ms) until it is accepted, as a careful client does.
+    #[arg(long, value_name = "PREFIX")]
+    retry_with_keys: Option<String>,
+    /// Append every accepted job to this file as it is accepted, one JSON
+    /// object per line: {"key": ..., "id": ...}.
+    #[arg(long, value_name = "FILE")]
+    jobs_out: Option<PathBuf>,
     /// Follow each accepted job to its final state, for at most this long.
     #[arg(long, value_parser = humantime::parse_duration)]
     follow: Option<std::time::Duration>,
@@ -276,7 +288,7 @@ async fn replay_dead_letters(config: &Config, group: &str) -> anyhow::Result<()>
 }
 
 async fn load(args: LoadgenArgs) -> anyhow::Result<()> {
-    use ocr_runtime::loadgen::{Pacing, Plan, Protocol, Stop};
+    use ocr_runtime::loadgen::{Pacing, Plan, Protocol, Retry, Stop};
     let content_type = match args
         .image
         .extension()
@@ -296,6 +308,32 @@ async fn load(args: LoadgenArgs) -> anyhow::Result<()> {
     };
     let image =
         std::fs::read(&args.image).with_context(|| format!("reading {}", args.image.display()))?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (accepted_jobs, journal) = match &args.jobs_out {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            let (jobs, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+            let path = path.clone();
+            // Line by line as jobs are accepted, so whoever reads the file
+            // while the load runs sees every job the API has answered for.
+            let writing = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                use std::io::Write;
+                let mut file = file;
+                while let Some(job) = accepted.blocking_recv() {
+                    let line = serde_json::to_string(&job)?;
+                    writeln!(file, "{line}")
+                        .with_context(|| format!("writing {}", path.display()))?;
+                }
+                Ok(())
+            });
+            (Some(jobs), Some(writing))
+        }
+        None => (None, None),
+    };
     let plan = Plan {
         target: args.url,
         protocol: if args.grpc {
@@ -312,14 +350,31 @@ async fn load(args: LoadgenArgs) -> anyhow::Result<()> {
                 connections: args.connections.unwrap_or(16),
             },
         },
-        stop: match args.requests {
-            Some(n) => Stop::Requests(n),
-            None => Stop::After(args.duration.unwrap_or(std::time::Duration::from_secs(10))),
+        stop: match (args.requests, args.until_interrupted) {
+            (Some(n), _) => Stop::Requests(n),
+            (None, true) => Stop::Cancelled,
+            (None, false) => {
+                Stop::After(args.duration.unwrap_or(std::time::Duration::from_secs(10)))
+            }
         },
         follow: args.follow,
         progress: !args.json,
+        retry: args.retry_with_keys.map(|key_prefix| Retry {
+            key_prefix,
+            pause: std::time::Duration::from_millis(300),
+        }),
+        cancel: cancel.clone(),
+        accepted_jobs,
     };
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("interrupted: no new requests; waiting for the answers");
+        cancel.cancel();
+    });
     let summary = ocr_runtime::loadgen::run(plan).await?;
+    if let Some(writing) = journal {
+        writing.await.context("writing --jobs-out")??;
+    }
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {

@@ -341,7 +341,7 @@ pub async fn start_api(config: &Config) -> anyhow::Result<Running> {
         publisher,
         limits: config.limits.clone(),
         fault: Fault::from_env(),
-        publish_wait: config.queue.publish_wait(),
+        relay: crate::app::submit::PublishRelay::new(config.queue.publish_wait()),
         guard: connect_redis(config).await,
         metrics: metrics.clone(),
     };

@@ -81,7 +81,7 @@ pub async fn start(config: &Config, engine: Arc<dyn Recognize>) -> anyhow::Resul
         publisher,
         limits: config.limits.clone(),
         fault: Fault::from_env(),
-        publish_wait: config.queue.publish_wait(),
+        relay: crate::app::submit::PublishRelay::new(config.queue.publish_wait()),
         guard: connect_redis(&config).await,
         metrics: metrics.clone(),
     };

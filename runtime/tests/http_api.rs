@@ -85,7 +85,9 @@ async fn start_api_limited(
         publisher: Arc::new(publisher),
         limits,
         fault: Fault::None,
-        publish_wait: ocr_runtime::config::QueueConfig::default().publish_wait(),
+        relay: ocr_runtime::app::submit::PublishRelay::new(
+            ocr_runtime::config::QueueConfig::default().publish_wait(),
+        ),
         guard,
         metrics: Metrics::new(),
     };
@@ -150,7 +152,8 @@ async fn accepted_job_is_stored_queued_and_readable() {
     let body: serde_json::Value = response.json().await.unwrap();
     let id = body["id"].as_str().unwrap().to_owned();
     assert_eq!(location, format!("/v1/jobs/{id}"));
-    assert_eq!(body["status"], "Queued");
+    // Answered once the row is committed; the publish follows the answer.
+    assert_eq!(body["status"], "Accepted");
 
     let delivery = api.queue.next().await.unwrap().unwrap();
     let message = JobMessage::decode(&delivery.payload).unwrap();
@@ -160,16 +163,28 @@ async fn accepted_job_is_stored_queued_and_readable() {
         "the message says where the input is"
     );
 
-    let status: serde_json::Value = api
-        .client
-        .get(format!("{}{location}", api.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(status["status"], "Queued");
+    // Published, then recorded Queued.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let status: serde_json::Value = api
+            .client
+            .get(format!("{}{location}", api.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if status["status"] == "Queued" {
+            break;
+        }
+        assert_eq!(status["status"], "Accepted", "{status}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never recorded Queued"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 
     let result = api
         .client

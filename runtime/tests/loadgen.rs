@@ -1,7 +1,8 @@
 //! `ocr-runtime loadgen` as a user runs it, against a real API: closed and
 //! open loop over HTTP, refusals counted, and gRPC with each job followed
-//! to its result by the real engine. What it reports is checked against the
-//! database.
+//! to its result by the real engine, and a careful load (idempotency keys,
+//! retries, stopped by SIGINT) across an API restart. What it reports is
+//! checked against the database.
 
 mod common;
 
@@ -184,4 +185,121 @@ async fn grpc_load_followed_to_the_end_reports_every_result() {
         "a job ends after it is accepted: {summary}"
     );
     server.stop().await;
+}
+
+/// A careful load across an API restart: every job keeps its idempotency
+/// key through its retries, so the jobs the API went down under are sent
+/// again and none is created twice; SIGINT stops the load, which still
+/// waits for its answers; `--jobs-out` lists every accepted job as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_with_keys_survive_an_api_restart_without_duplicates() {
+    let kafka = mock_kafka();
+    let db = MysqlDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut config = Config::default();
+    config.database.url = db.url.clone();
+    config.blob.url = dir.path().join("blobs").display().to_string();
+    config.queue.kind = QueueKind::Kafka;
+    config.queue.brokers = kafka.bootstrap_servers();
+    config.server.http_addr = format!("127.0.0.1:{port}");
+    config.server.grpc_addr = "127.0.0.1:0".into();
+    let api = ocr_runtime::roles::start_api(&config).await.unwrap();
+    let image = image_file(dir.path());
+    let journal = dir.path().join("jobs.jsonl");
+    let url = format!("http://127.0.0.1:{port}");
+    let load = role_command(
+        &[
+            "loadgen",
+            "--json",
+            "--url",
+            &url,
+            "--image",
+            &image,
+            "--rate",
+            "40",
+            "--until-interrupted",
+            "--retry-with-keys",
+            "careful",
+            "--jobs-out",
+            &journal.display().to_string(),
+        ],
+        &config,
+        free_port(),
+        &[],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .expect("starting loadgen");
+
+    let journaled = || {
+        std::fs::read_to_string(&journal)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.ends_with('}'))
+            .count()
+    };
+    let wait_for = |n: usize| async move {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while journaled() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "fewer than {n} jobs accepted"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    wait_for(20).await;
+    api.stop().await;
+    // Down for a second: about 40 jobs wait for it, retried every 300 ms.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let api = ocr_runtime::roles::start_api(&config).await.unwrap();
+    let before = journaled();
+    wait_for(before + 40).await;
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &load.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = tokio::task::spawn_blocking(move || load.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "loadgen exited with {}",
+        output.status
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("a JSON summary on stdout");
+
+    let sent = summary["sent"].as_u64().unwrap();
+    assert_eq!(summary["accepted"].as_u64(), Some(sent), "{summary}");
+    assert!(
+        summary["retries"].as_u64().unwrap() > 0,
+        "the outage was retried: {summary}"
+    );
+    assert_eq!(summary["transport_errors"], 0, "{summary}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&journal)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(
+        lines.len() as u64,
+        sent,
+        "one journal line per accepted job"
+    );
+    let keys: std::collections::BTreeSet<&str> =
+        lines.iter().map(|l| l["key"].as_str().unwrap()).collect();
+    let ids: std::collections::BTreeSet<&str> =
+        lines.iter().map(|l| l["id"].as_str().unwrap()).collect();
+    assert_eq!((keys.len(), ids.len()), (lines.len(), lines.len()));
+    assert!(keys.iter().all(|k| k.starts_with("careful-")));
+    assert_eq!(
+        jobs_of(&api.store).await,
+        sent,
+        "every job once in the database, none twice"
+    );
+    api.stop().await;
 }

@@ -167,6 +167,76 @@ async fn stale_jobs_are_listed_oldest_first(store: JobStore) {
     assert_eq!(store.count_in_status(JobStatus::Accepted).await.unwrap(), 3);
 }
 
+/// Concurrent submissions share statements (group commit): every row is
+/// committed before its request returns, and a row that cannot be written
+/// fails alone while its batch-mates are kept. The same for the Queued marks,
+/// which never undo a worker's claim.
+async fn concurrent_inserts_and_marks_share_statements_and_fail_alone(store: JobStore) {
+    let taken = new_job(None);
+    store.insert(&taken, 1_000).await.unwrap();
+    let mut jobs: Vec<NewJob> = (0..300).map(|_| new_job(None)).collect();
+    // The same id as a stored job: the primary key refuses it.
+    let mut clash = new_job(None);
+    clash.id = taken.id;
+    clash.input_key = "inputs/someone-else".into();
+    jobs.insert(150, clash);
+    let inserts = jobs.iter().cloned().map(|job| {
+        let store = store.clone();
+        tokio::spawn(async move { store.insert(&job, 2_000).await })
+    });
+    let outcomes = futures::future::join_all(inserts).await;
+    for (job, outcome) in jobs.iter().zip(outcomes) {
+        let outcome = outcome.expect("insert task");
+        if job.id == taken.id {
+            assert!(outcome.is_err(), "a duplicate id must be refused");
+        } else {
+            outcome.unwrap_or_else(|e| panic!("job {} failed with its batch: {e}", job.id));
+            let stored = store.get(job.id).await.unwrap().expect("committed row");
+            assert_eq!(stored.input_key, job.input_key);
+            assert_eq!(stored.status, JobStatus::Accepted);
+        }
+    }
+    assert_eq!(
+        store.get(taken.id).await.unwrap().unwrap().input_key,
+        taken.input_key
+    );
+    assert_eq!(
+        store.count_in_status(JobStatus::Accepted).await.unwrap(),
+        301
+    );
+
+    // A worker claimed one job before its mark arrived: the mark leaves it.
+    let claimed = jobs[0].id;
+    store
+        .transition(
+            claimed,
+            JobStatus::Accepted,
+            JobStatus::Processing,
+            None,
+            Changes::default(),
+            3_000,
+        )
+        .await
+        .unwrap();
+    let ids: Vec<JobId> = std::iter::once(taken.id)
+        .chain(jobs.iter().map(|job| job.id).filter(|id| *id != taken.id))
+        .collect();
+    let marks = ids.iter().map(|id| {
+        let store = store.clone();
+        let id = *id;
+        tokio::spawn(async move { store.mark_queued(id, 4_000).await })
+    });
+    for mark in futures::future::join_all(marks).await {
+        mark.expect("mark task").expect("mark");
+    }
+    assert_eq!(
+        store.get(claimed).await.unwrap().unwrap().status,
+        JobStatus::Processing
+    );
+    assert_eq!(store.count_in_status(JobStatus::Queued).await.unwrap(), 300);
+    assert_eq!(store.count_in_status(JobStatus::Accepted).await.unwrap(), 0);
+}
+
 async fn idempotency_keys_reserve_bind_and_release(store: JobStore) {
     let sha = "cd".repeat(32);
     assert!(store
@@ -307,6 +377,19 @@ async fn mysql_idempotency_keys() {
 async fn sqlite_idempotency_keys() {
     let dir = tempfile::tempdir().unwrap();
     idempotency_keys_reserve_bind_and_release(sqlite_store(dir.path()).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_concurrent_inserts_and_marks() {
+    let db = MysqlDatabase::create().await;
+    concurrent_inserts_and_marks_share_statements_and_fail_alone(db.store().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_concurrent_inserts_and_marks() {
+    let dir = tempfile::tempdir().unwrap();
+    concurrent_inserts_and_marks_share_statements_and_fail_alone(sqlite_store(dir.path()).await)
+        .await;
 }
 
 #[tokio::test]

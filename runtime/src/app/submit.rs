@@ -83,6 +83,33 @@ enum Reserved {
     Replay(Job),
 }
 
+/// Publishes held back at once per process, waiting for the broker. Past
+/// it (a broker outage under load) new jobs stay `Accepted` and the sweeper
+/// publishes them after `queue.republish_after_ms`: memory stays bounded.
+const MAX_PUBLISHES_IN_FLIGHT: usize = 10_000;
+
+/// The outbox relay: a job is durable once its row is committed, so the
+/// request can be answered then, and its message is published after the
+/// answer. librdkafka batches the produces of concurrent jobs (`linger.ms`)
+/// and the store batches their `Queued` marks; a crash before the publish
+/// leaves the job `Accepted`, which the sweeper republishes.
+#[derive(Clone)]
+pub struct PublishRelay {
+    wait: std::time::Duration,
+    in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+impl PublishRelay {
+    /// `wait`: how long a request waits for the broker's acknowledgement
+    /// before it answers (`queue.publish_wait_ms`; zero answers at once).
+    pub fn new(wait: std::time::Duration) -> Self {
+        PublishRelay {
+            wait,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Submitter {
     pub store: JobStore,
@@ -90,8 +117,8 @@ pub struct Submitter {
     pub publisher: Arc<dyn JobPublisher>,
     pub limits: LimitsConfig,
     pub fault: Fault,
-    /// How long a request waits for the broker (`queue.publish_wait_ms`).
-    pub publish_wait: std::time::Duration,
+    /// Publishes accepted jobs, after the answer by default.
+    pub relay: PublishRelay,
     /// Optional Redis: rate limiting and the idempotency fast path.
     pub guard: Option<RedisGuard>,
     pub metrics: Metrics,
@@ -336,21 +363,34 @@ impl Submitter {
         output
     }
 
-    /// Publishes, waiting at most `publish_wait`: past it the client gets
-    /// its answer (the job is durable) while the publish goes on; if that
-    /// fails, the sweeper republishes. A broker outage thus never holds a
-    /// request longer than `publish_wait`.
+    /// Publishes through the relay, waiting at most its `wait`: past it
+    /// the client gets its answer (the job is durable) while the publish
+    /// goes on; if that fails, the sweeper republishes. A broker outage thus
+    /// never holds a request longer than the wait.
     /// Whether the job was published and recorded `Queued` within the wait.
     async fn publish_within_wait(&self, id: JobId, input_key: &str) -> bool {
+        let Ok(slot) = self.relay.in_flight.clone().try_acquire_owned() else {
+            tracing::warn!(job = %id, "{MAX_PUBLISHES_IN_FLIGHT} publishes are waiting for the broker; the sweeper will publish this job");
+            return false;
+        };
         let submitter = self.clone();
         let input_key = input_key.to_owned();
-        let mut publishing =
-            tokio::spawn(async move { submitter.publish(id, &input_key).await }.in_current_span());
-        match tokio::time::timeout(self.publish_wait, &mut publishing).await {
+        let mut publishing = tokio::spawn(
+            async move {
+                let queued = submitter.publish(id, &input_key).await;
+                drop(slot);
+                queued
+            }
+            .in_current_span(),
+        );
+        if self.relay.wait.is_zero() {
+            return false;
+        }
+        match tokio::time::timeout(self.relay.wait, &mut publishing).await {
             Ok(queued) => queued.unwrap_or(false),
             Err(_) => {
                 // Dropping the handle detaches the task; it still records `Queued`.
-                tracing::warn!(job = %id, wait = ?self.publish_wait, "the broker has not acknowledged the job yet; answering before it does");
+                tracing::warn!(job = %id, wait = ?self.relay.wait, "the broker has not acknowledged the job yet; answering before it does");
                 false
             }
         }

@@ -8,7 +8,7 @@ use crate::domain::{Job, JobId, JobStatus, NewJob, Transition};
 use crate::metrics::Metrics;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 static MYSQL_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
@@ -75,8 +75,8 @@ pub struct JobStore {
     dialect: Dialect,
     /// Where each operation's time goes (`ocr_store_seconds{op}`); none in tools.
     metrics: Option<Metrics>,
-    /// Started on first use by [`JobStore::mark_queued`].
-    pub(crate) queued_marks: Arc<OnceLock<super::queued_marks::Marks>>,
+    /// Group commit of the accept path's writes (started on first use).
+    groups: Arc<super::grouped::Groups>,
 }
 
 /// Times one operation from its creation to its drop, so every return path
@@ -162,7 +162,7 @@ impl JobStore {
             pool,
             dialect,
             metrics: None,
-            queued_marks: Arc::default(),
+            groups: Arc::default(),
         })
     }
 
@@ -188,7 +188,7 @@ impl JobStore {
             pool,
             dialect,
             metrics: None,
-            queued_marks: Arc::default(),
+            groups: Arc::default(),
         })
     }
 
@@ -240,12 +240,13 @@ impl JobStore {
     pub async fn insert(&self, job: &NewJob, now_ms: i64) -> Result<(), StoreError> {
         let _timer = self.timer("insert");
         if job.idempotency.is_none() {
-            // Nothing to bind: one autocommit statement, one round trip
-            // instead of BEGIN, INSERT, COMMIT.
+            // Nothing to bind: no transaction, and the row shares one
+            // autocommit INSERT with those of concurrent submissions.
             return self
-                .insert_row(&self.pool, job, now_ms)
-                .await
-                .map_err(query_error("insert job"));
+                .groups
+                .inserts
+                .write(&self.pool, (job.clone(), now_ms))
+                .await;
         }
         let mut tx = self
             .pool
@@ -305,6 +306,17 @@ impl JobStore {
         .execute(executor)
         .await?;
         Ok(())
+    }
+
+    /// Records `Queued` for an `Accepted` job (a job already further along is
+    /// left as it is), in one statement with the marks of concurrent
+    /// submissions.
+    pub async fn mark_queued(&self, id: JobId, now_ms: i64) -> Result<(), StoreError> {
+        let _timer = self.timer("mark_queued");
+        self.groups
+            .queued_marks
+            .write(&self.pool, (id, now_ms))
+            .await
     }
 
     pub async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {

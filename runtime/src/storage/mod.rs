@@ -3,8 +3,8 @@
 
 pub mod api_keys;
 pub mod blob;
+mod grouped;
 pub mod jobs;
-mod queued_marks;
 pub mod redis_guard;
 
 pub use blob::BlobStore;
