@@ -10,7 +10,6 @@ use ocr_runtime::app::submit::{Fault, Submitter};
 use ocr_runtime::config::LimitsConfig;
 use ocr_runtime::domain::message::JobMessage;
 use ocr_runtime::domain::tenant::{NewKey, Tenant};
-use ocr_runtime::domain::JobStatus;
 use ocr_runtime::metrics::Metrics;
 use ocr_runtime::queue::{memory, MessageConsumer};
 use ocr_runtime::storage::redis_guard::RedisGuard;
@@ -134,11 +133,7 @@ impl Api {
     }
 
     async fn total_jobs(&self) -> u64 {
-        let mut total = 0;
-        for status in JobStatus::ALL {
-            total += self.store.count_in_status(status).await.unwrap();
-        }
-        total
+        self.store.count_all().await.unwrap()
     }
 }
 

@@ -626,6 +626,11 @@ async fn lag_command_reports_what_the_worker_group_has_not_consumed() {
             lag["partitions"].as_array().unwrap().len(),
         )
     };
+    // The API answers before it publishes: the three messages arrive shortly after.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while lag(config) != (3, 3) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(lag(config), (3, 3), "3 jobs waiting, over 3 partitions");
 
     let worker = start_worker(config, engine()).await.unwrap();
