@@ -7,7 +7,11 @@
 //! conv2d would instead launch one conv per channel, which made the depthwise layers dominate
 //! the runtime. On the CPU, bias, activation and post-affine run as one in-place pass over each
 //! conv's fresh output (`Epilogue`): every extra pass over a large map is another allocation
-//! whose pages the kernel has to fault in.
+//! whose pages the kernel has to fault in. For the same reason the banded kernels multiply into
+//! per-thread scratch buffers or straight into their output ([`super::matmul`]), an LCNet
+//! block's expand/compress pair runs band by band without its hidden map
+//! ([`pointwise_pair`]), and the recogniser's classifier reduces each block of logits to its
+//! top class before computing the next ([`Linear::forward_top1`]).
 
 use candle_core::{
     CpuStorage, CustomOp3, DType, Device, InplaceOp1, InplaceOp2, Layout, Module, Shape, Tensor, D,
@@ -15,6 +19,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 use super::graph::{Activation, ConvSpec, LayerNormSpec, LinearSpec};
+use super::matmul::{matmul_into, with_scratch, Mat, MatMut, Scratch};
 use crate::error::Result;
 
 /// Whether the `*_wide` copies of the kernels below (compiled for AVX2 + FMA) can run. The
@@ -35,12 +40,13 @@ fn has_avx2_fma() -> bool {
 /// Defines `$name`, which runs the `#[inline(always)]` kernel `$kernel` through a copy
 /// compiled for AVX2 + FMA where [`has_avx2_fma`], else as built.
 macro_rules! wide_kernel {
-    ($name:ident = $kernel:ident $(<$g:ident: $b:path>)? ($($a:ident: $t:ty),* $(,)?)) => {
-        fn $name $(<$g: $b>)? ($($a: $t),*) {
+    ($name:ident = $kernel:ident $(<$g:ident: $b:path>)? ($($a:ident: $t:ty),* $(,)?)
+        $(-> $r:ty)?) => {
+        fn $name $(<$g: $b>)? ($($a: $t),*) $(-> $r)? {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn wide $(<$g: $b>)? ($($a: $t),*) {
+                unsafe fn wide $(<$g: $b>)? ($($a: $t),*) $(-> $r)? {
                     $kernel($($a),*)
                 }
                 if has_avx2_fma() {
@@ -88,6 +94,18 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::R
         candle_core::bail!("{op}: input must be contiguous");
     };
     Ok(&data[start..end])
+}
+
+/// [`contiguous_f32`] of a tensor's storage, which must be on the CPU.
+fn cpu_f32<'a>(
+    s: &'a candle_core::Storage,
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let candle_core::Storage::Cpu(s) = s else {
+        candle_core::bail!("{op}: a tensor is not on the CPU");
+    };
+    contiguous_f32(s, l, op)
 }
 
 struct GeluErfFtz;
@@ -140,6 +158,64 @@ fn erf_fast(x: f32) -> f32 {
     q = q * x2 - 7.373_329e-3;
     q = q * x2 - 1.426_474e-2;
     x * p / q
+}
+
+/// `e^x`, for softmax: range reduction to `x = n ln 2 + r` with `|r| <= ln 2 / 2`, then Cephes'
+/// degree-6 polynomial for `e^r` (relative error about 2e-7, see the test). Branch-free so that
+/// a row of them vectorises, where libm's expf runs one value at a time. Results below the
+/// smallest normal f32 (`x < -87`) come out as about 1e-38 rather than the exact tiny value.
+#[inline(always)]
+fn exp_fast(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer (|x / ln 2| < 2^22).
+    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    // ln 2 split in two, the first part (0.693359375) short enough that its product with n is
+    // exact.
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    // 2^n, built from its exponent bits (n is in -126..=127 after the clamp).
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+wide_kernel!(exp_sum_wide = exp_sum(row: &[f32], max: f32) -> f32);
+
+/// `sum(e^(v - max))` over `row`, in 16 running sums so the loop vectorises.
+#[inline(always)]
+fn exp_sum(row: &[f32], max: f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut chunks = row.chunks_exact(16);
+    for chunk in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a += exp_fast(v - max);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&v| exp_fast(v - max)).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// The first maximum of a row of logits and its softmax probability, `1 / sum(e^(v - max))`
+/// (its own term is `e^0 = 1`), without materialising the probabilities.
+pub fn softmax_top1(row: &[f32]) -> (usize, f32) {
+    let mut maxes = [f32::NEG_INFINITY; 16];
+    let mut chunks = row.chunks_exact(16);
+    for chunk in &mut chunks {
+        for (m, &v) in maxes.iter_mut().zip(chunk) {
+            *m = m.max(v);
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&maxes)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let best = row.iter().position(|&v| v == max).unwrap_or(0);
+    (best, 1.0 / exp_sum_wide(row, max))
 }
 
 pub fn hard_sigmoid(x: &Tensor, alpha: f32, beta: f32) -> candle_core::Result<Tensor> {
@@ -420,6 +496,223 @@ impl Module for Conv2d {
     }
 }
 
+/// Hidden plus output elements per band of [`pointwise_pair`]: the band's hidden layer and
+/// output (about 400 KB) stay in a core's L2 between the two products.
+const PAIR_BAND_ELEMS: usize = 96 * 1024;
+
+/// `second(first(x))`, plus `x` with `residual`, for two pointwise convs (an LCNet block's
+/// expand/compress MLP), a band of pixels at a time: each band's hidden layer lives in a small
+/// per-thread buffer between the two products instead of as a map twice the input's size, and
+/// the bands run as independent rayon tasks, which scales across threads better than splitting
+/// each product. With `residual` the result is written into `x`, which must not be shared.
+/// `None` where this does not apply (not the CPU, not f32, not pointwise convs): run the convs
+/// one by one then.
+pub fn pointwise_pair(
+    x: &Tensor,
+    first: &Conv2d,
+    second: &Conv2d,
+    residual: bool,
+) -> candle_core::Result<Option<Tensor>> {
+    pointwise_pair_banded(x, first, second, residual, PAIR_BAND_ELEMS)
+}
+
+fn pointwise_pair_banded(
+    x: &Tensor,
+    first: &Conv2d,
+    second: &Conv2d,
+    residual: bool,
+    band_elems: usize,
+) -> candle_core::Result<Option<Tensor>> {
+    let pointwise = |c: &Conv2d| matches!(c.kind, ConvKind::Pointwise);
+    if !x.device().is_cpu()
+        || x.dtype() != DType::F32
+        || !x.is_contiguous()
+        || !pointwise(first)
+        || !pointwise(second)
+    {
+        return Ok(None);
+    }
+    let (n, c, h, w) = x.dims4()?;
+    let (hid, co) = (first.out_channels, second.out_channels);
+    if c != first.in_channels || second.in_channels != hid || (residual && co != c) {
+        candle_core::bail!(
+            "pointwise pair: {c} channels into {}->{hid}, {}->{co}{}",
+            first.in_channels,
+            second.in_channels,
+            if residual { " with a residual" } else { "" }
+        );
+    }
+    let hw = h * w;
+    if n * hw == 0 {
+        return Ok(None);
+    }
+    let bw = (band_elems / (hid + co) / 16 * 16).max(16).min(hw);
+    // (batch item, first pixel, end): the bands, in the order their outputs are stored.
+    let bands: Vec<(usize, usize, usize)> = (0..n)
+        .flat_map(|b| (0..hw).step_by(bw).map(move |j| (b, j, (j + bw).min(hw))))
+        .collect();
+    let w1 = first.weight.contiguous()?;
+    let w2 = second.weight.contiguous()?;
+    let stage = |conv: &Conv2d| Epilogue {
+        activation: conv.activation,
+        post_affine: conv.post_affine,
+        repeat: 1,
+        per_column: false,
+    };
+    let (ep1, ep2) = (stage(first), stage(second));
+
+    with_scratch(Scratch::PairOut, n * co * hw, |outs| {
+        {
+            let (xs, xl) = x.storage_and_layout();
+            let (w1s, w1l) = w1.storage_and_layout();
+            let (w2s, w2l) = w2.storage_and_layout();
+            let b1g = first.bias.as_ref().map(Tensor::storage_and_layout);
+            let b2g = second.bias.as_ref().map(Tensor::storage_and_layout);
+            let xv = cpu_f32(&xs, xl, "pointwise pair")?;
+            let w1m = Mat {
+                data: cpu_f32(&w1s, w1l, "pointwise pair")?,
+                rows: hid,
+                cols: c,
+                rs: c,
+                cs: 1,
+            };
+            let w2m = Mat {
+                data: cpu_f32(&w2s, w2l, "pointwise pair")?,
+                rows: co,
+                cols: hid,
+                rs: hid,
+                cs: 1,
+            };
+            let b1 = b1g
+                .as_ref()
+                .map(|(s, l)| cpu_f32(s, l, "pointwise pair"))
+                .transpose()?;
+            let b2 = b2g
+                .as_ref()
+                .map(|(s, l)| cpu_f32(s, l, "pointwise pair"))
+                .transpose()?;
+
+            let mut chunks = Vec::with_capacity(bands.len());
+            let mut rest = &mut outs[..];
+            for &(_, j0, j1) in &bands {
+                let (chunk, tail) = rest.split_at_mut(co * (j1 - j0));
+                chunks.push(chunk);
+                rest = tail;
+            }
+            bands
+                .par_iter()
+                .zip(chunks)
+                .try_for_each(|(&(b, j0, j1), out)| {
+                    let len = j1 - j0;
+                    with_scratch(Scratch::PairHidden, hid * bw, |hidden| {
+                        let hidden = &mut hidden[..hid * len];
+                        let xb = Mat {
+                            data: &xv[b * c * hw + j0..],
+                            rows: c,
+                            cols: len,
+                            rs: hw,
+                            cs: 1,
+                        };
+                        let dst = MatMut {
+                            data: &mut *hidden,
+                            rows: hid,
+                            cols: len,
+                            rs: len,
+                        };
+                        matmul_into(dst, w1m, xb, false, 1)?;
+                        if b1.is_some() || !ep1.is_identity() {
+                            ep1.run_on(hidden, &[1, hid, len], b1, false)?;
+                        }
+                        let hm = Mat {
+                            data: hidden,
+                            rows: hid,
+                            cols: len,
+                            rs: len,
+                            cs: 1,
+                        };
+                        let dst = MatMut {
+                            data: &mut *out,
+                            rows: co,
+                            cols: len,
+                            rs: len,
+                        };
+                        matmul_into(dst, w2m, hm, false, 1)?;
+                        if b2.is_some() || !ep2.is_identity() {
+                            ep2.run_on(out, &[1, co, len], b2, false)?;
+                        }
+                        Ok::<_, candle_core::Error>(())
+                    })
+                })?;
+        }
+        let scatter = ScatterBands {
+            bands: outs,
+            rows: co,
+            hw,
+            bw,
+            add: residual,
+        };
+        if residual {
+            x.inplace_op1(&scatter)?;
+            return Ok(Some(x.clone()));
+        }
+        let mut y = vec![0f32; n * co * hw];
+        scatter.apply(&mut y);
+        Ok(Some(Tensor::from_vec(y, (n, co, h, w), x.device())?))
+    })
+}
+
+/// Moves the band-major outputs of [`pointwise_pair`] (`[band][row][pixel]`, bands of `bw`
+/// pixels, the last one of each batch item shorter) into NCHW planes, adding them to what the
+/// planes hold if `add`.
+struct ScatterBands<'a> {
+    bands: &'a [f32],
+    rows: usize,
+    hw: usize,
+    bw: usize,
+    add: bool,
+}
+
+impl ScatterBands<'_> {
+    fn apply(&self, y: &mut [f32]) {
+        let (rows, hw, bw) = (self.rows, self.hw, self.bw);
+        y.par_chunks_mut(hw)
+            .enumerate()
+            .with_min_len(EPILOGUE_CHUNK.div_ceil(hw))
+            .for_each(|(plane, dst)| {
+                let (b, r) = (plane / rows, plane % rows);
+                for j0 in (0..hw).step_by(bw) {
+                    let len = bw.min(hw - j0);
+                    let src = &self.bands[b * rows * hw + rows * j0 + r * len..][..len];
+                    let dst = &mut dst[j0..j0 + len];
+                    if self.add {
+                        add_assign_wide(dst, src);
+                    } else {
+                        dst.copy_from_slice(src);
+                    }
+                }
+            });
+    }
+}
+
+impl InplaceOp1 for ScatterBands<'_> {
+    fn name(&self) -> &'static str {
+        "scatter-bands"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let y = epilogue_slice(s, l)?;
+        if y.len() != self.bands.len() {
+            candle_core::bail!(
+                "scatter bands: {} outputs into {:?}",
+                self.bands.len(),
+                l.dims()
+            );
+        }
+        self.apply(y);
+        Ok(())
+    }
+}
+
 /// What follows a linear op, fused into one in-place pass over its output: bias add,
 /// activation, then `scale * y + shift`. The bias runs along axis 1 (`[n, rows, ...]`, one bias
 /// per `repeat` rows) for convs, or along the last axis (`per_column`) for [`Linear`].
@@ -436,18 +729,36 @@ impl Epilogue {
     }
 
     fn run(&self, y: &mut [f32], dims: &[usize], bias: Option<&[f32]>) -> candle_core::Result<()> {
+        self.run_on(y, dims, bias, true)
+    }
+
+    /// [`Self::run`], on the rayon pool if `parallel`, else on the calling thread (for callers
+    /// that are rayon tasks already).
+    fn run_on(
+        &self,
+        y: &mut [f32],
+        dims: &[usize],
+        bias: Option<&[f32]>,
+        parallel: bool,
+    ) -> candle_core::Result<()> {
         match self.activation {
-            Activation::None => self.run_with(y, dims, bias, |v| v),
-            Activation::Relu => self.run_with(y, dims, bias, |v| v.max(0.0)),
-            Activation::GeluErf => self.run_with(y, dims, bias, gelu_erf_ftz),
-            Activation::Swish => self.run_with(y, dims, bias, |v| v / (1.0 + (-v).exp())),
-            Activation::Sigmoid => self.run_with(y, dims, bias, |v| 1.0 / (1.0 + (-v).exp())),
-            Activation::HardSigmoid { alpha, beta } => {
-                self.run_with(y, dims, bias, move |v| (v * alpha + beta).clamp(0.0, 1.0))
+            Activation::None => self.run_with(y, dims, bias, parallel, |v| v),
+            Activation::Relu => self.run_with(y, dims, bias, parallel, |v| v.max(0.0)),
+            Activation::GeluErf => self.run_with(y, dims, bias, parallel, gelu_erf_ftz),
+            Activation::Swish => self.run_with(y, dims, bias, parallel, |v| v / (1.0 + (-v).exp())),
+            Activation::Sigmoid => {
+                self.run_with(y, dims, bias, parallel, |v| 1.0 / (1.0 + (-v).exp()))
             }
-            Activation::HardSwish { alpha, beta } => self.run_with(y, dims, bias, move |v| {
-                v * (v * alpha + beta).clamp(0.0, 1.0)
-            }),
+            Activation::HardSigmoid { alpha, beta } => {
+                self.run_with(y, dims, bias, parallel, move |v| {
+                    (v * alpha + beta).clamp(0.0, 1.0)
+                })
+            }
+            Activation::HardSwish { alpha, beta } => {
+                self.run_with(y, dims, bias, parallel, move |v| {
+                    v * (v * alpha + beta).clamp(0.0, 1.0)
+                })
+            }
         }
     }
 
@@ -457,6 +768,7 @@ impl Epilogue {
         y: &mut [f32],
         dims: &[usize],
         bias: Option<&[f32]>,
+        parallel: bool,
         f: F,
     ) -> candle_core::Result<()> {
         let post = self.post_affine;
@@ -471,9 +783,14 @@ impl Epilogue {
                     &zeros[..]
                 }
             };
-            y.par_chunks_mut(cols)
-                .with_min_len(EPILOGUE_CHUNK.div_ceil(cols))
-                .for_each(|row| epilogue_cols_wide(row, b, post, &f));
+            let row = |row: &mut [f32]| epilogue_cols_wide(row, b, post, &f);
+            if parallel {
+                y.par_chunks_mut(cols)
+                    .with_min_len(EPILOGUE_CHUNK.div_ceil(cols))
+                    .for_each(row);
+            } else {
+                y.chunks_mut(cols).for_each(row);
+            }
             return Ok(());
         }
         let rows = dims.get(1).copied().unwrap_or(1).max(1);
@@ -491,19 +808,24 @@ impl Epilogue {
             }
         }
         let repeat = self.repeat.max(1);
-        y.par_chunks_mut(inner)
-            .enumerate()
-            .with_min_len(EPILOGUE_CHUNK.div_ceil(inner))
-            .for_each(|(r, row)| {
-                let bv = bias.map_or(0.0, |b| b[(r % rows) / repeat]);
-                epilogue_row_wide(row, bv, post, &f);
-            });
+        let row = |(r, row): (usize, &mut [f32])| {
+            let bv = bias.map_or(0.0, |b| b[(r % rows) / repeat]);
+            epilogue_row_wide(row, bv, post, &f);
+        };
+        if parallel {
+            y.par_chunks_mut(inner)
+                .enumerate()
+                .with_min_len(EPILOGUE_CHUNK.div_ceil(inner))
+                .for_each(row);
+        } else {
+            y.chunks_mut(inner).enumerate().for_each(row);
+        }
         Ok(())
     }
 }
 
 /// Gathered input elements per band of [`PhaseGemm::forward_banded`] (8 MB): large enough
-/// that the band's matmul is efficient, small enough for the allocator to recycle.
+/// that the band's matmuls are efficient, small enough to stay in the L3 cache.
 const BAND_ELEMS: usize = 2 * 1024 * 1024;
 
 wide_kernel!(add_assign_wide = add_assign(dst: &mut [f32], src: &[f32]));
@@ -864,96 +1186,125 @@ impl PhaseGemm {
                 })
             })
             .collect();
-
-        for r0 in (0..ho).step_by(band) {
-            let bh = band.min(ho - r0);
-            let hb = bh + halo;
-            // [phase, n, c, hb * wh]: phase (a, b) holds padded rows (r0 + i) * sh + a and
-            // columns j * sw + b.
-            let mut buf = vec![0f32; nphase * n * c * hb * wh];
-            buf.par_chunks_mut(hb * wh)
-                .enumerate()
-                .for_each(|(idx, dst)| {
-                    let (phase, (src, f)) = (idx / planes.len(), planes[idx % planes.len()]);
-                    let (a, b) = (phase / sw, phase % sw);
-                    let src_w = w / f;
-                    // Phase columns j whose padded column j * sw + b - pl lies in 0..w.
-                    let j0 = pl.saturating_sub(b).div_ceil(sw).min(wh);
-                    let j1 = if w + pl > b {
-                        ((w + pl - b - 1) / sw + 1).min(wh)
-                    } else {
-                        0
-                    };
-                    if j0 >= j1 {
-                        return;
-                    }
-                    for (i, drow) in dst.chunks_exact_mut(wh).enumerate() {
-                        let iy = (r0 + i) * sh + a;
-                        if iy < pt || iy - pt >= h {
-                            continue;
-                        }
-                        let srow = &src[((iy - pt) / f) * src_w..][..src_w];
-                        let ix0 = j0 * sw + b - pl;
-                        match (f, sw) {
-                            (1, 1) => {
-                                drow[j0..j1].copy_from_slice(&srow[ix0..ix0 + (j1 - j0)]);
-                            }
-                            (1, _) => {
-                                for (d, s) in
-                                    drow[j0..j1].iter_mut().zip(srow[ix0..].iter().step_by(sw))
-                                {
-                                    *d = *s;
-                                }
-                            }
-                            (_, 1) => {
-                                // Runs of `f` equal pixels: one division per source pixel.
-                                let mut j = j0;
-                                while j < j1 {
-                                    let sx = (j + b - pl) / f;
-                                    let end = (sx * f + f + pl - b).min(j1);
-                                    drow[j..end].fill(srow[sx]);
-                                    j = end;
-                                }
-                            }
-                            _ => {
-                                for (k, d) in drow[j0..j1].iter_mut().enumerate() {
-                                    *d = srow[(ix0 + k * sw) / f];
-                                }
-                            }
-                        }
-                    }
-                });
-            let xb = Tensor::from_vec(buf, (nphase, n, c, hb * wh), first.device())?;
-            for Phase {
-                index,
-                weight: wmat,
-                shifts,
-            } in &self.phases
-            {
-                let p = xb.get(*index)?;
-                let y = if n == 1 {
-                    wmat.matmul(&p.squeeze(0)?)?.unsqueeze(0)?
-                } else {
-                    wmat.broadcast_left(n)?.matmul(&p)?
-                };
-                let (yst, yl) = y.storage_and_layout();
-                let candle_core::Storage::Cpu(ycpu) = &*yst else {
-                    candle_core::bail!("banded conv: matmul left the CPU");
-                };
-                let yv = contiguous_f32(ycpu, yl, "banded conv")?;
-                let (cols, len, taps) = (hb * wh, bh * wh, shifts.len());
-                out.par_chunks_mut(ho * wh)
-                    .enumerate()
-                    .for_each(|(row, plane)| {
-                        let (b, oc) = (row / o, row % o);
-                        let dst = &mut plane[r0 * wh..r0 * wh + len];
-                        for (t, &(dy, dx)) in shifts.iter().enumerate() {
-                            let start = (b * taps * o + t * o + oc) * cols + dy * wh + dx;
-                            add_assign_wide(dst, &yv[start..start + len]);
-                        }
-                    });
-            }
+        let weight_guards: Vec<_> = self
+            .phases
+            .iter()
+            .map(|p| p.weight.storage_and_layout())
+            .collect();
+        let mut weights = Vec::with_capacity(self.phases.len());
+        for (st, l) in &weight_guards {
+            let candle_core::Storage::Cpu(cpu) = &**st else {
+                candle_core::bail!("banded conv: weights are not on the CPU");
+            };
+            weights.push(contiguous_f32(cpu, l, "banded conv weights")?);
         }
+        let threads = candle_core::utils::get_num_threads();
+
+        with_scratch(
+            Scratch::Gather,
+            nphase * n * c * (band + halo) * wh,
+            |scratch| -> candle_core::Result<()> {
+                for r0 in (0..ho).step_by(band) {
+                    let bh = band.min(ho - r0);
+                    let hb = bh + halo;
+                    // [phase, n, c, hb * wh]: phase (a, b) holds padded rows (r0 + i) * sh + a
+                    // and columns j * sw + b. The buffer is reused, so padding is written too.
+                    let buf = &mut scratch[..nphase * n * c * hb * wh];
+                    buf.par_chunks_mut(hb * wh)
+                        .enumerate()
+                        .for_each(|(idx, dst)| {
+                            let (phase, (src, f)) =
+                                (idx / planes.len(), planes[idx % planes.len()]);
+                            let (a, b) = (phase / sw, phase % sw);
+                            let src_w = w / f;
+                            // Phase columns j whose padded column j * sw + b - pl lies in 0..w.
+                            let j0 = pl.saturating_sub(b).div_ceil(sw).min(wh);
+                            let j1 = if w + pl > b {
+                                ((w + pl - b - 1) / sw + 1).min(wh)
+                            } else {
+                                0
+                            };
+                            for (i, drow) in dst.chunks_exact_mut(wh).enumerate() {
+                                let iy = (r0 + i) * sh + a;
+                                if j0 >= j1 || iy < pt || iy - pt >= h {
+                                    drow.fill(0.0);
+                                    continue;
+                                }
+                                drow[..j0].fill(0.0);
+                                drow[j1..].fill(0.0);
+                                let srow = &src[((iy - pt) / f) * src_w..][..src_w];
+                                let ix0 = j0 * sw + b - pl;
+                                match (f, sw) {
+                                    (1, 1) => {
+                                        drow[j0..j1].copy_from_slice(&srow[ix0..ix0 + (j1 - j0)]);
+                                    }
+                                    (1, _) => {
+                                        for (d, s) in drow[j0..j1]
+                                            .iter_mut()
+                                            .zip(srow[ix0..].iter().step_by(sw))
+                                        {
+                                            *d = *s;
+                                        }
+                                    }
+                                    (_, 1) => {
+                                        // Runs of `f` equal pixels: one division per source
+                                        // pixel.
+                                        let mut j = j0;
+                                        while j < j1 {
+                                            let sx = (j + b - pl) / f;
+                                            let end = (sx * f + f + pl - b).min(j1);
+                                            drow[j..end].fill(srow[sx]);
+                                            j = end;
+                                        }
+                                    }
+                                    _ => {
+                                        for (k, d) in drow[j0..j1].iter_mut().enumerate() {
+                                            *d = srow[(ix0 + k * sw) / f];
+                                        }
+                                    }
+                                }
+                            }
+                        });
+                    // Each tap's product accumulates straight into the band of the output, in
+                    // the order the taps were stacked: no per-band product buffer and no
+                    // separate pass to sum the shifted taps.
+                    let buf = &*buf;
+                    let len = bh * wh;
+                    let mut overwrite = true;
+                    for (phase, wmat) in self.phases.iter().zip(&weights) {
+                        for (t, &(dy, dx)) in phase.shifts.iter().enumerate() {
+                            let lhs = Mat {
+                                data: &wmat[t * o * c..],
+                                rows: o,
+                                cols: c,
+                                rs: c,
+                                cs: 1,
+                            };
+                            for b in 0..n {
+                                let rhs = Mat {
+                                    data: &buf
+                                        [(phase.index * n + b) * c * hb * wh + dy * wh + dx..],
+                                    rows: c,
+                                    cols: len,
+                                    rs: hb * wh,
+                                    cs: 1,
+                                };
+                                let dst = MatMut {
+                                    data: &mut out[b * o * ho * wh + r0 * wh..],
+                                    rows: o,
+                                    cols: len,
+                                    rs: ho * wh,
+                                };
+                                matmul_into(dst, lhs, rhs, !overwrite, threads)?;
+                            }
+                            overwrite = false;
+                        }
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        drop(weight_guards);
         drop(guards);
         let y = Tensor::from_vec(out, (n, o, ho, wh), first.device())?;
         Ok((y, wo))
@@ -983,63 +1334,89 @@ fn im2col_banded(
     }
     let (ho, wo) = ((hp - kh) / sh + 1, (wp - kw) / sw + 1);
     let k = c * kh * kw;
-    let wmat = weight.reshape((o, k))?;
     let band = (band_elems / (k * wo).max(1)).clamp(1, ho);
     let x = x.contiguous()?;
+    let weight = weight.contiguous()?;
     let mut out = vec![0f32; n * o * ho * wo];
+    let threads = candle_core::utils::get_num_threads();
     {
         let (st, l) = x.storage_and_layout();
         let candle_core::Storage::Cpu(cpu) = &*st else {
             candle_core::bail!("im2col conv: input is not on the CPU");
         };
         let xv = contiguous_f32(cpu, l, "im2col conv")?;
-        for b in 0..n {
-            let img = &xv[b * c * h * w..(b + 1) * c * h * w];
-            for r0 in (0..ho).step_by(band) {
-                let bh = band.min(ho - r0);
-                let len = bh * wo;
-                let mut cols = vec![0f32; k * len];
-                cols.par_chunks_mut(len).enumerate().for_each(|(row, dst)| {
-                    let (ci, ky, kx) = (row / (kh * kw), row / kw % kh, row % kw);
-                    let plane = &img[ci * h * w..(ci + 1) * h * w];
-                    // Output columns whose input column ox * sw + kx - pl is inside the image.
-                    let first = pl.saturating_sub(kx).div_ceil(sw).min(wo);
-                    let last = if w + pl > kx {
-                        ((w + pl - kx - 1) / sw + 1).min(wo)
-                    } else {
-                        0
-                    };
-                    if first >= last {
-                        return;
+        let (wst, wl) = weight.storage_and_layout();
+        let candle_core::Storage::Cpu(wcpu) = &*wst else {
+            candle_core::bail!("im2col conv: weights are not on the CPU");
+        };
+        // [o, c, kh, kw] is the [o, k] matrix the columns are gathered for.
+        let wmat = Mat {
+            data: contiguous_f32(wcpu, wl, "im2col conv weights")?,
+            rows: o,
+            cols: k,
+            rs: k,
+            cs: 1,
+        };
+        with_scratch(
+            Scratch::Gather,
+            k * band * wo,
+            |scratch| -> candle_core::Result<()> {
+                for b in 0..n {
+                    let img = &xv[b * c * h * w..(b + 1) * c * h * w];
+                    for r0 in (0..ho).step_by(band) {
+                        let bh = band.min(ho - r0);
+                        let len = bh * wo;
+                        // Reused from band to band, so padding is written too.
+                        let cols = &mut scratch[..k * len];
+                        cols.par_chunks_mut(len).enumerate().for_each(|(row, dst)| {
+                            let (ci, ky, kx) = (row / (kh * kw), row / kw % kh, row % kw);
+                            let plane = &img[ci * h * w..(ci + 1) * h * w];
+                            // Output columns whose input column ox * sw + kx - pl is inside
+                            // the image.
+                            let first = pl.saturating_sub(kx).div_ceil(sw).min(wo);
+                            let last = if w + pl > kx {
+                                ((w + pl - kx - 1) / sw + 1).min(wo)
+                            } else {
+                                0
+                            };
+                            for (i, drow) in dst.chunks_exact_mut(wo).enumerate() {
+                                let iy = (r0 + i) * sh + ky;
+                                if first >= last || iy < pt || iy - pt >= h {
+                                    drow.fill(0.0);
+                                    continue;
+                                }
+                                drow[..first].fill(0.0);
+                                drow[last..].fill(0.0);
+                                let srow = &plane[(iy - pt) * w..(iy - pt + 1) * w];
+                                let ix0 = first * sw + kx - pl;
+                                for (d, s) in drow[first..last]
+                                    .iter_mut()
+                                    .zip(srow[ix0..].iter().step_by(sw))
+                                {
+                                    *d = *s;
+                                }
+                            }
+                        });
+                        // Straight into the band's rows of every output plane.
+                        let rhs = Mat {
+                            data: cols,
+                            rows: k,
+                            cols: len,
+                            rs: len,
+                            cs: 1,
+                        };
+                        let dst = MatMut {
+                            data: &mut out[b * o * ho * wo + r0 * wo..],
+                            rows: o,
+                            cols: len,
+                            rs: ho * wo,
+                        };
+                        matmul_into(dst, wmat, rhs, false, threads)?;
                     }
-                    for (i, drow) in dst.chunks_exact_mut(wo).enumerate() {
-                        let iy = (r0 + i) * sh + ky;
-                        if iy < pt || iy - pt >= h {
-                            continue;
-                        }
-                        let srow = &plane[(iy - pt) * w..(iy - pt + 1) * w];
-                        let ix0 = first * sw + kx - pl;
-                        for (d, s) in drow[first..last]
-                            .iter_mut()
-                            .zip(srow[ix0..].iter().step_by(sw))
-                        {
-                            *d = *s;
-                        }
-                    }
-                });
-                let cols = Tensor::from_vec(cols, (k, len), x.device())?;
-                let y = wmat.matmul(&cols)?;
-                let (yst, yl) = y.storage_and_layout();
-                let candle_core::Storage::Cpu(ycpu) = &*yst else {
-                    candle_core::bail!("im2col conv: matmul left the CPU");
-                };
-                let yv = contiguous_f32(ycpu, yl, "im2col conv")?;
-                for (oc, yrow) in yv.chunks_exact(len).enumerate() {
-                    let start = (b * o + oc) * ho * wo + r0 * wo;
-                    out[start..start + len].copy_from_slice(yrow);
                 }
-            }
-        }
+                Ok(())
+            },
+        )?;
     }
     Tensor::from_vec(out, (n, o, ho, wo), x.device())
 }
@@ -1613,7 +1990,97 @@ impl Linear {
     pub fn out_features(&self) -> usize {
         self.weight.dims()[1]
     }
+
+    /// [`softmax_top1`] of every row of `self.forward(x)`: `[.., 2]` holding each row's most
+    /// likely class (as f32) and its probability. On the CPU the logits are computed a block of
+    /// rows at a time into a reused buffer: for a recogniser with thousands of classes they are
+    /// by far the largest tensor of the forward (a batch's can pass 100 MB), and writing them
+    /// into fresh memory cost more than the product itself. `None` where this does not apply
+    /// (not the CPU, not f32, an activation after the product).
+    pub fn forward_top1(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if !x.device().is_cpu()
+            || x.dtype() != DType::F32
+            || !matches!(self.activation, Activation::None)
+        {
+            return Ok(None);
+        }
+        let mut dims = x.dims().to_vec();
+        let in_f = dims.last().copied().unwrap_or(0);
+        let classes = self.out_features();
+        let rows = x.elem_count() / in_f.max(1);
+        if rows == 0 || in_f == 0 || classes == 0 || self.weight.dim(0)? != in_f {
+            return Ok(None);
+        }
+        let x = x.contiguous()?;
+        let weight = self.weight.contiguous()?;
+        let block = (TOP1_BLOCK_ELEMS / classes).clamp(1, rows);
+        let threads = candle_core::utils::get_num_threads();
+        let mut out = vec![0f32; rows * 2];
+        {
+            let (xs, xl) = x.storage_and_layout();
+            let (ws, wl) = weight.storage_and_layout();
+            let bias = self.bias.as_ref().map(Tensor::storage_and_layout);
+            let xv = cpu_f32(&xs, xl, "linear top-1")?;
+            let wm = Mat {
+                data: cpu_f32(&ws, wl, "linear top-1")?,
+                rows: in_f,
+                cols: classes,
+                rs: classes,
+                cs: 1,
+            };
+            let bias = bias
+                .as_ref()
+                .map(|(s, l)| cpu_f32(s, l, "linear top-1"))
+                .transpose()?;
+            if bias.is_some_and(|b| b.len() != classes) {
+                candle_core::bail!("linear top-1: bias does not match {classes} classes");
+            }
+            with_scratch(
+                Scratch::Gather,
+                block * classes,
+                |scratch| -> candle_core::Result<()> {
+                    for (i, dst) in out.chunks_mut(2 * block).enumerate() {
+                        let nr = dst.len() / 2;
+                        let logits = &mut scratch[..nr * classes];
+                        let xb = Mat {
+                            data: &xv[i * block * in_f..],
+                            rows: nr,
+                            cols: in_f,
+                            rs: in_f,
+                            cs: 1,
+                        };
+                        let lm = MatMut {
+                            data: &mut *logits,
+                            rows: nr,
+                            cols: classes,
+                            rs: classes,
+                        };
+                        matmul_into(lm, xb, wm, false, threads)?;
+                        logits
+                            .par_chunks_mut(classes)
+                            .zip(dst.par_chunks_mut(2))
+                            .for_each(|(row, d)| {
+                                if let Some(b) = bias {
+                                    add_assign_wide(row, b);
+                                }
+                                let (best, p) = softmax_top1(row);
+                                d[0] = best as f32;
+                                d[1] = p;
+                            });
+                    }
+                    Ok(())
+                },
+            )?;
+        }
+        if let Some(last) = dims.last_mut() {
+            *last = 2;
+        }
+        Ok(Some(Tensor::from_vec(out, dims, x.device())?))
+    }
 }
+
+/// Logits per block of [`Linear::forward_top1`] (8 MB).
+const TOP1_BLOCK_ELEMS: usize = 2 * 1024 * 1024;
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -1967,6 +2434,59 @@ mod tests {
         }
     }
 
+    fn pointwise(weight: Tensor, bias: Option<Tensor>, activation: Activation) -> Conv2d {
+        let spec = ConvSpec {
+            node: "test".into(),
+            weight,
+            bias,
+            stride: (1, 1),
+            pads: [0; 4],
+            groups: 1,
+            transpose: false,
+            activation,
+            post_affine: None,
+            input_op: None,
+            input: "x".into(),
+            output: "y".into(),
+            dtype: DType::F32,
+        };
+        Conv2d::new(spec, &Device::Cpu).expect("conv")
+    }
+
+    #[test]
+    fn pointwise_pair_matches_two_convs() {
+        // 5x7 pixels: several bands per batch item, the last one short.
+        for (c, hid, residual) in [(6, 700, true), (6, 12, false), (4, 9, false)] {
+            let co = if residual { c } else { 5 };
+            let first = pointwise(
+                seq(&[hid, c, 1, 1], 1.0),
+                Some(seq(&[hid], 0.5)),
+                Activation::GeluErf,
+            );
+            let second = pointwise(seq(&[co, hid, 1, 1], 0.1), None, Activation::None);
+            let x = seq(&[2, c, 5, 7], 2.0);
+            let mut want = second
+                .forward(&first.forward(&x).expect("first"))
+                .expect("second");
+            if residual {
+                want = (want + &x).expect("residual");
+            }
+            // A copy, since with the residual the result is written into the input.
+            let input = x.copy().expect("copy");
+            let got = pointwise_pair(&input, &first, &second, residual)
+                .expect("pair")
+                .expect("applies on the CPU");
+            assert_eq!(got.dims(), want.dims());
+            assert!(max_diff(&got, &want) < 1e-4, "c {c} hid {hid}");
+            // Bands of 16 pixels: three per batch item, the last one short.
+            let input = x.copy().expect("copy");
+            let got = pointwise_pair_banded(&input, &first, &second, residual, 16 * (hid + co))
+                .expect("pair")
+                .expect("applies on the CPU");
+            assert!(max_diff(&got, &want) < 1e-4, "banded, c {c} hid {hid}");
+        }
+    }
+
     #[test]
     fn shifted_sum_kernel_matches_generic() {
         let y = seq(&[2, 3 * 4, 20], 1.0);
@@ -1993,6 +2513,56 @@ mod tests {
             worst = worst.max((erf_fast(x) - libm::erff(x)).abs());
         }
         assert!(worst < 5e-7, "erf error {worst}");
+    }
+
+    #[test]
+    fn exp_fast_is_accurate() {
+        let mut worst = 0f64;
+        for i in 0..=870_000 {
+            let x = -(i as f32) * 1e-4;
+            let want = f64::from(x).exp();
+            worst = worst.max(((f64::from(exp_fast(x)) - want) / want).abs());
+        }
+        assert!(worst < 3e-7, "exp relative error {worst}");
+        assert_eq!(exp_fast(0.0), 1.0);
+    }
+
+    /// Pseudo-random values in `[-scale / 2, scale / 2)`: unlike [`seq`], no two rows repeat.
+    fn noise(shape: &[usize], scale: f32, seed: u32) -> Tensor {
+        let mut state = seed;
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                ((state >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * scale
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
+    }
+
+    #[test]
+    fn linear_top1_matches_softmax_of_forward() {
+        let spec = LinearSpec {
+            node: "head".into(),
+            weight: noise(&[24, 3000], 3.0, 1),
+            bias: Some(noise(&[3000], 1.0, 2)),
+            activation: Activation::None,
+            output: "logits".into(),
+            dtype: DType::F32,
+        };
+        let head = Linear::new(spec, &Device::Cpu).expect("linear");
+        let x = noise(&[3, 7, 24], 2.0, 3);
+        let got = head.forward_top1(&x).expect("top1").expect("applies");
+        assert_eq!(got.dims(), &[3, 7, 2]);
+        let probs =
+            candle_nn::ops::softmax_last_dim(&head.forward(&x).expect("forward")).expect("softmax");
+        let want: Vec<f32> = probs.flatten_all().and_then(|t| t.to_vec1()).expect("vec");
+        let got: Vec<f32> = got.flatten_all().and_then(|t| t.to_vec1()).expect("vec");
+        for (g, row) in got.chunks_exact(2).zip(want.chunks_exact(3000)) {
+            let (best, p) = crate::ctc::top1(row);
+            assert_eq!(g[0], best as f32);
+            assert!((g[1] - p).abs() <= 1e-6 * p, "{} vs {p}", g[1]);
+        }
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod cuda;
 pub mod det;
 pub mod graph;
 pub mod layers;
+mod matmul;
 pub mod pplcnet;
 pub mod rec;
 

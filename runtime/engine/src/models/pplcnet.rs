@@ -15,7 +15,9 @@
 use candle_core::{Device, Module, Tensor};
 
 use super::graph::{ConvSpec, GraphWalker};
-use super::layers::{add_into, global_avg_pool, max_pool_2x2_same, scale_channels_into, Conv2d};
+use super::layers::{
+    add_into, global_avg_pool, max_pool_2x2_same, pointwise_pair, scale_channels_into, Conv2d,
+};
 use crate::error::Result;
 
 /// Squeeze-and-excite: `x * gate(conv2(relu(conv1(mean(x)))))`. The gate (hard sigmoid, with
@@ -161,6 +163,11 @@ impl Module for LcNetBlock {
             Some(se) => se.forward_into(t)?,
             None => t,
         };
+        if let [expand, compress] = &self.mlp[..] {
+            if let Some(y) = pointwise_pair(&t, expand, compress, self.residual)? {
+                return Ok(y);
+            }
+        }
         let mut y = t.clone();
         for conv in &self.mlp {
             y = conv.forward(&y)?;
