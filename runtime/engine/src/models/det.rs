@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::graph::GraphWalker;
-use super::layers::{scale_channels_into, upsample_nearest, Conv2d};
+use super::layers::{add_upsampled_into, scale_channels_into, Conv2d};
 use super::pplcnet::{PpLcNet, SqueezeExcite};
 use crate::error::{Error, Result};
 use crate::onnx::OnnxModel;
@@ -101,7 +101,7 @@ impl RepLkFpn {
                 Some(prev) => {
                     let (_, _, h, w) = lateral.dims4()?;
                     let (_, _, ph, pw) = prev.dims4()?;
-                    (lateral + upsample_nearest(prev, h / ph.max(1), w / pw.max(1))?)?
+                    add_upsampled_into(lateral, prev, h / ph.max(1), w / pw.max(1))?
                 }
                 None => lateral,
             };

@@ -406,6 +406,11 @@ impl Conv2d {
                 // Everything after the matmul is per channel and elementwise, so it runs
                 // before the pixel shuffle, on the contiguous product.
                 let y = self.finish(y, true, kh * kw)?;
+                if y.device().is_cpu() && y.dtype() == DType::F32 {
+                    return y
+                        .contiguous()?
+                        .apply_op1_no_bwd(&PixelShuffle { o, kh, kw, h, w });
+                }
                 // [n, o*kh*kw, h*w] -> [n, o, h, kh, w, kw] -> [n, o, h*kh, w*kw]
                 y.reshape((n, o, kh, kw, h, w))?
                     .permute((0, 1, 4, 2, 5, 3))?
@@ -493,6 +498,127 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.forward_fused(x)
+    }
+}
+
+/// `[n, o * kh * kw, h * w]` -> `[n, o, h * kh, w * kw]`, the patch layout of a
+/// [`ConvKind::TransposePatch`] product put in place: output pixel `(i * kh + a, j * kw + b)` of
+/// channel `c` is row `(c * kh + a) * kw + b`, column `i * w + j`. On the rayon pool, where
+/// candle's strided copy of the permuted view runs on one thread (the detector's head writes
+/// 30 MB maps this way).
+struct PixelShuffle {
+    o: usize,
+    kh: usize,
+    kw: usize,
+    h: usize,
+    w: usize,
+}
+
+impl candle_core::CustomOp1 for PixelShuffle {
+    fn name(&self) -> &'static str {
+        "pixel-shuffle"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = contiguous_f32(s, l, "pixel shuffle")?;
+        let Self { o, kh, kw, h, w } = *self;
+        let (n, rows, cols) = l.shape().dims3()?;
+        if rows != o * kh * kw || cols != h * w {
+            candle_core::bail!(
+                "pixel shuffle: {:?} is not [n, {o}x{kh}x{kw}, {h}x{w}]",
+                l.dims()
+            );
+        }
+        let shape = Shape::from((n, o, h * kh, w * kw));
+        let mut out = vec![0f32; y.len()];
+        if out.is_empty() {
+            return Ok((CpuStorage::F32(out), shape));
+        }
+        // One task per input row `i` of a channel: the `kh` output rows it expands to.
+        out.par_chunks_mut(kh * w * kw)
+            .enumerate()
+            .with_min_len(EPILOGUE_CHUNK.div_ceil(kh * w * kw))
+            .for_each(|(r, dst)| {
+                let (plane, i) = (r / h, r % h);
+                let src = &y[plane * kh * kw * h * w..][..kh * kw * h * w];
+                for (a, drow) in dst.chunks_exact_mut(w * kw).enumerate() {
+                    for b in 0..kw {
+                        let srow = &src[((a * kw + b) * h + i) * w..][..w];
+                        for (d, &v) in drow[b..].iter_mut().step_by(kw).zip(srow) {
+                            *d = v;
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), shape))
+    }
+}
+
+/// `dst + upsample_nearest(src, fh, fw)`, written into `dst`'s storage on the CPU (one pass, no
+/// upsampled copy); `dst` must not be shared.
+pub fn add_upsampled_into(
+    dst: Tensor,
+    src: &Tensor,
+    fh: usize,
+    fw: usize,
+) -> candle_core::Result<Tensor> {
+    let (n, c, h, w) = dst.dims4()?;
+    let (sn, sc, sh, sw) = src.dims4()?;
+    if dst.device().is_cpu()
+        && dst.dtype() == DType::F32
+        && src.dtype() == DType::F32
+        && dst.is_contiguous()
+        && (sn, sc, sh * fh, sw * fw) == (n, c, h, w)
+    {
+        dst.inplace_op2(&src.contiguous()?, &AddUpsampled { fh, fw })?;
+        return Ok(dst);
+    }
+    dst + upsample_nearest(src, fh, fw)?
+}
+
+struct AddUpsampled {
+    fh: usize,
+    fw: usize,
+}
+
+impl InplaceOp2 for AddUpsampled {
+    fn name(&self) -> &'static str {
+        "add-upsampled"
+    }
+
+    fn cpu_fwd(
+        &self,
+        d: &mut CpuStorage,
+        dl: &Layout,
+        s: &CpuStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<()> {
+        let src = contiguous_f32(s, sl, "add upsampled")?;
+        let (_, _, h, w) = dl.shape().dims4()?;
+        let dst = epilogue_slice(d, dl)?;
+        let (fh, fw) = (self.fh, self.fw);
+        let (sh, sw) = (h / fh.max(1), w / fw.max(1));
+        if h * w == 0 || src.len() * fh * fw != dst.len() || sh * fh != h || sw * fw != w {
+            candle_core::bail!(
+                "add upsampled: {:?} += {:?} x{fh}x{fw}",
+                dl.dims(),
+                sl.dims()
+            );
+        }
+        dst.par_chunks_mut(h * w)
+            .zip(src.par_chunks(sh * sw))
+            .with_min_len(EPILOGUE_CHUNK.div_ceil(h * w))
+            .for_each(|(dplane, splane)| {
+                for (y, drow) in dplane.chunks_exact_mut(w).enumerate() {
+                    let srow = &splane[(y / fh) * sw..][..sw];
+                    for (dchunk, &v) in drow.chunks_exact_mut(fw).zip(srow) {
+                        for d in dchunk {
+                            *d += v;
+                        }
+                    }
+                }
+            });
+        Ok(())
     }
 }
 
@@ -2578,6 +2704,31 @@ mod tests {
             assert_eq!(got.dims(), want.dims());
             assert!(max_diff(&got, &want) == 0.0, "{h}x{w}");
         }
+    }
+
+    #[test]
+    fn pixel_shuffle_matches_permute() {
+        let (n, o, kh, kw, h, w) = (2, 3, 2, 3, 4, 5);
+        let y = seq(&[n, o * kh * kw, h * w], 1.0);
+        let got = y
+            .apply_op1_no_bwd(&PixelShuffle { o, kh, kw, h, w })
+            .expect("shuffle");
+        let want = y
+            .reshape((n, o, kh, kw, h, w))
+            .and_then(|t| t.permute((0, 1, 4, 2, 5, 3)))
+            .and_then(|t| t.reshape((n, o, h * kh, w * kw)))
+            .expect("permute");
+        assert_eq!(got.dims(), want.dims());
+        assert!(max_diff(&got, &want) == 0.0);
+    }
+
+    #[test]
+    fn add_upsampled_matches_add_of_upsample() {
+        let lateral = seq(&[2, 3, 6, 8], 1.0);
+        let prev = seq(&[2, 3, 3, 4], 2.0);
+        let want = (&lateral + upsample_nearest(&prev, 2, 2).expect("up")).expect("add");
+        let got = add_upsampled_into(lateral.copy().expect("copy"), &prev, 2, 2).expect("into");
+        assert!(max_diff(&got, &want) == 0.0);
     }
 
     #[test]
