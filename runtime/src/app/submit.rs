@@ -97,6 +97,9 @@ const MAX_PUBLISHES_IN_FLIGHT: usize = 10_000;
 pub struct PublishRelay {
     wait: std::time::Duration,
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// Set while new jobs are left to the sweeper: one log line per episode,
+    /// not one per job at thousands a second.
+    saturated: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl PublishRelay {
@@ -106,6 +109,7 @@ impl PublishRelay {
         PublishRelay {
             wait,
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)),
+            saturated: Arc::default(),
         }
     }
 }
@@ -369,10 +373,16 @@ impl Submitter {
     /// never holds a request longer than the wait.
     /// Whether the job was published and recorded `Queued` within the wait.
     async fn publish_within_wait(&self, id: JobId, input_key: &str) -> bool {
+        use std::sync::atomic::Ordering;
         let Ok(slot) = self.relay.in_flight.clone().try_acquire_owned() else {
-            tracing::warn!(job = %id, "{MAX_PUBLISHES_IN_FLIGHT} publishes are waiting for the broker; the sweeper will publish this job");
+            if !self.relay.saturated.swap(true, Ordering::Relaxed) {
+                tracing::warn!(job = %id, "{MAX_PUBLISHES_IN_FLIGHT} publishes are waiting for the broker; new jobs are left to the sweeper until they drain");
+            }
             return false;
         };
+        if self.relay.saturated.swap(false, Ordering::Relaxed) {
+            tracing::info!("publishes drained below {MAX_PUBLISHES_IN_FLIGHT}; publishing after each answer again");
+        }
         let submitter = self.clone();
         let input_key = input_key.to_owned();
         let mut publishing = tokio::spawn(
