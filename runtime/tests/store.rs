@@ -398,3 +398,33 @@ async fn migrations_are_idempotent() {
     let store = db.store().await;
     store.migrate().await.expect("second migrate is a no-op");
 }
+
+/// Every API, worker and writer pod migrates at start, and a new pipeline starts them all
+/// at once against an empty database: each must come up, none may find a migration "partially
+/// applied" (MariaDB ignores sqlx's own lock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_pods_migrating_a_fresh_database_together_all_succeed() {
+    let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/mysql"))
+        .expect("migrations folder")
+        .count() as i64;
+    for _ in 0..3 {
+        let db = MysqlDatabase::create().await;
+        let mut pods = Vec::new();
+        for _ in 0..8 {
+            pods.push(JobStore::connect(&db.url, 2).await.expect("connect"));
+        }
+        let results = futures::future::join_all(pods.iter().map(|pod| pod.migrate())).await;
+        for (pod, result) in results.iter().enumerate() {
+            assert!(result.is_ok(), "pod {pod} failed to migrate: {result:?}");
+        }
+        use sqlx::Connection;
+        let mut conn = sqlx::MySqlConnection::connect(&db.url).await.unwrap();
+        let (applied, succeeded): (i64, i64) =
+            sqlx::query_as("SELECT COUNT(*), CAST(SUM(success) AS SIGNED) FROM _sqlx_migrations")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        assert_eq!(applied, migrations);
+        assert_eq!(succeeded, migrations);
+    }
+}

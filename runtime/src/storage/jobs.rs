@@ -22,6 +22,10 @@ pub enum StoreError {
     Connect(#[source] sqlx::Error),
     #[error("running migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("another process held the migration lock for more than {0:?}")]
+    MigrationLockTimeout(Duration),
+    #[error("the database refused the migration lock (GET_LOCK returned NULL)")]
+    MigrationLockRefused,
     #[error("database query failed ({what}): {source}")]
     Query {
         what: &'static str,
@@ -40,6 +44,36 @@ pub enum StoreError {
 
 pub(crate) fn query_error(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |source| StoreError::Query { what, source }
+}
+
+/// How long one migrator waits for another before giving up: a migrator that
+/// died released its lock with its connection, so only a live one is waited for.
+const MIGRATION_LOCK_WAIT: Duration = Duration::from_secs(600);
+
+/// Takes the named lock (per database) that makes concurrent migrators run one
+/// after the other.
+async fn acquire_migration_lock(conn: &mut sqlx::AnyConnection) -> Result<(), StoreError> {
+    const TRY_SECONDS: u64 = 5;
+    let started = Instant::now();
+    loop {
+        let granted: Option<i64> =
+            sqlx::query_scalar("SELECT GET_LOCK(LEFT(CONCAT('ocr_migrate.', DATABASE()), 64), ?)")
+                .bind(TRY_SECONDS as i64)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(query_error("take the migration lock"))?;
+        match granted {
+            Some(1) => return Ok(()),
+            Some(_) if started.elapsed() < MIGRATION_LOCK_WAIT => {
+                tracing::info!(
+                    waited_s = started.elapsed().as_secs(),
+                    "another process is migrating the database; waiting for it"
+                );
+            }
+            Some(_) => return Err(StoreError::MigrationLockTimeout(MIGRATION_LOCK_WAIT)),
+            None => return Err(StoreError::MigrationLockRefused),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,12 +248,36 @@ impl JobStore {
         self.dialect
     }
 
+    /// Brings the schema up to date. Every API, worker and writer pod may run
+    /// this at start, at the same moment, against one database.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let migrator = match self.dialect {
-            Dialect::MySql => &MYSQL_MIGRATIONS,
-            Dialect::Sqlite => &SQLITE_MIGRATIONS,
-        };
-        migrator.run(&self.pool).await?;
+        match self.dialect {
+            Dialect::Sqlite => SQLITE_MIGRATIONS.run(&self.pool).await?,
+            Dialect::MySql => {
+                // sqlx serialises migrators with `GET_LOCK(name, -1)`, which MariaDB
+                // answers with NULL at once instead of waiting: two pods starting
+                // together both applied migration 3, and the loser found it "partially
+                // applied" forever after. So the lock is ours, with a finite timeout
+                // that both servers honour, held on the connection that migrates.
+                let mut conn = self
+                    .pool
+                    .acquire()
+                    .await
+                    .map_err(query_error("connect to migrate"))?;
+                acquire_migration_lock(&mut conn).await?;
+                let migrated = MYSQL_MIGRATIONS.run(&mut *conn).await;
+                let released = sqlx::query(
+                    "SELECT RELEASE_LOCK(LEFT(CONCAT('ocr_migrate.', DATABASE()), 64))",
+                )
+                .execute(&mut *conn)
+                .await;
+                if released.is_err() {
+                    // The lock lives as long as the session: never hand it back to the pool.
+                    conn.close_on_drop();
+                }
+                migrated?;
+            }
+        }
         Ok(())
     }
 
