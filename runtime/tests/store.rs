@@ -170,7 +170,7 @@ async fn stale_jobs_are_listed_oldest_first(store: JobStore) {
 /// Concurrent submissions share statements (group commit): every row is
 /// committed before its request returns, and a row that cannot be written
 /// fails alone while its batch-mates are kept. The same for the Queued marks,
-/// which never undo a worker's claim.
+/// which share commits with new rows and never undo a worker's claim.
 async fn concurrent_inserts_and_marks_share_statements_and_fail_alone(store: JobStore) {
     let taken = new_job(None);
     store.insert(&taken, 1_000).await.unwrap();
@@ -226,15 +226,43 @@ async fn concurrent_inserts_and_marks_share_statements_and_fail_alone(store: Job
         let id = *id;
         tokio::spawn(async move { store.mark_queued(id, 4_000).await })
     });
-    for mark in futures::future::join_all(marks).await {
+    // New submissions arrive meanwhile and share commits with the marks; one
+    // of them clashes with a stored id, and neither the marks nor the other
+    // inserts that shared its commit may fail with it.
+    let mut second_wave: Vec<NewJob> = (0..100).map(|_| new_job(None)).collect();
+    let mut clash = new_job(None);
+    clash.id = jobs[1].id;
+    clash.input_key = "inputs/someone-else".into();
+    second_wave.insert(50, clash);
+    let inserts = second_wave.iter().cloned().map(|job| {
+        let store = store.clone();
+        tokio::spawn(async move { store.insert(&job, 4_000).await })
+    });
+    let (marks, inserts) = tokio::join!(
+        futures::future::join_all(marks),
+        futures::future::join_all(inserts)
+    );
+    for mark in marks {
         mark.expect("mark task").expect("mark");
+    }
+    for (job, outcome) in second_wave.iter().zip(inserts) {
+        let outcome = outcome.expect("insert task");
+        assert_eq!(outcome.is_err(), job.id == jobs[1].id, "job {}", job.id);
     }
     assert_eq!(
         store.get(claimed).await.unwrap().unwrap().status,
         JobStatus::Processing
     );
+    let first = store.get(jobs[1].id).await.unwrap().unwrap();
+    assert_eq!(
+        (first.status, first.input_key.as_str()),
+        (JobStatus::Queued, jobs[1].input_key.as_str())
+    );
     assert_eq!(store.count_in_status(JobStatus::Queued).await.unwrap(), 300);
-    assert_eq!(store.count_in_status(JobStatus::Accepted).await.unwrap(), 0);
+    assert_eq!(
+        store.count_in_status(JobStatus::Accepted).await.unwrap(),
+        100
+    );
 }
 
 async fn idempotency_keys_reserve_bind_and_release(store: JobStore) {

@@ -110,7 +110,8 @@ pub struct JobStore {
     /// Where each operation's time goes (`ocr_store_seconds{op}`); none in tools.
     metrics: Option<Metrics>,
     /// Group commit of the accept path's writes (started on first use).
-    groups: Arc<super::grouped::Groups>,
+    /// Inserts and `Queued` marks of concurrent submissions, committed together.
+    accept_writes: Arc<super::grouped::Group<super::grouped::AcceptWrites>>,
 }
 
 /// Times one operation from its creation to its drop, so every return path
@@ -196,7 +197,7 @@ impl JobStore {
             pool,
             dialect,
             metrics: None,
-            groups: Arc::default(),
+            accept_writes: Arc::new(super::grouped::Group::new(super::grouped::AcceptWrites)),
         })
     }
 
@@ -222,7 +223,7 @@ impl JobStore {
             pool,
             dialect,
             metrics: None,
-            groups: Arc::default(),
+            accept_writes: Arc::new(super::grouped::Group::new(super::grouped::AcceptWrites)),
         })
     }
 
@@ -300,11 +301,8 @@ impl JobStore {
         if job.idempotency.is_none() {
             // Nothing to bind: no transaction, and the row shares one
             // autocommit INSERT with those of concurrent submissions.
-            return self
-                .groups
-                .inserts
-                .write(&self.pool, (job.clone(), now_ms))
-                .await;
+            let write = super::grouped::AcceptWrite::Insert(job.clone(), now_ms);
+            return self.accept_writes.write(&self.pool, write).await;
         }
         let mut tx = self
             .pool
@@ -346,23 +344,10 @@ impl JobStore {
     where
         E: sqlx::Executor<'e, Database = sqlx::Any>,
     {
-        sqlx::query(
-            "INSERT INTO jobs (id, client_id, status, attempts, input_key, content_type, \
-             input_sha256, input_bytes, idempotency_key, created_at, updated_at) \
-             VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(job.id.to_string())
-        .bind(&job.client_id)
-        .bind(JobStatus::Accepted.as_str())
-        .bind(&job.input_key)
-        .bind(&job.content_type)
-        .bind(&job.input_sha256)
-        .bind(job.input_bytes as i64)
-        .bind(job.idempotency.as_ref().map(|held| held.key.clone()))
-        .bind(now_ms)
-        .bind(now_ms)
-        .execute(executor)
-        .await?;
+        let sql = super::grouped::insert_jobs_sql(1);
+        super::grouped::bind_new_job(sqlx::query(&sql), job, now_ms)
+            .execute(executor)
+            .await?;
         Ok(())
     }
 
@@ -371,10 +356,8 @@ impl JobStore {
     /// submissions.
     pub async fn mark_queued(&self, id: JobId, now_ms: i64) -> Result<(), StoreError> {
         let _timer = self.timer("mark_queued");
-        self.groups
-            .queued_marks
-            .write(&self.pool, (id, now_ms))
-            .await
+        let write = super::grouped::AcceptWrite::MarkQueued(id, now_ms);
+        self.accept_writes.write(&self.pool, write).await
     }
 
     pub async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
