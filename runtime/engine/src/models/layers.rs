@@ -1344,12 +1344,7 @@ impl PhaseGemm {
                             let (a, b) = (phase / sw, phase % sw);
                             let src_w = w / f;
                             // Phase columns j whose padded column j * sw + b - pl lies in 0..w.
-                            let j0 = pl.saturating_sub(b).div_ceil(sw).min(wh);
-                            let j1 = if w + pl > b {
-                                ((w + pl - b - 1) / sw + 1).min(wh)
-                            } else {
-                                0
-                            };
+                            let (j0, j1) = columns_inside(pl, b, sw, w, wh);
                             for (i, drow) in dst.chunks_exact_mut(wh).enumerate() {
                                 let iy = (r0 + i) * sh + a;
                                 if j0 >= j1 || iy < pt || iy - pt >= h {
@@ -1499,12 +1494,7 @@ fn im2col_banded(
                             let plane = &img[ci * h * w..(ci + 1) * h * w];
                             // Output columns whose input column ox * sw + kx - pl is inside
                             // the image.
-                            let first = pl.saturating_sub(kx).div_ceil(sw).min(wo);
-                            let last = if w + pl > kx {
-                                ((w + pl - kx - 1) / sw + 1).min(wo)
-                            } else {
-                                0
-                            };
+                            let (first, last) = columns_inside(pl, kx, sw, w, wo);
                             for (i, drow) in dst.chunks_exact_mut(wo).enumerate() {
                                 let iy = (r0 + i) * sh + ky;
                                 if first >= last || iy < pt || iy - pt >= h {
@@ -2384,6 +2374,25 @@ pub fn global_avg_pool(x: &Tensor) -> candle_core::Result<Tensor> {
         .mean_keepdim(D::Minus1)?
         .to_dtype(x.dtype())?
         .reshape((n, c, 1, 1))
+}
+
+/// The range `first..last` of output columns `j < out_w` whose input column
+/// `j * stride + offset - pad` lies inside `0..width`: what a gather copies,
+/// the rest being padding.
+fn columns_inside(
+    pad: usize,
+    offset: usize,
+    stride: usize,
+    width: usize,
+    out_w: usize,
+) -> (usize, usize) {
+    let first = pad.saturating_sub(offset).div_ceil(stride).min(out_w);
+    let last = if width + pad > offset {
+        ((width + pad - offset - 1) / stride + 1).min(out_w)
+    } else {
+        0
+    };
+    (first, last)
 }
 
 #[cfg(test)]
