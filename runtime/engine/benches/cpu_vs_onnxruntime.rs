@@ -190,13 +190,16 @@ fn main() -> Result<(), Error> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench-onnxruntime.py");
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     let me = std::env::current_exe()?;
+    // The ratio depends on the CPU (onnxruntime's kernels and ours do not gain
+    // alike from each instruction set), so the header names it.
     println!(
-        "{} English benchmark pages (1000x1300) from {}, v6-small, {} cores",
+        "{} English benchmark pages (1000x1300) from {}, v6-small, {} cores of {}",
         pages.len(),
         pages[0]
             .parent()
             .map_or("?".into(), |p| p.display().to_string()),
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model()
     );
 
     let mut rows = Vec::new();
@@ -249,6 +252,24 @@ fn main() -> Result<(), Error> {
         loadavg()
     );
     Ok(())
+}
+
+/// The CPU's model name and the vector extensions that matter to both engines.
+fn cpu_model() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_owned())
+    };
+    let model = field("model name").unwrap_or_else(|| "an unknown CPU".into());
+    let flags = field("flags").unwrap_or_default();
+    let has: Vec<&str> = ["avx2", "avx512f", "avx512_vnni", "amx_tile"]
+        .into_iter()
+        .filter(|f| flags.split_whitespace().any(|x| x == *f))
+        .collect();
+    format!("{model} ({})", has.join(", "))
 }
 
 fn loadavg() -> String {
