@@ -9,6 +9,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     // Served by gRPC reflection.
     std::fs::write(out.join("ocr_descriptor.bin"), descriptors.encode_to_vec())?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    tonic_prost_build::configure()
+        // The image is handed on as it came off the wire, not copied out.
+        .bytes(".ocr.v1.SubmitRequest.image")
+        .compile_fds(descriptors)?;
     Ok(())
 }

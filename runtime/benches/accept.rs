@@ -12,11 +12,17 @@
 //! runs against the in-process queue (the baseline), librdkafka's mock
 //! cluster (the real protocol, an in-process broker) and, when
 //! `OCR_TEST_TANSU` names the binary (`scripts/install-tansu.sh`), a Tansu
-//! broker process with in-memory storage.
+//! broker process with in-memory storage (a fresh one per run). On the
+//! in-process queue and on Tansu the same load also goes through gRPC
+//! `Submit`, as `ocr-runtime loadgen --grpc` sends it (`clients` HTTP/2
+//! connections, a call in flight on each).
 
 #[path = "../tests/common/real_broker.rs"]
 mod real_broker;
 
+use ocr_runtime::api::admission::Admission;
+use ocr_runtime::api::auth::Authenticator;
+use ocr_runtime::api::grpc::GrpcJobs;
 use ocr_runtime::api::http::{router, HttpState};
 use ocr_runtime::app::submit::{Fault, Submitter};
 use ocr_runtime::config::LimitsConfig;
@@ -28,6 +34,10 @@ use rdkafka::mocking::MockCluster;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// As in the `ocr-runtime` binary: the API here should allocate as it does there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// What `ocr-runtime loadgen --json` measured.
 struct Summary {
     accepted: u64,
@@ -37,6 +47,13 @@ struct Summary {
     accepted_per_second: f64,
     p50_ms: f64,
     p99_ms: f64,
+}
+
+/// The front end the load goes through.
+#[derive(Clone, Copy, PartialEq)]
+enum FrontEnd {
+    Http,
+    Grpc,
 }
 
 struct Outcome {
@@ -56,11 +73,13 @@ fn sample_png() -> Vec<u8> {
     out.into_inner()
 }
 
-/// The API in this process over a fresh database, loaded by
-/// `ocr-runtime loadgen`'s engine (closed loop, `clients` connections).
+/// The API in this process over a fresh database, loaded by an
+/// `ocr-runtime loadgen` process (closed loop, `clients` requests in flight)
+/// through `front_end`.
 async fn run_load(
     mysql_server: &str,
     publisher: Arc<dyn JobPublisher>,
+    front_end: FrontEnd,
     seconds: u64,
     clients: usize,
 ) -> anyhow::Result<Outcome> {
@@ -86,10 +105,39 @@ async fn run_load(
         guard: None,
         metrics: metrics.clone(),
     };
-    let app = router(HttpState::new(submitter, metrics.clone()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let target = format!("http://{}", listener.local_addr()?);
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    // Both front ends as `ocr-runtime api` wires them: one admission budget,
+    // keys optional (the loadgen sends none).
+    let server = match front_end {
+        FrontEnd::Http => {
+            use axum::serve::ListenerExt;
+            let app = router(HttpState::new(submitter, metrics.clone()));
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            tokio::spawn(async move {
+                axum::serve(listener, app).await?;
+                anyhow::Ok(())
+            })
+        }
+        FrontEnd::Grpc => {
+            let admission = Admission::new(&submitter.limits);
+            let auth = Authenticator::optional(submitter.store.clone());
+            let jobs = GrpcJobs::new(submitter, metrics.clone(), admission, auth);
+            let admitting = jobs.admission_layer();
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            tokio::spawn(async move {
+                tonic::transport::Server::builder()
+                    .layer(admitting)
+                    .add_service(jobs.into_server())
+                    .serve_with_incoming(incoming)
+                    .await?;
+                anyhow::Ok(())
+            })
+        }
+    };
     let image = tempfile::Builder::new().suffix(".png").tempfile()?;
     std::fs::write(image.path(), sample_png())?;
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ocr-runtime"))
@@ -99,12 +147,17 @@ async fn run_load(
         .arg(image.path())
         .args(["--connections", &clients.to_string()])
         .args(["--duration", &format!("{seconds}s"), "--json"])
+        .args((front_end == FrontEnd::Grpc).then_some("--grpc"))
         .env("RUST_LOG", "warn")
         .stderr(std::process::Stdio::inherit())
         .output()
         .await?;
     anyhow::ensure!(output.status.success(), "loadgen failed: {}", output.status);
     let summary = parse_summary(&output.stdout)?;
+    if server.is_finished() {
+        server.await??;
+        anyhow::bail!("the API stopped before the load did");
+    }
     server.abort();
     sqlx::query(&format!("DROP DATABASE {name}"))
         .execute(&mut admin)
@@ -244,8 +297,12 @@ fn main() -> anyhow::Result<()> {
             None => println!("mysqlslap is not installed: no database baseline"),
         }
         let (memory_publisher, _queue) = memory::channel();
-        let baseline = run_load(&mysql, Arc::new(memory_publisher), seconds, clients).await?;
+        let memory_publisher: Arc<dyn JobPublisher> = Arc::new(memory_publisher);
+        let baseline = run_load(&mysql, memory_publisher.clone(), FrontEnd::Http, seconds, clients).await?;
         let baseline_rate = report("MySQL + memory queue", &baseline, slap);
+        let grpc = run_load(&mysql, memory_publisher, FrontEnd::Grpc, seconds, clients).await?;
+        let grpc_rate = report("  gRPC Submit", &grpc, slap);
+        println!("ratio gRPC / HTTP (memory queue): {:.2}x", grpc_rate / baseline_rate.max(1e-9));
 
         let cluster = MockCluster::new(1)?;
         cluster.create_topic("ocr.jobs", 6, 1)?;
@@ -253,7 +310,7 @@ fn main() -> anyhow::Result<()> {
             &KafkaConnection::plaintext(&cluster.bootstrap_servers()),
             "ocr.jobs",
         )?;
-        let with_kafka = run_load(&mysql, Arc::new(kafka), seconds, clients).await?;
+        let with_kafka = run_load(&mysql, Arc::new(kafka), FrontEnd::Http, seconds, clients).await?;
         let kafka_rate = report("MySQL + Kafka (mock)", &with_kafka, slap);
         println!(
             "ratio Kafka (mock) / memory-queue baseline: {:.2}x",
@@ -264,20 +321,34 @@ fn main() -> anyhow::Result<()> {
             println!("OCR_TEST_TANSU is not set: no Tansu run (scripts/install-tansu.sh)");
             return Ok(());
         }
-        let broker = real_broker::RealBroker::start();
-        create_topic(&broker.bootstrap_servers, "ocr.jobs").await?;
-        let tansu = KafkaPublisher::new(
-            &KafkaConnection::plaintext(&broker.bootstrap_servers),
-            "ocr.jobs",
-        )?;
-        let with_tansu = run_load(&mysql, Arc::new(tansu), seconds, clients).await?;
+        let with_tansu = run_on_tansu(&mysql, FrontEnd::Http, seconds, clients).await?;
         let tansu_rate = report("MySQL + Kafka (Tansu)", &with_tansu, slap);
         println!(
             "ratio Kafka (Tansu) / memory-queue baseline: {:.2}x",
             tansu_rate / baseline_rate.max(1e-9)
         );
+        let grpc_tansu = run_on_tansu(&mysql, FrontEnd::Grpc, seconds, clients).await?;
+        report("  gRPC Submit", &grpc_tansu, slap);
         Ok(())
     })
+}
+
+/// A run against a fresh Tansu broker: one that already holds the last
+/// run's messages answers more slowly, which would favour whichever front
+/// end ran first.
+async fn run_on_tansu(
+    mysql: &str,
+    front_end: FrontEnd,
+    seconds: u64,
+    clients: usize,
+) -> anyhow::Result<Outcome> {
+    let broker = real_broker::RealBroker::start();
+    create_topic(&broker.bootstrap_servers, "ocr.jobs").await?;
+    let tansu = KafkaPublisher::new(
+        &KafkaConnection::plaintext(&broker.bootstrap_servers),
+        "ocr.jobs",
+    )?;
+    run_load(mysql, Arc::new(tansu), front_end, seconds, clients).await
 }
 
 async fn create_topic(brokers: &str, topic: &str) -> anyhow::Result<()> {

@@ -1,7 +1,8 @@
 //! `ocr-runtime loadgen`: load against a running API, over HTTP or gRPC.
 //!
 //! Closed loop: N connections, each sending its next request when the last
-//! one is answered (how many jobs/s the API sustains). Open loop: requests
+//! one is answered (how many jobs/s the API sustains); over gRPC too, N
+//! HTTP/2 connections with a call in flight on each. Open loop: requests
 //! at a fixed rate whatever the answers do, each timed from the moment it
 //! was due, not from when it was sent, so a server that falls behind shows
 //! its queueing in the latencies instead of slowing the load down (the
@@ -180,8 +181,11 @@ enum Client {
         http: reqwest::Client,
         base: String,
     },
+    /// Closed loop: one HTTP/2 connection per `--connections`, each with one
+    /// call in flight, as HTTP/1.1 has. Open loop: every call multiplexed on
+    /// one connection, as one gRPC client sends them.
     Grpc {
-        grpc: OcrJobsClient<tonic::transport::Channel>,
+        connections: Vec<OcrJobsClient<tonic::transport::Channel>>,
     },
 }
 
@@ -206,17 +210,27 @@ impl Client {
                 Ok(Client::Http { http, base })
             }
             Protocol::Grpc => {
-                let channel = tonic::transport::Endpoint::from_shared(base.clone())
+                let endpoint = tonic::transport::Endpoint::from_shared(base.clone())
                     .with_context(|| format!("{base} is not a gRPC address"))?
                     .timeout(Duration::from_secs(60))
-                    .connect()
-                    .await
-                    .with_context(|| format!("connecting to {base}"))?;
-                Ok(Client::Grpc {
-                    grpc: OcrJobsClient::new(channel)
-                        .max_decoding_message_size(64 * 1024 * 1024)
-                        .max_encoding_message_size(64 * 1024 * 1024),
-                })
+                    .tcp_nodelay(true);
+                let count = match plan.pacing {
+                    Pacing::Closed { connections } => connections.max(1),
+                    Pacing::Open { .. } => 1,
+                };
+                let mut connections = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let channel = endpoint
+                        .connect()
+                        .await
+                        .with_context(|| format!("connecting to {base}"))?;
+                    connections.push(
+                        OcrJobsClient::new(channel)
+                            .max_decoding_message_size(64 * 1024 * 1024)
+                            .max_encoding_message_size(64 * 1024 * 1024),
+                    );
+                }
+                Ok(Client::Grpc { connections })
             }
         }
     }
@@ -232,7 +246,15 @@ impl Client {
         request
     }
 
-    async fn submit(&self, plan: &Plan, idempotency_key: Option<&str>) -> Outcome {
+    /// The gRPC connection of `lane`.
+    fn grpc(
+        connections: &[OcrJobsClient<tonic::transport::Channel>],
+        lane: usize,
+    ) -> OcrJobsClient<tonic::transport::Channel> {
+        connections[lane % connections.len()].clone()
+    }
+
+    async fn submit(&self, plan: &Plan, idempotency_key: Option<&str>, lane: usize) -> Outcome {
         match self {
             Client::Http { http, base } => {
                 let mut post = http
@@ -258,14 +280,13 @@ impl Client {
                     Err(_) => Outcome::Transport,
                 }
             }
-            Client::Grpc { grpc } => {
+            Client::Grpc { connections } => {
                 let request = SubmitRequest {
-                    image: plan.image.to_vec(),
+                    image: plan.image.clone(),
                     content_type: plan.content_type.clone(),
                     idempotency_key: idempotency_key.unwrap_or_default().to_owned(),
                 };
-                match grpc
-                    .clone()
+                match Self::grpc(connections, lane)
                     .submit(Self::grpc_request(&plan.key, request))
                     .await
                 {
@@ -278,7 +299,7 @@ impl Client {
     }
 
     /// Waits until the job is final; its final status, or `unfinished`.
-    async fn follow(&self, plan: &Plan, id: &str, until: Instant) -> String {
+    async fn follow(&self, plan: &Plan, id: &str, until: Instant, lane: usize) -> String {
         match self {
             Client::Http { http, base } => {
                 let mut pause = Duration::from_millis(20);
@@ -296,11 +317,10 @@ impl Client {
                 }
                 "unfinished".into()
             }
-            Client::Grpc { grpc } => {
+            Client::Grpc { connections } => {
                 let watch = async {
                     let request = GetJobRequest { id: id.to_owned() };
-                    let mut stream = grpc
-                        .clone()
+                    let mut stream = Self::grpc(connections, lane)
                         .watch(Self::grpc_request(&plan.key, request))
                         .await
                         .ok()?
@@ -362,7 +382,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
     match plan.pacing {
         Pacing::Closed { connections } => {
             let issued = Arc::new(AtomicU64::new(0));
-            for _ in 0..connections.max(1) {
+            for lane in 0..connections.max(1) {
                 let (request, issued, stop) = (request.clone(), issued.clone(), plan.stop);
                 let cancel = plan.cancel.clone();
                 requests.spawn(async move {
@@ -377,7 +397,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
                         if over {
                             return;
                         }
-                        request.clone().send(n, Instant::now()).await;
+                        request.clone().send(n, lane, Instant::now()).await;
                     }
                 });
             }
@@ -398,7 +418,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Summary> {
                     _ = tokio::time::sleep_until(due.into()) => {}
                     _ = plan.cancel.cancelled() => break,
                 }
-                requests.spawn(request.clone().send(n, due));
+                requests.spawn(request.clone().send(n, 0, due));
                 // Reap what has finished, so the set stays small.
                 while requests.try_join_next().is_some() {}
             }
@@ -469,10 +489,10 @@ struct Request {
 }
 
 impl Request {
-    /// Submits job `n` (again, with `retry`, until it is accepted), timed
-    /// from `due`; records the answer and, with `follow`, starts following
-    /// the job.
-    async fn send(self, n: u64, due: Instant) {
+    /// Submits job `n` on connection `lane` (again, with `retry`, until it
+    /// is accepted), timed from `due`; records the answer and, with
+    /// `follow`, starts following the job.
+    async fn send(self, n: u64, lane: usize, due: Instant) {
         let recorder = &self.recorder;
         recorder.sent.fetch_add(1, Ordering::Relaxed);
         let key = self
@@ -481,7 +501,7 @@ impl Request {
             .as_ref()
             .map(|retry| format!("{}-{n}", retry.key_prefix));
         let outcome = loop {
-            let outcome = self.client.submit(&self.plan, key.as_deref()).await;
+            let outcome = self.client.submit(&self.plan, key.as_deref(), lane).await;
             match (&outcome, &self.plan.retry) {
                 (Outcome::Accepted(_), _) | (_, None) => break outcome,
                 (_, Some(retry)) => {
@@ -504,7 +524,10 @@ impl Request {
                 if let Some(follow) = self.plan.follow {
                     self.following.fetch_add(1, Ordering::AcqRel);
                     tokio::spawn(async move {
-                        let status = self.client.follow(&self.plan, &id, answered + follow).await;
+                        let status = self
+                            .client
+                            .follow(&self.plan, &id, answered + follow, lane)
+                            .await;
                         finish(&self.recorder, &status, answered);
                         self.following.fetch_sub(1, Ordering::AcqRel);
                     });

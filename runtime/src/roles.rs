@@ -158,7 +158,13 @@ fn serve_http_on(
 ) -> anyhow::Result<()> {
     let app = app.layer(tower_http::trace::TraceLayer::new_for_http());
     match tls {
-        None => spawn_serve(listener, app, shutdown, tasks),
+        None => {
+            use axum::serve::ListenerExt;
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            spawn_serve(listener, app, shutdown, tasks)
+        }
         Some(tls) => {
             let listener = TlsListener::new(listener, tls.rustls_config()?, shutdown.clone())
                 .context("starting the HTTPS listener")?;
@@ -213,12 +219,13 @@ fn serve_grpc_on(
         .layer(admission)
         .add_service(jobs.into_server())
         .add_optional_service(reflection);
+    // Without TCP_NODELAY an HTTP/2 answer (headers, message, trailers in
+    // separate writes) waits for the client's delayed ACK: about 40 ms per
+    // call (measured with the accept bench: 727 gRPC jobs/s at p50 44 ms).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tasks.spawn(async move {
         let served = router
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async move { shutdown.cancelled().await },
-            )
+            .serve_with_incoming_shutdown(incoming, async move { shutdown.cancelled().await })
             .await;
         if let Err(err) = served {
             tracing::error!(error = %err, "gRPC server failed");

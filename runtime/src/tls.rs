@@ -98,6 +98,9 @@ impl TlsListener {
                         }
                     },
                 };
+                // Small answers go out at once, not after the client's delayed ACK
+                // (see `roles::serve_grpc_on`).
+                let _ = stream.set_nodelay(true);
                 let (acceptor, done) = (acceptor.clone(), done.clone());
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {

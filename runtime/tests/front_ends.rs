@@ -283,7 +283,7 @@ async fn grpc_submissions_are_admitted_before_their_message_is_read() {
         .await
         .unwrap();
     let submit = SubmitRequest {
-        image: common::png(64, 32),
+        image: common::png(64, 32).into(),
         content_type: "image/png".into(),
         idempotency_key: String::new(),
     };
@@ -308,5 +308,89 @@ async fn grpc_submissions_are_admitted_before_their_message_is_read() {
     // ...and its slot is free again.
     let job = client.submit(submit).await.unwrap().into_inner();
     assert!(!job.id.is_empty());
+    api.stop().await;
+}
+
+/// A gRPC submission costs the memory budget the size its message declares
+/// (the length prefix), as an HTTP upload with `Content-Length` does: many
+/// small uploads go through at once, while uploads that declare more than
+/// the budget has left are refused before tonic buffers them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_submissions_cost_the_budget_what_their_message_declares() {
+    use ocr_runtime::api::grpc::proto::{ocr_jobs_client::OcrJobsClient, SubmitRequest};
+    let kafka = mock_kafka();
+    let db = MysqlDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(&db, &kafka.bootstrap_servers(), dir.path());
+    // Room for one upload of the largest accepted size: counted that way,
+    // gRPC submissions would go one at a time.
+    config.limits.max_body_bytes = 1024 * 1024;
+    config.limits.max_buffered_bytes = 2 * 1024 * 1024;
+    // The stalled uploads below are cut off after this, so the API stops soon.
+    config.limits.body_timeout_ms = 3_000;
+    let api = ocr_runtime::roles::start_api(&config).await.unwrap();
+    let grpc = api.front_ends.expect("front ends").grpc_addr;
+    let client = OcrJobsClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let submit = SubmitRequest {
+        image: common::png(64, 32).into(),
+        content_type: "image/png".into(),
+        idempotency_key: String::new(),
+    };
+
+    let calls: Vec<_> = (0..24)
+        .map(|_| {
+            let (mut client, submit) = (client.clone(), submit.clone());
+            tokio::spawn(async move { client.submit(submit).await })
+        })
+        .collect();
+    for call in calls {
+        let job = call.await.unwrap().expect("a small upload is admitted");
+        assert!(!job.into_inner().id.is_empty());
+    }
+
+    // Two stalled uploads that each declare 900 KiB hold 1.8 MiB of the
+    // 2 MiB budget...
+    let tcp = tokio::net::TcpStream::connect(grpc).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let declare = |h2: &mut h2::client::SendRequest<bytes::Bytes>, bytes: u32| {
+        let request = axum::http::Request::post(format!("http://{grpc}/ocr.v1.OcrJobs/Submit"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (answer, mut body) = h2.send_request(request, false).unwrap();
+        let mut prefix = vec![0u8];
+        prefix.extend_from_slice(&bytes.to_be_bytes());
+        body.send_data(prefix.into(), false).unwrap();
+        (answer, body)
+    };
+    let mut h2 = h2.ready().await.unwrap();
+    let _first = declare(&mut h2, 900 * 1024);
+    let mut h2 = h2.ready().await.unwrap();
+    let _second = declare(&mut h2, 900 * 1024);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ...so a third is refused at once, without its message being read...
+    let mut h2 = h2.ready().await.unwrap();
+    let (third, _body) = declare(&mut h2, 900 * 1024);
+    let third = tokio::time::timeout(Duration::from_secs(2), third)
+        .await
+        .expect("refused at once")
+        .unwrap();
+    let status = third
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    assert_eq!(status.as_deref(), Some("14"), "UNAVAILABLE, got {status:?}");
+    // ...while a small one still fits in what is left.
+    let job = client
+        .clone()
+        .submit(submit)
+        .await
+        .expect("small upload fits");
+    assert!(!job.into_inner().id.is_empty());
     api.stop().await;
 }

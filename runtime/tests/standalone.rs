@@ -171,7 +171,7 @@ async fn grpc_submit_and_watch_follow_the_job_to_its_result() {
         .await
         .unwrap();
     let request = SubmitRequest {
-        image: INVOICE.to_vec(),
+        image: bytes::Bytes::from_static(INVOICE),
         content_type: "image/png".into(),
         idempotency_key: "grpc-1".into(),
     };
@@ -215,7 +215,7 @@ async fn grpc_submit_and_watch_follow_the_job_to_its_result() {
 
     let bad = client
         .submit(SubmitRequest {
-            image: b"not an image".to_vec(),
+            image: bytes::Bytes::from_static(b"not an image"),
             ..Default::default()
         })
         .await
@@ -265,7 +265,7 @@ async fn grpc_calls_need_a_key_and_see_only_their_tenants_jobs() {
         .await
         .unwrap();
     let submit = SubmitRequest {
-        image: INVOICE.to_vec(),
+        image: bytes::Bytes::from_static(INVOICE),
         content_type: "image/png".into(),
         idempotency_key: String::new(),
     };

@@ -198,7 +198,7 @@ impl OcrJobs for GrpcJobs {
                 tenant,
                 idempotency_key: Some(request.idempotency_key).filter(|k| !k.is_empty()),
                 content_type: request.content_type,
-                body: request.image.into(),
+                body: request.image,
             })
             .await;
         let label = match &outcome {
@@ -276,9 +276,12 @@ const SUBMIT_PATH: &str = "/ocr.v1.OcrJobs/Submit";
 
 /// Admits `Submit` calls before tonic reads their message: tonic buffers a
 /// whole message before the handler runs, so a handler that admitted would
-/// bound nothing. A gRPC request declares no length, so each counts at the
-/// largest accepted message, as an HTTP upload without `Content-Length`
-/// does. Past the budget: `UNAVAILABLE` at once. Other calls pass.
+/// bound nothing. A gRPC message starts with its length (the 5-byte
+/// length-prefixed framing), so the layer reads that much of the body, and
+/// reserves the declared size (at most the largest accepted message) before
+/// tonic reads the rest: small uploads cost the budget what they weigh, as
+/// an HTTP upload with `Content-Length` does. Past the budget:
+/// `UNAVAILABLE` at once. Other calls pass.
 #[derive(Clone)]
 pub struct AdmitSubmissions {
     admission: Admission,
@@ -302,12 +305,16 @@ pub struct Admitting<S> {
     gate: AdmitSubmissions,
 }
 
-impl<S, ReqBody, ResBody> tower_service::Service<axum::http::Request<ReqBody>> for Admitting<S>
+type GrpcRequest = axum::http::Request<tonic::body::Body>;
+
+/// Bytes of the gRPC message prefix: a compression flag and a big-endian
+/// u32 length.
+const MESSAGE_PREFIX_BYTES: usize = 5;
+
+impl<S, ResBody> tower_service::Service<GrpcRequest> for Admitting<S>
 where
-    S: tower_service::Service<
-            axum::http::Request<ReqBody>,
-            Response = axum::http::Response<ResBody>,
-        > + Clone
+    S: tower_service::Service<GrpcRequest, Response = axum::http::Response<ResBody>>
+        + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
@@ -324,29 +331,86 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: axum::http::Request<ReqBody>) -> Self::Future {
-        let admitted = if request.uri().path() == SUBMIT_PATH {
-            match self.gate.admission.try_admit(None) {
-                Ok(admitted) => Some(admitted),
-                Err(overloaded) => {
-                    self.gate.metrics.submitted("shed", Duration::ZERO);
-                    let refused = Status::unavailable(overloaded.to_string()).into_http();
-                    return Box::pin(async move { Ok(refused) });
-                }
-            }
-        } else {
-            None
-        };
+    fn call(&mut self, request: GrpcRequest) -> Self::Future {
         // The service that was polled ready serves this call; a fresh clone
         // waits for the next one.
         let clone = self.inner.clone();
         let mut ready = std::mem::replace(&mut self.inner, clone);
-        let response = ready.call(request);
+        if request.uri().path() != SUBMIT_PATH {
+            return Box::pin(ready.call(request));
+        }
+        let gate = self.gate.clone();
         Box::pin(async move {
-            let response = response.await;
+            let (parts, body) = request.into_parts();
+            // Held for as long as the prefix takes: one HTTP/2 frame at most,
+            // and the server's timeout cuts off a stream that never sends it.
+            let (declared, body) = read_message_prefix(body).await;
+            let admitted = match gate.admission.try_admit(declared) {
+                Ok(admitted) => admitted,
+                Err(overloaded) => {
+                    gate.metrics.submitted("shed", Duration::ZERO);
+                    return Ok(Status::unavailable(overloaded.to_string()).into_http());
+                }
+            };
+            let response = ready
+                .call(GrpcRequest::from_parts(parts, tonic::body::Body::new(body)))
+                .await;
             drop(admitted);
             response
         })
+    }
+}
+
+/// Reads `body` until the message's length prefix is in; returns the size
+/// the request declares (prefix included), if it declared one, and the
+/// body to hand on, whole.
+async fn read_message_prefix(mut body: tonic::body::Body) -> (Option<u64>, Replayed) {
+    use http_body_util::BodyExt;
+    let mut read = std::collections::VecDeque::new();
+    let mut head = Vec::with_capacity(MESSAGE_PREFIX_BYTES);
+    while head.len() < MESSAGE_PREFIX_BYTES {
+        let Some(frame) = body.frame().await else {
+            break;
+        };
+        let data = frame.as_ref().ok().and_then(|f| f.data_ref());
+        let Some(data) = data else {
+            // Trailers or an error before the prefix: tonic answers it.
+            read.push_back(frame);
+            break;
+        };
+        let wanted = MESSAGE_PREFIX_BYTES - head.len();
+        head.extend_from_slice(&data[..wanted.min(data.len())]);
+        read.push_back(frame);
+    }
+    let declared = (head.len() == MESSAGE_PREFIX_BYTES).then(|| {
+        let length = u32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+        MESSAGE_PREFIX_BYTES as u64 + u64::from(length)
+    });
+    (declared, Replayed { read, rest: body })
+}
+
+/// A request body whose first frames were read already: those, then the rest.
+struct Replayed {
+    read: std::collections::VecDeque<Result<http_body::Frame<bytes::Bytes>, Status>>,
+    rest: tonic::body::Body,
+}
+
+impl http_body::Body for Replayed {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        if let Some(frame) = self.read.pop_front() {
+            return std::task::Poll::Ready(Some(frame));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.read.is_empty() && self.rest.is_end_stream()
     }
 }
 

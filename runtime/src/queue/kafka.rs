@@ -94,7 +94,12 @@ impl KafkaPublisher {
             // the sweeper; it also spares the idempotent producer the epoch
             // bump that expired messages force.
             .set("message.timeout.ms", "120000")
-            .set("linger.ms", "2")
+            // Batching for up to 5 ms (librdkafka's own default) delays a
+            // job or a result by at most that before it is consumed, next to
+            // inference times of tens of ms and more, and saves the broker
+            // and this process a request per handful of messages: 2 -> 5 ms
+            // took the accept bench on Tansu from 7.5k to 8.1k jobs/s.
+            .set("linger.ms", "5")
             .create()
             .map_err(|e| {
                 QueueError::Unreachable(format!("creating producer for {brokers}: {e}"))
