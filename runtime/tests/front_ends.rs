@@ -250,6 +250,55 @@ async fn with_a_certificate_http_and_grpc_speak_tls_only() {
     api.stop().await;
 }
 
+/// Raw HTTP/2 `Submit` calls on one connection that send the message
+/// prefix and then stall.
+struct StalledUploads {
+    grpc: std::net::SocketAddr,
+    h2: h2::client::SendRequest<bytes::Bytes>,
+}
+
+type Answer = h2::client::ResponseFuture;
+
+impl StalledUploads {
+    async fn connect(grpc: std::net::SocketAddr) -> StalledUploads {
+        let tcp = tokio::net::TcpStream::connect(grpc).await.unwrap();
+        let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(connection);
+        StalledUploads { grpc, h2 }
+    }
+
+    /// A call whose message says it is `length` bytes long, and nothing more.
+    async fn declare(&self, length: u32) -> (Answer, h2::SendStream<bytes::Bytes>) {
+        let mut h2 = self.h2.clone().ready().await.unwrap();
+        let request =
+            axum::http::Request::post(format!("http://{}/ocr.v1.OcrJobs/Submit", self.grpc))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(())
+                .unwrap();
+        let (answer, mut body) = h2.send_request(request, false).unwrap();
+        let mut prefix = vec![0u8];
+        prefix.extend_from_slice(&length.to_be_bytes());
+        body.send_data(prefix.into(), false).unwrap();
+        (answer, body)
+    }
+}
+
+/// The `grpc-status` a call is answered with (in its headers: the server
+/// refuses or cuts off without a message), within `within`.
+async fn answered_status(answer: Answer, within: Duration) -> String {
+    let answer = tokio::time::timeout(within, answer)
+        .await
+        .expect("the call is answered in time")
+        .unwrap();
+    answer
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("missing")
+        .to_owned()
+}
+
 /// A gRPC upload that stalls holds its admission only until the body
 /// timeout; meanwhile a submission past the cap is refused at once, before
 /// tonic reads (and buffers) its message.
@@ -266,17 +315,8 @@ async fn grpc_submissions_are_admitted_before_their_message_is_read() {
     let grpc = api.front_ends.expect("front ends").grpc_addr;
 
     // A raw HTTP/2 Submit that announces a message and never sends it.
-    let tcp = tokio::net::TcpStream::connect(grpc).await.unwrap();
-    let (mut h2, connection) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(connection);
-    let request = axum::http::Request::post(format!("http://{grpc}/ocr.v1.OcrJobs/Submit"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let (stalled, mut body) = h2.send_request(request, false).unwrap();
-    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 16, 0]), false)
-        .unwrap();
+    let uploads = StalledUploads::connect(grpc).await;
+    let (stalled, body) = uploads.declare(4096).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let mut client = OcrJobsClient::connect(format!("http://{grpc}"))
@@ -293,16 +333,7 @@ async fn grpc_submissions_are_admitted_before_their_message_is_read() {
     assert!(started.elapsed() < Duration::from_secs(1));
 
     // The stalled call is cut off after limits.body_timeout_ms...
-    let answer = tokio::time::timeout(Duration::from_secs(5), stalled)
-        .await
-        .expect("the stalled upload is answered")
-        .unwrap();
-    let status = answer
-        .headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("missing")
-        .to_owned();
+    let status = answered_status(stalled, Duration::from_secs(5)).await;
     assert_ne!(status, "0", "a stalled upload must not succeed");
     drop(body);
     // ...and its slot is free again.
@@ -352,39 +383,14 @@ async fn grpc_submissions_cost_the_budget_what_their_message_declares() {
 
     // Two stalled uploads that each declare 900 KiB hold 1.8 MiB of the
     // 2 MiB budget...
-    let tcp = tokio::net::TcpStream::connect(grpc).await.unwrap();
-    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(connection);
-    let declare = |h2: &mut h2::client::SendRequest<bytes::Bytes>, bytes: u32| {
-        let request = axum::http::Request::post(format!("http://{grpc}/ocr.v1.OcrJobs/Submit"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .unwrap();
-        let (answer, mut body) = h2.send_request(request, false).unwrap();
-        let mut prefix = vec![0u8];
-        prefix.extend_from_slice(&bytes.to_be_bytes());
-        body.send_data(prefix.into(), false).unwrap();
-        (answer, body)
-    };
-    let mut h2 = h2.ready().await.unwrap();
-    let _first = declare(&mut h2, 900 * 1024);
-    let mut h2 = h2.ready().await.unwrap();
-    let _second = declare(&mut h2, 900 * 1024);
+    let uploads = StalledUploads::connect(grpc).await;
+    let _first = uploads.declare(900 * 1024).await;
+    let _second = uploads.declare(900 * 1024).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     // ...so a third is refused at once, without its message being read...
-    let mut h2 = h2.ready().await.unwrap();
-    let (third, _body) = declare(&mut h2, 900 * 1024);
-    let third = tokio::time::timeout(Duration::from_secs(2), third)
-        .await
-        .expect("refused at once")
-        .unwrap();
-    let status = third
-        .headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    assert_eq!(status.as_deref(), Some("14"), "UNAVAILABLE, got {status:?}");
+    let (third, _body) = uploads.declare(900 * 1024).await;
+    let status = answered_status(third, Duration::from_secs(2)).await;
+    assert_eq!(status, "14", "UNAVAILABLE, got {status}");
     // ...while a small one still fits in what is left.
     let job = client
         .clone()
