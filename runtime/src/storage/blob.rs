@@ -23,12 +23,13 @@ pub enum BlobError {
     },
 }
 
-/// Uploads up to this size to a local directory are written in place on
-/// the calling runtime thread: a page-cache write of a few kilobytes takes
-/// microseconds, less than handing it to the blocking pool and back (two
-/// thread wake-ups per job, a fifth of the API's CPU at saturation).
-/// Larger ones go to the blocking pool so one big upload does not stall the
-/// other requests of its thread.
+/// Uploads up to this size to a directory on a local file system are
+/// written in place on the calling runtime thread: a page-cache write of a
+/// few kilobytes takes microseconds, less than handing it to the blocking
+/// pool and back (two thread wake-ups per job, a fifth of the API's CPU at
+/// saturation). Larger ones, and every write to a network file system
+/// (whose `close` waits for the server), go to the blocking pool so they do
+/// not stall the other requests of their thread.
 const INLINE_PUT_BYTES: usize = 256 * 1024;
 
 #[derive(Clone)]
@@ -37,6 +38,8 @@ pub struct BlobStore {
     /// The directory of a local store: writes go straight to the file
     /// system, in the layout `LocalFileSystem` reads.
     local_root: Option<Arc<std::path::Path>>,
+    /// Whether small writes may run in place (see [`INLINE_PUT_BYTES`]).
+    inline_writes: bool,
 }
 
 impl BlobStore {
@@ -51,6 +54,7 @@ impl BlobStore {
             reason,
         };
         let mut local_root = None;
+        let mut inline_writes = false;
         let inner: Arc<dyn ObjectStore> = if url.starts_with("memory:") {
             Arc::new(InMemory::new())
         } else if let Some(rest) = url.strip_prefix("s3://") {
@@ -76,15 +80,20 @@ impl BlobStore {
             std::fs::create_dir_all(dir).map_err(|e| config(format!("creating {dir}: {e}")))?;
             let root =
                 std::fs::canonicalize(dir).map_err(|e| config(format!("resolving {dir}: {e}")))?;
+            inline_writes = writes_stay_in_page_cache(&root);
             local_root = Some(Arc::from(root.as_path()));
             Arc::new(LocalFileSystem::new_with_prefix(&root).map_err(|e| config(e.to_string()))?)
         };
-        Ok(BlobStore { inner, local_root })
+        Ok(BlobStore {
+            inner,
+            local_root,
+            inline_writes,
+        })
     }
 
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), BlobError> {
         if let Some(file) = self.local_file(key) {
-            let written = if bytes.len() <= INLINE_PUT_BYTES {
+            let written = if self.inline_writes && bytes.len() <= INLINE_PUT_BYTES {
                 write_replacing(&file, &bytes)
             } else {
                 tokio::task::spawn_blocking(move || write_replacing(&file, &bytes))
@@ -171,6 +180,45 @@ impl BlobStore {
         };
         key.split('/').all(plain).then(|| root.join(key))
     }
+}
+
+/// Whether `dir` is on a file system known to keep writes in this machine's
+/// page cache (tmpfs, ext4, XFS, Btrfs, overlayfs, ZFS, F2FS): a small
+/// write there takes microseconds. Network file systems (NFS, CephFS, SMB,
+/// FUSE...) and anything unknown say no.
+#[cfg(target_os = "linux")]
+fn writes_stay_in_page_cache(dir: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    const LOCAL: [u32; 9] = [
+        0x0102_1994, // tmpfs
+        0x8584_58f6, // ramfs
+        0x0000_ef53, // ext2, ext3, ext4
+        0x5846_5342, // XFS
+        0x9123_683e, // Btrfs
+        0x794c_7630, // overlayfs (a container's own file system)
+        0x2fc1_2fc1, // ZFS
+        0xf2f5_2010, // F2FS
+        0x0000_4d44, // FAT
+    ];
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut stat = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: `path` is NUL-terminated and statfs writes only into `stat`,
+    // which is read only when the call succeeded.
+    let kind = unsafe {
+        if libc::statfs(path.as_ptr(), stat.as_mut_ptr()) != 0 {
+            return false;
+        }
+        stat.assume_init().f_type
+    };
+    // File system magic numbers are 32-bit; some platforms sign-extend them.
+    LOCAL.contains(&(kind as u32))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn writes_stay_in_page_cache(_dir: &std::path::Path) -> bool {
+    false
 }
 
 /// Writes `bytes` to `file` as one atomic replacement: a reader sees the
@@ -293,6 +341,20 @@ mod tests {
         );
         blobs.delete("inputs/job-1").await.expect("delete");
         assert!(blobs.get("inputs/job-1").await.is_err());
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn small_writes_run_in_place_only_on_file_systems_known_to_be_local() {
+        let shm = std::path::Path::new("/dev/shm");
+        if shm.is_dir() {
+            assert!(writes_stay_in_page_cache(shm), "tmpfs is local");
+        }
+        // procfs stands for any file system not on the list (NFS, CephFS...).
+        assert!(!writes_stay_in_page_cache(std::path::Path::new("/proc")));
+        assert!(!writes_stay_in_page_cache(std::path::Path::new(
+            "/no/such/dir"
+        )));
     }
 
     #[tokio::test]
