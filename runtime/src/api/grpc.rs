@@ -342,8 +342,10 @@ where
         let gate = self.gate.clone();
         Box::pin(async move {
             let (parts, body) = request.into_parts();
-            // Held for as long as the prefix takes: one HTTP/2 frame at most,
-            // and the server's timeout cuts off a stream that never sends it.
+            // Until the prefix is in, the call holds no admission, only what
+            // it has sent (one HTTP/2 frame at most, within the stream's flow
+            // control window); the server's timeout cuts off a stream that
+            // never sends it.
             let (declared, body) = read_message_prefix(body).await;
             let admitted = match gate.admission.try_admit(declared) {
                 Ok(admitted) => admitted,
