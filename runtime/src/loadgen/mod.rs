@@ -10,8 +10,11 @@
 //! to its final state (gRPC `Watch`, HTTP polling) and the accepted-to-final
 //! latency is measured too. Latencies go into HDR histograms.
 
+mod h2_channel;
+
 use crate::api::grpc::proto::{ocr_jobs_client::OcrJobsClient, GetJobRequest, SubmitRequest};
 use anyhow::Context;
+use h2_channel::H2Channel;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -20,6 +23,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+/// A request unanswered this long counts as a transport failure.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How requests are paced.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -185,7 +191,7 @@ enum Client {
     /// call in flight, as HTTP/1.1 has. Open loop: every call multiplexed on
     /// one connection, as one gRPC client sends them.
     Grpc {
-        connections: Vec<OcrJobsClient<tonic::transport::Channel>>,
+        connections: Vec<OcrJobsClient<H2Channel>>,
     },
 }
 
@@ -203,29 +209,37 @@ impl Client {
                 }
                 let http = reqwest::Client::builder()
                     .default_headers(headers)
-                    .timeout(Duration::from_secs(60))
+                    .timeout(CALL_TIMEOUT)
                     .pool_max_idle_per_host(usize::MAX)
                     .build()
                     .context("building the HTTP client")?;
                 Ok(Client::Http { http, base })
             }
             Protocol::Grpc => {
-                let endpoint = tonic::transport::Endpoint::from_shared(base.clone())
-                    .with_context(|| format!("{base} is not a gRPC address"))?
-                    .timeout(Duration::from_secs(60))
-                    .tcp_nodelay(true);
+                let origin: http::Uri = base
+                    .parse()
+                    .with_context(|| format!("{base} is not a gRPC address"))?;
+                anyhow::ensure!(
+                    origin.scheme_str() == Some("http"),
+                    "--grpc sends cleartext HTTP/2: the address must start with http://, not {base}"
+                );
+                let authority = origin
+                    .authority()
+                    .with_context(|| format!("{base} names no host"))?
+                    .as_str()
+                    .to_owned();
                 let count = match plan.pacing {
                     Pacing::Closed { connections } => connections.max(1),
                     Pacing::Open { .. } => 1,
                 };
                 let mut connections = Vec::with_capacity(count);
                 for _ in 0..count {
-                    let channel = endpoint
-                        .connect()
+                    let channel = H2Channel::connect(&authority)
                         .await
+                        .map_err(|e| anyhow::anyhow!(e))
                         .with_context(|| format!("connecting to {base}"))?;
                     connections.push(
-                        OcrJobsClient::new(channel)
+                        OcrJobsClient::with_origin(channel, origin.clone())
                             .max_decoding_message_size(64 * 1024 * 1024)
                             .max_encoding_message_size(64 * 1024 * 1024),
                     );
@@ -247,10 +261,7 @@ impl Client {
     }
 
     /// The gRPC connection of `lane`.
-    fn grpc(
-        connections: &[OcrJobsClient<tonic::transport::Channel>],
-        lane: usize,
-    ) -> OcrJobsClient<tonic::transport::Channel> {
+    fn grpc(connections: &[OcrJobsClient<H2Channel>], lane: usize) -> OcrJobsClient<H2Channel> {
         connections[lane % connections.len()].clone()
     }
 
@@ -286,13 +297,14 @@ impl Client {
                     content_type: plan.content_type.clone(),
                     idempotency_key: idempotency_key.unwrap_or_default().to_owned(),
                 };
-                match Self::grpc(connections, lane)
-                    .submit(Self::grpc_request(&plan.key, request))
-                    .await
-                {
-                    Ok(job) => Outcome::Accepted(job.into_inner().id),
-                    Err(status) if status.code() == tonic::Code::Unknown => Outcome::Transport,
-                    Err(status) => Outcome::Refused(format!("{:?}", status.code())),
+                let mut client = Self::grpc(connections, lane);
+                let call = client.submit(Self::grpc_request(&plan.key, request));
+                match tokio::time::timeout(CALL_TIMEOUT, call).await {
+                    Ok(Ok(job)) => Outcome::Accepted(job.into_inner().id),
+                    Ok(Err(status)) if status.code() != tonic::Code::Unknown => {
+                        Outcome::Refused(format!("{:?}", status.code()))
+                    }
+                    Ok(Err(_)) | Err(_) => Outcome::Transport,
                 }
             }
         }
