@@ -231,11 +231,14 @@ fn write_replacing(file: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> 
     // lists (its own staging files look the same), so `count` and the
     // store's readers never see a half-written blob.
     static STAGED: AtomicU64 = AtomicU64::new(0);
+    // Read once: `getpid` is a system call per write otherwise.
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let pid = *PID.get_or_init(std::process::id);
     let mut created_folders = false;
     for _ in 0..8 {
         let n = STAGED.fetch_add(1, Ordering::Relaxed);
         let mut staging = file.as_os_str().to_owned();
-        staging.push(format!("#{}{n:012}", std::process::id()));
+        staging.push(format!("#{pid}{n:012}"));
         let staging = std::path::PathBuf::from(staging);
         let mut out = match std::fs::OpenOptions::new()
             .write(true)
