@@ -2,7 +2,9 @@
 //! saturation, the p50/p99 latency of `POST /v1/jobs`, how much of the
 //! server's time is MySQL, the blob store and Kafka, and the ratio to what
 //! MariaDB itself does with one autocommit INSERT per row (`mysqlslap`,
-//! same run, same connections).
+//! same connections, measured right before each run: the database's own
+//! rate drifts by a quarter within minutes on a shared machine, so each run
+//! is compared with the database as it was just then).
 //!
 //!     cargo bench -p ocr-runtime --bench accept [-- SECONDS CLIENTS]
 //!
@@ -59,6 +61,88 @@ enum FrontEnd {
 struct Outcome {
     summary: Summary,
     stages: Vec<(SubmitStage, Duration)>,
+    /// Share of the machine's CPU time the hypervisor gave to other guests
+    /// during the load, where `/proc/stat` says.
+    steal: Option<f64>,
+    /// CPU seconds each process spent during the load (Linux only).
+    cpu: Vec<(&'static str, f64)>,
+}
+
+/// CPU seconds (user + system) `pid` has used, from `/proc/PID/stat`.
+fn process_cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (per_second > 0).then(|| ticks as f64 / per_second as f64)
+}
+
+/// The pid of the first process whose name is one of `names`.
+fn find_process(names: &[&str]) -> Option<String> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid = entry.file_name().into_string().ok()?;
+            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+            names.contains(&comm.trim()).then_some(pid)
+        })
+}
+
+/// CPU seconds of every waited-for child process so far (the loadgen).
+fn children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+/// CPU seconds, so far, of the processes that share the machine in a run.
+fn cpu_snapshot() -> Vec<(&'static str, Option<f64>)> {
+    let of = |names: &[&str]| find_process(names).and_then(|pid| process_cpu_seconds(&pid));
+    vec![
+        ("API", process_cpu_seconds("self")),
+        ("loadgen", Some(children_cpu_seconds())),
+        ("MariaDB", of(&["mariadbd", "mysqld"])),
+        ("Tansu", of(&["tansu"])),
+    ]
+}
+
+fn cpu_between(
+    before: &[(&'static str, Option<f64>)],
+    after: &[(&'static str, Option<f64>)],
+) -> Vec<(&'static str, f64)> {
+    before
+        .iter()
+        .zip(after)
+        .filter_map(|((name, b), (_, a))| Some((*name, a.zip(*b).map(|(a, b)| a - b)?)))
+        .filter(|(_, spent)| *spent > 0.0)
+        .collect()
+}
+
+/// `(steal, total)` CPU ticks since boot, from the first line of `/proc/stat`.
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|t| t.parse().ok())
+        .collect::<Option<_>>()?;
+    Some((*ticks.get(7)?, ticks.iter().sum()))
+}
+
+fn steal_between(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Option<f64> {
+    let ((steal0, total0), (steal1, total1)) = (before?, after?);
+    let total = total1.checked_sub(total0).filter(|t| *t > 0)?;
+    Some(steal1.saturating_sub(steal0) as f64 / total as f64)
 }
 
 fn sample_png() -> Vec<u8> {
@@ -140,6 +224,8 @@ async fn run_load(
     };
     let image = tempfile::Builder::new().suffix(".png").tempfile()?;
     std::fs::write(image.path(), sample_png())?;
+    let ticks_before = cpu_ticks();
+    let cpu_before = cpu_snapshot();
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ocr-runtime"))
         .arg("loadgen")
         .args(["--url", &target])
@@ -152,6 +238,8 @@ async fn run_load(
         .stderr(std::process::Stdio::inherit())
         .output()
         .await?;
+    let steal = steal_between(ticks_before, cpu_ticks());
+    let cpu = cpu_between(&cpu_before, &cpu_snapshot());
     anyhow::ensure!(output.status.success(), "loadgen failed: {}", output.status);
     let summary = parse_summary(&output.stdout)?;
     if server.is_finished() {
@@ -168,6 +256,8 @@ async fn run_load(
             .iter()
             .map(|s| (*s, metrics.stage_total(*s)))
             .collect(),
+        steal,
+        cpu,
     })
 }
 
@@ -212,6 +302,17 @@ fn parse_summary(json: &[u8]) -> anyhow::Result<Summary> {
     })
 }
 
+/// Enough single-row INSERTs for about three seconds of `mysqlslap` on a
+/// small machine: one second was too short to be repeatable.
+const SLAP_QUERIES: usize = 50_000;
+
+fn mysqlslap_installed() -> bool {
+    std::process::Command::new("mysqlslap")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success())
+}
+
 /// Single-row autocommit INSERTs/s into a table shaped like `jobs`, by
 /// `mysqlslap` with `clients` connections: what the database itself allows
 /// one commit per job to reach. `None` when mysqlslap is not installed.
@@ -254,12 +355,37 @@ fn report(label: &str, outcome: &Outcome, slap: Option<f64>) -> f64 {
     let rate = s.accepted_per_second;
     let server_total: Duration = outcome.stages.iter().map(|(_, d)| *d).sum();
     let versus = slap.map_or(String::new(), |slap| {
-        format!("  = {:.0} % of mysqlslap", 100.0 * rate / slap)
+        format!(
+            "  = {:.0} % of mysqlslap ({slap:.0} INSERTs/s just before)",
+            100.0 * rate / slap
+        )
     });
     println!(
         "{label:<22} {rate:>8.1} jobs/s  p50 {:>7.2} ms  p99 {:>7.2} ms  ({} jobs in {:.1} s, {} refused, {} errors){versus}",
         s.p50_ms, s.p99_ms, s.accepted, s.elapsed_seconds, s.refused, s.transport_errors,
     );
+    if !outcome.cpu.is_empty() {
+        // Per job, CPU time is steadier than jobs/s on a shared machine:
+        // it does not move with what other guests take.
+        let per_job = |seconds: f64| seconds * 1e6 / s.accepted.max(1) as f64;
+        let parts: Vec<String> = outcome
+            .cpu
+            .iter()
+            .map(|(name, seconds)| format!("{name} {:.0}", per_job(*seconds)))
+            .collect();
+        let total: f64 = outcome
+            .cpu
+            .iter()
+            .map(|(_, seconds)| per_job(*seconds))
+            .sum();
+        println!("    CPU per job (us): {}, all {total:.0}", parts.join(", "));
+    }
+    if let Some(steal) = outcome.steal.filter(|steal| *steal >= 0.02) {
+        println!(
+            "    the hypervisor took {:.0} % of this machine's CPU during the run (steal): compare with care",
+            100.0 * steal
+        );
+    }
     for (stage, total) in &outcome.stages {
         let per_job = total.as_secs_f64() * 1e3 / s.accepted.max(1) as f64;
         let share = 100.0 * total.as_secs_f64() / server_total.as_secs_f64().max(1e-9);
@@ -288,20 +414,18 @@ fn main() -> anyhow::Result<()> {
             "accept benchmark: {clients} concurrent clients, {seconds} s per run, 640x200 PNG, uploads in {}",
             blob_root().display()
         );
-        let slap = mysqlslap_inserts_per_second(clients, 20_000);
-        match slap {
-            Some(rate) => println!(
-                "{:<22} {rate:>8.1} single-row INSERTs/s (autocommit, {clients} connections; the goal is 40 % of it)",
-                "mysqlslap"
-            ),
-            None => println!("mysqlslap is not installed: no database baseline"),
+        if !mysqlslap_installed() {
+            println!("mysqlslap is not installed: no database baseline");
         }
+        let slap = || mysqlslap_inserts_per_second(clients, SLAP_QUERIES);
         let (memory_publisher, _queue) = memory::channel();
         let memory_publisher: Arc<dyn JobPublisher> = Arc::new(memory_publisher);
+        let db = slap();
         let baseline = run_load(&mysql, memory_publisher.clone(), FrontEnd::Http, seconds, clients).await?;
-        let baseline_rate = report("MySQL + memory queue", &baseline, slap);
+        let baseline_rate = report("MySQL + memory queue", &baseline, db);
+        let db = slap();
         let grpc = run_load(&mysql, memory_publisher, FrontEnd::Grpc, seconds, clients).await?;
-        let grpc_rate = report("  gRPC Submit", &grpc, slap);
+        let grpc_rate = report("  gRPC Submit", &grpc, db);
         println!("ratio gRPC / HTTP (memory queue): {:.2}x", grpc_rate / baseline_rate.max(1e-9));
 
         let cluster = MockCluster::new(1)?;
@@ -310,8 +434,9 @@ fn main() -> anyhow::Result<()> {
             &KafkaConnection::plaintext(&cluster.bootstrap_servers()),
             "ocr.jobs",
         )?;
+        let db = slap();
         let with_kafka = run_load(&mysql, Arc::new(kafka), FrontEnd::Http, seconds, clients).await?;
-        let kafka_rate = report("MySQL + Kafka (mock)", &with_kafka, slap);
+        let kafka_rate = report("MySQL + Kafka (mock)", &with_kafka, db);
         println!(
             "ratio Kafka (mock) / memory-queue baseline: {:.2}x",
             kafka_rate / baseline_rate.max(1e-9)
@@ -321,14 +446,16 @@ fn main() -> anyhow::Result<()> {
             println!("OCR_TEST_TANSU is not set: no Tansu run (scripts/install-tansu.sh)");
             return Ok(());
         }
+        let db = slap();
         let with_tansu = run_on_tansu(&mysql, FrontEnd::Http, seconds, clients).await?;
-        let tansu_rate = report("MySQL + Kafka (Tansu)", &with_tansu, slap);
+        let tansu_rate = report("MySQL + Kafka (Tansu)", &with_tansu, db);
         println!(
             "ratio Kafka (Tansu) / memory-queue baseline: {:.2}x",
             tansu_rate / baseline_rate.max(1e-9)
         );
+        let db = slap();
         let grpc_tansu = run_on_tansu(&mysql, FrontEnd::Grpc, seconds, clients).await?;
-        report("  gRPC Submit", &grpc_tansu, slap);
+        report("  gRPC Submit", &grpc_tansu, db);
         Ok(())
     })
 }
