@@ -188,6 +188,17 @@ async fn grpc_load_followed_to_the_end_reports_every_result() {
 /// waits for its answers; `--jobs-out` lists every accepted job as it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_with_keys_survive_an_api_restart_without_duplicates() {
+    careful_load_across_an_api_restart(false).await;
+}
+
+/// The same over gRPC: the load generator opens a new connection when the
+/// API comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_retries_with_keys_survive_an_api_restart_without_duplicates() {
+    careful_load_across_an_api_restart(true).await;
+}
+
+async fn careful_load_across_an_api_restart(grpc: bool) {
     let kafka = mock_kafka();
     let db = MysqlDatabase::create().await;
     let dir = tempfile::tempdir().unwrap();
@@ -197,35 +208,36 @@ async fn retries_with_keys_survive_an_api_restart_without_duplicates() {
     config.blob.url = dir.path().join("blobs").display().to_string();
     config.queue.kind = QueueKind::Kafka;
     config.queue.brokers = kafka.bootstrap_servers();
+    let grpc_port = free_port();
     config.server.http_addr = format!("127.0.0.1:{port}");
-    config.server.grpc_addr = "127.0.0.1:0".into();
+    config.server.grpc_addr = format!("127.0.0.1:{grpc_port}");
     let api = ocr_runtime::roles::start_api(&config).await.unwrap();
     let image = image_file(dir.path());
     let journal = dir.path().join("jobs.jsonl");
-    let url = format!("http://127.0.0.1:{port}");
-    let load = role_command(
-        &[
-            "loadgen",
-            "--json",
-            "--url",
-            &url,
-            "--image",
-            &image,
-            "--rate",
-            "40",
-            "--until-interrupted",
-            "--retry-with-keys",
-            "careful",
-            "--jobs-out",
-            &journal.display().to_string(),
-        ],
-        &config,
-        free_port(),
-        &[],
-    )
-    .stdout(Stdio::piped())
-    .spawn()
-    .expect("starting loadgen");
+    let url = format!("http://127.0.0.1:{}", if grpc { grpc_port } else { port });
+    let journal_path = journal.display().to_string();
+    let mut args = vec![
+        "loadgen",
+        "--json",
+        "--url",
+        &url,
+        "--image",
+        &image,
+        "--rate",
+        "40",
+        "--until-interrupted",
+        "--retry-with-keys",
+        "careful",
+        "--jobs-out",
+        &journal_path,
+    ];
+    if grpc {
+        args.push("--grpc");
+    }
+    let load = role_command(&args, &config, free_port(), &[])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting loadgen");
 
     let journaled = || {
         std::fs::read_to_string(&journal)
