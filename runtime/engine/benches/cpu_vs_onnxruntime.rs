@@ -2,7 +2,7 @@
 //! on the same pages, with 1 and with 2 threads.
 //!
 //!   scripts/make-bench-data.sh && scripts/fetch-models.sh
-//!   cargo bench -p ocr-engine --bench cpu_vs_onnxruntime [-- --pages 8 --threads 1,2]
+//!   cargo bench -p ocr-engine --bench cpu_vs_onnxruntime [-- --pages 8 --threads 1,2 --rounds 3]
 //!
 //! Pages: the first `--pages` English pages (1000×1300) of the synthetic benchmark that
 //! `scripts/make-bench-data.sh` renders (default 8, as the benchmark's own timing runs).
@@ -15,6 +15,9 @@
 //! rapidocr does (6 per forward) instead of the default GPU-sized batches.
 //!
 //! Besides wall-clock pages/s each side reports CPU seconds, which say more on a loaded box.
+//! `--rounds` (default 3) repeats every pair of runs; the table gives medians, and each ratio
+//! comes from the two runs of one round, so a host whose speed drifts between minutes (a
+//! shared cloud machine: up to ±30 % here) moves both sides of a ratio together.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -41,6 +44,7 @@ struct Args {
     pages: usize,
     threads: Vec<usize>,
     rapidocr_batching: bool,
+    rounds: usize,
     child: bool,
     files: Vec<PathBuf>,
 }
@@ -50,6 +54,7 @@ fn parse_args() -> Result<Args, Error> {
         pages: 8,
         threads: vec![1, 2],
         rapidocr_batching: false,
+        rounds: 3,
         child: false,
         files: Vec::new(),
     };
@@ -68,6 +73,12 @@ fn parse_args() -> Result<Args, Error> {
                     .collect::<Result<_, _>>()?
             }
             "--rapidocr-batching" => a.rapidocr_batching = true,
+            "--rounds" => {
+                a.rounds = it.next().ok_or("--rounds needs a value")?.parse()?;
+                if a.rounds == 0 {
+                    return Err("--rounds must be at least 1".into());
+                }
+            }
             "--child" => a.child = true,
             s if s.starts_with("--") => return Err(format!("unknown option {s}").into()),
             f => a.files.push(PathBuf::from(f)),
@@ -202,56 +213,109 @@ fn main() -> Result<(), Error> {
         cpu_model()
     );
 
-    let mut rows = Vec::new();
-    for &t in &a.threads {
-        let mut candle = Command::new(&me);
-        candle
-            .arg("--child")
-            .args(&pages)
-            .env("RAYON_NUM_THREADS", t.to_string())
-            .env("CANDLE_NUM_THREADS", t.to_string());
-        if a.rapidocr_batching {
-            candle.arg("--rapidocr-batching");
+    // Rounds alternate which engine goes first, and each ratio is taken within one round, from
+    // two runs seconds apart: on a shared host the speed of the machine drifts by tens of
+    // per cent within minutes, which a ratio of runs far apart would take for a difference
+    // between the engines.
+    let mut rows: Vec<(usize, Vec<(Run, Run)>)> =
+        a.threads.iter().map(|&t| (t, Vec::new())).collect();
+    for round in 0..a.rounds {
+        for (t, pairs) in rows.iter_mut() {
+            let t = *t;
+            let candle_first = round % 2 == 0;
+            let (candle, ort) = if candle_first {
+                let candle = run_candle(&me, &pages, t, a.rapidocr_batching)?;
+                (candle, run_ort(&python, &script, &pages, t)?)
+            } else {
+                let ort = run_ort(&python, &script, &pages, t)?;
+                (run_candle(&me, &pages, t, a.rapidocr_batching)?, ort)
+            };
+            for r in [&candle, &ort] {
+                println!(
+                    "round {} threads {t}: {:<45} {:>6.3} pages/s  {:>6.2} s/page  {:>6.2} CPU s/page  {} lines",
+                    round + 1,
+                    r.engine,
+                    r.pages_per_s,
+                    r.seconds / r.pages as f64,
+                    r.cpu_seconds / r.pages as f64,
+                    r.lines
+                );
+            }
+            pairs.push((candle, ort));
         }
-        let candle = run_child(candle)?;
-        if candle.threads != t {
-            return Err(format!("candle ran {} threads, not {t}", candle.threads).into());
-        }
-        let mut ort = Command::new(&python);
-        ort.arg(&script)
-            .arg("--threads")
-            .arg(t.to_string())
-            .args(&pages);
-        let ort = run_child(ort)?;
-        for r in [&candle, &ort] {
-            println!(
-                "threads {t}: {:<45} {:>6.3} pages/s  {:>6.2} s/page  {:>6.2} CPU s/page  {} lines",
-                r.engine,
-                r.pages_per_s,
-                r.seconds / r.pages as f64,
-                r.cpu_seconds / r.pages as f64,
-                r.lines
-            );
-        }
-        rows.push((t, candle, ort));
     }
 
-    println!("\n| threads | Candle pages/s | onnxruntime pages/s | Candle/ORT (wall) | Candle/ORT (CPU time per page, inverse) |");
-    println!("|---|---|---|---|---|");
-    for (t, c, o) in &rows {
+    println!(
+        "\n| threads | Candle pages/s | onnxruntime pages/s | Candle/ORT (wall) | lowest-highest of {} rounds | Candle/ORT (CPU time per page, inverse) |",
+        a.rounds
+    );
+    println!("|---|---|---|---|---|---|");
+    for (t, pairs) in &rows {
+        let wall: Vec<f64> = pairs
+            .iter()
+            .map(|(c, o)| c.pages_per_s / o.pages_per_s)
+            .collect();
+        let cpu: Vec<f64> = pairs
+            .iter()
+            .map(|(c, o)| (o.cpu_seconds / o.pages as f64) / (c.cpu_seconds / c.pages as f64))
+            .collect();
+        let (low, high) = wall
+            .iter()
+            .fold((f64::INFINITY, 0f64), |(l, h), &r| (l.min(r), h.max(r)));
         println!(
-            "| {t} | {:.3} | {:.3} | {:.2}x | {:.2}x |",
-            c.pages_per_s,
-            o.pages_per_s,
-            c.pages_per_s / o.pages_per_s,
-            (o.cpu_seconds / o.pages as f64) / (c.cpu_seconds / c.pages as f64)
+            "| {t} | {:.3} | {:.3} | {:.2}x | {low:.2}-{high:.2}x | {:.2}x |",
+            median(pairs.iter().map(|(c, _)| c.pages_per_s).collect()),
+            median(pairs.iter().map(|(_, o)| o.pages_per_s).collect()),
+            median(wall),
+            median(cpu),
         );
     }
     println!(
-        "(ratio > 1: Candle is faster; load average now {})",
+        "(medians over rounds; ratio > 1: Candle is faster; load average now {})",
         loadavg()
     );
     Ok(())
+}
+
+fn run_candle(
+    me: &Path,
+    pages: &[PathBuf],
+    threads: usize,
+    rapidocr_batching: bool,
+) -> Result<Run, Error> {
+    let mut candle = Command::new(me);
+    candle
+        .arg("--child")
+        .args(pages)
+        .env("RAYON_NUM_THREADS", threads.to_string())
+        .env("CANDLE_NUM_THREADS", threads.to_string());
+    if rapidocr_batching {
+        candle.arg("--rapidocr-batching");
+    }
+    let candle = run_child(candle)?;
+    if candle.threads != threads {
+        return Err(format!("candle ran {} threads, not {threads}", candle.threads).into());
+    }
+    Ok(candle)
+}
+
+fn run_ort(python: &str, script: &Path, pages: &[PathBuf], threads: usize) -> Result<Run, Error> {
+    let mut ort = Command::new(python);
+    ort.arg(script)
+        .arg("--threads")
+        .arg(threads.to_string())
+        .args(pages);
+    run_child(ort)
+}
+
+/// The middle value (the mean of the two middle ones for an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
 }
 
 /// The CPU's model name and the vector extensions that matter to both engines.
