@@ -98,13 +98,16 @@ impl BlobStore {
 
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), BlobError> {
         if let Some(file) = self.local_file(key) {
-            let durable = !self.in_memory;
+            // Flushed up to the store's folder, where nothing else lives in memory.
+            let durable = (!self.in_memory).then(|| self.local_root.clone()).flatten();
             let written = if self.in_memory && bytes.len() <= INLINE_PUT_BYTES {
-                write_replacing(&file, &bytes, durable)
+                write_replacing(&file, &bytes, None)
             } else {
-                tokio::task::spawn_blocking(move || write_replacing(&file, &bytes, durable))
-                    .await
-                    .unwrap_or_else(|join| Err(std::io::Error::other(join.to_string())))
+                tokio::task::spawn_blocking(move || {
+                    write_replacing(&file, &bytes, durable.as_deref())
+                })
+                .await
+                .unwrap_or_else(|join| Err(std::io::Error::other(join.to_string())))
             };
             return written.map_err(|source| BlobError::Io {
                 op: "put",
@@ -225,10 +228,15 @@ fn sync_folder(folder: &std::path::Path) -> std::io::Result<()> {
 
 /// Writes `bytes` to `file` as one atomic replacement: a reader sees the
 /// old content or all of the new, never a part (a staging file in the same
-/// folder, renamed over it). Creates missing folders. With `durable`, the
-/// content, the name and any folder created for it are on the disk when it
-/// returns: a crash of the machine right after cannot lose or empty the file.
-fn write_replacing(file: &std::path::Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
+/// folder, renamed over it). Creates missing folders. With `durable` (the
+/// store's folder, which holds `file`), the content, the name and any folder
+/// created for it are on the disk when it returns: a crash of the machine
+/// right after cannot lose or empty the file.
+fn write_replacing(
+    file: &std::path::Path,
+    bytes: &[u8],
+    durable: Option<&std::path::Path>,
+) -> std::io::Result<()> {
     use std::io::{ErrorKind, Write};
     use std::sync::atomic::{AtomicU64, Ordering};
     // Staging names end in `#` and digits, which `LocalFileSystem` never
@@ -262,12 +270,18 @@ fn write_replacing(file: &std::path::Path, bytes: &[u8], durable: bool) -> std::
         };
         let written = out
             .write_all(bytes)
-            .and_then(|()| if durable { out.sync_data() } else { Ok(()) })
+            .and_then(|()| match durable {
+                Some(_) => out.sync_data(),
+                None => Ok(()),
+            })
             .and_then(|()| {
                 drop(out);
                 std::fs::rename(&staging, file)
             })
-            .and_then(|()| if durable { sync_folder(parent) } else { Ok(()) });
+            .and_then(|()| match durable {
+                Some(_) => sync_folder(parent),
+                None => Ok(()),
+            });
         if written.is_err() {
             let _ = std::fs::remove_file(&staging);
         }
@@ -279,16 +293,18 @@ fn write_replacing(file: &std::path::Path, bytes: &[u8], durable: bool) -> std::
     )))
 }
 
-/// `create_dir_all`, and with `durable` each new folder's name flushed in
-/// the folder that holds it.
-fn create_folders(folder: &std::path::Path, durable: bool) -> std::io::Result<()> {
-    let missing: Vec<&std::path::Path> = folder
-        .ancestors()
-        .take_while(|f| !f.as_os_str().is_empty() && !f.is_dir())
-        .collect();
+/// `create_dir_all`, and with `durable` (a folder above `folder`) the name of
+/// every folder between the two flushed in the folder that holds it. All of
+/// them, not only those this call created: a folder another writer created
+/// a moment ago may not be flushed yet, and this file is lost with it.
+/// Taken once per new folder, so the few extra flushes do not matter.
+fn create_folders(
+    folder: &std::path::Path,
+    durable: Option<&std::path::Path>,
+) -> std::io::Result<()> {
     std::fs::create_dir_all(folder)?;
-    if durable {
-        for created in missing {
+    if let Some(root) = durable {
+        for created in folder.ancestors().take_while(|f| *f != root) {
             if let Some(holder) = created.parent() {
                 sync_folder(holder)?;
             }
