@@ -184,7 +184,7 @@ async fn run_load(
         limits: LimitsConfig::default(),
         fault: Fault::None,
         relay: ocr_runtime::app::submit::PublishRelay::new(
-            ocr_runtime::config::QueueConfig::default().publish_wait(),
+            &ocr_runtime::config::QueueConfig::default(),
         ),
         guard: None,
         metrics: metrics.clone(),

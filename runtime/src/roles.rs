@@ -348,7 +348,7 @@ pub async fn start_api(config: &Config) -> anyhow::Result<Running> {
         publisher,
         limits: config.limits.clone(),
         fault: Fault::from_env(),
-        relay: crate::app::submit::PublishRelay::new(config.queue.publish_wait()),
+        relay: crate::app::submit::PublishRelay::new(&config.queue),
         guard: connect_redis(config).await,
         metrics: metrics.clone(),
     };
@@ -364,6 +364,11 @@ pub async fn start_api(config: &Config) -> anyhow::Result<Running> {
         sweep,
         shutdown.clone(),
     ));
+    let (relay, relay_store, stopping) = (submitter.relay.clone(), store.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        stopping.cancelled().await;
+        relay.drain(&relay_store).await;
+    });
     let front = serve_front_ends(
         submitter,
         metrics,

@@ -81,7 +81,7 @@ pub async fn start(config: &Config, engine: Arc<dyn Recognize>) -> anyhow::Resul
         publisher,
         limits: config.limits.clone(),
         fault: Fault::from_env(),
-        relay: crate::app::submit::PublishRelay::new(config.queue.publish_wait()),
+        relay: crate::app::submit::PublishRelay::in_process(&config.queue),
         guard: connect_redis(&config).await,
         metrics: metrics.clone(),
     };

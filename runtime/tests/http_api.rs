@@ -85,7 +85,7 @@ async fn start_api_limited(
         limits,
         fault: Fault::None,
         relay: ocr_runtime::app::submit::PublishRelay::new(
-            ocr_runtime::config::QueueConfig::default().publish_wait(),
+            &ocr_runtime::config::QueueConfig::default(),
         ),
         guard,
         metrics: Metrics::new(),
@@ -137,6 +137,118 @@ impl Api {
     }
 }
 
+/// A publish that fails (here the queue is gone) gives the job back to the
+/// sweeper: the request that waited for it is answered `Accepted`, the row
+/// says so, and the relay's recorded watermark moves past it. A job whose
+/// publish went through is passed the same way, with no write of its own.
+#[tokio::test]
+async fn a_job_whose_publish_fails_goes_back_to_the_sweeper() {
+    use ocr_runtime::app::submit::{PublishRelay, Submission};
+    use ocr_runtime::domain::JobStatus;
+    let db = MysqlDatabase::create().await;
+    let store = db.store().await;
+    let queue_config = ocr_runtime::config::QueueConfig {
+        publish_wait_ms: 5_000,
+        republish_after_ms: 400,
+        ..Default::default()
+    };
+    let (publisher, queue) = memory::channel();
+    let submitter = Submitter {
+        store: store.clone(),
+        blobs: BlobStore::from_url("memory://").unwrap(),
+        publisher: Arc::new(publisher),
+        limits: LimitsConfig::default(),
+        fault: Fault::None,
+        relay: PublishRelay::new(&queue_config),
+        guard: None,
+        metrics: Metrics::new(),
+    };
+    let submission = || Submission {
+        tenant: Tenant::parse("tenant-a").unwrap(),
+        idempotency_key: None,
+        content_type: "image/png".into(),
+        body: png(64, 32).into(),
+    };
+    let published = submitter.submit(submission()).await.unwrap();
+    assert_eq!(published.job().status, JobStatus::Queued);
+    drop(queue);
+    let failed = submitter.submit(submission()).await.unwrap();
+    let failed = failed.job();
+    assert_eq!(
+        failed.status,
+        JobStatus::Accepted,
+        "answered after the failed publish"
+    );
+    let stored = store.get(failed.id).await.unwrap().unwrap();
+    assert_eq!(
+        stored.status,
+        JobStatus::Accepted,
+        "the sweeper's to publish"
+    );
+    assert_eq!(submitter.relay.pending(), 0);
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let beats = store.silent_relays(i64::MAX).await.unwrap();
+        let ours = beats
+            .iter()
+            .find(|beat| beat.relay == submitter.relay.id())
+            .expect("the relay's row exists once it stamped a job");
+        if ours.published_through >= failed.created_at_ms {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the watermark never passed the settled jobs: {ours:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A stopping API records its watermark past everything it published, at
+/// once rather than at its next beat (250 ms away here), so the sweepers
+/// have nothing of it to republish.
+#[tokio::test]
+async fn a_drained_relay_records_its_watermark_past_its_last_jobs() {
+    use ocr_runtime::app::submit::{PublishRelay, Submission};
+    let db = MysqlDatabase::create().await;
+    let store = db.store().await;
+    let (publisher, _queue) = memory::channel();
+    let submitter = Submitter {
+        store: store.clone(),
+        blobs: BlobStore::from_url("memory://").unwrap(),
+        publisher: Arc::new(publisher),
+        limits: LimitsConfig::default(),
+        fault: Fault::None,
+        relay: PublishRelay::new(&ocr_runtime::config::QueueConfig::default()),
+        guard: None,
+        metrics: Metrics::new(),
+    };
+    let mut last = 0;
+    for _ in 0..2 {
+        let submitted = submitter
+            .submit(Submission {
+                tenant: Tenant::parse("tenant-a").unwrap(),
+                idempotency_key: None,
+                content_type: "image/png".into(),
+                body: png(64, 32).into(),
+            })
+            .await
+            .unwrap();
+        last = submitted.job().created_at_ms;
+    }
+    let recorded = |beats: Vec<ocr_runtime::storage::watermarks::RelayBeat>| {
+        beats
+            .into_iter()
+            .find(|beat| beat.relay == submitter.relay.id())
+            .expect("the relay's row")
+            .published_through
+    };
+    submitter.relay.drain(&store).await;
+    assert_eq!(submitter.relay.pending(), 0);
+    assert!(recorded(store.silent_relays(i64::MAX).await.unwrap()) >= last);
+}
+
 #[tokio::test]
 async fn accepted_job_is_stored_queued_and_readable() {
     let mut api = start_api().await;
@@ -147,8 +259,9 @@ async fn accepted_job_is_stored_queued_and_readable() {
     let body: serde_json::Value = response.json().await.unwrap();
     let id = body["id"].as_str().unwrap().to_owned();
     assert_eq!(location, format!("/v1/jobs/{id}"));
-    // Answered once the row is committed; the publish follows the answer.
-    assert_eq!(body["status"], "Accepted");
+    // Answered once the row is committed, as `Queued`: the publish follows
+    // the answer and needs no second write.
+    assert_eq!(body["status"], "Queued");
 
     let delivery = api.queue.next().await.unwrap().unwrap();
     let message = JobMessage::decode(&delivery.payload).unwrap();
@@ -157,29 +270,16 @@ async fn accepted_job_is_stored_queued_and_readable() {
         message.input_key.is_some(),
         "the message says where the input is"
     );
-
-    // Published, then recorded Queued.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        let status: serde_json::Value = api
-            .client
-            .get(format!("{}{location}", api.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if status["status"] == "Queued" {
-            break;
-        }
-        assert_eq!(status["status"], "Accepted", "{status}");
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never recorded Queued"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let status: serde_json::Value = api
+        .client
+        .get(format!("{}{location}", api.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["status"], "Queued", "{status}");
 
     let result = api
         .client

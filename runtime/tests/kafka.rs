@@ -120,16 +120,18 @@ async fn api_killed_between_db_write_and_publish_still_completes_the_job() {
     let status = dying_api.wait().unwrap();
     assert!(!status.success());
     let stranded = store
-        .ids_in_status(JobStatus::Accepted, i64::MAX, 10)
+        .ids_in_status(JobStatus::Queued, i64::MAX, 10)
         .await
         .unwrap();
     assert_eq!(
         stranded.len(),
         1,
-        "the job row was written before the crash"
+        "the job row was written, Queued, before the crash"
     );
 
-    // A healthy API's sweeper republishes it; a worker completes it.
+    // The dead API's relay stopped beating with the job past its watermark:
+    // a healthy API's sweeper gives it back to Accepted and republishes it;
+    // a worker completes it.
     let api = start_api(config).await.unwrap();
     let worker = start_worker(config, engine()).await.unwrap();
     let job = wait_for_status(
@@ -853,6 +855,7 @@ async fn jobs_whose_message_is_gone_are_republished_and_finish() {
             input_sha256: "0".repeat(64),
             input_bytes: INVOICE.len() as u64,
             idempotency: None,
+            relay: None,
         };
         store.insert(&job, long_ago).await.unwrap();
         store

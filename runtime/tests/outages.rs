@@ -283,6 +283,67 @@ async fn a_broker_outage_neither_blocks_submissions_nor_loses_a_job() {
     roles.stop().await;
 }
 
+/// Jobs stored `Queued` whose publish was still waiting for the broker when
+/// their API was killed (SIGKILL, no shutdown): the API's relay stopped
+/// beating with those jobs past its watermark, so another API's sweeper
+/// gives them back to `Accepted` and publishes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_killed_while_its_publishes_wait_for_the_broker_loses_no_job() {
+    let (proxy, listener) = Cuttable::bind().await;
+    let broker = RealBroker::start_advertising(&proxy.addr);
+    proxy.forward(listener, broker.bootstrap_servers.clone());
+    create_topics(&proxy.addr).await;
+    let db = MysqlDatabase::create().await;
+    let store = db.store().await;
+    let blobs = tempfile::tempdir().expect("a blob directory");
+    let config = config(&db.url, &proxy.addr, blobs.path());
+    let mut roles = Roles::start(&config).await;
+    let client = reqwest::Client::new();
+    let first = timed(submission(&client, &roles.base)).await;
+    assert_eq!(first.status, 202);
+    let mut ids = vec![job_id(&first)];
+    wait_for_status(
+        &store,
+        ids[0],
+        JobStatus::Succeeded,
+        Duration::from_secs(120),
+    )
+    .await;
+
+    proxy.cut();
+    let mut stranded = Vec::new();
+    for _ in 0..5 {
+        let accepted = timed(submission(&client, &roles.base)).await;
+        assert_eq!(accepted.status, 202, "{}", accepted.body);
+        assert_eq!(accepted.body["status"], "Queued", "{}", accepted.body);
+        stranded.push(job_id(&accepted));
+    }
+    let mut api = roles.children.remove(0);
+    api.kill().expect("SIGKILL to the API");
+    api.wait().expect("the API exits");
+    for id in &stranded {
+        let job = store.get(*id).await.expect("reading").expect("the job");
+        assert_eq!(
+            job.status,
+            JobStatus::Queued,
+            "{id}: never published, still Queued"
+        );
+    }
+    proxy.restore();
+
+    let api_port = free_port();
+    roles
+        .children
+        .push(spawn_role(&["api"], &config, api_port, &[]));
+    ids.extend(&stranded);
+    assert_all_succeeded_once(&store, &ids).await;
+    for id in &ids {
+        let job = store.get(*id).await.expect("reading").expect("the job");
+        assert_eq!(job.attempts, 1, "{id} was inferred more than once");
+    }
+    roles.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_is_answered_at_once_and_loses_no_job() {
     let kafka = rdkafka::mocking::MockCluster::new(1).expect("mock Kafka cluster");

@@ -117,6 +117,7 @@ async fn jobs_left_unfinished_by_a_crash_complete_after_restart() {
                         input_sha256: "00".repeat(32),
                         input_bytes: INVOICE.len() as u64,
                         idempotency: None,
+                        relay: None,
                     },
                     0,
                 )

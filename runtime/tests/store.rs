@@ -4,8 +4,10 @@ mod common;
 
 use common::{sqlite_store, MysqlDatabase};
 use ocr_runtime::domain::idempotency::HeldKey;
+use ocr_runtime::domain::watermark::RelayId;
 use ocr_runtime::domain::{JobId, JobStatus, NewJob, Transition};
 use ocr_runtime::storage::jobs::Changes;
+use ocr_runtime::storage::watermarks::RelayBeat;
 use ocr_runtime::storage::{JobStore, StoreError};
 
 fn new_job(key: Option<&str>) -> NewJob {
@@ -21,6 +23,7 @@ fn new_job(key: Option<&str>) -> NewJob {
             key: key.to_owned(),
             reserved_at_ms: 1_000,
         }),
+        relay: None,
     }
 }
 
@@ -369,6 +372,155 @@ async fn idempotency_keys_reserve_bind_and_release(store: JobStore) {
         .await
         .unwrap()
         .is_none());
+}
+
+/// A relay's jobs start `Queued`; once the relay falls silent, exactly its
+/// jobs stamped after its watermark and no later than its recorded limit go
+/// back to `Accepted` with their time kept, and the relay is forgotten
+/// unless it beat again.
+async fn a_silent_relays_unconfirmed_jobs_go_back_to_the_sweeper(store: JobStore) {
+    let (dead, alive) = (RelayId(11), RelayId(22));
+    let stamped = |relay: RelayId| {
+        let mut job = new_job(None);
+        job.relay = Some(relay);
+        job
+    };
+    let dead_beat = RelayBeat {
+        relay: dead,
+        published_through: 1_000,
+        heartbeat_at: 2_000,
+        stamps_until: 3_000,
+    };
+    store.record_beat(dead_beat).await.unwrap();
+    // The same beat again (MySQL reports rows it matched, not only changed),
+    // and a late write of an older beat: the row keeps the latest.
+    store.record_beat(dead_beat).await.unwrap();
+    store
+        .record_beat(RelayBeat {
+            published_through: 900,
+            heartbeat_at: 1_900,
+            stamps_until: 2_900,
+            ..dead_beat
+        })
+        .await
+        .unwrap();
+    let alive_beat = RelayBeat {
+        relay: alive,
+        published_through: 1_000,
+        heartbeat_at: 9_000,
+        stamps_until: 10_000,
+    };
+    store
+        .record_beat(RelayBeat {
+            heartbeat_at: 8_000,
+            ..alive_beat
+        })
+        .await
+        .unwrap();
+    store.record_beat(alive_beat).await.unwrap();
+
+    let covered = stamped(dead);
+    let unconfirmed = stamped(dead);
+    let last_moment = stamped(dead);
+    let too_late = stamped(dead);
+    let claimed = stamped(dead);
+    let others = stamped(alive);
+    for (job, stamp) in [
+        (&covered, 1_000),
+        (&unconfirmed, 1_500),
+        (&last_moment, 3_000),
+        (&too_late, 3_001),
+        (&claimed, 1_600),
+        (&others, 1_500),
+    ] {
+        store.insert(job, stamp).await.unwrap();
+        let stored = store.get(job.id).await.unwrap().unwrap();
+        assert_eq!(
+            stored.status,
+            JobStatus::Queued,
+            "a relay's job starts Queued"
+        );
+    }
+    store
+        .transition(
+            claimed.id,
+            JobStatus::Queued,
+            JobStatus::Processing,
+            None,
+            Changes::default(),
+            1_700,
+        )
+        .await
+        .unwrap();
+
+    // Many more than one statement returns (a relay stuck behind a broker
+    // outage for a while).
+    let backlog: Vec<NewJob> = (0..1_100).map(|_| stamped(dead)).collect();
+    let inserts = backlog.iter().cloned().enumerate().map(|(i, job)| {
+        let store = store.clone();
+        tokio::spawn(async move { store.insert(&job, 2_001 + (i % 999) as i64).await })
+    });
+    for inserted in futures::future::join_all(inserts).await {
+        inserted.unwrap().unwrap();
+    }
+
+    assert_eq!(store.silent_relays(5_000).await.unwrap(), vec![dead_beat]);
+    assert_eq!(
+        store.return_unconfirmed_jobs(&dead_beat).await.unwrap(),
+        2 + 1_100
+    );
+    assert_eq!(
+        store.count_in_status(JobStatus::Accepted).await.unwrap(),
+        2 + 1_100
+    );
+    for (job, status) in [
+        (&covered, JobStatus::Queued),
+        (&unconfirmed, JobStatus::Accepted),
+        (&last_moment, JobStatus::Accepted),
+        (&too_late, JobStatus::Queued),
+        (&claimed, JobStatus::Processing),
+        (&others, JobStatus::Queued),
+    ] {
+        assert_eq!(store.get(job.id).await.unwrap().unwrap().status, status);
+    }
+    let returned = store.get(unconfirmed.id).await.unwrap().unwrap();
+    assert_eq!(returned.updated_at_ms, 1_500, "its waiting time is kept");
+    assert_eq!(
+        store
+            .ids_in_status(JobStatus::Accepted, 2_000, 10)
+            .await
+            .unwrap(),
+        vec![unconfirmed.id],
+        "the sweeper finds it by its age"
+    );
+
+    // A relay that beat since it was listed is not forgotten.
+    store
+        .record_beat(RelayBeat {
+            heartbeat_at: 2_500,
+            ..dead_beat
+        })
+        .await
+        .unwrap();
+    assert!(!store.forget_relay(&dead_beat).await.unwrap());
+    let latest = RelayBeat {
+        heartbeat_at: 2_500,
+        ..dead_beat
+    };
+    assert!(store.forget_relay(&latest).await.unwrap());
+    assert!(store.silent_relays(i64::MAX).await.unwrap() == vec![alive_beat]);
+}
+
+#[tokio::test]
+async fn mysql_silent_relays() {
+    let db = MysqlDatabase::create().await;
+    a_silent_relays_unconfirmed_jobs_go_back_to_the_sweeper(db.store().await).await;
+}
+
+#[tokio::test]
+async fn sqlite_silent_relays() {
+    let dir = tempfile::tempdir().unwrap();
+    a_silent_relays_unconfirmed_jobs_go_back_to_the_sweeper(sqlite_store(dir.path()).await).await;
 }
 
 #[tokio::test]

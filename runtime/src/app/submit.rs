@@ -2,15 +2,18 @@
 
 pub use super::fault::Fault;
 use super::input::{check_image, InputError};
-use crate::config::LimitsConfig;
+use crate::config::{LimitsConfig, QueueConfig};
 use crate::domain::idempotency::{decide, HeldKey, KeyDecision};
 use crate::domain::message::JobMessage;
 use crate::domain::tenant::Tenant;
+use crate::domain::watermark::{beat_interval, stamp_window, PublishWatermark, RelayId};
 use crate::domain::{Job, JobId, JobStatus, NewJob};
 use crate::metrics::{Metrics, SubmitStage};
 use crate::queue::{JobPublisher, QueueError};
 use crate::storage::blob::{input_key, BlobError};
+use crate::storage::jobs::Changes;
 use crate::storage::redis_guard::{CachedKey, RateDecision, RedisGuard};
+use crate::storage::watermarks::RelayBeat;
 use crate::storage::{now_ms, BlobStore, JobStore, StoreError};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -84,15 +87,25 @@ enum Reserved {
 }
 
 /// Publishes held back at once per process, waiting for the broker. Past
-/// it (a broker outage under load) new jobs stay `Accepted` and the sweeper
-/// publishes them after `queue.republish_after_ms`: memory stays bounded.
+/// it (a broker outage under load) new jobs are stored `Accepted` and the
+/// sweeper publishes them after `queue.republish_after_ms`: memory stays
+/// bounded.
 const MAX_PUBLISHES_IN_FLIGHT: usize = 10_000;
+
+/// How long a stopping API waits for its publishes before it records its
+/// watermark for the last time (what is still unpublished then is left to
+/// the sweepers).
+const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The outbox relay: a job is durable once its row is committed, so the
 /// request can be answered then, and its message is published after the
-/// answer. librdkafka batches the produces of concurrent jobs (`linger.ms`)
-/// and the store batches their `Queued` marks; a crash before the publish
-/// leaves the job `Accepted`, which the sweeper republishes.
+/// answer (librdkafka batches the produces of concurrent jobs, `linger.ms`).
+/// The row is written `Queued` and costs no second write: the relay records
+/// its progress once per beat for all its jobs (see
+/// [`crate::domain::watermark`]). A job whose publish fails goes back to
+/// `Accepted`; if this process dies first, the sweeper of another (or of
+/// its successor) finds its heartbeat stopped and republishes the jobs past
+/// its last watermark.
 #[derive(Clone)]
 pub struct PublishRelay {
     wait: std::time::Duration,
@@ -100,17 +113,226 @@ pub struct PublishRelay {
     /// Set while new jobs are left to the sweeper: one log line per episode,
     /// not one per job at thousands a second.
     saturated: Arc<std::sync::atomic::AtomicBool>,
+    progress: Arc<RelayProgress>,
+}
+
+/// A relay's watermark and the heartbeat that records it.
+struct RelayProgress {
+    id: RelayId,
+    beat: std::time::Duration,
+    window: i64,
+    /// Whether the relay records beats at all: standalone mode republishes
+    /// every unfinished job when it starts, and no other process sweeps.
+    recorded: bool,
+    marks: std::sync::Mutex<PublishWatermark>,
+    /// `stamps_until` of the latest beat the database took: the relay
+    /// stamps nothing past it.
+    vouched_until: std::sync::atomic::AtomicI64,
+    /// Held while a beat is computed and written, so beats land in order.
+    beating: tokio::sync::Mutex<()>,
+    /// Set once the relay's row exists and its heartbeat runs.
+    started: tokio::sync::OnceCell<()>,
+}
+
+impl RelayProgress {
+    fn marks(&self) -> std::sync::MutexGuard<'_, PublishWatermark> {
+        self.marks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Computes and records a beat; once the database has it, the relay may
+    /// stamp up to its limit.
+    async fn record(&self, store: &JobStore) -> Result<RelayBeat, StoreError> {
+        let _in_order = self.beating.lock().await;
+        let beat = {
+            let mut marks = self.marks();
+            let heartbeat_at = marks.clock(now_ms());
+            RelayBeat {
+                relay: self.id,
+                published_through: marks.watermark(),
+                heartbeat_at,
+                stamps_until: heartbeat_at.saturating_add(self.window),
+            }
+        };
+        store.record_beat(beat).await?;
+        self.vouched_until
+            .fetch_max(beat.stamps_until, std::sync::atomic::Ordering::AcqRel);
+        Ok(beat)
+    }
+}
+
+/// Records the relay's watermark every beat, for as long as the relay exists.
+async fn heartbeat(
+    progress: std::sync::Weak<RelayProgress>,
+    store: JobStore,
+    every: std::time::Duration,
+) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate, and the relay beat once as it started.
+    ticks.tick().await;
+    let mut failing = false;
+    loop {
+        ticks.tick().await;
+        let Some(progress) = progress.upgrade() else {
+            return;
+        };
+        match progress.record(&store).await {
+            Ok(_) if failing => {
+                failing = false;
+                tracing::info!(relay = %progress.id, "recording the publish watermark works again");
+            }
+            Ok(_) => {}
+            Err(err) if !failing => {
+                failing = true;
+                tracing::warn!(relay = %progress.id, error = %err, "could not record the publish watermark; new jobs are marked Queued one by one until it works again");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// A stamped job in the relay's hands, until its publish is settled. Only
+/// [`Handover::settle`] settles: a handover lost on the way (a panicked
+/// task) keeps the watermark below its job, so the job is republished
+/// should this process die.
+struct Handover {
+    progress: Arc<RelayProgress>,
+    stamp: i64,
+}
+
+impl Handover {
+    fn settle(self) {
+        self.progress.marks().settle(self.stamp);
+    }
+}
+
+/// How a new job reaches the queue.
+enum Route {
+    /// Written `Queued`, stamped: the relay's watermark covers it.
+    Stamped(Handover),
+    /// Written `Accepted`, published, then marked `Queued`: the relay's last
+    /// recorded beat is too old to vouch for a stamp.
+    Marked,
 }
 
 impl PublishRelay {
-    /// `wait`: how long a request waits for the broker's acknowledgement
-    /// before it answers (`queue.publish_wait_ms`; zero answers at once).
-    pub fn new(wait: std::time::Duration) -> Self {
+    /// A request waits `queue.publish_wait_ms` for the broker's
+    /// acknowledgement before it answers (zero answers at once). The sweepers
+    /// take a relay silent for `queue.republish_after_ms` for dead, so it
+    /// beats several times within that.
+    pub fn new(queue: &QueueConfig) -> Self {
+        Self::build(queue, true)
+    }
+
+    /// For standalone mode: jobs are stamped but no beat is recorded, since
+    /// the process republishes every unfinished job when it starts.
+    pub fn in_process(queue: &QueueConfig) -> Self {
+        Self::build(queue, false)
+    }
+
+    fn build(queue: &QueueConfig, recorded: bool) -> Self {
+        let republish_after = std::time::Duration::from_millis(queue.republish_after_ms);
+        let window = i64::try_from(stamp_window(republish_after).as_millis()).unwrap_or(i64::MAX);
         PublishRelay {
-            wait,
+            wait: queue.publish_wait(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)),
             saturated: Arc::default(),
+            progress: Arc::new(RelayProgress {
+                id: RelayId::random(),
+                beat: beat_interval(republish_after),
+                window,
+                recorded,
+                marks: std::sync::Mutex::new(PublishWatermark::new(now_ms())),
+                vouched_until: std::sync::atomic::AtomicI64::new(if recorded {
+                    i64::MIN
+                } else {
+                    i64::MAX
+                }),
+                beating: tokio::sync::Mutex::new(()),
+                started: tokio::sync::OnceCell::new(),
+            }),
         }
+    }
+
+    /// This run's relay, as its jobs are stamped.
+    pub fn id(&self) -> RelayId {
+        self.progress.id
+    }
+
+    /// Jobs stamped and not yet published (or given back to the sweeper).
+    pub fn pending(&self) -> usize {
+        self.progress.marks().pending()
+    }
+
+    /// At shutdown: waits up to [`DRAIN_WAIT`] for the publishes under way,
+    /// then records the watermark once more, so the sweepers do not
+    /// republish what this API published in its last moments.
+    pub async fn drain(&self, store: &JobStore) {
+        if !self.progress.recorded || self.progress.started.get().is_none() {
+            return;
+        }
+        let deadline = std::time::Instant::now() + DRAIN_WAIT;
+        while self.pending() > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        match self.progress.record(store).await {
+            Ok(beat) => {
+                tracing::info!(relay = %beat.relay, unpublished = self.pending(), "recorded the publish watermark for the last time")
+            }
+            Err(err) => {
+                tracing::warn!(relay = %self.id(), error = %err, "could not record the publish watermark at shutdown; the sweepers will republish this API's last jobs")
+            }
+        }
+    }
+
+    /// Stamps a job about to be written, or routes it the marked way when
+    /// the relay cannot vouch for a stamp.
+    async fn route(&self, store: &JobStore) -> Result<Route, StoreError> {
+        if self.progress.recorded {
+            // The relay's row exists before any job names it.
+            self.progress
+                .started
+                .get_or_try_init(|| async {
+                    self.progress.record(store).await?;
+                    tokio::spawn(heartbeat(
+                        Arc::downgrade(&self.progress),
+                        store.clone(),
+                        self.progress.beat,
+                    ));
+                    Ok::<(), StoreError>(())
+                })
+                .await?;
+        }
+        let limit = self
+            .progress
+            .vouched_until
+            .load(std::sync::atomic::Ordering::Acquire);
+        let stamped = self.progress.marks().stamp(now_ms(), limit);
+        Ok(match stamped {
+            Some(stamp) => Route::Stamped(Handover {
+                progress: self.progress.clone(),
+                stamp,
+            }),
+            None => Route::Marked,
+        })
+    }
+
+    /// A slot among the publishes waiting for the broker, or `None` when
+    /// there are too many (the job is then left to the sweeper).
+    fn publish_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        use std::sync::atomic::Ordering;
+        let Ok(slot) = self.in_flight.clone().try_acquire_owned() else {
+            if !self.saturated.swap(true, Ordering::Relaxed) {
+                tracing::warn!("{MAX_PUBLISHES_IN_FLIGHT} publishes are waiting for the broker; new jobs are left to the sweeper until they drain");
+            }
+            return None;
+        };
+        if self.saturated.swap(false, Ordering::Relaxed) {
+            tracing::info!("publishes drained below {MAX_PUBLISHES_IN_FLIGHT}; publishing after each answer again");
+        }
+        Some(slot)
     }
 }
 
@@ -307,6 +529,23 @@ impl Submitter {
         let id = JobId::new();
         tracing::Span::current().record("ocr.job.id", display(id));
         let key = input_key(id);
+        // Blob first: a job row must never point at a missing input.
+        self.timed(
+            SubmitStage::Blob,
+            self.blobs.put(&key, submission.body.clone()),
+        )
+        .await?;
+        let route = match self.relay.route(&self.store).await {
+            Ok(route) => route,
+            Err(err) => {
+                let _ = self.blobs.delete(&key).await;
+                return Err(err.into());
+            }
+        };
+        let (created_at, relay) = match &route {
+            Route::Stamped(handover) => (handover.stamp, Some(self.relay.id())),
+            Route::Marked => (now_ms(), None),
+        };
         let new_job = NewJob {
             id,
             client_id: submission.tenant.to_string(),
@@ -315,37 +554,53 @@ impl Submitter {
             input_sha256: sha256.to_owned(),
             input_bytes: submission.body.len() as u64,
             idempotency,
+            relay,
         };
-        // Blob first: a job row must never point at a missing input.
-        self.timed(
-            SubmitStage::Blob,
-            self.blobs.put(&key, submission.body.clone()),
-        )
-        .await?;
-        let created_at = now_ms();
-        let inserted = self.timed(
-            SubmitStage::Database,
-            self.store.insert(&new_job, created_at),
+        // The insert and the publish run as one task, so a request dropped
+        // mid-insert (a client gone, a deadline) cannot leave a committed
+        // row whose stamp the watermark passes unpublished.
+        let (inserted, insert_outcome) = tokio::sync::oneshot::channel();
+        let submitter = self.clone();
+        let job = new_job.clone();
+        let mut publishing = tokio::spawn(
+            async move {
+                submitter
+                    .store_and_publish(job, created_at, route, inserted)
+                    .await
+            }
+            .in_current_span(),
         );
-        if let Err(err) = inserted.await {
-            let _ = self.blobs.delete(&key).await;
-            return Err(err.into());
+        match insert_outcome.await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                let _ = self.blobs.delete(&key).await;
+                return Err(err.into());
+            }
+            Err(_) => {
+                return Err(SubmitError::Internal(
+                    "the task storing the job stopped".into(),
+                ))
+            }
         }
-        if self.fault == Fault::ExitAfterDbWrite {
-            tracing::warn!(job = %id, "fault injection: exiting between the database write and the publish");
-            std::process::exit(86);
-        }
-        let queued = self.publish_within_wait(id, &key).await;
+        let status = if self.relay.wait.is_zero() {
+            new_job.initial_status()
+        } else {
+            match tokio::time::timeout(self.relay.wait, &mut publishing).await {
+                Ok(Ok(status)) => status,
+                Ok(Err(_)) => new_job.initial_status(),
+                Err(_) => {
+                    // Dropping the handle detaches the task; it still settles the job.
+                    tracing::warn!(job = %id, wait = ?self.relay.wait, "the broker has not acknowledged the job yet; answering before it does");
+                    new_job.initial_status()
+                }
+            }
+        };
         // The row as this request wrote it: no read-back. A worker may have
         // claimed it since; the client's next GET says so.
         Ok(Job {
             id,
             client_id: new_job.client_id,
-            status: if queued {
-                JobStatus::Queued
-            } else {
-                JobStatus::Accepted
-            },
+            status,
             attempts: 0,
             input_key: key,
             content_type: new_job.content_type,
@@ -367,41 +622,84 @@ impl Submitter {
         output
     }
 
-    /// Publishes through the relay, waiting at most its `wait`: past it
-    /// the client gets its answer (the job is durable) while the publish
-    /// goes on; if that fails, the sweeper republishes. A broker outage thus
-    /// never holds a request longer than the wait.
-    /// Whether the job was published and recorded `Queued` within the wait.
-    async fn publish_within_wait(&self, id: JobId, input_key: &str) -> bool {
-        use std::sync::atomic::Ordering;
-        let Ok(slot) = self.relay.in_flight.clone().try_acquire_owned() else {
-            if !self.relay.saturated.swap(true, Ordering::Relaxed) {
-                tracing::warn!(job = %id, "{MAX_PUBLISHES_IN_FLIGHT} publishes are waiting for the broker; new jobs are left to the sweeper until they drain");
+    /// Writes the job's row, tells the request how that went, then
+    /// publishes the job. The job's status once done.
+    async fn store_and_publish(
+        &self,
+        job: NewJob,
+        created_at: i64,
+        route: Route,
+        inserted: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+    ) -> JobStatus {
+        let (id, input_key) = (job.id, job.input_key.clone());
+        let insert = self.timed(SubmitStage::Database, self.store.insert(&job, created_at));
+        if let Err(err) = insert.await {
+            let _ = inserted.send(Err(err));
+            if let Route::Stamped(handover) = route {
+                // An error does not prove the row absent (the commit may
+                // have landed before the connection broke): if it is there,
+                // it is the sweeper's.
+                self.give_back(id).await;
+                handover.settle();
             }
-            return false;
+            return JobStatus::Accepted;
+        }
+        let _ = inserted.send(Ok(()));
+        if self.fault == Fault::ExitAfterDbWrite {
+            tracing::warn!(job = %id, "fault injection: exiting between the database write and the publish");
+            std::process::exit(86);
+        }
+        let Some(_slot) = self.relay.publish_slot() else {
+            if let Route::Stamped(handover) = route {
+                self.give_back(id).await;
+                handover.settle();
+            }
+            return JobStatus::Accepted;
         };
-        if self.relay.saturated.swap(false, Ordering::Relaxed) {
-            tracing::info!("publishes drained below {MAX_PUBLISHES_IN_FLIGHT}; publishing after each answer again");
-        }
-        let submitter = self.clone();
-        let input_key = input_key.to_owned();
-        let mut publishing = tokio::spawn(
-            async move {
-                let queued = submitter.publish(id, &input_key).await;
-                drop(slot);
-                queued
+        match route {
+            Route::Stamped(handover) => {
+                let message = JobMessage::new(id, &input_key);
+                let published = self.timed(SubmitStage::Publish, self.publisher.publish(&message));
+                if let Err(err) = published.await {
+                    tracing::warn!(job = %id, error = %err, "publish failed; the sweeper will republish");
+                    self.give_back(id).await;
+                    handover.settle();
+                    return JobStatus::Accepted;
+                }
+                handover.settle();
+                JobStatus::Queued
             }
-            .in_current_span(),
-        );
-        if self.relay.wait.is_zero() {
-            return false;
+            Route::Marked => {
+                if self.publish(id, &input_key).await {
+                    JobStatus::Queued
+                } else {
+                    JobStatus::Accepted
+                }
+            }
         }
-        match tokio::time::timeout(self.relay.wait, &mut publishing).await {
-            Ok(queued) => queued.unwrap_or(false),
-            Err(_) => {
-                // Dropping the handle detaches the task; it still records `Queued`.
-                tracing::warn!(job = %id, wait = ?self.relay.wait, "the broker has not acknowledged the job yet; answering before it does");
-                false
+    }
+
+    /// `Queued -> Accepted` for a job whose publish failed, retried until the
+    /// database takes it: until then the watermark stays below the job.
+    async fn give_back(&self, id: JobId) {
+        let mut pause = std::time::Duration::from_millis(100);
+        loop {
+            let returned = self.store.transition(
+                id,
+                JobStatus::Queued,
+                JobStatus::Accepted,
+                None,
+                Changes::default(),
+                now_ms(),
+            );
+            match returned.await {
+                // Lost: a worker has it already (the publish went through after all).
+                Ok(_) => return,
+                Err(err) => {
+                    tracing::warn!(job = %id, error = %err, "could not give a job whose publish failed to the sweeper; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_secs(5));
+                }
             }
         }
     }
@@ -413,9 +711,8 @@ impl Submitter {
             .await
     }
 
-    /// Publishes and records `Queued`. A failed publish is not the client's
-    /// problem: the job is durable and the sweeper republishes it.
-    /// Called within the accept span, the message carries its trace.
+    /// Publishes a job the sweeper found `Accepted` and records `Queued`. A
+    /// failed publish leaves it `Accepted` for the next sweep.
     /// Whether the job is now recorded `Queued`.
     pub async fn publish(&self, id: JobId, input_key: &str) -> bool {
         let message = JobMessage::new(id, input_key);

@@ -1,7 +1,11 @@
 //! Finds jobs that nothing is going to move and sets them going again.
 //!
-//! - `Accepted` past `queue.republish_after_ms`: the API died (or the broker
-//!   was down) between the database write and the publish. Republished.
+//! - `Queued` jobs of an API whose publish relay has not beaten for
+//!   `queue.republish_after_ms`, stamped after its last watermark: that API
+//!   died between the database write and the publish (see
+//!   [`crate::domain::watermark`]). Given back to `Accepted`, below.
+//! - `Accepted` past `queue.republish_after_ms`: its publish failed (the
+//!   broker was down) or never started (see above). Republished.
 //! - `Queued` past `queue.stale_after_ms`: its message is gone (retention
 //!   deleted it, it was skipped as contended, a consumer lost it). Touched,
 //!   so one sweep republishes it once, and republished.
@@ -36,6 +40,8 @@ pub struct SweepPolicy {
 /// Jobs republished by one sweep, per status they were found in.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Swept {
+    /// Jobs of dead APIs given back to `Accepted` (republished by the next sweep).
+    pub unconfirmed: usize,
     pub accepted: usize,
     pub queued: usize,
     pub processing: usize,
@@ -45,6 +51,7 @@ pub async fn sweep_once(submitter: &Submitter, policy: SweepPolicy) -> Swept {
     let now = now_ms();
     let cutoff = |age: Duration| now - i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
     let swept = Swept {
+        unconfirmed: sweep_silent_relays(submitter, cutoff(policy.republish_after)).await,
         accepted: sweep_status(
             submitter,
             JobStatus::Accepted,
@@ -62,6 +69,7 @@ pub async fn sweep_once(submitter: &Submitter, policy: SweepPolicy) -> Swept {
     }
     if swept != Swept::default() {
         tracing::info!(
+            unconfirmed = swept.unconfirmed,
             accepted = swept.accepted,
             queued = swept.queued,
             processing = swept.processing,
@@ -69,6 +77,41 @@ pub async fn sweep_once(submitter: &Submitter, policy: SweepPolicy) -> Swept {
         );
     }
     swept
+}
+
+/// Gives the unconfirmed jobs of every relay silent since `heard_before_ms`
+/// back to `Accepted`, then forgets the relay.
+async fn sweep_silent_relays(submitter: &Submitter, heard_before_ms: i64) -> usize {
+    let store = &submitter.store;
+    let silent = match store.silent_relays(heard_before_ms).await {
+        Ok(silent) => silent,
+        Err(err) => {
+            tracing::warn!(error = %err, "sweeper could not list silent publish relays");
+            return 0;
+        }
+    };
+    let mut unconfirmed = 0;
+    // This process's own relay is alive whatever its row says (its beats
+    // failed while the database was away).
+    for beat in silent
+        .iter()
+        .filter(|beat| beat.relay != submitter.relay.id())
+    {
+        match store.return_unconfirmed_jobs(beat).await {
+            Ok(returned) => {
+                unconfirmed += returned as usize;
+                tracing::info!(relay = %beat.relay, returned, published_through = beat.published_through, "an API stopped beating; its jobs past its watermark go to the sweeper");
+            }
+            Err(err) => {
+                tracing::warn!(relay = %beat.relay, error = %err, "sweeper could not return a silent relay's jobs");
+                continue;
+            }
+        }
+        if let Err(err) = store.forget_relay(beat).await {
+            tracing::warn!(relay = %beat.relay, error = %err, "sweeper could not forget a silent relay");
+        }
+    }
+    unconfirmed
 }
 
 async fn sweep_status(submitter: &Submitter, status: JobStatus, cutoff_ms: i64) -> usize {

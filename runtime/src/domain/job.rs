@@ -4,6 +4,7 @@
 //! move a job backwards or complete it twice.
 
 use super::idempotency::HeldKey;
+use super::watermark::RelayId;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -12,9 +13,13 @@ use uuid::Uuid;
 /// Where a job is in its life. Stored as the variant name in the database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum JobStatus {
-    /// Stored in the database, not yet confirmed on the queue.
+    /// Stored in the database; its message is not on the queue (its publish
+    /// failed, or the API was too busy to start it): the sweeper publishes it.
     Accepted,
-    /// The queue acknowledged the job's message.
+    /// Handed to the queue: the message is published, or the API that stored
+    /// the job is publishing it (if that fails the job goes back to
+    /// `Accepted`; if that API dies first, the sweeper republishes it, see
+    /// [`crate::domain::watermark`]).
     Queued,
     /// A worker claimed the job and is running OCR.
     Processing,
@@ -63,6 +68,7 @@ impl JobStatus {
     /// `Processing -> Processing` is a reclaim: the worker that held the job died
     /// (its offset was never committed) and the message was redelivered.
     /// `Processing -> Queued` hands a job back after a transient failure.
+    /// `Queued -> Accepted` gives a job whose publish failed to the sweeper.
     /// `Queued -> Queued` marks a job the sweeper republished because its
     /// message was lost (it refreshes the row's time, so it is not
     /// republished again at every sweep).
@@ -74,6 +80,7 @@ impl JobStatus {
                 | (Accepted, Processing)
                 | (Queued, Processing)
                 | (Queued, Queued)
+                | (Queued, Accepted)
                 | (Processing, Processing)
                 | (Processing, Queued)
                 | (Processing, Succeeded)
@@ -178,6 +185,22 @@ pub struct NewJob {
     /// The request's idempotency key, reserved for it (see
     /// [`crate::domain::idempotency`]); inserting the job binds the key.
     pub idempotency: Option<HeldKey>,
+    /// The API instance whose publish relay publishes the job: the row
+    /// starts `Queued`, stamped with it. `None`: it starts `Accepted` and the
+    /// sweeper publishes it.
+    pub relay: Option<RelayId>,
+}
+
+impl NewJob {
+    /// A job its API's relay publishes starts `Queued` (see
+    /// [`crate::domain::watermark`]), any other `Accepted`.
+    pub fn initial_status(&self) -> JobStatus {
+        if self.relay.is_some() {
+            JobStatus::Queued
+        } else {
+            JobStatus::Accepted
+        }
+    }
 }
 
 /// What happened to a compare-and-set.
@@ -206,9 +229,13 @@ mod tests {
     }
 
     #[test]
-    fn nothing_goes_back_to_accepted() {
+    fn only_a_queued_job_whose_publish_failed_goes_back_to_accepted() {
         for from in JobStatus::ALL {
-            assert!(!from.can_transition_to(JobStatus::Accepted));
+            assert_eq!(
+                from.can_transition_to(JobStatus::Accepted),
+                from == JobStatus::Queued,
+                "{from} -> Accepted"
+            );
         }
     }
 

@@ -6,5 +6,6 @@ pub mod job;
 pub mod message;
 pub mod retry;
 pub mod tenant;
+pub mod watermark;
 
 pub use job::{Job, JobId, JobStatus, NewJob, Transition};

@@ -1,6 +1,6 @@
-//! Group commit for the accept path. Every accepted job is one INSERT and,
-//! once published, one `Accepted -> Queued` mark; done one by one that is
-//! two commits per job, and the database's commit rate caps the API.
+//! Group commit for the accept path. Every accepted job is one INSERT (and
+//! one `Accepted -> Queued` mark when the sweeper publishes it); done one by
+//! one that is a commit per job, and the database's commit rate caps the API.
 //! Concurrent submissions instead share statements: the first write to
 //! arrive is made at once, and the writes that arrive while that statement
 //! runs go together in the next commit (one multi-row `INSERT` and one
@@ -145,7 +145,7 @@ pub(crate) enum AcceptWrite {
     /// A new job without an idempotency key (one with a key is inserted in
     /// a transaction with its key).
     Insert(NewJob, i64),
-    /// `Accepted -> Queued` once the job's message is published. A job
+    /// `Accepted -> Queued` once the sweeper published the job. A job
     /// already further along (a worker claimed it first) is left as it is.
     MarkQueued(JobId, i64),
 }
@@ -183,17 +183,17 @@ impl GroupedWrite for AcceptWrites {
     }
 }
 
-/// The `INSERT` of `rows` new jobs in status `Accepted`, bound by [`bind_new_job`].
+/// The `INSERT` of `rows` new jobs, bound by [`bind_new_job`].
 pub(crate) fn insert_jobs_sql(rows: usize) -> String {
     let mut sql = String::from(
         "INSERT INTO jobs (id, client_id, status, attempts, input_key, content_type, \
-         input_sha256, input_bytes, idempotency_key, created_at, updated_at) VALUES ",
+         input_sha256, input_bytes, idempotency_key, accepted_by, created_at, updated_at) VALUES ",
     );
     for i in 0..rows {
         if i > 0 {
             sql.push_str(", ");
         }
-        sql.push_str("(?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)");
+        sql.push_str("(?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?)");
     }
     sql
 }
@@ -206,12 +206,13 @@ pub(crate) fn bind_new_job<'q>(
     query
         .bind(job.id.to_string())
         .bind(job.client_id.as_str())
-        .bind(JobStatus::Accepted.as_str())
+        .bind(job.initial_status().as_str())
         .bind(job.input_key.as_str())
         .bind(job.content_type.as_str())
         .bind(job.input_sha256.as_str())
         .bind(job.input_bytes as i64)
         .bind(job.idempotency.as_ref().map(|held| held.key.as_str()))
+        .bind(job.relay.map(|relay| relay.0))
         .bind(now_ms)
         .bind(now_ms)
 }

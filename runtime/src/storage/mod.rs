@@ -6,6 +6,7 @@ pub mod blob;
 mod grouped;
 pub mod jobs;
 pub mod redis_guard;
+pub mod watermarks;
 
 pub use blob::BlobStore;
 pub use jobs::{JobStore, StoreError};
