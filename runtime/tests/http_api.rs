@@ -55,6 +55,37 @@ fn client_with_key(key: &str) -> reqwest::Client {
 
 const MAX_BODY: usize = 2 * 1024 * 1024;
 
+/// The submission path on `store`, publishing to `publisher`, as the API
+/// role builds it (blobs in memory).
+fn submitter_on(
+    store: &JobStore,
+    publisher: memory::MemoryPublisher,
+    limits: LimitsConfig,
+    queue: &ocr_runtime::config::QueueConfig,
+    guard: Option<RedisGuard>,
+) -> Submitter {
+    Submitter {
+        store: store.clone(),
+        blobs: BlobStore::from_url("memory://").unwrap(),
+        publisher: Arc::new(publisher),
+        limits,
+        fault: Fault::None,
+        relay: ocr_runtime::app::submit::PublishRelay::new(queue),
+        guard,
+        metrics: Metrics::new(),
+    }
+}
+
+/// A small PNG from tenant `tenant-a`, without an idempotency key.
+fn png_submission() -> ocr_runtime::app::submit::Submission {
+    ocr_runtime::app::submit::Submission {
+        tenant: Tenant::parse("tenant-a").unwrap(),
+        idempotency_key: None,
+        content_type: "image/png".into(),
+        body: png(64, 32).into(),
+    }
+}
+
 async fn start_api() -> Api {
     start_api_with(None).await
 }
@@ -76,20 +107,15 @@ async fn start_api_limited(
     adjust(&mut limits);
     let db = MysqlDatabase::create().await;
     let store = db.store().await;
-    let blobs = BlobStore::from_url("memory://").unwrap();
     let (publisher, queue) = memory::channel();
-    let submitter = Submitter {
-        store: store.clone(),
-        blobs: blobs.clone(),
-        publisher: Arc::new(publisher),
+    let submitter = submitter_on(
+        &store,
+        publisher,
         limits,
-        fault: Fault::None,
-        relay: ocr_runtime::app::submit::PublishRelay::new(
-            &ocr_runtime::config::QueueConfig::default(),
-        ),
+        &ocr_runtime::config::QueueConfig::default(),
         guard,
-        metrics: Metrics::new(),
-    };
+    );
+    let blobs = submitter.blobs.clone();
     // As in a cluster: keys required; checked keys trusted for no time, so
     // a revocation shows at once.
     let auth_config = ocr_runtime::config::AuthConfig {
@@ -143,7 +169,6 @@ impl Api {
 /// publish went through is passed the same way, with no write of its own.
 #[tokio::test]
 async fn a_job_whose_publish_fails_goes_back_to_the_sweeper() {
-    use ocr_runtime::app::submit::{PublishRelay, Submission};
     use ocr_runtime::domain::JobStatus;
     let db = MysqlDatabase::create().await;
     let store = db.store().await;
@@ -153,26 +178,17 @@ async fn a_job_whose_publish_fails_goes_back_to_the_sweeper() {
         ..Default::default()
     };
     let (publisher, queue) = memory::channel();
-    let submitter = Submitter {
-        store: store.clone(),
-        blobs: BlobStore::from_url("memory://").unwrap(),
-        publisher: Arc::new(publisher),
-        limits: LimitsConfig::default(),
-        fault: Fault::None,
-        relay: PublishRelay::new(&queue_config),
-        guard: None,
-        metrics: Metrics::new(),
-    };
-    let submission = || Submission {
-        tenant: Tenant::parse("tenant-a").unwrap(),
-        idempotency_key: None,
-        content_type: "image/png".into(),
-        body: png(64, 32).into(),
-    };
-    let published = submitter.submit(submission()).await.unwrap();
+    let submitter = submitter_on(
+        &store,
+        publisher,
+        LimitsConfig::default(),
+        &queue_config,
+        None,
+    );
+    let published = submitter.submit(png_submission()).await.unwrap();
     assert_eq!(published.job().status, JobStatus::Queued);
     drop(queue);
-    let failed = submitter.submit(submission()).await.unwrap();
+    let failed = submitter.submit(png_submission()).await.unwrap();
     let failed = failed.job();
     assert_eq!(
         failed.status,
@@ -210,31 +226,19 @@ async fn a_job_whose_publish_fails_goes_back_to_the_sweeper() {
 /// have nothing of it to republish.
 #[tokio::test]
 async fn a_drained_relay_records_its_watermark_past_its_last_jobs() {
-    use ocr_runtime::app::submit::{PublishRelay, Submission};
     let db = MysqlDatabase::create().await;
     let store = db.store().await;
     let (publisher, _queue) = memory::channel();
-    let submitter = Submitter {
-        store: store.clone(),
-        blobs: BlobStore::from_url("memory://").unwrap(),
-        publisher: Arc::new(publisher),
-        limits: LimitsConfig::default(),
-        fault: Fault::None,
-        relay: PublishRelay::new(&ocr_runtime::config::QueueConfig::default()),
-        guard: None,
-        metrics: Metrics::new(),
-    };
+    let submitter = submitter_on(
+        &store,
+        publisher,
+        LimitsConfig::default(),
+        &ocr_runtime::config::QueueConfig::default(),
+        None,
+    );
     let mut last = 0;
     for _ in 0..2 {
-        let submitted = submitter
-            .submit(Submission {
-                tenant: Tenant::parse("tenant-a").unwrap(),
-                idempotency_key: None,
-                content_type: "image/png".into(),
-                body: png(64, 32).into(),
-            })
-            .await
-            .unwrap();
+        let submitted = submitter.submit(png_submission()).await.unwrap();
         last = submitted.job().created_at_ms;
     }
     let recorded = |beats: Vec<ocr_runtime::storage::watermarks::RelayBeat>| {

@@ -217,30 +217,72 @@ impl Cuttable {
     }
 }
 
+/// A real Tansu broker reachable only through a [`Cuttable`] proxy, a fresh
+/// database, and API and worker processes that have finished a first job.
+struct BehindProxy {
+    proxy: Cuttable,
+    _broker: RealBroker,
+    _db: MysqlDatabase,
+    store: JobStore,
+    _blobs: tempfile::TempDir,
+    config: Config,
+    roles: Roles,
+    client: reqwest::Client,
+    first: JobId,
+}
+
+impl BehindProxy {
+    async fn start() -> BehindProxy {
+        let (proxy, listener) = Cuttable::bind().await;
+        let broker = RealBroker::start_advertising(&proxy.addr);
+        proxy.forward(listener, broker.bootstrap_servers.clone());
+        create_topics(&proxy.addr).await;
+        let db = MysqlDatabase::create().await;
+        let store = db.store().await;
+        let blobs = tempfile::tempdir().expect("a blob directory");
+        let config = config(&db.url, &proxy.addr, blobs.path());
+        let roles = Roles::start(&config).await;
+        let client = reqwest::Client::new();
+        let accepted = timed(submission(&client, &roles.base)).await;
+        assert_eq!(accepted.status, 202);
+        let first = job_id(&accepted);
+        wait_for_status(
+            &store,
+            first,
+            JobStatus::Succeeded,
+            Duration::from_secs(120),
+        )
+        .await;
+        BehindProxy {
+            proxy,
+            _broker: broker,
+            _db: db,
+            store,
+            _blobs: blobs,
+            config,
+            roles,
+            client,
+            first,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_neither_blocks_submissions_nor_loses_a_job() {
-    let (proxy, listener) = Cuttable::bind().await;
-    let broker = RealBroker::start_advertising(&proxy.addr);
-    proxy.forward(listener, broker.bootstrap_servers.clone());
-    create_topics(&proxy.addr).await;
-    let db = MysqlDatabase::create().await;
-    let store = db.store().await;
-    let blobs = tempfile::tempdir().expect("a blob directory");
-    let config = config(&db.url, &proxy.addr, blobs.path());
-    let roles = Roles::start(&config).await;
+    // Every field bound: the broker, database and blob folder live to the end.
+    let BehindProxy {
+        proxy,
+        _broker,
+        _db,
+        store,
+        _blobs,
+        config: _,
+        roles,
+        client,
+        first,
+    } = BehindProxy::start().await;
     let base = roles.base.clone();
-    let client = reqwest::Client::new();
-
-    let before = timed(submission(&client, &base)).await;
-    assert_eq!(before.status, 202);
-    let mut ids = vec![job_id(&before)];
-    wait_for_status(
-        &store,
-        ids[0],
-        JobStatus::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
+    let mut ids = vec![first];
 
     proxy.cut();
     let outage = Instant::now();
@@ -289,26 +331,18 @@ async fn a_broker_outage_neither_blocks_submissions_nor_loses_a_job() {
 /// gives them back to `Accepted` and publishes them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_killed_while_its_publishes_wait_for_the_broker_loses_no_job() {
-    let (proxy, listener) = Cuttable::bind().await;
-    let broker = RealBroker::start_advertising(&proxy.addr);
-    proxy.forward(listener, broker.bootstrap_servers.clone());
-    create_topics(&proxy.addr).await;
-    let db = MysqlDatabase::create().await;
-    let store = db.store().await;
-    let blobs = tempfile::tempdir().expect("a blob directory");
-    let config = config(&db.url, &proxy.addr, blobs.path());
-    let mut roles = Roles::start(&config).await;
-    let client = reqwest::Client::new();
-    let first = timed(submission(&client, &roles.base)).await;
-    assert_eq!(first.status, 202);
-    let mut ids = vec![job_id(&first)];
-    wait_for_status(
-        &store,
-        ids[0],
-        JobStatus::Succeeded,
-        Duration::from_secs(120),
-    )
-    .await;
+    let BehindProxy {
+        proxy,
+        _broker,
+        _db,
+        store,
+        _blobs,
+        config,
+        mut roles,
+        client,
+        first,
+    } = BehindProxy::start().await;
+    let mut ids = vec![first];
 
     proxy.cut();
     let mut stranded = Vec::new();
