@@ -64,15 +64,19 @@ struct Roles {
 
 impl Roles {
     async fn start(config: &Config) -> Roles {
-        let api_port = free_port();
+        let (api_port, worker_port) = (free_port(), free_port());
         let roles = Roles {
             children: vec![
                 spawn_role(&["api"], config, api_port, &[]),
-                spawn_role(&["worker"], config, free_port(), &[]),
+                spawn_role(&["worker"], config, worker_port, &[]),
             ],
             base: format!("http://127.0.0.1:{api_port}"),
         };
         wait_http_ok(&roles.base, "/readyz", Duration::from_secs(60)).await;
+        // The worker too: one still loading its engine when a test stops the
+        // database fails to open it and exits, and nothing runs the jobs.
+        let worker = format!("http://127.0.0.1:{worker_port}");
+        wait_http_ok(&worker, "/readyz", Duration::from_secs(120)).await;
         roles
     }
 
